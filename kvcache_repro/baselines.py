@@ -1,0 +1,244 @@
+"""Stored memory baselines for the experiment: one JSON file per scenario.
+
+Each entry is the ratio of a memory metric for a quantized backend to the unquantized
+(`none`) run at the same batch size. Ratios rather than bytes, so a baseline survives a
+change of machine that scales both runs alike. Lower is better.
+
+Stdlib only: the store is read by tooling that must not pay for importing torch.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+METRICS: tuple[str, ...] = (
+    "peak_reserved",
+    "peak_allocated",
+    "reserved_after",
+    "peak_rss_growth",
+    "cache_bytes",
+)
+
+UPDATE_COMMAND = "./kvq experiment --update-baselines"
+UPDATE_HINT = f"`{UPDATE_COMMAND}` (or `pytest -m ... --kv-update-baselines`)"
+
+# Ratios are computed from byte counts, so a value printed as exactly the band edge may
+# sit one ulp outside it; the band is meant to be inclusive as a human reads it.
+_EDGE_SLACK = 1e-9
+
+
+class BaselineError(ValueError):
+    def __init__(self, path, problem: str, fix: str | None = None):
+        if fix is None:
+            fix = (f"restore it from git (`git checkout -- {path}`) "
+                   f"or regenerate it with `{UPDATE_COMMAND}`")
+        super().__init__(f"{path}: {problem}; {fix}")
+        self.path = path
+
+
+@dataclass(frozen=True)
+class Entry:
+    backend: str
+    batch: int
+    metric: str
+    ratio: float
+    tolerance: float
+    produced_by: dict
+
+    @property
+    def key(self) -> str:
+        return entry_key(self.backend, self.batch, self.metric)
+
+    def to_json(self) -> dict:
+        return {
+            "backend": self.backend, "batch": self.batch, "metric": self.metric,
+            "ratio": self.ratio, "tolerance": self.tolerance,
+            "produced_by": self.produced_by,
+        }
+
+
+@dataclass
+class BaselineFile:
+    path: Path
+    scenario: str
+    description: str
+    entries: dict[str, Entry]
+
+    def to_json(self) -> dict:
+        return {
+            "scenario": self.scenario,
+            "description": self.description,
+            "entries": {k: e.to_json() for k, e in self.entries.items()},
+        }
+
+
+def entry_key(backend: str, batch: int, metric: str) -> str:
+    return f"{backend}/b{batch}/{metric}"
+
+
+def _is_number(x) -> bool:
+    # bool is an int subclass; `true` in a baseline file is a typo, not a ratio.
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _entry_from_json(path, key, raw) -> Entry:
+    where = f"entry {key!r}"
+    if not isinstance(raw, dict):
+        raise BaselineError(path, f"{where} must be an object, got {type(raw).__name__}")
+    fields = ("backend", "batch", "metric", "ratio", "tolerance", "produced_by")
+    missing = [f for f in fields if f not in raw]
+    if missing:
+        raise BaselineError(path, f"{where} is missing field(s) {', '.join(missing)}")
+    backend, batch, metric = raw["backend"], raw["batch"], raw["metric"]
+    ratio, tol, produced_by = raw["ratio"], raw["tolerance"], raw["produced_by"]
+    if not isinstance(backend, str) or not backend:
+        raise BaselineError(path, f"{where}: field 'backend' must be a non-empty string")
+    if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
+        raise BaselineError(path, f"{where}: field 'batch' must be a positive integer, got {batch!r}")
+    if metric not in METRICS:
+        raise BaselineError(path, f"{where}: unknown metric {metric!r} (valid: {', '.join(METRICS)})")
+    if not _is_number(ratio) or not math.isfinite(ratio) or ratio <= 0:
+        raise BaselineError(path, f"{where}: field 'ratio' must be a finite number > 0, got {ratio!r}")
+    if not _is_number(tol) or not math.isfinite(tol) or tol < 0:
+        raise BaselineError(path, f"{where}: field 'tolerance' must be a finite number >= 0, got {tol!r}")
+    if not isinstance(produced_by, dict):
+        raise BaselineError(path, f"{where}: field 'produced_by' must be an object")
+    entry = Entry(backend, batch, metric, float(ratio), float(tol), produced_by)
+    if entry.key != key:
+        raise BaselineError(path, f"{where} does not match its fields, which give key {entry.key!r}")
+    return entry
+
+
+def load(path) -> BaselineFile:
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        # A scenario nobody has recorded yet: every comparison reports "missing".
+        return BaselineFile(path, path.stem, "", {})
+    except UnicodeDecodeError as exc:
+        raise BaselineError(path, f"not UTF-8 text ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise BaselineError(path, f"not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise BaselineError(path, f"top level must be an object, got {type(data).__name__}")
+    for field, kind in (("scenario", str), ("entries", dict)):
+        if field not in data:
+            raise BaselineError(path, f"missing top-level field {field!r}")
+        if not isinstance(data[field], kind):
+            raise BaselineError(path, f"top-level field {field!r} must be a {kind.__name__}")
+    description = data.get("description", "")
+    if not isinstance(description, str):
+        raise BaselineError(path, "top-level field 'description' must be a string")
+    entries = {k: _entry_from_json(path, k, v) for k, v in data["entries"].items()}
+    return BaselineFile(path, data["scenario"], description, entries)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    key: str
+    measured: float
+    stored: float | None
+    tolerance: float | None
+    status: str  # "ok" | "regression" | "improvement" | "missing"
+    source: str = ""  # the baseline file, so a failure says where to look
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "ok"
+
+    @property
+    def message(self) -> str:
+        if self.status == "missing":
+            return (f"{self.key}: measured ratio {self.measured:.3f}; no stored entry for "
+                    f"this key in {self.source} - add one with {UPDATE_HINT}")
+        head = (f"{self.key}: measured ratio {self.measured:.3f}, stored {self.stored:.3f} "
+                f"+/- {self.tolerance:.3f} in {self.source}")
+        if self.status == "ok":
+            return f"{head}: ok, within the band"
+        if self.status == "regression":
+            return (f"{head}: regression: uses more memory than the baseline "
+                    f"(if intended, update with {UPDATE_HINT})")
+        return (f"{head}: improvement: uses less memory than the baseline - "
+                f"update the baseline if intended with {UPDATE_HINT}")
+
+
+def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
+            measured_ratio: float) -> Verdict:
+    if not _is_number(measured_ratio) or not math.isfinite(measured_ratio):
+        # NaN compares false both ways and would slip through as an "improvement".
+        raise ValueError(f"measured ratio must be a finite number, got {measured_ratio!r}")
+    key = entry_key(backend, batch, metric)
+    source = str(baseline.path)
+    entry = baseline.entries.get(key)
+    if entry is None:
+        return Verdict(key, measured_ratio, None, None, "missing", source)
+    lo = entry.ratio - entry.tolerance - _EDGE_SLACK
+    hi = entry.ratio + entry.tolerance + _EDGE_SLACK
+    status = "ok" if lo <= measured_ratio <= hi else ("regression" if measured_ratio > hi else "improvement")
+    return Verdict(key, measured_ratio, entry.ratio, entry.tolerance, status, source)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    # Same directory so os.replace is a rename on one filesystem: readers see the old
+    # file or the new one, never half of either.
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def dumps(baseline: BaselineFile) -> str:
+    return json.dumps(baseline.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
+
+
+def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
+           description: str = "") -> list[str]:
+    path = Path(path)
+    rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
+    if run_failed:
+        # Numbers from a failed run would silently become the new normal.
+        raise BaselineError(path, "refusing to update baselines from a failed run", rerun)
+    if not entries:
+        raise BaselineError(path, "refusing to update baselines with no entries", rerun)
+    fresh: dict[str, Entry] = {}
+    for e in entries:
+        if e.key in fresh:
+            raise BaselineError(path, f"entry {e.key!r} given twice", rerun)
+        # Same checks as on load, so update never writes a file that load would reject.
+        fresh[e.key] = _entry_from_json(path, e.key, e.to_json())
+
+    current = load(path)  # raises on a corrupt file, which is then never overwritten
+    if path.exists() and current.scenario != scenario:
+        raise BaselineError(
+            path, f"file holds scenario {current.scenario!r}, not {scenario!r}",
+            "pass the baseline file that belongs to this scenario")
+    lines = []
+    for key, e in fresh.items():
+        old = current.entries.get(key)
+        line = f"{key}: {'new' if old is None else f'{old.ratio:.3f}'} -> {e.ratio:.3f}"
+        if old is not None and old.tolerance != e.tolerance:
+            line += f" (tolerance {old.tolerance:.3f} -> {e.tolerance:.3f})"
+        lines.append(line)
+        current.entries[key] = e
+    current.scenario = scenario
+    if description:
+        current.description = description
+    _write_atomic(path, dumps(current))
+    return lines

@@ -1,0 +1,192 @@
+"""The memory experiment: every (backend, batch) of a scenario in a fresh subprocess,
+ratios to the unquantized run, comparison with stored baselines, the report.
+
+``python -m kvcache_repro.experiment`` (what ``./kvq experiment`` runs) picks the
+scenario this machine can run: ``seed`` on CUDA when its checkpoint loads, else
+``gpu-small``; ``cpu`` without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import baselines, scenarios
+from .memory import Measurement
+from .worker import RESULT_PREFIX
+
+ROOT = Path(__file__).resolve().parent.parent
+BASELINE_DIR = ROOT / "baselines"
+
+# Bands written with new baseline entries. cache_bytes is exact (the ratio of two
+# analytic byte counts); the others carry run-to-run and allocator noise.
+DEFAULT_TOLERANCE = {"cache_bytes": 0.001, "peak_rss_growth": 0.15, "reserved_after": 0.05,
+                     "peak_reserved": 0.05, "peak_allocated": 0.05}
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+def run_one(scenario: str, backend: str, batch: int, checkpoint: str | None = None,
+            timeout: float = 3600, env: dict | None = None) -> Measurement:
+    """One measurement in a fresh Python process."""
+    cmd = [sys.executable, "-m", "kvcache_repro.worker", scenario, backend, str(batch)]
+    if checkpoint:
+        cmd += ["--checkpoint", checkpoint]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+    for line in reversed(proc.stdout.splitlines()):
+        if proc.returncode == 0 and line.startswith(RESULT_PREFIX):
+            return Measurement.from_dict(json.loads(line[len(RESULT_PREFIX):]))
+    tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+    raise RunFailed(f"{scenario}/{backend}/b{batch} failed (exit {proc.returncode}):\n{tail}")
+
+
+def run_scenario(scenario: scenarios.Scenario, checkpoint: str | None = None, log=print) -> list[Measurement]:
+    results = []
+    for batch in scenario.batch_sizes:
+        for backend in scenario.backends:
+            m = run_one(scenario.name, backend, batch, checkpoint)
+            log(f"  {backend:>8} b{batch:<4} generate {m.generate_seconds:6.1f}s  "
+                f"cache {m.metrics['cache_bytes'] / 2**20:9.1f} MiB")
+            results.append(m)
+    return results
+
+
+@dataclass(frozen=True)
+class Ratio:
+    backend: str
+    batch: int
+    metric: str
+    value: float  # quantized / none, same batch
+    quantized_bytes: int
+    none_bytes: int
+
+
+def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ratio]:
+    reference = {m.batch: m for m in measurements if m.backend == "none"}
+    out = []
+    for m in measurements:
+        if m.backend == "none" or m.batch not in reference:
+            continue
+        for metric in metrics:
+            q, n = m.metrics.get(metric), reference[m.batch].metrics.get(metric)
+            if q is not None and n:
+                out.append(Ratio(m.backend, m.batch, metric, q / n, q, n))
+    return out
+
+
+def baseline_path(scenario: str) -> Path:
+    return BASELINE_DIR / f"{scenario}.json"
+
+
+def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[baselines.Verdict]:
+    stored = baselines.load(baseline_path(scenario))
+    return [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
+
+
+def provenance(scenario: scenarios.Scenario, measurements: list[Measurement]) -> dict:
+    import platform
+
+    import hqq
+    import torch
+    import transformers
+    from importlib.metadata import version
+
+    device = (torch.cuda.get_device_name(0) if scenario.device == "cuda"
+              else f"{os.cpu_count()}-core CPU ({platform.machine()})")
+    return {
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "optimum-quanto": version("optimum-quanto"), "hqq": getattr(hqq, "__version__", version("hqq"))},
+        "device": device,
+        "settings": {"new_tokens": scenario.new_tokens, "q_group_size": scenario.settings.q_group_size,
+                     "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
+                     "prompt_len": {str(m.batch): m.prompt_len for m in measurements},
+                     "allocator": "glibc default" if scenario.device == "cpu" else "PyTorch caching allocator"},
+        "date": datetime.date.today().isoformat(),
+        "source": "./kvq experiment --update-baselines",
+    }
+
+
+def update_baselines(scenario: scenarios.Scenario, measurements: list[Measurement], found: list[Ratio],
+                     run_failed: bool) -> list[str]:
+    produced_by = provenance(scenario, measurements)
+    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), DEFAULT_TOLERANCE[r.metric], produced_by)
+               for r in found]
+    return baselines.update(baseline_path(scenario.name), entries, run_failed=run_failed,
+                            scenario=scenario.name, description=scenario.notes)
+
+
+def choose_scenario(checkpoint: str | None = None) -> scenarios.Scenario:
+    """The scenario this machine can run: seed (CUDA, checkpoint loads), gpu-small (CUDA),
+    cpu otherwise."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return scenarios.get("cpu")
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys; from transformers import AutoConfig; AutoConfig.from_pretrained(sys.argv[1])",
+         checkpoint or scenarios.SEED_CHECKPOINT], capture_output=True, text=True, cwd=ROOT)
+    return scenarios.get("seed" if probe.returncode == 0 else "gpu-small")
+
+
+def main(argv=None) -> int:
+    from . import report
+
+    parser = argparse.ArgumentParser(prog="./kvq experiment", description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=list(scenarios.SCENARIOS), default=None,
+                        help="default: the one this machine can run (seed / gpu-small / cpu)")
+    parser.add_argument("--checkpoint", default=None, help="another checkpoint or local path for `seed`")
+    parser.add_argument("--update-baselines", action="store_true",
+                        help="rewrite the baseline entries this run measured (refused if a run failed)")
+    parser.add_argument("--output-dir", default=None, help="write results.json, results.md and memory.png here")
+    args = parser.parse_args(argv)
+
+    scenario = scenarios.get(args.scenario) if args.scenario else choose_scenario(args.checkpoint)
+    print(f"scenario {scenario.name}: {scenario.notes}")
+    print(f"  backends {', '.join(scenario.backends)}; batches {scenario.batch_sizes}; "
+          f"{scenario.new_tokens} new tokens; G {scenario.settings.q_group_size}, residual {scenario.settings.residual_length}")
+    try:
+        run = run_experiment(scenario, args.checkpoint)
+    except RunFailed as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    print()
+    print(report.table(scenario, run.measurements, run.ratios, run.verdicts))
+    if args.output_dir:
+        for path in report.write_outputs(Path(args.output_dir), scenario, run.measurements, run.ratios, run.verdicts):
+            print(f"wrote {path}")
+    if args.update_baselines:
+        for line in update_baselines(scenario, run.measurements, run.ratios, run_failed=False):
+            print(f"baseline {scenario.name}: {line}")
+        return 0
+    return 0 if all(v.passed for v in run.verdicts) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+@dataclass
+class ExperimentRun:
+    """A scenario's measurements with their ratios and baseline verdicts."""
+
+    scenario: scenarios.Scenario
+    measurements: list[Measurement]
+    ratios: list[Ratio]
+    verdicts: list[baselines.Verdict]
+
+    def get(self, backend: str, batch: int) -> Measurement:
+        return next(m for m in self.measurements if m.backend == backend and m.batch == batch)
+
+
+def run_experiment(scenario: scenarios.Scenario, checkpoint: str | None = None, log=print) -> ExperimentRun:
+    measurements = run_scenario(scenario, checkpoint, log)
+    found = ratios(measurements, scenario.baseline_metrics)
+    return ExperimentRun(scenario, measurements, found, compare_with_baselines(scenario.name, found))

@@ -1,0 +1,165 @@
+"""Memory probes and the one-run measurement, shared by CPU and CUDA.
+
+A run = load a model, tokenize the scenario's prompts, generate through one backend,
+read the probe. Only the probe differs by device:
+- CUDA: ``empty_cache`` + ``reset_peak_memory_stats`` before generate; peak
+  ``max_memory_reserved``/``max_memory_allocated`` during it; ``memory_allocated``
+  before (the weights); ``memory_reserved`` after generate (the seed's own reading);
+  NVML device memory used when nvidia-ml-py is installed.
+- CPU: RSS before generate and peak RSS during it (Linux VmHWM, reset through
+  /proc/self/clear_refs so the peak covers generate only). Each run is a fresh
+  subprocess (see experiment.py), so no run inherits another's heap.
+Both also record the exact bytes the cache holds at the end (accounting.py).
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import accounting, caches, generation
+from .matrix import BACKENDS
+from .models import kv_geometry, small_real_model, tiny_model
+from .scenarios import Scenario
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One (scenario, backend, batch) run. ``metrics`` are bytes, keyed by the metric
+    names baselines use; which ones exist depends on the device."""
+
+    scenario: str
+    backend: str
+    batch: int
+    device: str
+    prompt_len: int
+    new_tokens: int
+    generate_seconds: float
+    before_bytes: int  # memory in use before generate: weights (+ runtime on CPU)
+    metrics: dict[str, int] = field(default_factory=dict)
+    predicted_cache_bytes: int = 0
+    notes: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Measurement":
+        return cls(**data)
+
+
+# ---- probes ----------------------------------------------------------------------------
+
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status (Linux only)")
+
+
+class CpuProbe:
+    device = "cpu"
+
+    def start(self) -> int:
+        gc.collect()
+        # "5" resets the peak resident set size (VmHWM) to the current RSS (proc(5)).
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self._rss_before = _proc_status_kib("VmRSS") * 1024
+        return self._rss_before
+
+    def stop(self) -> dict[str, int]:
+        peak = _proc_status_kib("VmHWM") * 1024
+        return {"peak_rss": peak, "peak_rss_growth": peak - self._rss_before}
+
+
+class CudaProbe:
+    device = "cuda"
+
+    def __init__(self, index: int = 0):
+        self.index = index
+
+    def start(self) -> int:
+        gc.collect()
+        torch.cuda.synchronize(self.index)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.index)
+        self._nvml_before = _nvml_used(self.index)
+        return torch.cuda.memory_allocated(self.index)
+
+    def stop(self) -> dict[str, int]:
+        torch.cuda.synchronize(self.index)
+        metrics = {
+            "peak_reserved": torch.cuda.max_memory_reserved(self.index),
+            "peak_allocated": torch.cuda.max_memory_allocated(self.index),
+            "reserved_after": torch.cuda.memory_reserved(self.index),
+        }
+        nvml = _nvml_used(self.index)
+        if nvml is not None:
+            metrics["nvml_used_after"] = nvml
+        return metrics
+
+
+def _nvml_used(index: int) -> int | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+
+
+def probe_for(device: str):
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device: run a cpu scenario, or use a machine with a GPU")
+        return CudaProbe()
+    return CpuProbe()
+
+
+# ---- one run ---------------------------------------------------------------------------
+
+def load_model(scenario: Scenario, checkpoint: str | None = None):
+    """(model, tokenizer or None) for a scenario, on its device."""
+    dtype = getattr(torch, scenario.dtype)
+    if scenario.model == "tiny":
+        return tiny_model("llama", dtype).to(scenario.device), None
+    if scenario.model == "small-real":
+        model, tokenizer = small_real_model(torch.float32)
+        return model.to(device=scenario.device, dtype=dtype), tokenizer
+    from .checkpoints import load_checkpoint
+
+    return load_checkpoint(checkpoint or scenario.checkpoint, scenario, dtype)
+
+
+def make_inputs(scenario: Scenario, tokenizer, batch: int):
+    """Left-padded seed prompts (tiny model: seeded random ids). Padded to a multiple of
+    8 tokens so group sizes up to 128 divide every quantized length."""
+    if tokenizer is None:
+        ids = torch.randint(3, 200, (batch, 8), generator=torch.Generator().manual_seed(0))
+        return ids.to(scenario.device), torch.ones_like(ids).to(scenario.device)
+    enc = tokenizer(scenario.prompts(batch), return_tensors="pt", padding=True, pad_to_multiple_of=8)
+    return enc["input_ids"].to(scenario.device), enc["attention_mask"].to(scenario.device)
+
+
+def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> Measurement:
+    spec = BACKENDS[backend]
+    ids, mask = make_inputs(scenario, tokenizer, batch)
+    generation.check_run(model, spec, scenario.settings, batch, ids.shape[1], scenario.new_tokens)
+    probe = probe_for(scenario.device)
+    before = probe.start()
+    t0 = time.perf_counter()
+    run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask)
+    seconds = time.perf_counter() - t0
+    metrics = probe.stop()
+    metrics["cache_bytes"] = accounting.cache_bytes(run.cache).total
+    g = kv_geometry(model)
+    predicted = accounting.predict_cache_bytes(
+        spec, scenario.settings,
+        accounting.CacheGeometry(g.layers, batch, g.kv_heads, g.head_dim, getattr(torch, scenario.dtype)),
+        prompt_len=ids.shape[1], total_tokens=ids.shape[1] + scenario.new_tokens - 1)
+    return Measurement(scenario.name, backend, batch, scenario.device, ids.shape[1], scenario.new_tokens,
+                       seconds, before, metrics, predicted.total)

@@ -1,0 +1,36 @@
+"""One measurement in a fresh process: ``python -m kvcache_repro.worker SCENARIO BACKEND BATCH``.
+
+Prints the Measurement as one JSON line prefixed with ``RESULT `` on stdout. A fresh
+process per run is what makes peak RSS mean "this run" and mirrors the seed, which ran
+each backend in a fresh kernel.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+RESULT_PREFIX = "RESULT "
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("scenario")
+    parser.add_argument("backend")
+    parser.add_argument("batch", type=int)
+    parser.add_argument("--checkpoint", default=None)
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    from . import memory, scenarios
+
+    scenario = scenarios.get(args.scenario)
+    model, tokenizer = memory.load_model(scenario, args.checkpoint)
+    result = memory.measure(scenario, args.backend, args.batch, model, tokenizer)
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result.to_dict()) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

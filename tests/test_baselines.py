@@ -1,0 +1,239 @@
+"""The baseline store: file format, validation, comparison and safe updates."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvcache_repro import baselines as bl
+from kvcache_repro.baselines import BaselineError, Entry
+
+PROV = {"versions": {"torch": "2.13.0", "transformers": "5.24.0"}, "device": "2-core CPU",
+        "settings": {"new_tokens": 64}, "date": "2026-11-29", "source": "./kvq experiment"}
+
+
+def entry(backend="quanto4", batch=200, metric="peak_rss_growth", ratio=0.64, tolerance=0.1):
+    return Entry(backend, batch, metric, ratio, tolerance, PROV)
+
+
+def write_raw(path, data) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def raw_file(**entry_overrides):
+    e = entry().to_json()
+    key = entry_overrides.pop("_key", entry().key)
+    e.update(entry_overrides)
+    return {"scenario": "cpu", "description": "d", "entries": {key: e}}
+
+
+@pytest.fixture
+def cpu(tmp_path):
+    return tmp_path / "baselines" / "cpu.json"
+
+
+def test_torch_not_imported_by_module():
+    # A fresh interpreter, since other tests in the session may have imported torch.
+    code = "import sys; import kvcache_repro.baselines; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=str(Path(__file__).parents[1]), check=True)
+    assert out.stdout.strip() == "False"
+
+
+def test_entry_key():
+    assert bl.entry_key("quanto4", 200, "peak_rss_growth") == "quanto4/b200/peak_rss_growth"
+    assert entry().key == "quanto4/b200/peak_rss_growth"
+
+
+def test_round_trip_and_format(cpu):
+    e1, e2 = entry(), entry(backend="hqq2", batch=8, metric="cache_bytes", ratio=0.3, tolerance=0.0)
+    bl.update(cpu, [e1, e2], run_failed=False, scenario="cpu", description="two-core box")
+    loaded = bl.load(cpu)
+    assert loaded.scenario == "cpu"
+    assert loaded.description == "two-core box"
+    assert loaded.entries == {e1.key: e1, e2.key: e2}
+    text = cpu.read_text()
+    assert text.endswith("}\n")
+    assert text == json.dumps(json.loads(text), indent=2, sort_keys=True) + "\n"
+
+
+def test_missing_file_is_empty(tmp_path):
+    b = bl.load(tmp_path / "gpu-small.json")
+    assert (b.scenario, b.description, b.entries) == ("gpu-small", "", {})
+
+
+@pytest.mark.parametrize("content, fragment", [
+    ("{not json", "not valid JSON"),
+    ("[1, 2]", "top level must be an object"),
+    ('{"entries": {}}', "'scenario'"),
+    ('{"scenario": "cpu", "entries": []}', "'entries' must be a dict"),
+])
+def test_corrupt_or_wrong_shape_names_file_and_fix(cpu, content, fragment):
+    cpu.parent.mkdir()
+    cpu.write_text(content)
+    with pytest.raises(BaselineError) as exc:
+        bl.load(cpu)
+    msg = str(exc.value)
+    assert str(cpu) in msg
+    assert fragment in msg
+    assert f"git checkout -- {cpu}" in msg
+    assert "./kvq experiment --update-baselines" in msg
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ({"metric": "peak_vram"}, "unknown metric 'peak_vram'"),
+    ({"tolerance": -0.1}, "'tolerance'"),
+    ({"ratio": 0}, "'ratio'"),
+    ({"ratio": float("nan")}, "'ratio'"),
+    ({"ratio": "0.6"}, "'ratio'"),
+    ({"batch": 100}, "does not match its fields"),
+    ({"_key": "quanto4/b200/cache_bytes"}, "does not match its fields"),
+])
+def test_bad_entry_names_file_and_entry(cpu, overrides, fragment):
+    cpu.parent.mkdir()
+    data = raw_file(**overrides)
+    write_raw(cpu, data)
+    with pytest.raises(BaselineError) as exc:
+        bl.load(cpu)
+    msg = str(exc.value)
+    assert str(cpu) in msg
+    assert repr(next(iter(data["entries"]))) in msg
+    assert fragment in msg
+
+
+def test_missing_entry_field(cpu):
+    cpu.parent.mkdir()
+    data = raw_file()
+    del data["entries"][entry().key]["produced_by"]
+    write_raw(cpu, data)
+    with pytest.raises(BaselineError, match="missing field.*produced_by"):
+        bl.load(cpu)
+
+
+@pytest.fixture
+def stored(cpu):
+    bl.update(cpu, [entry(ratio=0.64, tolerance=0.1)], run_failed=False, scenario="cpu")
+    return bl.load(cpu)
+
+
+@pytest.mark.parametrize("measured", [0.54, 0.64, 0.74])
+def test_compare_ok_inside_band_including_edges(stored, measured):
+    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", measured)
+    assert v.status == "ok" and v.passed
+    assert (v.stored, v.tolerance) == (0.64, 0.1)
+
+
+@pytest.mark.parametrize("measured, status", [(0.74 + 1e-6, "regression"),
+                                               (0.54 - 1e-6, "improvement")])
+def test_compare_just_outside_edges(stored, measured, status):
+    assert bl.compare(stored, "quanto4", 200, "peak_rss_growth", measured).status == status
+
+
+def test_compare_regression_above(stored):
+    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.75)
+    assert v.status == "regression" and not v.passed
+
+
+def test_compare_improvement_below(stored):
+    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.53)
+    assert v.status == "improvement" and not v.passed
+
+
+def test_compare_missing_entry(stored):
+    v = bl.compare(stored, "quanto4", 8, "peak_rss_growth", 0.5)
+    assert v.status == "missing" and not v.passed
+    assert (v.stored, v.tolerance) == (None, None)
+
+
+def test_compare_rejects_nan(stored):
+    with pytest.raises(ValueError):
+        bl.compare(stored, "quanto4", 200, "peak_rss_growth", float("nan"))
+
+
+def test_messages(stored, cpu):
+    reg = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.812).message
+    imp = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.321).message
+    miss = bl.compare(stored, "hqq2", 200, "peak_rss_growth", 0.5).message
+    for msg in (reg, imp, miss):
+        assert "\n" not in msg
+        assert "./kvq experiment --update-baselines" in msg
+        assert "--kv-update-baselines" in msg
+    for msg, measured in ((reg, "0.812"), (imp, "0.321")):
+        assert measured in msg and "0.640" in msg and "0.100" in msg
+    assert "regression: uses more memory than the baseline" in reg
+    assert "improvement: uses less memory than the baseline - update the baseline if intended" in imp
+    assert "hqq2/b200/peak_rss_growth" in miss
+    assert "no stored entry" in miss and str(cpu) in miss
+
+
+def test_update_replaces_only_given_entries(cpu):
+    keep = entry(backend="hqq4", ratio=0.5, tolerance=0.05)
+    old = entry(ratio=0.7)
+    bl.update(cpu, [keep, old], run_failed=False, scenario="cpu", description="keep me")
+    keep_before = json.loads(cpu.read_text())["entries"][keep.key]
+
+    new = entry(ratio=0.64)
+    added = entry(metric="cache_bytes", ratio=0.25)
+    lines = bl.update(cpu, [new, added], run_failed=False, scenario="cpu")
+
+    assert lines == ["quanto4/b200/peak_rss_growth: 0.700 -> 0.640",
+                     "quanto4/b200/cache_bytes: new -> 0.250"]
+    data = json.loads(cpu.read_text())
+    assert data["entries"][keep.key] == keep_before
+    assert data["description"] == "keep me"
+    loaded = bl.load(cpu)
+    assert loaded.entries == {keep.key: keep, new.key: new, added.key: added}
+
+
+def test_update_refuses_failed_run_and_leaves_file(stored, cpu):
+    before = cpu.read_bytes()
+    with pytest.raises(BaselineError, match="failed run"):
+        bl.update(cpu, [entry(ratio=0.9)], run_failed=True, scenario="cpu")
+    assert cpu.read_bytes() == before
+
+
+@pytest.mark.parametrize("entries", [[], [entry(ratio=float("inf"))], [entry(ratio=-1.0)],
+                                     [entry(), entry(ratio=0.5)]])
+def test_update_refuses_bad_entries_and_leaves_file(stored, cpu, entries):
+    before = cpu.read_bytes()
+    with pytest.raises(BaselineError):
+        bl.update(cpu, entries, run_failed=False, scenario="cpu")
+    assert cpu.read_bytes() == before
+
+
+def test_update_refuses_to_overwrite_corrupt_file(cpu):
+    cpu.parent.mkdir()
+    cpu.write_text('{"scenario": "cpu", "entries": {"x": ')
+    before = cpu.read_bytes()
+    with pytest.raises(BaselineError, match="not valid JSON"):
+        bl.update(cpu, [entry()], run_failed=False, scenario="cpu")
+    assert cpu.read_bytes() == before
+
+
+def test_update_refuses_other_scenarios_file(stored, cpu):
+    before = cpu.read_bytes()
+    with pytest.raises(BaselineError, match="scenario 'cpu'"):
+        bl.update(cpu, [entry()], run_failed=False, scenario="gpu-small")
+    assert cpu.read_bytes() == before
+
+
+def test_update_leaves_no_temp_files(cpu):
+    bl.update(cpu, [entry()], run_failed=False, scenario="cpu")
+    bl.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
+    assert sorted(p.name for p in cpu.parent.iterdir()) == ["cpu.json"]
+
+
+def test_failed_write_keeps_old_file_and_no_temp(stored, cpu, monkeypatch):
+    before = cpu.read_bytes()
+
+    def boom(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(bl.os, "replace", boom)
+    with pytest.raises(OSError, match="disk full"):
+        bl.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
+    assert cpu.read_bytes() == before
+    assert sorted(p.name for p in cpu.parent.iterdir()) == ["cpu.json"]

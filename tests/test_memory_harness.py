@@ -1,0 +1,112 @@
+"""The memory experiment's shared code, without running the experiment: the CPU probe,
+scenario definitions, ratios, the report and the baseline update path."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvcache_repro import baselines, experiment, memory, report, scenarios
+from kvcache_repro.memory import Measurement
+
+
+def test_cpu_probe_sees_a_known_allocation():
+    probe = memory.CpuProbe()
+    probe.start()
+    block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written so the pages are resident
+    metrics = probe.stop()
+    del block
+    assert 64 * 2**20 <= metrics["peak_rss_growth"] <= 64 * 2**20 + 16 * 2**20, metrics
+
+
+def test_cpu_probe_peak_is_reset_at_start():
+    """A spike before start() must not count: VmHWM is reset through clear_refs."""
+    spike = torch.ones(128 * 2**20 // 4)
+    del spike
+    probe = memory.CpuProbe()
+    probe.start()
+    assert probe.stop()["peak_rss_growth"] < 16 * 2**20
+
+
+def test_cuda_probe_without_a_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        memory.probe_for("cuda")
+
+
+def test_seed_scenario_is_the_seed_s_settings():
+    """FACTS.md / seed: 10 prompts x 20 = 200, 1000 new tokens, nbits 4, G 128, residual
+    64, hqq axis 0, none/quanto/HQQ, fp16, NF4 weights, batch 1 and 200."""
+    seed = scenarios.get("seed")
+    assert seed.batch_sizes == (1, 200) and seed.new_tokens == 1000
+    assert seed.settings.q_group_size == 128 and seed.settings.residual_length == 64
+    specs = [experiment.scenarios.BACKENDS[b] for b in seed.backends]
+    assert [(s.backend, s.nbits, s.axis) for s in specs] == [("none", None, None), ("quanto", 4, 0), ("hqq", 4, 0)]
+    assert seed.dtype == "float16" and seed.weights_nf4 and seed.checkpoint == "gradientai/Llama-3-8B-Instruct-Gradient-1048k"
+    prompts = seed.prompts(200)
+    assert len(set(prompts)) == 10 and all(prompts.count(p) == 20 for p in set(prompts))
+    assert "reserved_after" in seed.baseline_metrics
+
+
+def test_seed_baseline_holds_the_seed_s_published_ratios():
+    """Reserved after generation in the seed: none 55.99, quanto 18.94, HQQ 29.34 GB."""
+    stored = baselines.load(experiment.baseline_path("seed"))
+    for backend, gb in (("quanto4", 18.94), ("hqq4", 29.34)):
+        entry = stored.entries[baselines.entry_key(backend, 200, "reserved_after")]
+        assert entry.ratio == pytest.approx(gb / 55.99, abs=5e-4)
+        assert "seed" in entry.produced_by["source"]
+
+
+def test_unknown_scenario_lists_the_valid_ones():
+    with pytest.raises(ValueError, match="valid: seed, gpu-small"):
+        scenarios.get("gpu-large")
+
+
+def _m(backend, batch, **metrics):
+    return Measurement("cpu-tiny", backend, batch, "cpu", 8, 40, 1.0, 100, metrics, metrics.get("cache_bytes", 0))
+
+
+def test_ratios_are_quantized_over_none_at_the_same_batch():
+    ms = [_m("none", 1, cache_bytes=400, peak_rss=1000), _m("quanto4", 1, cache_bytes=100, peak_rss=900),
+          _m("none", 8, cache_bytes=3200, peak_rss=2000), _m("quanto4", 8, cache_bytes=800, peak_rss=1000)]
+    found = {(r.backend, r.batch, r.metric): r.value for r in experiment.ratios(ms, ("cache_bytes", "peak_rss"))}
+    assert found == {("quanto4", 1, "cache_bytes"): 0.25, ("quanto4", 1, "peak_rss"): 0.9,
+                     ("quanto4", 8, "cache_bytes"): 0.25, ("quanto4", 8, "peak_rss"): 0.5}
+
+
+def test_measurement_survives_the_subprocess_json_round_trip():
+    m = _m("hqq4", 8, cache_bytes=123, peak_rss=456)
+    assert Measurement.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+def test_report_table_and_outputs(tmp_path):
+    scenario = scenarios.get("cpu-tiny")
+    ms = [_m("none", 1, cache_bytes=400, peak_rss=10 * 2**20, peak_rss_growth=4 * 2**20),
+          _m("quanto4", 1, cache_bytes=100, peak_rss=9 * 2**20, peak_rss_growth=3 * 2**20),
+          _m("hqq4", 1, cache_bytes=100, peak_rss=9 * 2**20, peak_rss_growth=2 * 2**20)]
+    found = experiment.ratios(ms, ("peak_rss_growth", "cache_bytes"))
+    stored = baselines.BaselineFile(tmp_path / "x.json", "cpu-tiny", "", {})
+    verdicts = [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
+    text = report.table(scenario, ms, found, verdicts)
+    assert "quanto4" in text and " 0.750 " in text and " 0.500 " in text and "0.250" in text
+    assert "no baseline yet" in text
+    paths = report.write_outputs(tmp_path / "out", scenario, ms, found, verdicts)
+    assert json.loads(paths[0].read_text())["scenario"] == "cpu-tiny"
+    assert "quanto4" in paths[1].read_text()
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_update_writes_provenance_and_only_measured_entries(tmp_path, monkeypatch):
+    monkeypatch.setattr(experiment, "BASELINE_DIR", tmp_path)
+    scenario = scenarios.get("cpu-tiny")
+    ms = [_m("none", 1, cache_bytes=400), _m("quanto4", 1, cache_bytes=100)]
+    found = experiment.ratios(ms, ("cache_bytes",))
+    lines = experiment.update_baselines(scenario, ms, found, run_failed=False)
+    assert lines == ["quanto4/b1/cache_bytes: new -> 0.250"]
+    entry = baselines.load(tmp_path / "cpu-tiny.json").entries["quanto4/b1/cache_bytes"]
+    assert set(entry.produced_by) >= {"versions", "device", "settings", "date", "source"}
+    assert entry.produced_by["versions"]["transformers"] == __import__("transformers").__version__
+    with pytest.raises(baselines.BaselineError):
+        experiment.update_baselines(scenario, ms, found, run_failed=True)

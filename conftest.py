@@ -15,6 +15,12 @@ from kvcache_repro import matrix  # noqa: E402  (import after the path fix above
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# Tests that compare with stored baselines: their failure is what --kv-update-baselines
+# is for, so it does not block an update; any other failure does.
+BAND_TESTS = {"test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
+              "test_speed_within_baseline_bands"}
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("kv-cache matrix")
     group.addoption("--kv-models", default=None,
@@ -68,6 +74,67 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("batch_size", batch_sizes, ids=[f"b{b}" for b in batch_sizes])
 
 
+@pytest.fixture(scope="session")
+def experiment_runs(request):
+    """``experiment_runs(name)`` runs a memory scenario once per session (each backend x
+    batch in a fresh subprocess) and caches it for every test and the summary. A model
+    that cannot be loaded here skips; under pytest-xdist each worker gets its own GPU."""
+    from kvcache_repro import experiment, scenarios
+    from kvcache_repro.models import ModelUnavailable
+
+    config = request.config
+    config._kv_experiment_runs = getattr(config, "_kv_experiment_runs", {})
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if worker.startswith("gw"):
+        os.environ["CUDA_VISIBLE_DEVICES"] = worker[2:]
+
+    def get(name: str):
+        if name not in config._kv_experiment_runs:
+            scenario = scenarios.get(name)
+            checkpoint = config.getoption("--kv-gpu-model") if name == "seed" else None
+            try:
+                config._kv_experiment_runs[name] = experiment.run_experiment(scenario, checkpoint, log=lambda line: None)
+            except experiment.RunFailed as error:
+                if ModelUnavailable.__name__ in str(error):
+                    pytest.skip(f"{name}: model not available here: {str(error).splitlines()[-1]}")
+                raise
+        return config._kv_experiment_runs[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def accuracy_tables(request):
+    """``accuracy_tables(device, setup)``: the real-model accuracy table, once per session."""
+    from kvcache_repro import accuracy_runs
+
+    config = request.config
+    config._kv_accuracy = getattr(config, "_kv_accuracy", {})
+
+    def get(device: str, setup: str):
+        if (device, setup) not in config._kv_accuracy:
+            config._kv_accuracy[device, setup] = accuracy_runs.run_accuracy(device, setup)
+        return config._kv_accuracy[device, setup]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def speed_ratios(request):
+    """``speed_ratios(setup_name)``: interleaved decode-time ratios, once per session."""
+    from kvcache_repro import speed
+
+    config = request.config
+    config._kv_speed = getattr(config, "_kv_speed", {})
+
+    def get(name: str):
+        if name not in config._kv_speed:
+            config._kv_speed[name] = speed.measure(speed.SPEED_SETUPS[name])
+        return config._kv_speed[name]
+
+    return get
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -81,29 +148,50 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """The seed's table for every memory scenario this session ran; baseline updates."""
-    runs = getattr(config, "_kv_experiment_runs", {})
-    if not runs:
-        return
-    from kvcache_repro import experiment, report
+    """The tables of every experiment this session ran; baseline updates."""
+    from kvcache_repro import experiment, report, speed
 
-    terminalreporter.section("KV-cache memory experiment")
+    runs = getattr(config, "_kv_experiment_runs", {})
+    tables = getattr(config, "_kv_accuracy", {})
+    if runs:
+        terminalreporter.section("KV-cache memory experiment")
     for run in runs.values():
         terminalreporter.write_line(f"scenario {run.scenario.name}: {run.scenario.notes}")
         terminalreporter.write_line(report.table(run.scenario, run.measurements, run.ratios, run.verdicts))
         terminalreporter.write_line("")
-    if config.getoption("--kv-update-baselines"):
-        # A band miss is what an update is for; any other failure means the run is not
-        # trustworthy enough to become a baseline.
-        failed = any(name != "test_ratios_within_baseline_bands" for name in getattr(config, "_kv_failed", ()))
-        for run in runs.values():
-            try:
-                lines = experiment.update_baselines(run.scenario, run.measurements, run.ratios, run_failed=failed)
-            except ValueError as error:  # BaselineError: refused, the file is untouched
-                terminalreporter.write_line(f"baselines {run.scenario.name} NOT updated: {error}")
-                continue
-            for line in lines:
-                terminalreporter.write_line(f"baseline {run.scenario.name}: {line}")
+    if tables:
+        terminalreporter.section("KV-cache accuracy (teacher-forced vs the unquantized cache)")
+    for table in tables.values():
+        terminalreporter.write_line(f"{table.device}, SmolLM2-135M-Instruct, {table.setup.name}: {table.setup.key()}")
+        terminalreporter.write_line(table.rows())
+        terminalreporter.write_line("")
+    speeds = getattr(config, "_kv_speed", {})
+    if speeds:
+        terminalreporter.section("KV-cache decode speed (interleaved, time ratio to none)")
+    for name, ratios in speeds.items():
+        setup = speed.SPEED_SETUPS[name]
+        terminalreporter.write_line(f"{name}: batch {setup.batch}, {setup.new_tokens} new tokens, {setup.rounds} rounds")
+        terminalreporter.write_line(speed.rows(setup, ratios))
+        terminalreporter.write_line("")
+    if not config.getoption("--kv-update-baselines"):
+        return
+    # A band miss is what an update is for; any other failure means the run is not
+    # trustworthy enough to become a baseline.
+    failed = bool(set(getattr(config, "_kv_failed", ())) - BAND_TESTS)
+    updates = [(f"memory {run.scenario.name}",
+                lambda run=run: experiment.update_baselines(run.scenario, run.measurements, run.ratios, failed))
+               for run in runs.values()]
+    updates += [(f"accuracy {t.device}-{t.setup.name}", lambda t=t: t.update_baselines(failed)) for t in tables.values()]
+    updates += [(f"speed {name}", lambda name=name, r=r: speed.update_baselines(speed.SPEED_SETUPS[name], r, failed))
+                for name, r in speeds.items()]
+    for what, update in updates:
+        try:
+            lines = update()
+        except ValueError as error:  # BaselineError: refused, the file is untouched
+            terminalreporter.write_line(f"baselines {what} NOT updated: {error}")
+            continue
+        for line in lines:
+            terminalreporter.write_line(f"baseline {what}: {line}")
 
 
 

@@ -15,13 +15,22 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-METRICS: tuple[str, ...] = (
-    "peak_reserved",
-    "peak_allocated",
-    "reserved_after",
-    "peak_rss_growth",
-    "cache_bytes",
-)
+# Memory metrics are ratios to the unquantized run; accuracy metrics are teacher-forced
+# against it (kl in nats/token, top-1 agreement, perplexity ratio); speed is the ratio of
+# decode times.
+MEMORY_METRICS = ("peak_reserved", "peak_allocated", "reserved_after", "peak_rss_growth", "cache_bytes")
+ACCURACY_METRICS = ("kl", "top1_agreement", "perplexity_ratio")
+SPEED_METRICS = ("decode_time_ratio",)
+METRICS: tuple[str, ...] = MEMORY_METRICS + ACCURACY_METRICS + SPEED_METRICS
+
+# How a value above the band reads; top-1 agreement is the one metric where higher is better.
+_HIGHER_MEANS = {**{m: "uses more memory" for m in MEMORY_METRICS},
+                 "kl": "is less accurate", "perplexity_ratio": "is less accurate",
+                 "top1_agreement": "is more accurate", "decode_time_ratio": "is slower"}
+_LOWER_MEANS = {**{m: "uses less memory" for m in MEMORY_METRICS},
+                "kl": "is more accurate", "perplexity_ratio": "is more accurate",
+                "top1_agreement": "is less accurate", "decode_time_ratio": "is faster"}
+HIGHER_IS_BETTER = frozenset({"top1_agreement"})
 
 UPDATE_COMMAND = "./kvq experiment --update-baselines"
 UPDATE_HINT = f"`{UPDATE_COMMAND}` (or `pytest -m ... --kv-update-baselines`)"
@@ -142,7 +151,7 @@ def load(path) -> BaselineFile:
 
 @dataclass(frozen=True)
 class Verdict:
-    key: str
+    key: str  # backend/b<batch>/<metric>
     measured: float
     stored: float | None
     tolerance: float | None
@@ -162,10 +171,13 @@ class Verdict:
                 f"+/- {self.tolerance:.3f} in {self.source}")
         if self.status == "ok":
             return f"{head}: ok, within the band"
+        metric = self.key.rsplit("/", 1)[-1]
+        above = self.measured > self.stored
+        says = (_HIGHER_MEANS if above else _LOWER_MEANS).get(metric, "differs")
         if self.status == "regression":
-            return (f"{head}: regression: uses more memory than the baseline "
+            return (f"{head}: regression: {says} than the baseline "
                     f"(if intended, update with {UPDATE_HINT})")
-        return (f"{head}: improvement: uses less memory than the baseline - "
+        return (f"{head}: improvement: {says} than the baseline - "
                 f"update the baseline if intended with {UPDATE_HINT}")
 
 
@@ -181,7 +193,11 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
         return Verdict(key, measured_ratio, None, None, "missing", source)
     lo = entry.ratio - entry.tolerance - _EDGE_SLACK
     hi = entry.ratio + entry.tolerance + _EDGE_SLACK
-    status = "ok" if lo <= measured_ratio <= hi else ("regression" if measured_ratio > hi else "improvement")
+    if lo <= measured_ratio <= hi:
+        status = "ok"
+    else:
+        worse = (measured_ratio < lo) if metric in HIGHER_IS_BETTER else (measured_ratio > hi)
+        status = "regression" if worse else "improvement"
     return Verdict(key, measured_ratio, entry.ratio, entry.tolerance, status, source)
 
 

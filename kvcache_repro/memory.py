@@ -152,7 +152,8 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
     probe = probe_for(scenario.device)
     before = probe.start()
     t0 = time.perf_counter()
-    run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask)
+    run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask,
+                              keep_scores=False)
     seconds = time.perf_counter() - t0
     metrics = probe.stop()
     metrics["cache_bytes"] = accounting.cache_bytes(run.cache).total

@@ -43,3 +43,57 @@ def teacher_forced_quality(model, input_ids: torch.Tensor, spec: BackendSpec, se
         reference = generation.teacher_forced_logits(model, input_ids, BACKENDS["none"], settings, prefill)
     candidate = generation.teacher_forced_logits(model, input_ids, spec, settings, prefill)
     return compare_logits(reference, candidate, input_ids[:, prefill:])
+
+
+# ---- the real-model accuracy run -------------------------------------------------------
+
+@dataclass(frozen=True)
+class AccuracySetup:
+    """Teacher-forced protocol on the small real model. The seed's G=128 and residual 64;
+    prefill and decode lengths keep every quantized length a multiple of 64 tokens, so
+    G=128 divides SmolLM2's K/V rows (3 heads x 64 dims = 192 values per token) and hqq
+    axis-1 packing stays whole at 1 bit. ``decode - 1`` tokens go through the cache one at
+    a time; more than ``residual_length`` of them so the residual flushes at least once."""
+
+    name: str
+    backends: tuple[str, ...]
+    rows: int = 2
+    prefill: int = 128
+    decode: int = 128
+    settings: caches.QuantSettings = caches.QuantSettings(q_group_size=128, residual_length=64)
+
+    def key(self) -> str:
+        s = self.settings
+        return f"rows{self.rows}-prefill{self.prefill}-decode{self.decode}-G{s.q_group_size}-R{s.residual_length}"
+
+
+# "core" (default, ~1 min on 2 cores): the seed's axis 0 at every nbits both backends
+# share, plus hqq 3/8 and fp8. "full" (slow): every backend x nbits x axis.
+ACCURACY_SETUPS = {s.name: s for s in (
+    AccuracySetup("core", ("quanto2", "quanto4", "hqq2", "hqq3", "hqq4", "hqq8", "fp8"), decode=72),
+    AccuracySetup("full", tuple(b.name for b in BACKENDS.values()
+                                if b.quantized and not (b.backend == "hqq" and b.nbits == 3 and b.axis == 1))),
+)}
+
+
+def corpus_ids(tokenizer, rows: int, length: int) -> torch.Tensor:
+    """``rows`` x ``length`` token ids from a fixed English text that ships with Python
+    (pydoc_data.topics, the stdlib's help topics), each row from a different topic."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        ids = tokenizer(topics[name], add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == rows:
+            return torch.tensor(out)
+    raise ValueError(f"pydoc_data.topics has fewer than {rows} topics of {length} tokens")
+
+
+def accuracy_table(model, tokenizer, setup: AccuracySetup) -> dict[str, Quality]:
+    """Teacher-forced quality of each of the setup's backends against the unquantized cache."""
+    ids = corpus_ids(tokenizer, setup.rows, setup.prefill + setup.decode).to(model.device)
+    reference = generation.teacher_forced_logits(model, ids, BACKENDS["none"], setup.settings, setup.prefill)
+    return {name: teacher_forced_quality(model, ids, BACKENDS[name], setup.settings, setup.prefill, reference)
+            for name in setup.backends}

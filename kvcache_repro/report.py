@@ -34,6 +34,9 @@ def rows(scenario, measurements: list[Measurement], found, verdicts) -> list[dic
             "cache_ratio": None if cache_ratio is None else cache_ratio.value,
             "cache_verdict": "-" if cache_verdict is None else cache_verdict.status,
             "seconds": m.generate_seconds,
+            # CUDA: allocated beyond the weights at the peak, less the cache = transient overhead
+            "transient_mib": (m.metrics["peak_allocated"] - m.before_bytes - m.metrics["cache_bytes"]) / MIB
+            if "peak_allocated" in m.metrics else None,
         })
     return out
 
@@ -47,13 +50,14 @@ def table(scenario, measurements, found, verdicts) -> str:
     main = "reserved after" if scenario.device == "cuda" else "RSS growth"
     header = (f"{'backend':>8} {'batch':>5} {'before MiB':>10} {peak + ' MiB':>17} {main + ' MiB':>15} "
               f"{'ratio':>6} {'baseline':>8} {'verdict':>11} {'cache MiB':>10} {'cache ratio':>11} "
-              f"{'cache':>11} {'gen s':>7}")
+              f"{'cache':>11} {'gen s':>7}" + (f" {'transient MiB':>13}" if scenario.device == "cuda" else ""))
     lines = [header, "-" * len(header)]
     for r in rows(scenario, measurements, found, verdicts):
         lines.append(
             f"{r['backend']:>8} {r['batch']:>5} {r['before_mib']:>10.1f} {r['peak_mib']:>17.1f} {r['main_mib']:>15.1f} "
             f"{_fmt(r['ratio']):>6} {_fmt(r['baseline']):>8} {r['verdict']:>11} {r['cache_mib']:>10.2f} "
-            f"{_fmt(r['cache_ratio']):>11} {r['cache_verdict']:>11} {r['seconds']:>7.1f}")
+            f"{_fmt(r['cache_ratio']):>11} {r['cache_verdict']:>11} {r['seconds']:>7.1f}"
+            + (f" {_fmt(r['transient_mib'], '.1f'):>13}" if scenario.device == "cuda" else ""))
     failing = [v for v in verdicts if v.status in ("regression", "improvement")]
     missing = [v for v in verdicts if v.status == "missing"]
     if failing or missing:

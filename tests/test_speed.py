@@ -1,0 +1,36 @@
+"""Decode speed per backend with pytest-benchmark, and the quantized/none time ratio
+measured interleaved in one run, checked against a stored band.
+
+Deselect with ``-m "not benchmark"``; ``--benchmark-json FILE`` writes pytest-benchmark's
+report. The real-model ratio is the slow part (~1 min on 2 cores).
+"""
+from __future__ import annotations
+
+import pytest
+
+from kvcache_repro import generation, speed
+from kvcache_repro.matrix import BACKENDS
+
+pytestmark = pytest.mark.benchmark
+
+
+@pytest.mark.parametrize("speed_backend", ["none", "quanto4", "hqq4"])
+def test_decode_throughput_tiny(benchmark, speed_backend):
+    setup = speed.SPEED_SETUPS["tiny"]
+    model, ids = speed.model_and_ids(setup)
+
+    run = benchmark.pedantic(generation.generate, args=(model, ids, BACKENDS[speed_backend], setup.settings, setup.new_tokens),
+                             kwargs={"keep_scores": False}, rounds=3, warmup_rounds=1)
+    benchmark.extra_info["generated_tokens"] = setup.batch * setup.new_tokens
+    assert run.new_tokens.shape == (setup.batch, setup.new_tokens)
+
+
+@pytest.mark.parametrize("setup_name", list(speed.SPEED_SETUPS))
+def test_speed_within_baseline_bands(speed_ratios, setup_name):
+    setup = speed.SPEED_SETUPS[setup_name]
+    verdicts = speed.verdicts(setup, speed_ratios(setup_name))
+    failing = [v for v in verdicts if v.status in ("regression", "improvement")]
+    assert not failing, "\n".join(v.message for v in failing)
+    missing = [v.key for v in verdicts if v.status == "missing"]
+    if missing:
+        pytest.skip(f"no speed baseline yet in {speed.baseline_path(setup)}: {', '.join(missing)}")

@@ -138,7 +138,7 @@ def speed_ratios(request):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    skip_slow = pytest.mark.skip(reason="slow: run with --kv-run-slow, or ./kvq experiment")
+    skip_slow = pytest.mark.skip(reason="slow: run with --kv-run-slow (the full CPU memory scenario is also ./kvq experiment)")
     skip_gpu = pytest.mark.skip(reason="no CUDA device")
     for item in items:
         if "slow" in item.keywords and not config.getoption("--kv-run-slow"):
@@ -173,6 +173,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{name}: batch {setup.batch}, {setup.new_tokens} new tokens, {setup.rounds} rounds")
         terminalreporter.write_line(speed.rows(setup, ratios))
         terminalreporter.write_line("")
+    claim_results = getattr(config, "_kv_claims", [])
+    if claim_results:
+        from kvcache_repro import claims
+
+        terminalreporter.section("The seed's claims on this setup")
+        terminalreporter.write_line(claims.table(claim_results))
     if not config.getoption("--kv-update-baselines"):
         return
     # A band miss is what an update is for; any other failure means the run is not

@@ -100,7 +100,12 @@ def generate_kwargs(spec: BackendSpec, settings: QuantSettings) -> dict[str, Any
     """Keyword arguments that make ``model.generate`` use this backend's cache."""
     if not spec.quantized:
         return {}
-    return {"cache_implementation": "quantized", "cache_config": cache_config(spec, settings)}
+    return generate_kwargs_with(cache_config(spec, settings))
+
+
+def generate_kwargs_with(config_dict: dict[str, Any]) -> dict[str, Any]:
+    """``generate()`` kwargs around a caller-owned cache_config dict, passed without a copy."""
+    return {"cache_implementation": "quantized", "cache_config": config_dict}
 
 
 def build_cache(spec: BackendSpec, model_config, settings: QuantSettings):
@@ -152,12 +157,14 @@ def layer_storage(layer) -> LayerStorage:
         return LayerStorage("none", None, None, residual(layer.keys), residual(layer.values))
     else:
         raise TypeError(f"no storage model for cache layer {type(layer).__name__}")
+    # getattr: 4.57 creates the quantized attributes only on the first update, and a
+    # model that never calls update() (RecurrentGemma on 4.57) leaves them unset.
     return LayerStorage(
         backend,
-        layer._quantized_keys,
-        layer._quantized_values,
-        residual(layer.keys),
-        residual(layer.values),
+        getattr(layer, "_quantized_keys", None),
+        getattr(layer, "_quantized_values", None),
+        residual(getattr(layer, "keys", None)),
+        residual(getattr(layer, "values", None)),
     )
 
 

@@ -61,6 +61,26 @@ def generate(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches
 
 
 @torch.inference_mode()
+def generate_with_cache_config(model, input_ids: torch.Tensor, cache_config: dict, new_tokens: int,
+                               num_beams: int = 1) -> torch.Tensor:
+    """Generate with a caller-owned ``cache_config`` dict passed as is (not copied), to
+    observe what generate() does to it. Returns the sequences."""
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, num_beams=num_beams,
+                          **caches.generate_kwargs_with(cache_config))
+
+
+@torch.inference_mode()
+def beam_search(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches.QuantSettings,
+                new_tokens: int, num_beams: int = 4) -> torch.Tensor:
+    """Beam search (greedy beams, no sampling); the cache is reordered between steps."""
+    check_run(model, spec, settings, input_ids.shape[0] * num_beams, input_ids.shape[1], new_tokens)
+    return model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                          min_new_tokens=new_tokens, do_sample=False, num_beams=num_beams,
+                          **caches.generate_kwargs(spec, settings))
+
+
+@torch.inference_mode()
 def teacher_forced_logits(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches.QuantSettings,
                           prefill: int) -> torch.Tensor:
     """Logits predicting tokens ``prefill .. n-1`` when the first ``prefill`` tokens are

@@ -47,6 +47,8 @@ def _tiny_config(family: str):
             attn_config={"kv_n_heads": TINY["num_key_value_heads"], "rope_theta": 10000.0, "clip_qkv": 8.0},
             ffn_config={"ffn_hidden_size": TINY["intermediate_size"], "moe_num_experts": 2, "moe_top_k": 1},
         )
+    if family == "mistral":
+        return tf.MistralConfig(**common, sliding_window=16)  # every layer sliding-window
     if family == "recurrentgemma":
         return tf.RecurrentGemmaConfig(
             vocab_size=TINY["vocab_size"], hidden_size=TINY["hidden_size"], intermediate_size=TINY["intermediate_size"],

@@ -20,11 +20,13 @@ def test_selection_narrows_the_matrix():
 
 
 def test_default_matrix_is_the_issue_s_matrix():
-    """none; quanto 2/4; hqq 1/2/3/4/8 on axis 0 and 1; fp8; the seed's seven families."""
+    """none; quanto 2/4; hqq 1/2/3/4/8 on axis 0 and 1; fp8; the seed's seven families
+    (+ a sliding-window Mistral)."""
     names = set(matrix.BACKENDS)
     assert {"none", "quanto2", "quanto4", "fp8"} <= names
     assert {f"hqq{n}{s}" for n in (1, 2, 3, 4, 8) for s in ("", "-axis1")} <= names
-    assert set(matrix.FAMILIES) == {"llama", "gemma", "recurrentgemma", "stablelm", "dbrx", "cohere", "olmo"}
+    assert set(matrix.SEED_FAMILIES) == {"llama", "gemma", "recurrentgemma", "stablelm", "dbrx", "cohere", "olmo"}
+    assert set(matrix.FAMILIES) == set(matrix.SEED_FAMILIES) | {"mistral"}
 
 
 @pytest.mark.parametrize("raw, fragment", [

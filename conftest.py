@@ -55,6 +55,12 @@ def _selection(config):
 
 
 def pytest_configure(config):
+    from kvcache_repro import expectations
+
+    try:
+        expectations.current_range()
+    except expectations.UnsupportedVersion as error:
+        raise pytest.UsageError(str(error)) from None
     _selection(config)
 
 
@@ -155,16 +161,19 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     tables = getattr(config, "_kv_accuracy", {})
     if runs:
         terminalreporter.section("KV-cache memory experiment")
+    drift = []  # (baseline file, verdicts) of everything compared this session
     for run in runs.values():
         terminalreporter.write_line(f"scenario {run.scenario.name}: {run.scenario.notes}")
         terminalreporter.write_line(report.table(run.scenario, run.measurements, run.ratios, run.verdicts))
         terminalreporter.write_line("")
+        drift.append((experiment.baseline_path(run.scenario.name), run.verdicts))
     if tables:
         terminalreporter.section("KV-cache accuracy (teacher-forced vs the unquantized cache)")
     for table in tables.values():
         terminalreporter.write_line(f"{table.device}, SmolLM2-135M-Instruct, {table.setup.name}: {table.setup.key()}")
         terminalreporter.write_line(table.rows())
         terminalreporter.write_line("")
+        drift.append((table.baseline_path, table.verdicts()))
     speeds = getattr(config, "_kv_speed", {})
     if speeds:
         terminalreporter.section("KV-cache decode speed (interleaved, time ratio to none)")
@@ -173,6 +182,15 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         terminalreporter.write_line(f"{name}: batch {setup.batch}, {setup.new_tokens} new tokens, {setup.rounds} rounds")
         terminalreporter.write_line(speed.rows(setup, ratios))
         terminalreporter.write_line("")
+        drift.append((speed.baseline_path(setup), speed.verdicts(setup, ratios)))
+    from kvcache_repro import baselines
+
+    versions = experiment.package_versions()
+    lines = [line for path, verdicts in drift for line in baselines.drift_lines(path, verdicts, versions)]
+    if lines:
+        terminalreporter.section("Drift against baselines recorded with other package versions")
+        for line in lines:
+            terminalreporter.write_line(line)
     claim_results = getattr(config, "_kv_claims", [])
     if claim_results:
         from kvcache_repro import claims

@@ -24,13 +24,15 @@ class CacheBytes:
     packed: int  # quantized codes
     metadata: int  # scales, zero-points/shifts
     residual: int  # full-precision tensors (all of DynamicCache)
+    other: int = 0  # any other tensor the layer holds: none is expected
 
     @property
     def total(self) -> int:
-        return self.packed + self.metadata + self.residual
+        return self.packed + self.metadata + self.residual + self.other
 
     def __add__(self, other: "CacheBytes") -> "CacheBytes":
-        return CacheBytes(self.packed + other.packed, self.metadata + other.metadata, self.residual + other.residual)
+        return CacheBytes(self.packed + other.packed, self.metadata + other.metadata,
+                          self.residual + other.residual, self.other + other.other)
 
 
 ZERO = CacheBytes(0, 0, 0)
@@ -67,14 +69,33 @@ def _quantized_bytes(backend: str, qstate) -> CacheBytes:
     raise ValueError(f"unknown backend {backend!r}")
 
 
+def _reachable_tensors(obj, seen: set[int]) -> list[torch.Tensor]:
+    """Plain tensors reachable from an attribute value, each storage counted once."""
+    if isinstance(obj, torch.Tensor):
+        out = []
+        for t in plain_tensors(obj):
+            key = t.untyped_storage().data_ptr() if t.numel() else id(t)
+            if key not in seen:
+                seen.add(key)
+                out.append(t)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _reachable_tensors(item, seen)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _reachable_tensors(item, seen)]
+    return []
+
+
 def layer_bytes(layer) -> CacheBytes:
+    """Known storage by kind, plus ``other``: every further tensor reachable from the
+    layer's attributes (an extra copy a release might keep would land there)."""
     storage = caches.layer_storage(layer)
     residual = sum(tensor_bytes(t) for t in (storage.residual_keys, storage.residual_values) if t is not None)
-    return (
-        _quantized_bytes(storage.backend, storage.quantized_keys)
-        + _quantized_bytes(storage.backend, storage.quantized_values)
-        + CacheBytes(0, 0, residual)
-    )
+    known = (_quantized_bytes(storage.backend, storage.quantized_keys)
+             + _quantized_bytes(storage.backend, storage.quantized_values)
+             + CacheBytes(0, 0, residual))
+    everything = sum(t.numel() * t.element_size() for t in _reachable_tensors(vars(layer), set()))
+    return known + CacheBytes(0, 0, 0, everything - known.total)
 
 
 def cache_bytes(cache) -> CacheBytes:

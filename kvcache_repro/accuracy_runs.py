@@ -86,7 +86,7 @@ class AccuracyTable:
 
 
 def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
-    import transformers
+    from .experiment import package_versions
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
@@ -95,5 +95,4 @@ def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
     if device == "cuda":
         model = copy.deepcopy(model).to(device)  # the cached CPU model stays on the CPU
     results = quality.accuracy_table(model, tokenizer, setup)
-    versions = {"torch": torch.__version__, "transformers": transformers.__version__}
-    return AccuracyTable(device, setup, results, versions)
+    return AccuracyTable(device, setup, results, package_versions())

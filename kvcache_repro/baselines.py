@@ -258,3 +258,20 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
         current.description = description
     _write_atomic(path, dumps(current))
     return lines
+
+
+def drift_lines(path, verdicts: list[Verdict], versions: dict[str, str]) -> list[str]:
+    """For entries recorded with other package versions than the running ones: measured
+    vs stored per entry, so a version change shows what moved even inside the bands."""
+    stored = load(path)
+    lines = []
+    for v in verdicts:
+        entry = stored.entries.get(v.key)
+        if entry is None:
+            continue
+        theirs = entry.produced_by.get("versions", {})
+        changed = {k: f"{theirs[k]} -> {versions[k]}" for k in versions if k in theirs and theirs[k] != versions[k]}
+        if changed:
+            lines.append(f"{v.key}: stored {entry.ratio:.4g}, measured {v.measured:.4g} "
+                         f"({v.measured / entry.ratio - 1:+.1%}) [{', '.join(f'{k} {c}' for k, c in changed.items())}]")
+    return lines

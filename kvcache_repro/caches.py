@@ -168,6 +168,16 @@ def layer_storage(layer) -> LayerStorage:
     )
 
 
+def update_layer(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
+    """Feed one layer of a cache as a model's attention would; returns what attention sees."""
+    return cache.update(keys, values, layer_idx)
+
+
+def reorder(cache, beam_idx: torch.Tensor) -> None:
+    """Reorder the batch rows of a cache, as beam search does between steps."""
+    cache.reorder_cache(beam_idx)
+
+
 def cache_layers(cache) -> list:
     return list(cache.layers)
 

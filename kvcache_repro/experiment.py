@@ -99,19 +99,26 @@ def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[baselines.
     return [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
 
 
+def package_versions() -> dict[str, str]:
+    """The versions a baseline depends on, recorded with it and compared for drift."""
+    from importlib.metadata import version
+
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "optimum-quanto": version("optimum-quanto"), "hqq": version("hqq")}
+
+
 def provenance(scenario: scenarios.Scenario, measurements: list[Measurement]) -> dict:
     import platform
 
-    import hqq
     import torch
-    import transformers
-    from importlib.metadata import version
 
     device = (torch.cuda.get_device_name(0) if scenario.device == "cuda"
               else f"{os.cpu_count()}-core CPU ({platform.machine()})")
     return {
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "optimum-quanto": version("optimum-quanto"), "hqq": getattr(hqq, "__version__", version("hqq"))},
+        "versions": package_versions(),
         "device": device,
         "settings": {"new_tokens": scenario.new_tokens, "q_group_size": scenario.settings.q_group_size,
                      "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,

@@ -92,8 +92,10 @@ def corpus_ids(tokenizer, rows: int, length: int) -> torch.Tensor:
 
 
 def accuracy_table(model, tokenizer, setup: AccuracySetup) -> dict[str, Quality]:
-    """Teacher-forced quality of each of the setup's backends against the unquantized cache."""
+    """Teacher-forced quality of each of the setup's backends that this transformers has
+    (fp8 only from 5.x) against the unquantized cache."""
     ids = corpus_ids(tokenizer, setup.rows, setup.prefill + setup.decode).to(model.device)
     reference = generation.teacher_forced_logits(model, ids, BACKENDS["none"], setup.settings, setup.prefill)
+    available = caches.available_backends()
     return {name: teacher_forced_quality(model, ids, BACKENDS[name], setup.settings, setup.prefill, reference)
-            for name in setup.backends}
+            for name in setup.backends if name in available}

@@ -106,11 +106,10 @@ def update_baselines(setup: SpeedSetup, ratios: dict[str, SpeedRatio], run_faile
     import datetime
     import os
 
-    import transformers
-
     from . import baselines
+    from .experiment import package_versions
 
-    produced_by = {"versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    produced_by = {"versions": package_versions(),
                    "device": f"{os.cpu_count()}-core CPU", "date": datetime.date.today().isoformat(),
                    "settings": {"batch": setup.batch, "prompt": setup.prompt, "new_tokens": setup.new_tokens,
                                 "q_group_size": setup.settings.q_group_size,

@@ -254,3 +254,15 @@ def test_direction_follows_the_metric(tmp_path):
     assert bl.compare(stored, "hqq4", 2, "kl", 0.02).status == "regression"
     slow = bl.compare(stored, "hqq4", 1, "decode_time_ratio", 2.0)
     assert slow.status == "regression" and "is slower" in slow.message
+
+
+def test_drift_lists_entries_recorded_with_other_versions(tmp_path):
+    path = tmp_path / "cpu.json"
+    old = {"versions": {"transformers": "4.57.6", "torch": "2.13.0"}}
+    same = {"versions": {"transformers": "5.24.0", "torch": "2.13.0"}}
+    bl.update(path, [bl.Entry("hqq4", 200, "cache_bytes", 0.35, 0.001, old),
+                     bl.Entry("quanto4", 200, "cache_bytes", 0.35, 0.001, same)], run_failed=False, scenario="cpu")
+    stored = bl.load(path)
+    verdicts = [bl.compare(stored, b, 200, "cache_bytes", 0.357) for b in ("hqq4", "quanto4")]
+    lines = bl.drift_lines(path, verdicts, {"transformers": "5.24.0", "torch": "2.13.0"})
+    assert lines == ["hqq4/b200/cache_bytes: stored 0.35, measured 0.357 (+2.0%) [transformers 4.57.6 -> 5.24.0]"]

@@ -46,7 +46,7 @@ def test_backend_missing_from_this_transformers_is_an_error_not_a_silent_drop():
 
 
 @pytest.mark.parametrize("func, raw, fragment", [
-    (matrix.select_families, "mistral", "valid: llama, gemma"),
+    (matrix.select_families, "mixtral", "valid: llama, gemma"),
     (matrix.select_batch_sizes, "0", "not a positive integer"),
     (matrix.select_batch_sizes, "eight", "not a positive integer"),
 ])

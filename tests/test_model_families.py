@@ -27,7 +27,7 @@ def test_family_quantizes_or_is_rejected_as_documented(family, quantized_backend
         pytest.skip("hqq 3-bit axis 1 cannot dequantize (hqq bug, see caches.check_quantizable)")
     expected = expectations.family_support(family)
     if expected.wrong:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=expected.issue))
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=expected.issue))
     where = f"transformers {expectations.transformers.__version__}: {family} with {quantized_backend.name}"
     model = tiny_model(family)
     ids = torch.randint(3, 200, (2, PROMPT), generator=torch.Generator().manual_seed(0))

@@ -1,0 +1,85 @@
+"""Fault injection, to show the suite catches what it claims to catch.
+
+Used as a pytest plugin: ``KVQ_FAULT=<name> pytest -p kvcache_repro.faults ...``. Each
+fault patches transformers' quantized cache layers the way a regression could:
+
+- ``full_precision``: the layer "quantizes" by keeping the full-precision tensor
+- ``extra_copy``: the layer keeps a full-precision copy of what it quantized
+- ``ignore_residual``: the residual is never flushed (residual_length ignored)
+- ``more_bits``: more bits are used than asked (quanto 2 -> 4, hqq n -> 8)
+- ``noise``: dequantized values get 3% Gaussian noise (of each tensor's std)
+- ``low_precision_scales``: scales are computed in float16/bfloat16, not the model dtype
+
+The README lists which tests fail under each.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales")
+
+
+def _patch(name: str) -> None:
+    from transformers import cache_utils as cu
+
+    quanto, hqq = cu.QuantoQuantizedLayer, cu.HQQQuantizedLayer
+    q_quantize, h_quantize = quanto._quantize, hqq._quantize
+    q_deq, h_deq = quanto._dequantize, hqq._dequantize
+    if name == "full_precision":
+        for cls in (quanto, hqq):
+            cls._quantize = lambda self, tensor, axis: tensor.clone()
+            cls._dequantize = lambda self, q: q
+    elif name == "extra_copy":
+        def keep(original):
+            def _quantize(self, tensor, axis):
+                self._shadow = getattr(self, "_shadow", []) + [tensor.clone()]
+                return original(self, tensor, axis)
+            return _quantize
+        quanto._quantize, hqq._quantize = keep(q_quantize), keep(h_quantize)
+    elif name == "ignore_residual":
+        original_init = cu.QuantizedLayer.__init__
+
+        def __init__(self, *args, **kwargs):
+            original_init(self, *args, **kwargs)
+            self.residual_length = 10**9
+        cu.QuantizedLayer.__init__ = __init__
+    elif name == "more_bits":
+        from optimum.quanto import qint4
+
+        def quanto_more(self, tensor, axis):
+            self.qtype = qint4
+            return q_quantize(self, tensor, axis)
+
+        def hqq_more(self, tensor, axis):
+            self.nbits = 8
+            return h_quantize(self, tensor, axis)
+        quanto._quantize, hqq._quantize = quanto_more, hqq_more
+    elif name == "noise":
+        def noisy(original):
+            def _dequantize(self, q):
+                x = original(self, q)
+                g = torch.Generator(device=x.device).manual_seed(0)
+                return x + 0.03 * x.float().std() * torch.randn(x.shape, generator=g, device=x.device).to(x.dtype)
+            return _dequantize
+        quanto._dequantize, hqq._dequantize = noisy(q_deq), noisy(h_deq)
+    elif name == "low_precision_scales":
+        def low_quanto(self, tensor, axis):
+            q = q_quantize(self, tensor, axis)
+            q._scale.copy_(q._scale.to(torch.bfloat16).to(q._scale.dtype))
+            return q
+
+        def low_hqq(self, tensor, axis):
+            codes, meta = h_quantize(self, tensor, axis)
+            meta["scale"] = meta["scale"].to(torch.bfloat16).to(meta["scale"].dtype)
+            return codes, meta
+        quanto._quantize, hqq._quantize = low_quanto, low_hqq
+    else:
+        raise ValueError(f"unknown KVQ_FAULT {name!r}; valid: {', '.join(FAULTS)}")
+
+
+def pytest_configure(config):
+    name = os.environ.get("KVQ_FAULT")
+    if name:
+        _patch(name)

@@ -10,9 +10,6 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from kvcache_repro import matrix  # noqa: E402  (import after the path fix above)
 
-# Nothing in the suite may reach the hub at test time (GPU scenarios that name a hub
-# checkpoint opt back in explicitly).
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 # Tests that compare with stored baselines: their failure is what --kv-update-baselines

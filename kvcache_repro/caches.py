@@ -15,7 +15,7 @@ import torch
 import transformers
 from transformers import DynamicCache
 
-from .matrix import BACKENDS, BackendSpec
+from .matrix import BACKENDS, BackendSpec, QuantSettings  # noqa: F401  (QuantSettings re-exported)
 
 # The seed's settings (FACTS.md): nbits 4, q_group_size 128, residual_length 64.
 SEED_Q_GROUP_SIZE = 128
@@ -32,14 +32,6 @@ class GroupSizeError(ValueError):
 
 class UnsupportedCombination(ValueError):
     """A backend setting that transformers accepts but that cannot work (a known bug)."""
-
-
-@dataclass(frozen=True)
-class QuantSettings:
-    """Group-wise settings shared by quanto and hqq; fp8 takes none of them."""
-
-    q_group_size: int = 64
-    residual_length: int = 128
 
 
 @dataclass(frozen=True)

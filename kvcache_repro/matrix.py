@@ -37,6 +37,14 @@ class BackendSpec:
         return self.backend in ("quanto", "hqq")
 
 
+@dataclass(frozen=True)
+class QuantSettings:
+    """Group-wise settings shared by quanto and hqq; fp8 takes none of them."""
+
+    q_group_size: int = 64
+    residual_length: int = 128
+
+
 # Which (nbits, axis) each backend accepts, from transformers 5.24's cache_utils.py
 # (QuantoQuantizedLayer / HQQQuantizedLayer constructors). quanto's axis -1 is left out of
 # the default matrix: it fails mid-generation on tiny configs (FACTS.md).

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,8 +122,7 @@ def small_real_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     expanded by transformers to ``dtype``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = small_real_model_path()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = small_real_model_path()  # a local file: from_pretrained never reaches the hub
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left (the seed did not)
     if tokenizer.pad_token is None:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .caches import QuantSettings
-from .matrix import BACKENDS, SelectionError
+from .matrix import BACKENDS, QuantSettings, SelectionError
 
 # The seed's ten prompts, repeated 20 times for its batch of 200.
 SEED_PROMPTS = (

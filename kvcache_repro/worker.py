@@ -21,11 +21,14 @@ def main(argv=None) -> int:
     parser.add_argument("batch", type=int)
     parser.add_argument("--checkpoint", default=None)
     args = parser.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-    from . import memory, scenarios
+    from . import scenarios  # torch-free: the hub setting below must precede transformers' import
 
     scenario = scenarios.get(args.scenario)
+    if scenario.model != "checkpoint":
+        # only a scenario that names a hub checkpoint may reach the hub
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from . import memory
+
     model, tokenizer = memory.load_model(scenario, args.checkpoint)
     result = memory.measure(scenario, args.backend, args.batch, model, tokenizer)
     sys.stdout.write(RESULT_PREFIX + json.dumps(result.to_dict()) + "\n")

@@ -40,6 +40,11 @@ UPDATE_HINT = f"`{UPDATE_COMMAND}` (or `pytest -m ... --kv-update-baselines`)"
 _EDGE_SLACK = 1e-9
 
 
+def _num(x: float) -> str:
+    """Three decimals, or three significant digits for small values (KL of 8-bit caches)."""
+    return f"{x:.3f}" if x == 0 or abs(x) >= 0.01 else f"{x:.3g}"
+
+
 class BaselineError(ValueError):
     def __init__(self, path, problem: str, fix: str | None = None):
         if fix is None:
@@ -165,10 +170,10 @@ class Verdict:
     @property
     def message(self) -> str:
         if self.status == "missing":
-            return (f"{self.key}: measured ratio {self.measured:.3f}; no stored entry for "
+            return (f"{self.key}: measured ratio {_num(self.measured)}; no stored entry for "
                     f"this key in {self.source} - add one with {UPDATE_HINT}")
-        head = (f"{self.key}: measured ratio {self.measured:.3f}, stored {self.stored:.3f} "
-                f"+/- {self.tolerance:.3f} in {self.source}")
+        head = (f"{self.key}: measured ratio {_num(self.measured)}, stored {_num(self.stored)} "
+                f"+/- {_num(self.tolerance)} in {self.source}")
         if self.status == "ok":
             return f"{head}: ok, within the band"
         metric = self.key.rsplit("/", 1)[-1]
@@ -248,9 +253,9 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     lines = []
     for key, e in fresh.items():
         old = current.entries.get(key)
-        line = f"{key}: {'new' if old is None else f'{old.ratio:.3f}'} -> {e.ratio:.3f}"
+        line = f"{key}: {'new' if old is None else _num(old.ratio)} -> {_num(e.ratio)}"
         if old is not None and old.tolerance != e.tolerance:
-            line += f" (tolerance {old.tolerance:.3f} -> {e.tolerance:.3f})"
+            line += f" (tolerance {_num(old.tolerance)} -> {_num(e.tolerance)})"
         lines.append(line)
         current.entries[key] = e
     current.scenario = scenario

@@ -19,7 +19,7 @@ def test_old_transformers_gets_the_quanto_it_needs():
 
 JUNIT = """<?xml version="1.0"?><testsuites><testsuite>
 <testcase classname="tests.test_a" name="t1"/>
-<testcase classname="tests.test_a" name="t2"><failure message="assert 1 == 2"/></testcase>
+<testcase classname="tests.test_a" name="t2"><failure message="assert got == expected"/></testcase>
 <testcase classname="tests.test_a" name="t3"><skipped type="pytest.skip" message="no CUDA device"/></testcase>
 <testcase classname="tests.test_b" name="t4"><skipped type="pytest.xfail" message="#48700"/></testcase>
 <testcase classname="tests.test_b" name="t5"><failure message="[XPASS(strict)] #48700"/></testcase>

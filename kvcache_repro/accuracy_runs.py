@@ -16,7 +16,6 @@ import torch
 from . import baselines, quality
 from .models import small_real_model
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # Bands for new entries. CPU runs are bitwise repeatable; 1 vs 2 threads (the core
 # table, measured on the dev machine) moved KL by up to 1.5% (fp8; < 0.1% for the rest),
@@ -49,7 +48,7 @@ class AccuracyTable:
 
     @property
     def baseline_path(self) -> Path:
-        return ROOT / "baselines" / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
+        return baselines.BASELINE_DIR / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
 
     def metric_values(self) -> list[tuple[str, str, float]]:
         out = []

@@ -32,6 +32,9 @@ _LOWER_MEANS = {**{m: "uses less memory" for m in MEMORY_METRICS},
                 "top1_agreement": "is less accurate", "decode_time_ratio": "is faster"}
 HIGHER_IS_BETTER = frozenset({"top1_agreement"})
 
+# Where every baseline file lives: baselines/ at the repository's top level.
+BASELINE_DIR = Path(__file__).resolve().parent.parent / "baselines"
+
 UPDATE_COMMAND = "./kvq experiment --update-baselines"
 UPDATE_HINT = f"`{UPDATE_COMMAND}` (or `pytest -m ... --kv-update-baselines`)"
 

@@ -221,11 +221,8 @@ def check_quantizable(
     if not spec.group_wise:
         return
     G = settings.q_group_size
-    if spec.backend == "hqq" and spec.nbits == 3 and spec.axis == 1:
-        raise UnsupportedCombination(
-            "hqq 3-bit with axis 1 fails at the first dequantize (hqq/core/quantize.py trims "
-            "rows as for a 2-D weight); use axis 0 or another nbits"
-        )
+    if spec.broken:
+        raise UnsupportedCombination(spec.broken)
     for seq in quantized_lengths(prompt_len, new_tokens, settings.residual_length):
         numel = batch * kv_heads * seq * head_dim
         if spec.backend == "quanto":

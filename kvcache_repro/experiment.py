@@ -21,7 +21,6 @@ from .memory import Measurement
 from .worker import RESULT_PREFIX
 
 ROOT = Path(__file__).resolve().parent.parent
-BASELINE_DIR = ROOT / "baselines"
 
 # Bands written with new baseline entries. cache_bytes is exact (the ratio of two
 # analytic byte counts); the others carry run-to-run and allocator noise.
@@ -91,7 +90,7 @@ def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ra
 
 
 def baseline_path(scenario: str) -> Path:
-    return BASELINE_DIR / f"{scenario}.json"
+    return baselines.BASELINE_DIR / f"{scenario}.json"
 
 
 def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[baselines.Verdict]:

@@ -32,6 +32,14 @@ class BackendSpec:
         return self.backend != "none"
 
     @property
+    def broken(self) -> str | None:
+        """Why this combination cannot run at all, or None. The one place that says so."""
+        if self.backend == "hqq" and self.nbits == 3 and self.axis == 1:
+            return ("hqq 3-bit with axis 1 fails at the first dequantize (hqq/core/quantize.py trims "
+                    "rows as for a 2-D weight); use axis 0 or another nbits")
+        return None
+
+    @property
     def group_wise(self) -> bool:
         """quanto and hqq quantize in groups with a full-precision residual; fp8 does neither."""
         return self.backend in ("quanto", "hqq")

@@ -90,9 +90,9 @@ def measure(setup: SpeedSetup) -> dict[str, SpeedRatio]:
 
 
 def baseline_path(setup: SpeedSetup):
-    from .accuracy_runs import ROOT
+    from .baselines import BASELINE_DIR
 
-    return ROOT / "baselines" / f"speed-cpu-{setup.name}.json"
+    return BASELINE_DIR / f"speed-cpu-{setup.name}.json"
 
 
 def verdicts(setup: SpeedSetup, ratios: dict[str, SpeedRatio]):

@@ -19,8 +19,8 @@ def _prompt(batch: int, length: int = PROMPT, seed: int = 0) -> torch.Tensor:
 
 
 def _supported(spec):
-    if spec.backend == "hqq" and spec.nbits == 3 and spec.axis == 1:
-        pytest.skip("hqq 3-bit axis 1 cannot dequantize (hqq bug, see caches.check_quantizable)")
+    if spec.broken:
+        pytest.skip(spec.broken)
 
 
 @pytest.mark.parametrize("new_tokens", [2, 16, 17, 18, 33, 34])

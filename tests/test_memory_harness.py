@@ -99,7 +99,7 @@ def test_report_table_and_outputs(tmp_path):
 
 
 def test_update_writes_provenance_and_only_measured_entries(tmp_path, monkeypatch):
-    monkeypatch.setattr(experiment, "BASELINE_DIR", tmp_path)
+    monkeypatch.setattr(baselines, "BASELINE_DIR", tmp_path)
     scenario = scenarios.get("cpu-tiny")
     ms = [_m("none", 1, cache_bytes=400), _m("quanto4", 1, cache_bytes=100)]
     found = experiment.ratios(ms, ("cache_bytes",))

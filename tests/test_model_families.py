@@ -23,8 +23,8 @@ MAX_QUANTIZED_FRACTION = 0.5
 
 
 def test_family_quantizes_or_is_rejected_as_documented(family, quantized_backend, request):
-    if quantized_backend.backend == "hqq" and quantized_backend.nbits == 3 and quantized_backend.axis == 1:
-        pytest.skip("hqq 3-bit axis 1 cannot dequantize (hqq bug, see caches.check_quantizable)")
+    if quantized_backend.broken:
+        pytest.skip(quantized_backend.broken)
     expected = expectations.family_support(family)
     if expected.wrong:
         request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=expected.issue))

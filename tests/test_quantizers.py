@@ -21,7 +21,7 @@ from kvcache_repro.matrix import BACKENDS, BackendSpec
 
 GROUP = 32
 SETTINGS = caches.QuantSettings(q_group_size=GROUP, residual_length=16)
-GROUP_WISE = [b for b in BACKENDS.values() if b.group_wise and not (b.backend == "hqq" and b.nbits == 3 and b.axis == 1)]
+GROUP_WISE = [b for b in BACKENDS.values() if b.group_wise and not b.broken]
 DTYPES = [torch.float32, torch.bfloat16]
 
 hypothesis_settings = hsettings(max_examples=15, deadline=None,
@@ -172,7 +172,7 @@ def test_divisibility_rule_predicts_exactly_which_shapes_the_backend_rejects(spe
         outcomes.append(((batch, heads, seq, head_dim), predicted_ok, actual_ok))
     wrong = [o for o in outcomes if o[1] != o[2]]
     assert not wrong, f"{spec.name}: (shape, predicted ok, really ok) disagree: {wrong}"
-    broken = spec.backend == "hqq" and spec.nbits == 3 and spec.axis == 1  # hqq bug, FACTS.md
+    broken = spec.broken is not None
     assert any(o[2] for o in outcomes) != broken, (
         "hqq3-axis1 started working: drop UnsupportedCombination" if broken
         else "no shape worked at all - the check is vacuous")

@@ -138,6 +138,18 @@ def speed_ratios(request):
     return get
 
 
+@pytest.fixture
+def claim_verdict(request):
+    """``claim_verdict(result)``: record a claims.ClaimResult for the claims table, then
+    fail unless its verdict is the one expected on this setup."""
+
+    def check(result):
+        request.config._kv_claims = getattr(request.config, "_kv_claims", []) + [result]
+        assert result.verdict == result.expected, result.message()
+
+    return check
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -190,10 +202,17 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(line)
     claim_results = getattr(config, "_kv_claims", [])
     if claim_results:
+        import datetime
+        import platform
+
         from kvcache_repro import claims
 
         terminalreporter.section("The seed's claims on this setup")
         terminalreporter.write_line(claims.table(claim_results))
+        provenance = {"versions": versions, "date": datetime.date.today().isoformat(),
+                      "device": f"{os.cpu_count()}-core CPU ({platform.machine()})"}
+        out = claims.write(config.rootpath / "results", claim_results, provenance)
+        terminalreporter.write_line(f"claims table written to {', '.join(str(p) for p in out)}")
     if not config.getoption("--kv-update-baselines"):
         return
     # A band miss is what an update is for; any other failure means the run is not

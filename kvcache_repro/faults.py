@@ -9,6 +9,8 @@ fault patches transformers' quantized cache layers the way a regression could:
 - ``more_bits``: more bits are used than asked (quanto 2 -> 4, hqq n -> 8)
 - ``noise``: dequantized values get 3% Gaussian noise (of each tensor's std)
 - ``low_precision_scales``: scales are computed in float16/bfloat16, not the model dtype
+- ``double_dequantize``: every dequantize is done twice (same values, twice the cost)
+- ``quanto_slow_as_hqq``: quanto also runs hqq's optimizer at each quantize (hqq's cost, quanto's codes)
 
 The README lists which tests fail under each.
 """
@@ -18,7 +20,8 @@ import os
 
 import torch
 
-FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales")
+FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
+          "double_dequantize", "quanto_slow_as_hqq")
 
 
 def _patch(name: str) -> None:
@@ -75,6 +78,23 @@ def _patch(name: str) -> None:
             meta["scale"] = meta["scale"].to(torch.bfloat16).to(meta["scale"].dtype)
             return codes, meta
         quanto._quantize, hqq._quantize = low_quanto, low_hqq
+    elif name == "double_dequantize":
+        def twice(original):
+            def _dequantize(self, q):
+                original(self, q)
+                return original(self, q)
+            return _dequantize
+        quanto._dequantize, hqq._dequantize = twice(q_deq), twice(h_deq)
+    elif name == "quanto_slow_as_hqq":
+        def quanto_with_hqq_cost(self, tensor, axis):
+            if not hasattr(self, "_hqq_twin"):
+                self._hqq_twin = hqq.__new__(hqq)
+                self._hqq_twin.__dict__.update(self.__dict__)
+                from hqq.core.quantize import Quantizer
+                self._hqq_twin.quantizer = Quantizer
+            h_quantize(self._hqq_twin, tensor, axis)  # result dropped: cost only
+            return q_quantize(self, tensor, axis)
+        quanto._quantize = quanto_with_hqq_cost
     else:
         raise ValueError(f"unknown KVQ_FAULT {name!r}; valid: {', '.join(FAULTS)}")
 

@@ -52,7 +52,12 @@ def _selection(config):
 
 
 def pytest_configure(config):
-    from kvcache_repro import expectations
+    from kvcache_repro import expectations, threads
+
+    try:
+        threads.pin()
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
 
     try:
         expectations.current_range()

@@ -6,10 +6,14 @@ read the probe. Only the probe differs by device:
   ``max_memory_reserved``/``max_memory_allocated`` during it; ``memory_allocated``
   before (the weights); ``memory_reserved`` after generate (the seed's own reading);
   NVML device memory used when nvidia-ml-py is installed.
-- CPU: RSS before generate and peak RSS during it (Linux VmHWM, reset through
-  /proc/self/clear_refs so the peak covers generate only). Each run is a fresh
-  subprocess (see experiment.py), so no run inherits another's heap.
-Both also record the exact bytes the cache holds at the end (accounting.py).
+- CPU: ``peak_allocated``, the same quantity as CUDA's ``max_memory_allocated``: live
+  tensor bytes at the peak, weights included, counted exactly from tensor storages
+  (peak.py) - bitwise repeatable, independent of glibc. Peak RSS (Linux VmHWM, reset
+  through /proc/self/clear_refs) is kept as information only: glibc keeps freed blocks,
+  so it does not repeat from run to run. Each run is a fresh subprocess (experiment.py).
+Both also record the exact bytes the cache holds at the end (accounting.py), the
+weights, and ``transient_bytes`` = peak_allocated - weights - cache at the end: the
+dequantized copies and requantization temporaries that the final cache does not show.
 """
 from __future__ import annotations
 
@@ -19,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import accounting, caches, generation
+from . import accounting, caches, generation, peak
 from .matrix import BACKENDS
-from .models import kv_geometry, small_real_model, tiny_model
+from .models import kv_geometry, seed_geometry_model, small_real_model, tiny_model
 from .scenarios import Scenario
 
 
@@ -37,10 +41,16 @@ class Measurement:
     prompt_len: int
     new_tokens: int
     generate_seconds: float
-    before_bytes: int  # memory in use before generate: weights (+ runtime on CPU)
+    before_bytes: int  # in use before generate: weights + inputs (CPU: their storages; CUDA: memory_allocated)
     metrics: dict[str, int] = field(default_factory=dict)
     predicted_cache_bytes: int = 0
     notes: str = ""
+
+    @property
+    def transient_bytes(self) -> int | None:
+        """Peak allocated beyond weights, inputs and the cache generate() ended with."""
+        peak_bytes = self.metrics.get("peak_allocated")
+        return None if peak_bytes is None else peak_bytes - self.before_bytes - self.metrics["cache_bytes"]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,19 +71,29 @@ def _proc_status_kib(field_name: str) -> int:
 
 
 class CpuProbe:
+    """``start(resident)`` with the tensors alive before the region (weights, inputs);
+    ``stop()`` returns peak_allocated (resident + peak of what the region created) and
+    the RSS figures."""
+
     device = "cpu"
 
-    def start(self) -> int:
+    def start(self, resident=()) -> int:
         gc.collect()
+        self._resident = peak.storage_bytes(resident)
+        self._tracker = peak.PeakTracker()
+        self._tracker.ignore(resident)
         # "5" resets the peak resident set size (VmHWM) to the current RSS (proc(5)).
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
         self._rss_before = _proc_status_kib("VmRSS") * 1024
-        return self._rss_before
+        self._tracker.__enter__()
+        return self._resident
 
     def stop(self) -> dict[str, int]:
-        peak = _proc_status_kib("VmHWM") * 1024
-        return {"peak_rss": peak, "peak_rss_growth": peak - self._rss_before}
+        self._tracker.__exit__(None, None, None)
+        rss_peak = _proc_status_kib("VmHWM") * 1024
+        return {"peak_allocated": self._resident + self._tracker.peak,
+                "peak_rss": rss_peak, "peak_rss_growth": rss_peak - self._rss_before}
 
 
 class CudaProbe:
@@ -82,7 +102,7 @@ class CudaProbe:
     def __init__(self, index: int = 0):
         self.index = index
 
-    def start(self) -> int:
+    def start(self, resident=()) -> int:
         gc.collect()
         torch.cuda.synchronize(self.index)
         torch.cuda.empty_cache()
@@ -127,6 +147,8 @@ def load_model(scenario: Scenario, checkpoint: str | None = None):
     dtype = getattr(torch, scenario.dtype)
     if scenario.model == "tiny":
         return tiny_model("llama", dtype).to(scenario.device), None
+    if scenario.model == "seed-geometry":
+        return seed_geometry_model(dtype).to(scenario.device), None
     if scenario.model == "small-real":
         model, tokenizer = small_real_model(torch.float32)
         return model.to(device=scenario.device, dtype=dtype), tokenizer
@@ -150,13 +172,15 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
     ids, mask = make_inputs(scenario, tokenizer, batch)
     generation.check_run(model, spec, scenario.settings, batch, ids.shape[1], scenario.new_tokens)
     probe = probe_for(scenario.device)
-    before = probe.start()
+    weights = list(model.parameters()) + list(model.buffers())
+    before = probe.start(weights + [ids, mask])
     t0 = time.perf_counter()
     run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask,
                               keep_scores=False)
     seconds = time.perf_counter() - t0
     metrics = probe.stop()
     metrics["cache_bytes"] = accounting.cache_bytes(run.cache).total
+    metrics["weights_bytes"] = peak.storage_bytes(weights)
     g = kv_geometry(model)
     predicted = accounting.predict_cache_bytes(
         spec, scenario.settings,

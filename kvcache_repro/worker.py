@@ -27,8 +27,9 @@ def main(argv=None) -> int:
     if scenario.model != "checkpoint":
         # only a scenario that names a hub checkpoint may reach the hub
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from . import memory
+    from . import memory, threads
 
+    threads.pin()
     model, tokenizer = memory.load_model(scenario, args.checkpoint)
     result = memory.measure(scenario, args.backend, args.batch, model, tokenizer)
     sys.stdout.write(RESULT_PREFIX + json.dumps(result.to_dict()) + "\n")

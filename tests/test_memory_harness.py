@@ -83,15 +83,18 @@ def test_measurement_survives_the_subprocess_json_round_trip():
 
 def test_report_table_and_outputs(tmp_path):
     scenario = scenarios.get("cpu-tiny")
-    ms = [_m("none", 1, cache_bytes=400, peak_rss=10 * 2**20, peak_rss_growth=4 * 2**20),
-          _m("quanto4", 1, cache_bytes=100, peak_rss=9 * 2**20, peak_rss_growth=3 * 2**20),
-          _m("hqq4", 1, cache_bytes=100, peak_rss=9 * 2**20, peak_rss_growth=2 * 2**20)]
-    found = experiment.ratios(ms, ("peak_rss_growth", "cache_bytes"))
+    ms = [_m("none", 1, cache_bytes=400, peak_allocated=4 * 2**20, peak_rss=10 * 2**20),
+          _m("quanto4", 1, cache_bytes=100, peak_allocated=3 * 2**20, peak_rss=9 * 2**20),
+          _m("hqq4", 1, cache_bytes=100, peak_allocated=2 * 2**20, peak_rss=9 * 2**20)]
+    found = experiment.ratios(ms, ("peak_allocated", "cache_bytes"))
     stored = baselines.BaselineFile(tmp_path / "x.json", "cpu-tiny", "", {})
     verdicts = [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
     text = report.table(scenario, ms, found, verdicts)
     assert "quanto4" in text and " 0.750 " in text and " 0.500 " in text and "0.250" in text
     assert "no baseline yet" in text
+    # the breakdown: weights+inputs (before_bytes=100) + cache + transient = peak allocated
+    row = next(r for r in report.rows(scenario, ms, found, verdicts) if r["backend"] == "hqq4")
+    assert row["before_mib"] + row["cache_mib"] + row["transient_mib"] == pytest.approx(2.0)
     paths = report.write_outputs(tmp_path / "out", scenario, ms, found, verdicts)
     assert json.loads(paths[0].read_text())["scenario"] == "cpu-tiny"
     assert "quanto4" in paths[1].read_text()

@@ -1,0 +1,88 @@
+"""The exact peak-memory probe (kvcache_repro/peak.py): it sees known allocations to the
+byte, counts storages rather than views or dense sizes, follows frees, and gives the
+same bytes run after run and at 1 or 2 threads - the property that lets peak ratios be
+baselines with bands of a fraction of a percent."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvcache_repro import accounting, caches, generation
+from kvcache_repro.matrix import BACKENDS
+from kvcache_repro.models import tiny_model
+from kvcache_repro.peak import PeakTracker, storage_bytes
+
+SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
+
+
+def test_a_known_allocation_is_seen_to_the_byte():
+    with PeakTracker() as t:
+        a = torch.empty(1000)  # 4000 bytes
+        view = a.view(10, 100)  # no new storage
+        b = torch.zeros(10, dtype=torch.float64)  # 80 bytes, freed below
+        del b
+        a.add_(1)  # in place: no new storage
+    assert (t.peak, t.live) == (4080, 4000)
+    del a, view
+    assert t.live == 0  # frees are followed after the region too
+
+
+def test_tensors_alive_before_the_region_are_not_counted_when_an_op_returns_them():
+    w, x = torch.randn(64, 32), torch.ones(8, 32)
+    with PeakTracker() as t:
+        wt = w.t()  # a view of a pre-existing storage, as linear() does with a weight
+        y = x @ wt  # 8 x 64 floats = 2048 bytes
+    assert t.peak == 2048, t.peak
+    del y
+
+
+def test_quantized_tensor_subclasses_count_their_packed_storage_not_the_dense_size():
+    x = torch.randn(1, 2, 32, 16)
+    with PeakTracker() as t:
+        qstate, restored = caches.quantize_once(BACKENDS["quanto4"], SETTINGS, x)
+    packed = accounting.tensor_bytes(qstate)
+    assert packed < x.nbytes // 4  # the dense size would be 4x more
+    assert t.live - restored.nbytes == storage_bytes([qstate]) == packed
+
+
+def _generate_peak(backend: str, extra_bytes: int = 0, batch: int = 4, new: int = 40) -> tuple[int, int]:
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (batch, 8), generator=torch.Generator().manual_seed(0))
+    tracker = PeakTracker()
+    tracker.ignore(list(model.parameters()) + list(model.buffers()) + [ids])
+    with tracker:
+        held = torch.ones(extra_bytes // 4) if extra_bytes else None
+        run = generation.generate(model, ids, BACKENDS[backend], SETTINGS, new, keep_scores=False)
+    del held
+    return tracker.peak, accounting.cache_bytes(run.cache).total
+
+
+@pytest.mark.parametrize("backend_name", ["none", "quanto4", "hqq4"])
+def test_an_extra_full_precision_copy_of_the_cache_raises_the_peak_by_its_size(backend_name):
+    """A copy of the unquantized cache held through generate() (the 'extra copy kept
+    alive' regression) moves the peak by exactly its bytes."""
+    _, dense_cache = _generate_peak("none")
+    clean, _ = _generate_peak(backend_name)
+    with_copy, _ = _generate_peak(backend_name, extra_bytes=dense_cache)
+    assert with_copy - clean == dense_cache
+
+
+@pytest.mark.parametrize("backend_name", ["none", "quanto4", "hqq4"])
+def test_peak_is_identical_across_runs_and_thread_counts(backend_name):
+    before = torch.get_num_threads()
+    try:
+        peaks = []
+        for threads in (1, 1, 1, 2):
+            torch.set_num_threads(threads)
+            peaks.append(_generate_peak(backend_name))
+    finally:
+        torch.set_num_threads(before)
+    assert len(set(peaks)) == 1, peaks
+
+
+def test_the_peak_covers_the_cache_and_more():
+    """What generate() holds at its peak includes the final cache (it is alive at the
+    end) plus the step's transients: the peak is strictly above the cache."""
+    for backend in ("none", "quanto4", "hqq4"):
+        peak, cache = _generate_peak(backend)
+        assert peak > cache > 0, (backend, peak, cache)

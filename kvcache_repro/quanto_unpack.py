@@ -14,8 +14,9 @@ dequantizes with ``WeightQBitsTensor.dequantize`` -> ``PackedTensor.unpack`` ->
 
 How: the extension object gets a stand-in ``lib`` (``ext._lib``, which ``Extension.lib``
 returns without building once it is set) whose ``unpack`` is quanto's own Python
-reference implementation, ``optimum.quanto.library.unpack.unpack`` - the op's "default"
-kernel. Every other attribute raises, so an unexpected use of another kernel fails loudly
+reference implementation (``python_unpack``, the op's "default" kernel in
+``optimum/quanto/library/unpack.py``, reproduced here because that module's name is
+bound to None by its decorator). Every other attribute raises, so an unexpected use of another kernel fails loudly
 instead of silently building. quanto remains the code under test: quantization, packing,
 grouping, scales and dequantization are all quanto's; only the bit-unpacking kernel is
 its Python version instead of its CUDA one (bitwise equal: tests/test_device_run.py
@@ -33,12 +34,27 @@ from __future__ import annotations
 import os
 
 ENV = "KVQ_QUANTO_PY_UNPACK"
-NOTE = ("quanto unpack on CUDA: quanto's Python reference (optimum.quanto.library.unpack), not the "
+NOTE = ("quanto unpack on CUDA: quanto's Python reference (optimum/quanto/library/unpack.py), not the "
         "JIT-built quanto_cuda kernel (KVQ_QUANTO_PY_UNPACK=1)")
 
 
 def requested() -> bool:
     return os.environ.get(ENV, "") not in ("", "0")
+
+
+def python_unpack(packed, bits: int):
+    """quanto's own Python reference for ``quanto::unpack``, as written in optimum-quanto
+    0.2.7 ``library/unpack.py`` (Apache-2.0; the "default" kernel of the op; the module's
+    name ``unpack`` is not importable: the decorator there returns None). Packed byte row
+    i holds value rows i, i + R, ... in its successive ``bits``-wide fields (R = rows of
+    ``packed``): field k goes to output rows k*R .. (k+1)*R - 1."""
+    import torch
+
+    unpacked = []
+    for i in range(8 // bits):
+        mask = 2 ** (bits * (i + 1)) - 1
+        unpacked.append((packed & mask) >> (bits * i))
+    return torch.cat(unpacked).to(torch.uint8)
 
 
 class PythonUnpackLib:
@@ -49,9 +65,7 @@ class PythonUnpackLib:
 
     @staticmethod
     def unpack(packed, bits: int):
-        from optimum.quanto.library.unpack import unpack
-
-        return unpack(packed, bits)
+        return python_unpack(packed, bits)
 
     def __getattr__(self, name):
         raise RuntimeError(f"{self.extension_name}.{name} was called with {ENV}=1, which replaces only "

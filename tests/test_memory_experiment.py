@@ -33,6 +33,12 @@ SCENARIO_PARAMS = [
 # 79 KB): the exact-byte assertion still holds there, the reserved-memory one is not made.
 # 256 x the 2 MiB block: gpu-small and seed-arch(-short) save GiBs at batch 200.
 MIN_SAVING_VISIBLE_IN_RESERVED = 256 * 2 * 2**20
+# Scenarios whose peak is not the full model's: seed-arch-short has 8 of the seed model's 32
+# layers, a quarter of the cache saving, but the same per-step transient - hqq requantizes
+# one layer's whole history, about 5 layers' worth of full-precision cache at the peak
+# (FACTS.md, 4-layer CPU run: hqq peak 99.2 MiB for 14.9 MiB of cache, none 72.4 for
+# 63.9), which at 8 layers can exceed half the saving. Its exact bytes are still checked.
+PEAK_NOT_THE_FULL_MODEL = frozenset({"seed-arch-short"})
 # One large-pool segment (kLargeBuffer): how far two runs' peaks can differ by segment
 # packing alone.
 ALLOCATOR_SEGMENT = 20 * 2**20
@@ -69,7 +75,8 @@ def test_quantized_cache_uses_clearly_less_at_the_large_batch(run):
         saving, none, quant = _saving(run, backend, batch)
         assert saving >= 0.5 * none.predicted_cache_bytes, (backend, saving, none.predicted_cache_bytes)
         assert none.metrics["cache_bytes"] - quant.metrics["cache_bytes"] == saving
-        if run.scenario.device == "cuda" and saving >= MIN_SAVING_VISIBLE_IN_RESERVED:
+        if (run.scenario.device == "cuda" and saving >= MIN_SAVING_VISIBLE_IN_RESERVED
+                and run.scenario.name not in PEAK_NOT_THE_FULL_MODEL):
             realized = none.metrics["peak_reserved"] - quant.metrics["peak_reserved"]
             assert realized >= 0.5 * saving, (
                 f"{backend} b{batch}: peak reserved saves {realized / 2**20:.0f} MiB, "

@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import accounting, caches, generation, peak
+from . import accounting, caches, generation, offline, peak
 from .matrix import BACKENDS
-from .models import kv_geometry, seed_geometry_model, small_real_model, tiny_model
+from .models import ModelUnavailable, kv_geometry, small_real_model, tiny_model
 from .scenarios import Scenario
 
 
@@ -147,10 +147,20 @@ def load_model(scenario: Scenario, checkpoint: str | None = None):
     dtype = getattr(torch, scenario.dtype)
     if scenario.model == "tiny":
         return tiny_model("llama", dtype).to(scenario.device), None
-    if scenario.model == "seed-geometry":
-        return seed_geometry_model(dtype).to(scenario.device), None
+    if scenario.model == "random":
+        model = offline.random_model(scenario.arch, dtype, scenario.device)
+        model.kvq_notes = [offline.random_weights_note(scenario.arch, scenario.dtype)]
+        return model, None
     if scenario.model == "small-real":
-        model, tokenizer = small_real_model(torch.float32)
+        try:
+            model, tokenizer = small_real_model(torch.float32)
+        except ModelUnavailable as error:
+            if not scenario.fallback_arch:
+                raise
+            model = offline.random_model(scenario.fallback_arch, dtype, scenario.device)
+            model.kvq_notes = [offline.random_weights_note(scenario.fallback_arch, scenario.dtype,
+                                                           f"FALLBACK, the real model is absent: {error}")]
+            return model, None
         return model.to(device=scenario.device, dtype=dtype), tokenizer
     from .checkpoints import load_checkpoint
 

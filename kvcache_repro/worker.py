@@ -7,11 +7,13 @@ each backend in a fresh kernel.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 
 RESULT_PREFIX = "RESULT "
+NOTES_SEPARATOR = " | "  # between the notes of one Measurement
 
 
 def main(argv=None) -> int:
@@ -27,11 +29,15 @@ def main(argv=None) -> int:
     if scenario.model != "checkpoint":
         # only a scenario that names a hub checkpoint may reach the hub
         os.environ["HF_HUB_OFFLINE"] = "1"
-    from . import memory, threads
+    from . import memory, quanto_unpack, threads
 
     threads.pin()
+    notes = [quanto_unpack.install_if_requested() if memory.BACKENDS[args.backend].backend == "quanto" else None]
     model, tokenizer = memory.load_model(scenario, args.checkpoint)
     result = memory.measure(scenario, args.backend, args.batch, model, tokenizer)
+    notes += getattr(model, "kvq_notes", [])  # random weights: said with every result (offline.py)
+    notes = NOTES_SEPARATOR.join(n for n in [result.notes, *notes] if n)
+    result = dataclasses.replace(result, notes=notes)
     sys.stdout.write(RESULT_PREFIX + json.dumps(result.to_dict()) + "\n")
     return 0
 

@@ -18,7 +18,30 @@ SCENARIO_PARAMS = [
     pytest.param("gpu-tiny", id="gpu-tiny", marks=pytest.mark.gpu),
     pytest.param("gpu-small", id="gpu-small", marks=pytest.mark.gpu),
     pytest.param("seed", id="seed", marks=pytest.mark.gpu),
+    pytest.param("seed-arch-short", id="seed-arch-short", marks=pytest.mark.gpu),
+    pytest.param("seed-arch", id="seed-arch", marks=pytest.mark.gpu),
 ]
+
+# PyTorch's CUDA caching allocator reserves memory in blocks, not bytes (constants in
+# torch/include/c10/core/AllocatorConfig.h, and kLargeBuffer in
+# c10/cuda/CUDACachingAllocator.cpp): requests up to 1 MiB share 2 MiB segments
+# (kSmallSize, kSmallBuffer), 1-10 MiB requests share 20 MiB segments (kMinLargeAlloc,
+# kLargeBuffer), larger ones are rounded up to a multiple of 2 MiB (kRoundLarge). Each live tensor can thus move peak
+# reserved memory by up to a block, and at the peak hundreds of tensors are live (layers
+# x K/V x codes/scales/zeros/residual). Below this analytic saving, "half of it shows in
+# peak reserved memory" tests the allocator's rounding, not the cache (gpu-tiny saves
+# 79 KB): the exact-byte assertion still holds there, the reserved-memory one is not made.
+# 256 x the 2 MiB block: gpu-small and seed-arch(-short) save GiBs at batch 200.
+MIN_SAVING_VISIBLE_IN_RESERVED = 256 * 2 * 2**20
+# Scenarios whose peak is not the full model's: seed-arch-short has 8 of the seed model's 32
+# layers, a quarter of the cache saving, but the same per-step transient - hqq requantizes
+# one layer's whole history, about 5 layers' worth of full-precision cache at the peak
+# (FACTS.md, 4-layer CPU run: hqq peak 99.2 MiB for 14.9 MiB of cache, none 72.4 for
+# 63.9), which at 8 layers can exceed half the saving. Its exact bytes are still checked.
+PEAK_NOT_THE_FULL_MODEL = frozenset({"seed-arch-short"})
+# One large-pool segment (kLargeBuffer): how far two runs' peaks can differ by segment
+# packing alone.
+ALLOCATOR_SEGMENT = 20 * 2**20
 
 
 @pytest.fixture(scope="module", params=SCENARIO_PARAMS)
@@ -52,7 +75,8 @@ def test_quantized_cache_uses_clearly_less_at_the_large_batch(run):
         saving, none, quant = _saving(run, backend, batch)
         assert saving >= 0.5 * none.predicted_cache_bytes, (backend, saving, none.predicted_cache_bytes)
         assert none.metrics["cache_bytes"] - quant.metrics["cache_bytes"] == saving
-        if run.scenario.device == "cuda":
+        if (run.scenario.device == "cuda" and saving >= MIN_SAVING_VISIBLE_IN_RESERVED
+                and run.scenario.name not in PEAK_NOT_THE_FULL_MODEL):
             realized = none.metrics["peak_reserved"] - quant.metrics["peak_reserved"]
             assert realized >= 0.5 * saving, (
                 f"{backend} b{batch}: peak reserved saves {realized / 2**20:.0f} MiB, "
@@ -63,13 +87,13 @@ def test_one_short_prompt_saves_little(run):
     """The seed: one prompt, few tokens, little saved. Derived bound: quantizing can save
     at most the unquantized cache (plus as much again in DynamicCache's per-step
     concatenation transient, FACTS.md), so the quantized run's peak must be within
-    2 x cache_none (+2 MiB allocator granularity) of the unquantized peak."""
+    2 x cache_none (+ one 20 MiB allocator segment, ALLOCATOR_SEGMENT) of the unquantized peak."""
     metric = "peak_reserved" if run.scenario.device == "cuda" else "peak_rss"
     none = run.get("none", 1)
     for backend in run.scenario.backends:
         quant = run.get(backend, 1)
         saved = none.metrics[metric] - quant.metrics[metric]
-        assert saved <= 2 * none.predicted_cache_bytes + 2 * 2**20, (
+        assert saved <= 2 * none.predicted_cache_bytes + ALLOCATOR_SEGMENT, (
             f"{backend} b1 saved {saved / 2**20:.1f} MiB of {metric}; the whole unquantized cache is "
             f"{none.predicted_cache_bytes / 2**20:.1f} MiB")
 

@@ -30,7 +30,10 @@ def pytest_addoption(parser):
     group.addoption("--kv-gpu-model", default=None,
                     help="checkpoint id or local path for the GPU `seed` scenario (default: the seed's)")
     group.addoption("--kv-update-baselines", action="store_true",
-                    help="rewrite the baseline entries this run measured (refused for a failed run)")
+                    help="rewrite the baseline entries this run measured (refused for a failed run); "
+                         "stored bands are kept")
+    group.addoption("--kv-reset-tolerances", action="store_true",
+                    help="with --kv-update-baselines: write default bands even where an entry has one")
     group.addoption("--kv-run-slow", action="store_true",
                     help="run tests marked slow (the full CPU memory scenario ~9 min, the full accuracy table ~3 min)")
 
@@ -85,9 +88,11 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture(scope="session")
 def experiment_runs(request):
-    """``experiment_runs(name)`` runs a memory scenario once per session (each backend x
-    batch in a fresh subprocess) and caches it for every test and the summary. A model
-    that cannot be loaded here skips; under pytest-xdist each worker gets its own GPU."""
+    """``experiment_runs(name)`` runs a memory scenario once per session and caches it for
+    every test and the summary: CUDA scenarios with each backend x batch in a fresh
+    subprocess, CPU scenarios in this process (their compared metrics are exact bytes,
+    experiment.measure_in_process; the ./kvq experiment job keeps fresh processes). A
+    model that cannot be loaded here skips; under pytest-xdist each worker gets its own GPU."""
     from kvcache_repro import device_run, experiment, scenarios
     from kvcache_repro.models import ModelUnavailable
 
@@ -108,7 +113,10 @@ def experiment_runs(request):
             scenario = scenarios.get(name)
             checkpoint = config.getoption("--kv-gpu-model") if name == "seed" else None
             try:
-                config._kv_experiment_runs[name] = experiment.run_experiment(scenario, checkpoint, log=lambda line: None)
+                config._kv_experiment_runs[name] = experiment.run_experiment(
+                    scenario, checkpoint, log=lambda line: None, in_process=scenario.device == "cpu")
+            except ModelUnavailable as error:
+                pytest.skip(f"{name}: model not available here: {error}")
             except experiment.RunFailed as error:
                 if ModelUnavailable.__name__ in str(error):
                     pytest.skip(f"{name}: model not available here: {str(error).splitlines()[-1]}")
@@ -199,6 +207,11 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for run in runs.values():
         terminalreporter.write_line(f"scenario {run.scenario.name}: {run.scenario.notes}")
         terminalreporter.write_line(report.table(run.scenario, run.measurements, run.ratios, run.verdicts))
+        if run.scenario.arch == "seed-geometry":
+            from kvcache_repro import prediction
+
+            for line in prediction.lines(run.measurements):
+                terminalreporter.write_line(line)
         terminalreporter.write_line("")
         drift.append((experiment.baseline_path(run.scenario.name), run.verdicts))
     if tables:
@@ -244,7 +257,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     # trustworthy enough to become a baseline.
     failed = bool(set(getattr(config, "_kv_failed", ())) - BAND_TESTS)
     updates = [(f"memory {run.scenario.name}",
-                lambda run=run: experiment.update_baselines(run.scenario, run.measurements, run.ratios, failed))
+                lambda run=run: experiment.update_baselines(run.scenario, run.measurements, run.ratios, failed,
+                                                           config.getoption("--kv-reset-tolerances")))
                for run in runs.values()]
     updates += [(f"accuracy {t.device}-{t.setup.name}", lambda t=t: t.update_baselines(failed)) for t in tables.values()]
     updates += [(f"speed {name}", lambda name=name, r=r: speed.update_baselines(speed.SPEED_SETUPS[name], r, failed))

@@ -189,6 +189,13 @@ class Verdict:
                 f"update the baseline if intended with {UPDATE_HINT}")
 
 
+def problems(verdicts: list[Verdict]) -> list[str]:
+    """Messages of every verdict that is not ok: out of band, or with no stored entry
+    (a renamed protocol or a deleted file must not leave a run green with nothing
+    compared; the message names the command that records it)."""
+    return [v.message for v in verdicts if not v.passed]
+
+
 def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
             measured_ratio: float) -> Verdict:
     if not _is_number(measured_ratio) or not math.isfinite(measured_ratio):
@@ -233,7 +240,10 @@ def dumps(baseline: BaselineFile) -> str:
 
 
 def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
-           description: str = "") -> list[str]:
+           description: str = "", reset_tolerance: bool = False) -> list[str]:
+    """Write ``entries`` into the file at ``path``, atomically. An entry already stored
+    keeps its tolerance (a band is a decision, derived from measured spread; a re-run
+    must not widen or narrow it silently) unless ``reset_tolerance``."""
     path = Path(path)
     rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
     if run_failed:
@@ -256,6 +266,8 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     lines = []
     for key, e in fresh.items():
         old = current.entries.get(key)
+        if old is not None and not reset_tolerance:
+            e = Entry(e.backend, e.batch, e.metric, e.ratio, old.tolerance, e.produced_by)
         line = f"{key}: {'new' if old is None else _num(old.ratio)} -> {_num(e.ratio)}"
         if old is not None and old.tolerance != e.tolerance:
             line += f" (tolerance {_num(old.tolerance)} -> {_num(e.tolerance)})"

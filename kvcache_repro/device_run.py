@@ -192,7 +192,7 @@ def update_baselines(run: experiment.ExperimentRun, record: ScenarioRecord, out:
     notes = sorted({n for m in run.measurements for n in m.notes.split(NOTES_SEPARATOR) if n})
     if notes:
         produced_by["notes"] = notes
-    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), experiment.DEFAULT_TOLERANCE[r.metric],
+    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), experiment.default_tolerance(run.scenario.device, r.metric),
                                produced_by) for r in run.ratios]
     return baselines.update(out / "baselines" / f"{run.scenario.name}.json", entries, run_failed=failed,
                             scenario=run.scenario.name, description=run.scenario.notes)

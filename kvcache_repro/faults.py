@@ -10,6 +10,9 @@ fault patches transformers' quantized cache layers the way a regression could:
 - ``noise``: dequantized values get 3% Gaussian noise (of each tensor's std)
 - ``low_precision_scales``: scales are computed in float16/bfloat16, not the model dtype
 - ``double_dequantize``: every dequantize is done twice (same values, twice the cost)
+- ``keep_dequantized``: the layer keeps its last dequantized copy alive between steps
+- ``hqq_more_temporaries``: hqq's quantize holds two extra float32 copies of its input
+  while it runs (its requantization temporaries, about doubled)
 - ``quanto_slow_as_hqq``: quanto also runs hqq's optimizer at each quantize (hqq's cost, quanto's codes)
 
 The README lists which tests fail under each.
@@ -21,7 +24,7 @@ import os
 import torch
 
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
-          "double_dequantize", "quanto_slow_as_hqq")
+          "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries")
 
 
 def _patch(name: str) -> None:
@@ -95,6 +98,20 @@ def _patch(name: str) -> None:
             h_quantize(self._hqq_twin, tensor, axis)  # result dropped: cost only
             return q_quantize(self, tensor, axis)
         quanto._quantize = quanto_with_hqq_cost
+    elif name == "keep_dequantized":
+        def kept(original):
+            def _dequantize(self, q):
+                self._last_dequantized = original(self, q)
+                return self._last_dequantized
+            return _dequantize
+        quanto._dequantize, hqq._dequantize = kept(q_deq), kept(h_deq)
+    elif name == "hqq_more_temporaries":
+        def hqq_with_temporaries(self, tensor, axis):
+            held = [tensor.float().clone() for _ in range(2)]
+            out = h_quantize(self, tensor, axis)
+            del held
+            return out
+        hqq._quantize = hqq_with_temporaries
     else:
         raise ValueError(f"unknown KVQ_FAULT {name!r}; valid: {', '.join(FAULTS)}")
 

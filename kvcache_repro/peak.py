@@ -26,7 +26,6 @@ import weakref
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 
 def _plain(t: torch.Tensor) -> list[torch.Tensor]:
@@ -95,9 +94,22 @@ class PeakTracker(TorchDispatchMode):
         out = func(*args, **(kwargs or {}))
         # A view or an in-place op returns a storage it was given: not an allocation
         # (and a weight's storage must not become "new" because linear() took its .t()).
-        inputs = {p.untyped_storage().data_ptr() for leaf in tree_leaves((args, kwargs))
-                  if isinstance(leaf, torch.Tensor) for p in _plain(leaf)}
-        for leaf in tree_leaves(out):
-            if isinstance(leaf, torch.Tensor):
-                self._see(leaf, inputs)
+        inputs = {p.untyped_storage().data_ptr() for leaf in _tensors(args) for p in _plain(leaf)}
+        if kwargs:
+            inputs.update(p.untyped_storage().data_ptr() for leaf in _tensors(kwargs.values()) for p in _plain(leaf))
+        for leaf in _tensors((out,)):
+            self._see(leaf, inputs)
         return out
+
+
+def _tensors(values):
+    """Tensors among aten arguments/results: plain values or one level of list/tuple
+    (torch.cat's list) - aten schemas nest no deeper; cheaper than a pytree walk, which
+    doubled the cost of every op."""
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            yield v
+        elif isinstance(v, (list, tuple)):
+            for x in v:
+                if isinstance(x, torch.Tensor):
+                    yield x

@@ -94,6 +94,19 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("cpu", "cpu", "small-real", (1, 200), 128, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=64, residual_length=32), "float32",
              notes="the seed's protocol scaled to 2 CPU cores: SmolLM2-135M fp32, 128 new tokens, residual 32"),
+    # The seed model's KV geometry on CPU (offline.ARCHS["seed-geometry"]: 32 layers,
+    # 8 KV heads x 128, fp16, the seed's G 128 / R 64), at 2 rows x 384 new tokens - what
+    # two cores decode in minutes with the exact peak tracker on. Its peak bytes above the
+    # weights predict the seed's GPU ratios (prediction.py).
+    Scenario("seed-geometry", "cpu", "random", (2,), 384, ("none", "quanto4", "hqq4"),
+             QuantSettings(q_group_size=128, residual_length=64), "float16", arch="seed-geometry",
+             notes="the seed model's KV geometry (32 layers, 8 KV heads x 128, fp16), narrow random weights, "
+                   "G 128, R 64, 2 rows x 384 new tokens"),
+    # The seed's "one prompt, few output tokens": one seed prompt, 20 new tokens, the
+    # seed's cache settings, on the small real model (fp32 on CPU).
+    Scenario("cpu-short", "cpu", "small-real", (1,), 20, ("none", "quanto4", "hqq4"),
+             QuantSettings(q_group_size=128, residual_length=64), "float32", baseline_metrics=(),
+             notes="one seed prompt, 20 new tokens, SmolLM2-135M fp32, G 128, R 64"),
     Scenario("cpu-tiny", "cpu", "tiny", (1, 200), 40, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=32, residual_length=16), "float32",
              notes="the probe on a tiny random llama, for the CPU tier"),

@@ -9,7 +9,7 @@ G 128 and residual 64 as in the seed. CUDA runs the same code under the gpu mark
 from __future__ import annotations
 
 import pytest
-from kvcache_repro import accuracy_runs
+from kvcache_repro import accuracy_runs, baselines
 
 TABLES = [
     pytest.param(("cpu", "core"), id="cpu-core"),
@@ -66,10 +66,5 @@ def test_reference_perplexity_is_that_of_a_trained_model(table):
 
 
 def test_accuracy_within_baseline_bands(table):
-    verdicts = table.verdicts()
-    failing = [v for v in verdicts if v.status in ("regression", "improvement")]
-    assert not failing, "\n".join(v.message for v in failing)
-    missing = [v.key for v in verdicts if v.status == "missing"]
-    if missing:
-        pytest.skip(f"no accuracy baseline yet in {table.baseline_path}: {', '.join(missing)} "
-                    f"(add with --kv-update-baselines)")
+    failing = baselines.problems(table.verdicts())
+    assert not failing, "\n".join(failing)

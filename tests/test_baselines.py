@@ -188,6 +188,24 @@ def test_update_replaces_only_given_entries(cpu):
     assert loaded.entries == {keep.key: keep, new.key: new, added.key: added}
 
 
+def test_update_keeps_a_stored_tolerance_unless_told_to_reset_it(cpu):
+    bl.update(cpu, [entry(ratio=0.7, tolerance=0.02)], run_failed=False, scenario="cpu")
+    lines = bl.update(cpu, [entry(ratio=0.64, tolerance=0.3)], run_failed=False, scenario="cpu")
+    assert lines == ["quanto4/b200/peak_rss_growth: 0.700 -> 0.640"]
+    assert bl.load(cpu).entries[entry().key].tolerance == 0.02
+    lines = bl.update(cpu, [entry(ratio=0.64, tolerance=0.3)], run_failed=False, scenario="cpu", reset_tolerance=True)
+    assert lines == ["quanto4/b200/peak_rss_growth: 0.640 -> 0.640 (tolerance 0.020 -> 0.300)"]
+    assert bl.load(cpu).entries[entry().key].tolerance == 0.3
+
+
+def test_a_missing_entry_is_a_problem_that_names_the_recording_command(stored):
+    ok = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.64)
+    missing = bl.compare(stored, "hqq4", 200, "peak_rss_growth", 0.5)
+    assert bl.problems([ok]) == []
+    (message,) = bl.problems([ok, missing])
+    assert "no stored entry" in message and "--update-baselines" in message
+
+
 def test_update_refuses_failed_run_and_leaves_file(stored, cpu):
     before = cpu.read_bytes()
     with pytest.raises(BaselineError, match="failed run"):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvcache_repro import generation, speed
+from kvcache_repro import baselines, generation, speed
 from kvcache_repro.matrix import BACKENDS
 
 pytestmark = pytest.mark.benchmark
@@ -29,9 +29,5 @@ def test_decode_throughput_tiny(benchmark, speed_backend):
 @pytest.mark.parametrize("setup_name", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
 def test_speed_within_baseline_bands(speed_ratios, setup_name):
     setup = speed.SPEED_SETUPS[setup_name]
-    verdicts = speed.verdicts(setup, speed_ratios(setup_name))
-    failing = [v for v in verdicts if v.status in ("regression", "improvement")]
-    assert not failing, "\n".join(v.message for v in failing)
-    missing = [v.key for v in verdicts if v.status == "missing"]
-    if missing:
-        pytest.skip(f"no speed baseline yet in {speed.baseline_path(setup)}: {', '.join(missing)}")
+    failing = baselines.problems(speed.verdicts(setup, speed_ratios(setup_name)))
+    assert not failing, "\n".join(failing)

@@ -1,0 +1,72 @@
+"""The claim functions (kvcache_repro/claims.py) decide both ways and say "not
+distinguishable" inside the spread: checked on synthetic measurements, so a claim test
+that passes on real ones is known to be able to fail."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcache_repro import claims, scenarios, speed
+from kvcache_repro.memory import Measurement
+
+
+def ratio(name, value, blocks):
+    return speed.SpeedRatio(name, value, tuple(blocks), 100.0, 6)
+
+
+@pytest.mark.parametrize("hqq_blocks, quanto_blocks, verdict", [
+    ((1.70, 1.75), (1.40, 1.45), claims.HOLDS),
+    ((1.40, 1.50), (1.45, 1.55), claims.UNDECIDED),  # overlapping blocks: inside the spread
+    ((1.20, 1.25), (1.40, 1.45), claims.FAILS),
+])
+def test_hqq_slower_than_quanto_needs_a_margin(hqq_blocks, quanto_blocks, verdict):
+    setup = speed.SPEED_SETUPS["tiny"]
+    r = {"quanto4": ratio("quanto4", sum(quanto_blocks) / 2, quanto_blocks),
+         "hqq4": ratio("hqq4", sum(hqq_blocks) / 2, hqq_blocks)}
+    assert claims.hqq_slower_than_quanto(setup, r).verdict == verdict
+
+
+@pytest.mark.parametrize("blocks, verdict", [
+    ((1.10, 1.20), claims.HOLDS), ((0.98, 1.05), claims.UNDECIDED), ((0.80, 0.90), claims.FAILS)])
+def test_quantization_slows_decoding_needs_every_block_above_one(blocks, verdict):
+    setup = speed.SPEED_SETUPS["tiny"]
+    r = {"quanto4": ratio("quanto4", 1.5, (1.4, 1.6)), "hqq4": ratio("hqq4", sum(blocks) / 2, blocks)}
+    assert claims.quantization_slows_decoding(setup, r).verdict == verdict
+
+
+def _m(backend, batch, peak, cache, before=1000):
+    return Measurement("x", backend, batch, "cpu", 8, 40, 1.0, before,
+                       {"peak_allocated": peak, "cache_bytes": cache}, cache)
+
+
+@pytest.mark.parametrize("quanto_peak, hqq_peak, a_lot, quanto_less", [
+    (5000, 6000, claims.HOLDS, claims.HOLDS),
+    (7600, 6000, claims.FAILS, claims.FAILS),   # one backend above 3/4 of none
+    (6000, 6000, claims.HOLDS, claims.FAILS),   # equal bytes: quanto is not below
+])
+def test_memory_claims_at_the_large_batch(quanto_peak, hqq_peak, a_lot, quanto_less):
+    scenario = scenarios.get("cpu-tiny")
+    ms = [_m("none", 200, 10000, 4000), _m("quanto4", 200, quanto_peak, 1200), _m("hqq4", 200, hqq_peak, 1200)]
+    assert claims.saves_a_lot_at_large_batch("cpu-tiny", scenario, ms).verdict == a_lot
+    assert claims.quanto_less_than_hqq("cpu-tiny", scenario, ms).verdict == quanto_less
+
+
+@pytest.mark.parametrize("saved, verdict", [(100, claims.HOLDS), (4000, claims.FAILS)])
+def test_saving_the_whole_cache_is_not_little(saved, verdict):
+    """The bound is half the unquantized cache (4000 bytes here): a quantized run that
+    saves the whole cache breaks the claim."""
+    scenario = scenarios.get("cpu-short")
+    none_peak = 1_000_000
+    ms = [_m("none", 1, none_peak, 4000)] + [_m(b, 1, none_peak - saved, 1000) for b in ("quanto4", "hqq4")]
+    assert claims.saves_little_for_one_short_prompt("cpu-short", scenario, ms).verdict == verdict
+
+
+def test_the_claims_table_is_written_as_markdown_and_json(tmp_path):
+    setup = speed.SPEED_SETUPS["tiny"]
+    result = claims.hqq_slower_than_quanto(setup, {"quanto4": ratio("quanto4", 1.4, (1.4, 1.45)),
+                                                   "hqq4": ratio("hqq4", 1.7, (1.7, 1.75))})
+    md, js = claims.write(tmp_path, [result], {"versions": {"torch": "x"}, "date": "d", "device": "cpu"})
+    assert "HQQ is slower than quanto" in md.read_text() and "**holds**" in md.read_text()
+    data = json.loads(js.read_text())
+    assert data["claims"][0]["verdict"] == "holds" and data["claims"][0]["expected"] == "holds"

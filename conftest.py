@@ -210,7 +210,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         if run.scenario.arch == "seed-geometry":
             from kvcache_repro import prediction
 
-            for line in prediction.lines(run.measurements):
+            for line in prediction.lines(run.scenario, run.measurements):
                 terminalreporter.write_line(line)
         terminalreporter.write_line("")
         drift.append((experiment.baseline_path(run.scenario.name), run.verdicts))

@@ -191,7 +191,8 @@ def main(argv=None) -> int:
                         help="with --update-baselines: write default bands even where an entry has one")
     parser.add_argument("--update-baselines", action="store_true",
                         help="rewrite the baseline entries this run measured (refused if a run failed)")
-    parser.add_argument("--output-dir", default=None, help="write results.json, results.md and memory.png here")
+    parser.add_argument("--output-dir", default=None,
+                        help="write results.json, results.md and memory.png here (default results/<scenario>)")
     args = parser.parse_args(argv)
 
     scenario = scenarios.get(args.scenario) if args.scenario else choose_scenario(args.checkpoint)
@@ -208,10 +209,10 @@ def main(argv=None) -> int:
     if scenario.arch == "seed-geometry":
         from . import prediction
 
-        print("\n".join(["", *prediction.lines(run.measurements)]))
-    if args.output_dir:
-        for path in report.write_outputs(Path(args.output_dir), scenario, run.measurements, run.ratios, run.verdicts):
-            print(f"wrote {path}")
+        print("\n".join(["", *prediction.lines(scenario, run.measurements)]))
+    out_dir = Path(args.output_dir) if args.output_dir else ROOT / "results" / scenario.name
+    for path in report.write_outputs(out_dir, scenario, run.measurements, run.ratios, run.verdicts):
+        print(f"wrote {path}")
     if args.update_baselines:
         for line in update_baselines(scenario, run.measurements, run.ratios, run_failed=False,
                                      reset_tolerance=args.reset_tolerances):

@@ -1,18 +1,24 @@
 """The seed's GPU ratios predicted from a CPU run with the seed model's KV geometry.
 
-Peak bytes above the weights scale with the number of rows (every row holds its own
-cache, dequantized copy and requantization temporaries), so a run of ``b`` rows predicts
-200 rows as ``weights_seed + (200 / b) * (peak - weights_run)``. The seed's weights are
-a stated constant: 5.31 GiB, what its notebook printed as allocated before tokenizing
-(NF4 Llama-3-8B with fp16 compute; FACTS.md). Its published ratios are of reserved
-memory after generation: none 55.99, quanto 18.94, HQQ 29.34 GB -> 0.338 and 0.524.
+A run of ``b`` rows x ``T`` tokens of the seed's per-layer geometry (seed-geometry:
+32 layers, 8 KV heads x 128, fp16, G 128, R 64) predicts the seed's 200 rows x 1,008
+tokens (8-token prompts + 1,000 new) as
 
-What differs, and why the prediction is not the seed's number:
-- allocated vs reserved: the caching allocator's pool keeps freed blocks and rounds
-  them up (2 MiB / 20 MiB segments), so reserved exceeds the peak of live bytes;
-- tokens: the CPU run decodes fewer than the seed's 1,000 tokens, so the full-precision
-  residual (up to 64 tokens) is a larger share of the quantized cache;
-- kernels: flash-attention on CUDA allocates differently from CPU attention.
+    weights_seed + cache(200 rows, 1,008 tokens) + transient x (200 / b) x (1,008 / T)
+
+- weights_seed: 5.31 GiB, what the seed's notebook printed as allocated before
+  tokenizing (NF4 Llama-3-8B, fp16 compute; FACTS.md) - a stated constant;
+- cache: the analytic byte model (accounting.py), exact at any size (tests/test_accounting.py);
+- transient: measured (peak - weights - cache at the end). Every transient here is one
+  layer's worth of cache-sized tensors (a dequantized copy, hqq's requantization
+  temporaries, DynamicCache's concatenation), so it grows with rows and tokens.
+
+The seed's published ratios are of reserved memory after generation: none 55.99,
+quanto 18.94, HQQ 29.34 GB -> 0.338 and 0.524. Reserved is above the peak of live bytes:
+the caching allocator keeps freed blocks and rounds them up (2 MiB / 20 MiB segments),
+and an unquantized cache that grows by concatenation every step leaves blocks of every
+size behind - which is why the seed's none (55.99 GB) is far above its live peak
+(about 30 GiB here) while the quantized runs are closer to theirs.
 """
 from __future__ import annotations
 
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 
 GIB = 2**30
 SEED_WEIGHTS_BYTES = int(5.31 * GIB)
-SEED_ROWS = 200
+SEED_ROWS, SEED_PROMPT, SEED_NEW_TOKENS = 200, 8, 1000
 SEED_RESERVED_GB = {"none": 55.99, "quanto4": 18.94, "hqq4": 29.34}
 SEED_RATIOS = {b: SEED_RESERVED_GB[b] / SEED_RESERVED_GB["none"] for b in ("quanto4", "hqq4")}
 
@@ -28,30 +34,49 @@ SEED_RATIOS = {b: SEED_RESERVED_GB[b] / SEED_RESERVED_GB["none"] for b in ("quan
 @dataclass(frozen=True)
 class Prediction:
     backend: str
-    predicted_peak_bytes: int
-    predicted_ratio: float
-    seed_ratio: float
+    cache_bytes: int  # analytic, at the seed's size
+    transient_bytes: int  # measured, scaled to the seed's size
+    peak_bytes: int  # weights_seed + cache + transient
+
+    def ratio_to(self, none: "Prediction") -> float:
+        return self.peak_bytes / none.peak_bytes
 
 
-def predict(measurements) -> list[Prediction]:
-    """Predictions for each quantized backend of a seed-geometry run (largest batch)."""
+def predict(scenario, measurements) -> dict[str, Prediction]:
+    """Per backend of a seed-geometry run (its largest batch), at the seed's size."""
+    import torch
+
+    from . import accounting
+    from .matrix import BACKENDS
+    from .offline import arch_config_kwargs
+
+    arch = arch_config_kwargs(scenario.arch)
+    geometry = accounting.CacheGeometry(arch["num_hidden_layers"], SEED_ROWS, arch["num_key_value_heads"],
+                                        arch["head_dim"], getattr(torch, scenario.dtype))
     batch = max(m.batch for m in measurements)
-    at = {m.backend: m for m in measurements if m.batch == batch}
+    out = {}
+    for m in (m for m in measurements if m.batch == batch):
+        cache = accounting.predict_cache_bytes(BACKENDS[m.backend], scenario.settings, geometry,
+                                               prompt_len=SEED_PROMPT,
+                                               total_tokens=SEED_PROMPT + SEED_NEW_TOKENS - 1).total
+        scale = (SEED_ROWS / batch) * (SEED_PROMPT + SEED_NEW_TOKENS) / (m.prompt_len + m.new_tokens)
+        transient = round(m.transient_bytes * scale)
+        out[m.backend] = Prediction(m.backend, cache, transient, SEED_WEIGHTS_BYTES + cache + transient)
+    return out
 
-    def scaled(m) -> int:
-        above = m.metrics["peak_allocated"] - m.before_bytes
-        return SEED_WEIGHTS_BYTES + round(above * SEED_ROWS / batch)
 
-    none = scaled(at["none"])
-    return [Prediction(b, scaled(at[b]), scaled(at[b]) / none, SEED_RATIOS[b])
-            for b in ("quanto4", "hqq4") if b in at]
+def ratios(scenario, measurements) -> dict[str, float]:
+    p = predict(scenario, measurements)
+    return {b: p[b].ratio_to(p["none"]) for b in p if b != "none"}
 
 
-def lines(measurements) -> list[str]:
-    batch = max(m.batch for m in measurements)
-    out = [f"prediction for the seed (200 rows; weights {SEED_WEIGHTS_BYTES / GIB:.2f} GiB as the seed printed; "
-           f"peak above weights x {SEED_ROWS}/{batch}):"]
-    for p in predict(measurements):
-        out.append(f"  {p.backend:>8}: predicted peak {p.predicted_peak_bytes / GIB:6.2f} GiB, ratio to none "
-                   f"{p.predicted_ratio:.3f}; the seed's reserved-memory ratio {p.seed_ratio:.3f}")
+def lines(scenario, measurements) -> list[str]:
+    p = predict(scenario, measurements)
+    out = [f"prediction for the seed ({SEED_ROWS} rows x {SEED_PROMPT + SEED_NEW_TOKENS} tokens; weights "
+           f"{SEED_WEIGHTS_BYTES / GIB:.2f} GiB as the seed printed; analytic cache + measured transient scaled):"]
+    for b, x in p.items():
+        seed = f"; the seed's reserved-memory ratio {SEED_RATIOS[b]:.3f}" if b in SEED_RATIOS else ""
+        ratio = f", ratio to none {x.ratio_to(p['none']):.3f}" if b != "none" else ""
+        out.append(f"  {b:>8}: peak {x.peak_bytes / GIB:6.2f} GiB (cache {x.cache_bytes / GIB:.2f}, transient "
+                   f"{x.transient_bytes / GIB:.2f}){ratio}{seed}")
     return out

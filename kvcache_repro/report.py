@@ -9,6 +9,7 @@ requantization temporaries, per-step concatenations). Peak allocated is exact on
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 from .memory import Measurement
@@ -100,7 +101,7 @@ def plot(path: Path, scenario, measurements) -> None:
     import matplotlib.pyplot as plt
 
     batches = sorted({m.batch for m in measurements})
-    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(7.0, 4.5 * len(batches)), 4.5), squeeze=False)
     colors = {"weights + inputs": "#9e9e9e", "cache at end": "#1f77b4", "transient": "#ff7f0e"}
     for ax, batch in zip(axes[0], batches):
         ms = [m for m in measurements if m.batch == batch]
@@ -111,7 +112,7 @@ def plot(path: Path, scenario, measurements) -> None:
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.set_title(f"batch {batch}: peak allocated (MiB)")
         ax.legend(fontsize=7)
-    fig.suptitle(f"{scenario.name}: {scenario.notes}", fontsize=8)
+    fig.suptitle(textwrap.fill(f"{scenario.name}: {scenario.notes}", 110), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

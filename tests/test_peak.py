@@ -86,3 +86,22 @@ def test_the_peak_covers_the_cache_and_more():
     for backend in ("none", "quanto4", "hqq4"):
         peak, cache = _generate_peak(backend)
         assert peak > cache > 0, (backend, peak, cache)
+
+
+def test_scenario_peaks_are_identical_in_any_order():
+    """The cpu-tiny scenario's exact metrics, measured in this process three times, each
+    time in another shuffled order of (backend, batch): the same bytes, so test order (or
+    what ran before in the process) cannot move a baseline ratio."""
+    import random
+
+    from kvcache_repro import experiment, scenarios
+
+    scenario = scenarios.get("cpu-tiny")
+    keys = [(b, n) for n in scenario.batch_sizes for b in scenario.backends]
+    seen = []
+    for seed in (1, 2, 3):
+        order = keys[:]
+        random.Random(seed).shuffle(order)
+        ms = {(b, n): experiment.measure_in_process(scenario, b, n) for b, n in order}
+        seen.append({k: (m.metrics["peak_allocated"], m.metrics["cache_bytes"]) for k, m in ms.items()})
+    assert seen[0] == seen[1] == seen[2], seen

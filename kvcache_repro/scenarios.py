@@ -91,9 +91,12 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("gpu-tiny", "cuda", "tiny", (1, 8), 64, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=32, residual_length=16), "float16",
              notes="smoke run: tiny random llama"),
-    Scenario("cpu", "cpu", "small-real", (1, 200), 128, ("none", "quanto4", "hqq4"),
+    # 64 rows, not the seed's 200: at one thread with the exact tracker on, 200 rows x 128
+    # tokens took over 3 min per run, and the whole job must stay within 10 minutes. The
+    # claim at 200 rows is decided on cpu-tiny and on seed-geometry's prediction.
+    Scenario("cpu", "cpu", "small-real", (1, 64), 128, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=64, residual_length=32), "float32",
-             notes="the seed's protocol scaled to 2 CPU cores: SmolLM2-135M fp32, 128 new tokens, residual 32"),
+             notes="the seed's protocol scaled to 2 CPU cores: SmolLM2-135M fp32, 64 rows x 128 new tokens, residual 32"),
     # The seed model's KV geometry on CPU (offline.ARCHS["seed-geometry"]: 32 layers,
     # 8 KV heads x 128, fp16, the seed's G 128 / R 64), at 2 rows x 384 new tokens - what
     # two cores decode in minutes with the exact peak tracker on. Its peak bytes above the

@@ -55,6 +55,10 @@ def tensor_bytes(obj) -> int:
 def _quantized_bytes(backend: str, qstate) -> CacheBytes:
     if qstate is None:
         return ZERO
+    if type(qstate) is torch.Tensor:
+        # a plain tensor where packed codes belong: the layer did not quantize. Counted
+        # as "other", so the byte comparison fails with the numbers instead of a crash.
+        return CacheBytes(0, 0, 0, tensor_bytes(qstate))
     if backend == "quanto":
         names, _ = qstate.__tensor_flatten__()
         data = sum(tensor_bytes(getattr(qstate, n)) for n in names if n == "_data")

@@ -182,7 +182,7 @@ def pytest_report_header(config):
 def pytest_collection_modifyitems(config, items):
     import torch
 
-    skip_slow = pytest.mark.skip(reason="slow: run with --kv-run-slow (the full CPU memory scenario is also ./kvq experiment)")
+    skip_slow = pytest.mark.skip(reason="slow (minutes): run with --kv-run-slow")
     skip_gpu = pytest.mark.skip(reason="no CUDA device")
     from kvcache_repro import device_run
 

@@ -21,7 +21,7 @@ and the seed's own numbers beside ours); ``environment.json``; ``device-run.log`
 after every run (for a transport that returns few files).
 
 ``--dry-run`` runs the same script on the CPU: every scenario swapped for its dry run
-(scenarios.dry_run: a tiny random model, batches 1 and 4, 72 new tokens), the pytest
+(scenarios.dry_run: a tiny random model, batch 4, 72 new tokens), the pytest
 step restricted to the memory tests, which then check the dry measurements.
 
 quanto on CUDA: ``KVQ_QUANTO_PY_UNPACK=1`` is set for every run (quanto_unpack.py: quanto's

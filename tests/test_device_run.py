@@ -257,7 +257,8 @@ def _measurement(name, backend, batch, seconds=10.0):
 
 def test_each_run_is_written_as_soon_as_it_finishes_and_the_deadline_stops_the_rest(tmp_path):
     clock = FakeClock(100)
-    scenario = scenarios.get("seed-arch-short-dry")
+    # two batches, so that runs are left "not started" when the deadline hits
+    scenario = dataclasses.replace(scenarios.get("seed-arch-short-dry"), batch_sizes=(1, 4))
     path = tmp_path / scenario.name / device_run.MEASUREMENTS_FILE
     seen = []
 
@@ -339,7 +340,7 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     name = "seed-arch-short-dry"
     lines = (out / name / device_run.MEASUREMENTS_FILE).read_text().splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 3  # none, quanto4, hqq4 at batch 4
     results = json.loads((out / name / "results.json").read_text())
     assert results["status"] == "complete"
     assert all("random weights (dry-tiny" in m["notes"] for m in results["measurements"])
@@ -347,7 +348,7 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     assert (out / name / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     stored = json.loads((out / "baselines" / f"{name}.json").read_text())
     assert {e["produced_by"]["source"] for e in stored["entries"].values()} == {"./kvq device-run"}
-    assert len(stored["entries"]) == 4  # quanto4, hqq4 x batches 1, 4: cache bytes
+    assert len(stored["entries"]) == 2  # quanto4, hqq4 at batch 4: cache bytes
     assert not (ROOT / "baselines" / f"{name}.json").exists()  # the repository's files are untouched
     log = (out / "pytest-gpu.log").read_text()
     assert " passed" in log and " failed" not in log and " error" not in log, log[-2000:]

@@ -162,7 +162,9 @@ def saves_little_for_one_short_prompt(setup: str, scenario, measurements) -> Cla
 # ---- speed -----------------------------------------------------------------------------
 
 def _speed_numbers(ratios) -> str:
-    return ", ".join(f"{r.backend} time/none {r.ratio:.3f} (blocks {r.low:.3f}-{r.high:.3f})" for r in ratios.values())
+    rounds = max(r.rounds for r in ratios.values())
+    return (", ".join(f"{r.backend} time/none {r.ratio:.3f} (blocks {r.low:.3f}-{r.high:.3f})" for r in ratios.values())
+            + f"; {rounds} rounds")
 
 
 def hqq_slower_than_quanto(setup, ratios) -> ClaimResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from kvcache_repro import claims, scenarios, speed
 from kvcache_repro.memory import Measurement
@@ -70,3 +71,29 @@ def test_the_claims_table_is_written_as_markdown_and_json(tmp_path):
     assert "HQQ is slower than quanto" in md.read_text() and "**holds**" in md.read_text()
     data = json.loads(js.read_text())
     assert data["claims"][0]["verdict"] == "holds" and data["claims"][0]["expected"] == "holds"
+
+
+def test_undecided_comparisons_get_more_rounds_up_to_the_cap(monkeypatch):
+    """interleaved_ratios measures another batch of rounds while a comparison is inside
+    the spread, and stops at max_rounds with "not distinguishable" if it stays there.
+    Synthetic step times: none 100, quanto 150, hqq 150 +/- noise (undecided vs quanto)."""
+    calls = []
+
+    def fake_steps(model, ids, backend, settings, new_tokens):
+        calls.append(backend)
+        base = {"none": 100, "quanto4": 150, "hqq4": 150}[backend]
+        return [base] * 4
+
+    monkeypatch.setattr(speed, "step_times", fake_steps)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    out = speed.interleaved_ratios(None, ids, ["quanto4", "hqq4"], None, 4, rounds=4, blocks=2, max_rounds=12)
+    assert out["hqq4"].rounds == 12  # equal costs never separate: 3 batches of 4, then stop
+    assert speed.compare(out["hqq4"], out["quanto4"]) == speed.NOT_DISTINGUISHABLE
+    calls.clear()
+
+    def apart(model, ids, backend, settings, new_tokens):
+        return [{"none": 100, "quanto4": 150, "hqq4": 200}[backend]] * 4
+
+    monkeypatch.setattr(speed, "step_times", apart)
+    out = speed.interleaved_ratios(None, ids, ["quanto4", "hqq4"], None, 4, rounds=4, blocks=2, max_rounds=12)
+    assert out["hqq4"].rounds == 4 and speed.decided(out)  # decided at once: no extra rounds

@@ -84,9 +84,18 @@ class ClaimResult:
                 f"expected {self.expected or 'nothing recorded'}. {self.numbers}; margin: {self.margin}")
 
 
-def two_way(claim_id: str, setup: str, setting: str, numbers: str, margin: str, holds: bool) -> ClaimResult:
-    """For exact measurements (bytes, deterministic KL), where there is no spread."""
-    return ClaimResult(claim_id, setup, setting, numbers, margin, HOLDS if holds else FAILS)
+# ---- accuracy ----------------------------------------------------------------------------
+
+def hqq_more_accurate_than_quanto(table, nbits: int) -> ClaimResult:
+    """Teacher-forced KL and perplexity of hqq vs quanto at ``nbits`` (deterministic on CPU:
+    any gap decides)."""
+    hqq, quanto = table.results[f"hqq{nbits}"], table.results[f"quanto{nbits}"]
+    numbers = (f"KL hqq{nbits} {hqq.kl:.4g} vs quanto{nbits} {quanto.kl:.4g}; "
+               f"perplexity {hqq.perplexity:.3f} vs {quanto.perplexity:.3f}")
+    return ClaimResult("hqq_more_accurate_than_quanto", f"{table.setup.name}-{nbits}bit",
+                       f"SmolLM2 teacher-forced, {table.setup.key()}, {nbits}-bit, axis 0", numbers,
+                       "lower KL and lower perplexity (deterministic values)",
+                       HOLDS if hqq.kl < quanto.kl and hqq.perplexity < quanto.perplexity else FAILS)
 
 
 # ---- memory: peak allocated bytes (exact on CPU), cache bytes beside them ------------------

@@ -55,15 +55,16 @@ def run_one(scenario: str, backend: str, batch: int, checkpoint: str | None = No
     raise RunFailed(f"{scenario}/{backend}/b{batch} failed (exit {proc.returncode}):\n{tail}")
 
 
-def measure_in_process(scenario: scenarios.Scenario, backend: str, batch: int) -> Measurement:
+def measure_in_process(scenario: scenarios.Scenario, backend: str, batch: int, loaded=None) -> Measurement:
     """One measurement in this process, for CPU scenarios whose compared metrics are
     exact bytes (peak_allocated, cache_bytes): the tracker counts only storages created
     during generate(), so what the process did before does not enter - except tensors a
     first call creates and keeps (lazily built buffers), which a short warm-up generate
-    creates first. Peak RSS is then not "this run" and stays information only."""
+    creates first. Peak RSS is then not "this run" and stays information only.
+    ``loaded``: the scenario's (model, tokenizer), to build it once per scenario."""
     from . import generation, memory
 
-    model, tokenizer = memory.load_model(scenario)
+    model, tokenizer = loaded or memory.load_model(scenario)
     ids, mask = memory.make_inputs(scenario, tokenizer, 1)
     generation.generate(model, ids, memory.BACKENDS[backend], scenario.settings, 2, attention_mask=mask,
                         keep_scores=False)
@@ -76,10 +77,13 @@ def run_scenario(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
     kernel per backend), or with ``in_process`` (CPU only) in this one."""
     if in_process and scenario.device != "cpu":
         raise ValueError(f"{scenario.name}: in-process runs are for CPU scenarios; CUDA peaks need a fresh process")
+    from . import memory
+
+    loaded = memory.load_model(scenario) if in_process else None
     results = []
     for batch in scenario.batch_sizes:
         for backend in scenario.backends:
-            m = (measure_in_process(scenario, backend, batch) if in_process
+            m = (measure_in_process(scenario, backend, batch, loaded) if in_process
                  else run_one(scenario.name, backend, batch, checkpoint))
             log(f"  {backend:>8} b{batch:<4} generate {m.generate_seconds:6.1f}s  "
                 f"cache {m.metrics['cache_bytes'] / 2**20:9.1f} MiB")

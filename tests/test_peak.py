@@ -94,14 +94,15 @@ def test_scenario_peaks_are_identical_in_any_order():
     what ran before in the process) cannot move a baseline ratio."""
     import random
 
-    from kvcache_repro import experiment, scenarios
+    from kvcache_repro import experiment, memory, scenarios
 
     scenario = scenarios.get("cpu-tiny")
+    loaded = memory.load_model(scenario)
     keys = [(b, n) for n in scenario.batch_sizes for b in scenario.backends]  # 6 runs, ~1 s each
     seen = []
     for seed in (1, 2, 3):
         order = keys[:]
         random.Random(seed).shuffle(order)
-        ms = {(b, n): experiment.measure_in_process(scenario, b, n) for b, n in order}
+        ms = {(b, n): experiment.measure_in_process(scenario, b, n, loaded) for b, n in order}
         seen.append({k: (m.metrics["peak_allocated"], m.metrics["cache_bytes"]) for k, m in ms.items()})
     assert seen[0] == seen[1] == seen[2], seen

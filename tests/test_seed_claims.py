@@ -9,16 +9,6 @@ import pytest
 from kvcache_repro import claims, speed
 
 
-@pytest.fixture
-def verdict(claim_verdict):
-    """``verdict(claim_id, setup, setting, holds, numbers)`` for exact two-way claims."""
-
-    def check(claim_id: str, setup: str, setting: str, holds: bool, numbers: str):
-        claim_verdict(claims.two_way(claim_id, setup, setting, numbers, "exact bytes / deterministic values", holds))
-
-    return check
-
-
 def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):
     """One seed prompt x 20 tokens on the real model: peak allocated saved by quantizing
     stays under half the unquantized cache (saving the whole cache would break it) and
@@ -40,13 +30,8 @@ def test_saves_a_lot_at_200_prompts(claim_verdict, experiment_runs, scenario):
 
 
 @pytest.mark.parametrize("nbits", [2, 4])
-def test_hqq_more_accurate_than_quanto(verdict, accuracy_tables, nbits):
-    table = accuracy_tables("cpu", "core")
-    hqq, quanto = table.results[f"hqq{nbits}"], table.results[f"quanto{nbits}"]
-    numbers = (f"KL hqq{nbits} {hqq.kl:.4g} vs quanto{nbits} {quanto.kl:.4g}; "
-               f"perplexity {hqq.perplexity:.3f} vs {quanto.perplexity:.3f}")
-    verdict("hqq_more_accurate_than_quanto", f"core-{nbits}bit", f"SmolLM2 teacher-forced, {nbits}-bit, axis 0",
-            hqq.kl < quanto.kl and hqq.perplexity < quanto.perplexity, numbers)
+def test_hqq_more_accurate_than_quanto(claim_verdict, accuracy_tables, nbits):
+    claim_verdict(claims.hqq_more_accurate_than_quanto(accuracy_tables("cpu", "core"), nbits))
 
 
 SPEED_SETUPS = ["tiny", pytest.param("real", marks=pytest.mark.slow)]

@@ -108,6 +108,23 @@ BEAM_SEARCH_MATCHES = {
 }
 
 
+# Whether a forward of several tokens (a divisor of residual_length) through a quantized
+# layer flushes its residual after the same tokens as one token per forward ("same") or
+# later ("later"). Up to 5.19 QuantizedLayer.update flushes on `residual + 1 >= R`, so a
+# 16-token forward overfills the residual: at R 64 flushes come every 80 tokens
+# (measured on 5.0.0 and 5.17.0: 128, 208, 288 against 128, 192, 256; 4.57.6 has the
+# same line). 5.20.0 changed it to `residual + new >= R` (read in the 5.20.0-5.23.0
+# wheels; measured on 5.24.0). The accuracy tables use 16-token forwards only where
+# the flushes are the same (quality.effective_step).
+MULTI_TOKEN_FLUSH = ((VersionRange("4.57.0", "5.20.0"), "later"), (VersionRange("5.20.0", "6.0.0"), "same"))
+
+
+def multi_token_flush(version: str | None = None) -> str:
+    version = version or transformers.__version__
+    current_range(version)  # an unsupported release fails here, with the fix
+    return next(value for rng, value in MULTI_TOKEN_FLUSH if rng.contains(version))
+
+
 def _lookup(table: dict, key=None, version: str | None = None):
     entries = table[current_range(version)]
     return entries if key is None else entries[key]

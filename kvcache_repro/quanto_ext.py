@@ -53,8 +53,15 @@ class StaleLockError(RuntimeError):
             f"if the build was cut short).")
 
 
+# Where the locks are looked for, instead of the installed quanto's: to reproduce a stale
+# lock on a copy (tests, demonstrations) without touching the real venv.
+DIR_ENV = "KVQ_QUANTO_EXTENSIONS_DIR"
+
+
 def quanto_extensions_dir() -> Path | None:
     """optimum/quanto/library/extensions without importing optimum.quanto (or torch)."""
+    if os.environ.get(DIR_ENV):
+        return Path(os.environ[DIR_ENV])
     try:
         spec = importlib.util.find_spec("optimum.quanto")
     except (ImportError, ValueError):

@@ -79,7 +79,7 @@ def test_stale_lock_stops_a_run_with_the_path_and_the_fix_instead_of_hanging(tmp
         ext.lib
     """)
     try:
-        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=90)
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=45)
     except subprocess.TimeoutExpired:
         pytest.fail("the run hung on the stale lock instead of reporting it")
     assert proc.returncode == 3, proc.stderr

@@ -37,6 +37,9 @@ BASELINE_DIR = Path(__file__).resolve().parent.parent / "baselines"
 
 UPDATE_COMMAND = "./kvq experiment --update-baselines"
 UPDATE_HINT = f"`{UPDATE_COMMAND}` (or `pytest -m ... --kv-update-baselines`)"
+# Records only the entries with no stored value, leaving every stored one as it is.
+RECORD_COMMAND = "./kvq experiment --record-missing-baselines"
+RECORD_HINT = f"`{RECORD_COMMAND}` (or {UPDATE_HINT}, which also rewrites stored entries)"
 
 # Ratios are computed from byte counts, so a value printed as exactly the band edge may
 # sit one ulp outside it; the band is meant to be inclusive as a human reads it.
@@ -163,8 +166,9 @@ class Verdict:
     measured: float
     stored: float | None
     tolerance: float | None
-    status: str  # "ok" | "regression" | "improvement" | "missing"
+    status: str  # "ok" | "regression" | "improvement" | "missing" | "unmeasured"
     source: str = ""  # the baseline file, so a failure says where to look
+    reason: str = ""  # "unmeasured": why the run has no value for it (OOM, timeout, ...)
 
     @property
     def passed(self) -> bool:
@@ -173,8 +177,13 @@ class Verdict:
     @property
     def message(self) -> str:
         if self.status == "missing":
+            where = (f"in {self.source}" if Path(self.source).exists()
+                     else f"because the baseline file {self.source} does not exist")
             return (f"{self.key}: measured ratio {_num(self.measured)}; no stored entry for "
-                    f"this key in {self.source} - add one with {UPDATE_HINT}")
+                    f"this key {where} - record it with {RECORD_HINT}")
+        if self.status == "unmeasured":
+            stored = "no stored entry" if self.stored is None else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}"
+            return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
         head = (f"{self.key}: measured ratio {_num(self.measured)}, stored {_num(self.stored)} "
                 f"+/- {_num(self.tolerance)} in {self.source}")
         if self.status == "ok":
@@ -214,6 +223,15 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
         worse = (measured_ratio < lo) if metric in HIGHER_IS_BETTER else (measured_ratio > hi)
         status = "regression" if worse else "improvement"
     return Verdict(key, measured_ratio, entry.ratio, entry.tolerance, status, source)
+
+
+def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str) -> Verdict:
+    """A baseline entry the run could not produce (its row ran out of memory, timed out,
+    or failed): a failing verdict that says so, never a silent pass."""
+    key = entry_key(backend, batch, metric)
+    entry = baseline.entries.get(key)
+    return Verdict(key, math.nan, None if entry is None else entry.ratio, None if entry is None else entry.tolerance,
+                   "unmeasured", str(baseline.path), reason)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -83,7 +83,9 @@ class AccuracySetup:
 
 
 ALL_QUANTIZED = tuple(b.name for b in BACKENDS.values() if b.quantized and not b.broken)
-# "core" (default tier, ~40 s): every backend and axis, 2 flushes - the invariants (error
+# 1 bit is noise (perplexity x1,500 and more): "full" keeps it, the default tier saves its two runs.
+WITHOUT_1_BIT = tuple(name for name in ALL_QUANTIZED if BACKENDS[name].nbits != 1)
+# "core" (default tier, ~40 s): every backend and axis from 2 bits up, 2 flushes - the invariants (error
 # falls with nbits, 8 bits near-lossless) and the drift baselines. "seed" (slow, ~7 min
 # at 1 thread): the seed's length, 1,024 decoded tokens (16 flushes), its 4 bits, the
 # seed's axis 0 for both and hqq axis 1 beside them; 4 texts. Its cost is hqq's: every
@@ -91,7 +93,7 @@ ALL_QUANTIZED = tuple(b.name for b in BACKENDS.values() if b.quantized and not b
 # so it grows with rows x length^2 - too slow for the default tier. "full" (slow): core's
 # protocol one token per forward, the reference the 16-token step is compared with.
 ACCURACY_SETUPS = {s.name: s for s in (
-    AccuracySetup("core", ALL_QUANTIZED,
+    AccuracySetup("core", WITHOUT_1_BIT,
                   proxy="short-context proxy: 128 decoded tokens (2 flushes), not the seed's 1,000"),
     AccuracySetup("seed", ("quanto4", "hqq4", "hqq4-axis1"), rows=4, decode=1024),
     AccuracySetup("full", ALL_QUANTIZED, step=1),

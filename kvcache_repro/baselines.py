@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import write_atomic
 
 # Memory metrics are ratios to the unquantized run; accuracy metrics are teacher-forced
 # against it (kl in nats/token, top-1 agreement, perplexity ratio); speed is the ratio of
@@ -234,25 +234,6 @@ def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, re
                    "unmeasured", str(baseline.path), reason)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Same directory so os.replace is a rename on one filesystem: readers see the old
-    # file or the new one, never half of either.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def dumps(baseline: BaselineFile) -> str:
     return json.dumps(baseline.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
@@ -294,7 +275,7 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     current.scenario = scenario
     if description:
         current.description = description
-    _write_atomic(path, dumps(current))
+    write_atomic(path, dumps(current))
     return lines
 
 

@@ -90,7 +90,7 @@ def table(scenario, measurements, found, verdicts, failures=(), missing=()) -> s
 def write_outputs(directory: Path, scenario, measurements, found, verdicts, failures=(), missing=()) -> list[Path]:
     """results.json, results.md, memory.png; each written to a temp file and renamed, so
     an interrupt never leaves half a file."""
-    from .rowstore import write_atomic
+    from .atomic import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
     data = {"scenario": scenario.name, "notes": scenario.notes,

@@ -202,9 +202,12 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     """The real command with a worker that hangs: the signal ends both at once."""
     out = tmp_path / "out"
     env = {**os.environ, faults.ENV: "hang", "PYTHONUNBUFFERED": "1"}
+    # As from a terminal: a shell's background job (CI, `cmd &`) starts with SIGINT
+    # ignored, the child inherits that, and Python then installs no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro.experiment", "--scenario", "cpu-tiny",
                              "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     log = out / "logs" / "none-b1.log"
     deadline = time.monotonic() + 90
     while "not answering" not in (log.read_text() if log.exists() else ""):
@@ -214,8 +217,7 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     proc.send_signal(sig)
     try:
         # Stopping takes ~5 s here (the worker's SIGTERM grace); 60 s leaves room for a
-        # loaded CI machine (a run under two busy processes took 27 s) and still tells a
-        # hang from a stop.
+        # loaded CI machine and still tells a hang from a stop.
         said, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_repro import caches, expectations, generation
+from kvcache_repro import caches, diagnosis, expectations, generation
 from kvcache_repro.matrix import BACKENDS
 from kvcache_repro.models import tiny_model
 
@@ -31,7 +31,8 @@ def test_generate_leaves_the_callers_cache_config_untouched(request):
     before = dict(config)
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     generation.generate_with_cache_config(tiny_model("llama"), ids, config, 4)
-    assert config == before, f"transformers {VERSION}: generate() changed cache_config {before} -> {config}"
+    assert config == before, expectations.differs(expectations.CACHE_CONFIG_UNTOUCHED, None,
+                                                  f"generate() changed cache_config {before} -> {config}")
 
 
 def test_beam_reorder_reaches_the_quantized_store(request):
@@ -58,4 +59,58 @@ def test_beam_reorder_reaches_the_quantized_store(request):
         caches.reorder(cache, beam_idx)
         outputs[name], _ = caches.update_layer(cache, 0, last, last)
     err = (outputs["hqq8-axis1"] - outputs["none"]).abs().amax(dim=(1, 2, 3))
-    assert bool((err < 0.05).all()), f"transformers {VERSION}: max error per beam after reorder {err.tolist()}"
+    assert bool((err < 0.05).all()), expectations.differs(expectations.BEAM_SEARCH_MATCHES, None,
+                                                          f"max error per beam after reorder {err.tolist()}")
+
+
+# ---- a quantized run really went through a quantized cache, in every path ----------------
+
+PATH_SPECS = ["quanto4", "hqq4", "fp8"]
+
+
+@pytest.mark.parametrize("name", PATH_SPECS)
+@pytest.mark.parametrize("path", ["generate", "teacher-forced", "beam"])
+def test_quantized_run_really_quantizes(path, name):
+    """Read from the cache each path finished with: it holds quantized layers, and the
+    logits are not bitwise the unquantized run's (2-layer tiny Llama, 16 + 40 tokens, one
+    flush at residual 16, so decode steps read dequantized values)."""
+    if name not in caches.available_backends():
+        pytest.skip(f"{name} does not exist in transformers {VERSION}")
+    spec, none = BACKENDS[name], BACKENDS["none"]
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(3))
+    if path == "generate":
+        run, ref = (generation.generate(model, ids, s, SETTINGS, 40) for s in (spec, none))
+        logits, reference, cache, passed_in = torch.stack(run.scores), torch.stack(ref.scores), run.cache, False
+    elif path == "teacher-forced":
+        long_ids = torch.randint(3, 200, (2, 64), generator=torch.Generator().manual_seed(4))
+        reference, _ = diagnosis.teacher_forced(model, long_ids, none, SETTINGS, 16)
+        logits, cache = diagnosis.teacher_forced(model, long_ids, spec, SETTINGS, 16)
+        passed_in = True
+    else:
+        _, ref_scores, _ = diagnosis.beam_search(model, ids, none, SETTINGS, 24, num_beams=2)
+        _, scores, cache = diagnosis.beam_search(model, ids, spec, SETTINGS, 24, num_beams=2)
+        logits, reference, passed_in = torch.stack(scores), torch.stack(ref_scores), False
+    diagnosis.assert_quantized(spec, cache, path, passed_in=passed_in, logits=logits, reference=reference)
+
+
+def test_diagnosis_names_an_ignored_cache_a_dead_cache_and_unread_logits():
+    """The three diagnoses, provoked on purpose on the tiny model (each must be named)."""
+    spec = BACKENDS["quanto4"]
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
+    unused = caches.build_cache(spec, model.config, SETTINGS)  # built, never handed to the model
+    message = diagnosis.diagnose(spec, unused, "teacher-forced", passed_in=True)
+    assert message.startswith("[harness]") and "holds no tokens" in message, message
+    dynamic = caches.build_cache(BACKENDS["none"], model.config, SETTINGS)
+    with torch.inference_mode():
+        model(ids, **{caches.cache_kwarg(): dynamic, "use_cache": True})
+    message = diagnosis.diagnose(spec, dynamic, "generate")
+    assert message.startswith("[behaviour]") and "no quantized layer" in message and "DynamicCache" in message, message
+    quantized = caches.build_cache(spec, model.config, SETTINGS)
+    with torch.inference_mode():
+        logits = model(ids, **{caches.cache_kwarg(): quantized, "use_cache": True}).logits
+    message = diagnosis.diagnose(spec, quantized, "generate", logits=logits, reference=logits.clone())
+    assert message.startswith("[behaviour]") and "bitwise" in message and "2 of 2 layers" in message, message
+    assert diagnosis.diagnose(spec, quantized, "generate", logits=logits, reference=logits + 1e-3) is None
+    assert diagnosis.diagnose(BACKENDS["none"], dynamic, "generate") is None

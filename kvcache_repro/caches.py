@@ -133,9 +133,23 @@ def recording_caches():
         _RECORDERS.remove(built)
 
 
-def cache_kwarg() -> str:
-    """The name under which ``generate``/``forward`` take a cache object."""
-    return "cache" if transformers_major() >= 5 else "past_key_values"
+def cache_kwarg(model=None) -> str:
+    """The name under which ``forward`` takes a cache object: ``cache`` where the forward
+    declares it, else ``past_key_values``. Read from the signature, not the version:
+    measured, 5.5.4's forward takes only ``past_key_values`` and silently ignores a
+    ``cache=`` (the run is then unquantized; see diagnosis.py, compat/RESULTS.md)."""
+    return _cache_kwarg_of(type(model).forward if model is not None else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward) -> str:
+    import inspect
+
+    if forward is None:
+        from transformers import LlamaForCausalLM
+
+        forward = LlamaForCausalLM.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def output_cache(output) -> Any:

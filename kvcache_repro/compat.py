@@ -221,11 +221,34 @@ release").
 """
 
 
-def write_results(runs_dir: Path, out: Path, notes: str = "") -> str:
+def probe_table(probes: list[dict]) -> str:
+    """Releases as rows, probed behaviours (kvcache_repro/probe.py) as columns; a cell that
+    differs from the row above is bold, so each change shows at the first release with it."""
+    probes = sorted(probes, key=lambda p: Version(p["transformers"]))
+    keys = [k for k in dict.fromkeys(k for p in probes for k in p) if k != "transformers"]
+    lines = ["| release | " + " | ".join(k.removeprefix("family:") for k in keys) + " |", "|---|" + "---|" * len(keys)]
+    previous: dict = {}
+    for p in probes:
+        cells = []
+        for k in keys:
+            value = str(p.get(k, "not probed")).splitlines()[0][:70].replace("|", "/")
+            cells.append(f"**{value}**" if previous and k in previous and k in p and previous[k] != p[k] else value)
+        lines.append(f"| {p['transformers']} | " + " | ".join(cells) + " |")
+        previous = p
+    return "\n".join(lines) + "\n"
+
+
+def write_results(runs_dir: Path, out: Path, notes: str = "", probes_dir: Path | None = None) -> str:
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
     runs.sort(key=lambda r: Version(r["release"]))
-    text = HEADER + (notes + "\n\n" if notes else "") + "## Matrix\n\n" + matrix_table(runs) + "\n## Per release\n\n"
-    text += "\n".join(release_section(r) for r in runs)
+    text = HEADER + (notes + "\n\n" if notes else "") + "## Matrix\n\n" + matrix_table(runs)
+    probes = [json.loads(p.read_text()) for p in sorted(probes_dir.glob("*.json"))] if probes_dir else []
+    if probes:
+        text += ("\n## Behaviours per release (bisection)\n\n`./kvq compat --probe V ...` (kvcache_repro/probe.py, "
+                 "quanto4 for the families, seconds per release): the observations the expectation ranges come "
+                 "from. Bold: different from the release above, i.e. the first release showing it among "
+                 "those probed.\n\n" + probe_table(probes))
+    text += "\n## Per release\n\n" + "\n".join(release_section(r) for r in runs)
     out.write_text(text)
     return text
 
@@ -264,12 +287,27 @@ def run_release(version: str, groups: tuple[str, ...] | None, root: Path = ROOT,
                      date=date, pytest_rc=proc.returncode)
 
 
+def probe_release(version: str, root: Path = ROOT) -> dict:
+    from . import compat_envs
+
+    env = compat_envs.release_env(version, root)
+    if env.python is None:
+        return {"transformers": version, "install": "cannot install: " + (env.error.splitlines() or ["?"])[-1]}
+    proc = subprocess.run([str(env.python), "-m", "kvcache_repro.probe"], cwd=root, capture_output=True, text=True,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if proc.returncode or not proc.stdout.strip():
+        return {"transformers": version, "probe": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kvq compat", description=__doc__.split("\n\n")[0])
     parser.add_argument("releases", nargs="*", help="transformers versions (default: the pinned one)")
     parser.add_argument("--full", action="store_true",
                         help=f"the whole tier ({MARKERS}), not only the version-sensitive groups")
     parser.add_argument("--groups", default=None, help=f"comma-separated test files (default {','.join(DEFAULT_GROUPS)})")
+    parser.add_argument("--probe", action="store_true",
+                        help="only probe each release's behaviours (seconds; for bisection) into compat/probes/")
     parser.add_argument("--report-only", action="store_true", help="only rewrite compat/RESULTS.md from compat/runs/")
     args = parser.parse_args(argv)
     runs_dir = ROOT / "compat" / "runs"
@@ -277,11 +315,18 @@ def main(argv: list[str] | None = None) -> int:
     releases = args.releases or [next(l.split("==")[1].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()
                                       if l.startswith("transformers=="))]
     groups = None if args.full else tuple(args.groups.split(",") if args.groups else DEFAULT_GROUPS)
-    if not args.report_only:
+    probes_dir = ROOT / "compat" / "probes"
+    if args.probe:
+        probes_dir.mkdir(parents=True, exist_ok=True)
+        for version in releases:
+            probe = probe_release(version)
+            (probes_dir / f"{version}.json").write_text(json.dumps(probe, indent=1) + "\n")
+            print(json.dumps(probe)[:400])
+    elif not args.report_only:
         for version in releases:
             run = run_release(version, groups)
             (runs_dir / f"{version}.json").write_text(json.dumps(run, indent=1) + "\n")
-    text = write_results(runs_dir, ROOT / "compat" / "RESULTS.md")
+    text = write_results(runs_dir, ROOT / "compat" / "RESULTS.md", probes_dir=probes_dir)
     print(text.split("## Per release")[0].split("## Matrix")[-1])
     return 0
 

@@ -111,13 +111,25 @@ def harness_gap(what: str, version: str | None = None) -> str:
 
 
 # ---- the tables ------------------------------------------------------------------------
+# Boundaries: the first release showing the newer behaviour, bisected with
+# `./kvq compat --probe` (compat/probes/, compat/RESULTS.md "Behaviours per release").
+SLIDING_REJECTED = "5.17.0"  # sliding-window/recurrent families rejected from here on
+CONFIG_UNTOUCHED = "5.20.2"  # generate() stops popping 'backend' out of cache_config
+BEAM_REORDERED = "5.20.2"  # reorder_cache reaches the quantized store
 
-FIVE = "5.0.0, 5.5.4, 5.10.4, 5.17.0, 5.20.2, 5.24.0"  # the measured spread (compat/RESULTS.md)
+EARLY_FAMILIES = VersionRange("5.0.0", SLIDING_REJECTED)
+LATE_FAMILIES = VersionRange(SLIDING_REJECTED, "6.0.0")
+CONFIG_POPPED = VersionRange("5.0.0", CONFIG_UNTOUCHED)
+CONFIG_KEPT = VersionRange(CONFIG_UNTOUCHED, "6.0.0")
+BEAM_STALE = VersionRange("5.0.0", BEAM_REORDERED)
+BEAM_OK = VersionRange(BEAM_REORDERED, "6.0.0")
 
 # Family support with every quantized backend:
 #   "quantizes": generation runs and every layer holds quantized storage
+#   "partial":   runs; only the attention layers hold quantized storage (recurrent ones
+#                keep no K/V)
 #   "rejected":  transformers' documented ValueError (non-full-attention layers)
-#   "quantizes" + wrong: runs but does not quantize (a silent no-op), pinned as a bug
+#   "quantizes" + wrong: runs but not as a quantized cache should (pinned as a bug)
 _FULL_ATTENTION = ("llama", "gemma", "stablelm", "dbrx", "cohere", "olmo")
 
 
@@ -125,20 +137,27 @@ def _families(observed: str, **special: Expectation) -> dict[str, Expectation]:
     return {**{f: Expectation("quantizes", observed) for f in _FULL_ATTENTION}, **special}
 
 
+_SLIDING_IGNORED = ("{v} ignores the sliding window when quantizing: sliding layers become full quantized ones and "
+                    "the cache outgrows the unquantized sliding one (16384 vs 15376 bytes for the tiny config, 5.10.4); "
+                    "later releases reject such models instead")
+
 FAMILY_SUPPORT = Behaviour("FAMILY_SUPPORT", (
     (V457, _families(
         "4.57.6",
         # accepted, but its recurrent/sliding cache layers never hold quantized storage
         recurrentgemma=Expectation("quantizes", "4.57.6", "silent no-op on 4.57; 5.x rejects it instead", wrong=True),
-        # sliding layers replaced by full quantized ones: the window is ignored, so the
-        # "quantized" cache outgrows the unquantized sliding one (16384 vs 15360 bytes
-        # for the tiny config); 5.x rejects such models instead
-        mistral=Expectation("quantizes", "4.57.6", "4.57 ignores the sliding window when quantizing: the cache "
-                                                   "grows past the unquantized one", wrong=True))),
-    (V5, _families(
-        FIVE,
-        recurrentgemma=Expectation("rejected", FIVE),  # recurrent + sliding-window layers
-        mistral=Expectation("rejected", FIVE))),  # sliding-window layers
+        mistral=Expectation("quantizes", "4.57.6", _SLIDING_IGNORED.format(v="4.57"), wrong=True))),
+    (EARLY_FAMILIES, _families(
+        "5.0.0, 5.5.4, 5.10.4, 5.13.1",
+        # its one attention layer quantized, the two recurrent ones hold no K/V (5.0.0: the
+        # harness cannot read its cache, a [harness] skip)
+        recurrentgemma=Expectation("partial", "5.5.4, 5.10.4, 5.13.1"),
+        mistral=Expectation("quantizes", "5.0.0, 5.5.4, 5.10.4, 5.13.1", _SLIDING_IGNORED.format(v="early 5.x"),
+                            wrong=True))),
+    (LATE_FAMILIES, _families(
+        "5.17.0, 5.20.2, 5.24.0",
+        recurrentgemma=Expectation("rejected", "5.17.0, 5.20.2, 5.24.0"),  # recurrent + sliding-window layers
+        mistral=Expectation("rejected", "5.17.0, 5.20.2, 5.24.0"))),  # sliding-window layers
 ))
 
 # Batch invariance: does a row generate the same in a batch of 4 as alone?
@@ -149,7 +168,8 @@ FAMILY_SUPPORT = Behaviour("FAMILY_SUPPORT", (
 # across rows. hqq axis 1 groups within a row, but hqq's proximal optimizer stops on the
 # tensor-wide mean error (hqq/core/optimize.py, optimize_weights_proximal_legacy), so
 # other rows change how long every group is optimized: 4-bit logits moved by 1.5e-3,
-# 2- and 1-bit tokens changed. fp8's single per-tensor scale spans the batch.
+# 2- and 1-bit tokens changed. fp8's single per-tensor scale spans the batch (fp8 exists
+# only in the releases that have Fp8QuantizedLayer; elsewhere its tests skip).
 _INVARIANCE = {
     "none": "exact", "quanto2": "exact", "quanto4": "exact",
     "hqq1": "no", "hqq2": "no", "hqq3": "no", "hqq4": "no", "hqq8": "no",
@@ -163,23 +183,26 @@ def _invariance(observed: str, **extra: str) -> dict[str, Expectation]:
 
 BATCH_INVARIANCE = Behaviour("BATCH_INVARIANCE", (
     (V457, _invariance("4.57.6")),
-    (V5, _invariance(FIVE, fp8="no")),
+    (V5, _invariance("5.24.0", fp8="no")),
 ))
 
-# generate() leaves the caller's cache_config dict as it was.
+_POPS = ("transformers #48700: generate() pops 'backend' out of the caller's cache_config (and adds 'config'); "
+         "a reused dict silently switches to quanto")
 CACHE_CONFIG_UNTOUCHED = Behaviour("CACHE_CONFIG_UNTOUCHED", (
-    (V457, Expectation("yes", "4.57.6", "transformers #48700: generate() pops 'backend', a reused dict silently "
-                                        "switches to quanto", wrong=True)),
-    (V5, Expectation("yes", FIVE)),
+    (V457, Expectation("yes", "4.57.6", _POPS, wrong=True)),
+    (CONFIG_POPPED, Expectation("yes", "5.0.0, 5.5.4, 5.10.4, 5.13.1, 5.17.0", _POPS, wrong=True)),
+    (CONFIG_KEPT, Expectation("yes", "5.20.2, 5.24.0")),
 ))
 
 # Beam search through a near-lossless quantized cache (hqq 8-bit) picks the same
 # sequences as through the unquantized cache: reorder_cache must reorder the quantized
 # store too.
+_STALE = ("transformers #48700: QuantizedLayer.reorder_cache reorders only the residual, the quantized store "
+          "keeps the old beam order")
 BEAM_SEARCH_MATCHES = Behaviour("BEAM_SEARCH_MATCHES", (
-    (V457, Expectation("yes", "4.57.6", "transformers #48700: QuantizedLayer.reorder_cache reorders only the "
-                                        "residual, the quantized store keeps the old beam order", wrong=True)),
-    (V5, Expectation("yes", FIVE)),  # 5.24 defers the reorder to the next update (cache_utils.py)
+    (V457, Expectation("yes", "4.57.6", _STALE, wrong=True)),
+    (BEAM_STALE, Expectation("yes", "5.13.1", _STALE, wrong=True)),
+    (BEAM_OK, Expectation("yes", "5.20.2, 5.24.0")),  # 5.24 defers the reorder to the next update
 ))
 
 BEHAVIOURS = (FAMILY_SUPPORT, BATCH_INVARIANCE, CACHE_CONFIG_UNTOUCHED, BEAM_SEARCH_MATCHES)

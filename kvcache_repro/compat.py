@@ -154,6 +154,8 @@ def group_cell(cases: list[dict]) -> str:
 
 def matrix_table(runs: list[dict]) -> str:
     """Releases as rows (oldest first), test groups as columns."""
+    if not runs:
+        return "(no runs stored in compat/runs/)\n"
     runs = sorted(runs, key=lambda r: Version(r["release"]))
     groups = sorted({c["group"] for r in runs for c in r["cases"]} | {g for r in runs for g in r["groups_run"]})
     lines = ["| release | verdict | " + " | ".join(g.removeprefix("test_") for g in groups) + " |",
@@ -231,8 +233,13 @@ def probe_table(probes: list[dict]) -> str:
     for p in probes:
         cells = []
         for k in keys:
-            value = str(p.get(k, "not probed")).splitlines()[0][:70].replace("|", "/")
-            cells.append(f"**{value}**" if previous and k in previous and k in p and previous[k] != p[k] else value)
+            raw = p.get(k, "not probed")
+            if k == "backends" and k in p:  # the list is long; what changes is fp8
+                raw = "fp8: yes" if "fp8" in raw.split(",") else "fp8: no"
+            value = str(raw).splitlines()[0][:70].replace("|", "/")
+            changed = previous and k in previous and k in p and (
+                previous[k] != p[k] if k != "backends" else ("fp8" in previous[k]) != ("fp8" in p[k]))
+            cells.append(f"**{value}**" if changed else value)
         lines.append(f"| {p['transformers']} | " + " | ".join(cells) + " |")
         previous = p
     return "\n".join(lines) + "\n"

@@ -114,3 +114,18 @@ def test_diagnosis_names_an_ignored_cache_a_dead_cache_and_unread_logits():
     assert message.startswith("[behaviour]") and "bitwise" in message and "2 of 2 layers" in message, message
     assert diagnosis.diagnose(spec, quantized, "generate", logits=logits, reference=logits + 1e-3) is None
     assert diagnosis.diagnose(BACKENDS["none"], dynamic, "generate") is None
+
+
+def test_the_cache_keyword_is_one_this_forward_declares_and_fills():
+    """5.0-5.22 (measured) declare only ``past_key_values`` and swallow a ``cache=`` into
+    **kwargs without using it; the harness must pick the name the forward declares."""
+    import inspect
+
+    model = tiny_model("llama")
+    name = caches.cache_kwarg(model)
+    assert name in inspect.signature(type(model).forward).parameters, name
+    assert name == caches.cache_kwarg()
+    cache = caches.build_cache(BACKENDS["hqq4"], model.config, SETTINGS)
+    with torch.inference_mode():
+        model(torch.randint(3, 200, (1, 16)), **{name: cache, "use_cache": True})
+    assert cache.get_seq_length() == 16, diagnosis.diagnose(BACKENDS["hqq4"], cache, "forward", passed_in=True)

@@ -158,7 +158,7 @@ def matrix_table(runs: list[dict]) -> str:
         return "(no runs stored in compat/runs/)\n"
     runs = sorted(runs, key=lambda r: Version(r["release"]))
     groups = sorted({c["group"] for r in runs for c in r["cases"]} | {g for r in runs for g in r["groups_run"]})
-    lines = ["| release | verdict | " + " | ".join(g.removeprefix("test_") for g in groups) + " |",
+    lines = ["| release | verdict |" + "".join(f" {g.removeprefix('test_')} |" for g in groups),
              "|---|---|" + "---|" * len(groups)]
     for run in runs:
         if not run["installed"]:
@@ -176,7 +176,7 @@ def matrix_table(runs: list[dict]) -> str:
         cells = [group_cell([c for c in run["cases"] if c["group"] == g])
                  if (g in run["groups_run"] or any(c["group"] == g for c in run["cases"])) else "not run"
                  for g in groups]
-        lines.append(f"| {run['release']} | {verdict} | " + " | ".join(cells) + " |")
+        lines.append(f"| {run['release']} | {verdict} |" + "".join(f" {c} |" for c in cells))
     return "\n".join(lines) + "\n"
 
 

@@ -1,6 +1,10 @@
 """The expectation table's range lookup and its two failure messages (pure, fast)."""
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 from kvcache_repro import expectations as ex
@@ -54,3 +58,27 @@ def test_behaviour_message_names_release_range_entry_expectation_and_observation
 def test_harness_message_is_tagged_and_names_what_is_missing():
     message = ex.harness_gap("DbrxConfig has no attn_config", version="5.5.4")
     assert message == "[harness] the harness cannot drive transformers 5.5.4: DbrxConfig has no attn_config"
+
+
+PROBES = sorted((Path(__file__).parent.parent / "compat" / "probes").glob("*.json"))
+
+
+@pytest.mark.parametrize("probe_file", PROBES, ids=[p.stem for p in PROBES])
+def test_the_table_agrees_with_every_recorded_probe(probe_file):
+    """The ranges were found by measurement: every recorded probe (compat/probes/, from
+    `./kvq compat --probe`) must say what the table says for its release. Probe values
+    from a harness gap (``harness: ...``) check nothing."""
+    probe = json.loads(probe_file.read_text())
+    version = probe["transformers"]
+    for key, observed in probe.items():
+        if key.startswith("family:"):
+            family = key.split(":", 1)[1]
+            entry = ex.family_support(family, version)
+            if observed.startswith("harness:"):
+                continue
+            expected = entry.probe or re.escape(entry.value)
+            assert re.fullmatch(expected, observed), (version, family, entry, observed)
+        elif key == "cache_config_untouched":
+            assert observed.startswith("no" if ex.cache_config_untouched(version).wrong else "yes"), (version, observed)
+        elif key == "beam_reorder":
+            assert observed.startswith("no" if ex.beam_search_matches(version).wrong else "yes"), (version, observed)

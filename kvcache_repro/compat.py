@@ -186,7 +186,8 @@ def release_section(run: dict) -> str:
         lines += ["Could not install; pip said:", "", "```", run["install_error"].strip(), "```", ""]
         return "\n".join(lines)
     lines.append(f"{run['date']}; " + ", ".join(f"{k} {v}" for k, v in run["versions"].items())
-                 + f"; {run['seconds']:.0f} s; groups: {', '.join(run['groups_run']) or 'the whole tier'}")
+                 + f"; {run['seconds']:.0f} s; suite {run.get('suite', '?')}; groups: "
+                 + (", ".join(run["groups_run"]) or "the whole tier"))
     lines.append("")
     groups = sorted({c["group"] for c in run["cases"]})
     lines += ["| test group | " + " | ".join(OUTCOMES) + " |", "|---|" + "---:|" * len(OUTCOMES)]
@@ -290,8 +291,23 @@ def run_release(version: str, groups: tuple[str, ...] | None, root: Path = ROOT,
     cases = read_junit(junit)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
     log(f"compat {version}: pytest exit {proc.returncode} in {seconds:.0f} s, {len(cases)} tests; {tail}")
-    return summarize(version, cases, versions=versions, seconds=seconds, groups_run=groups or ("the whole tier",),
-                     date=date, pytest_rc=proc.returncode)
+    run = summarize(version, cases, versions=versions, seconds=seconds, groups_run=groups or ("the whole tier",),
+                    date=date, pytest_rc=proc.returncode)
+    run["suite"] = suite_commit(root)
+    return run
+
+
+def suite_commit(root: Path = ROOT) -> str:
+    """The suite's commit (+ "-dirty"), so a stored run says which tests produced it."""
+    if os.environ.get("KVQ_SUITE_COMMIT"):
+        return os.environ["KVQ_SUITE_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "kvcache_repro", "tests", "conftest.py"],
+                               cwd=root, capture_output=True, text=True)
+        return head.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "") if head.returncode == 0 else "?"
+    except OSError:
+        return "?"
 
 
 def probe_release(version: str, root: Path = ROOT) -> dict:

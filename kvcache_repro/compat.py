@@ -349,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         for version in releases:
             run = run_release(version, groups)
             (runs_dir / f"{version}.json").write_text(json.dumps(run, indent=1) + "\n")
-    text = write_results(runs_dir, ROOT / "compat" / "RESULTS.md", probes_dir=probes_dir)
+    notes = ROOT / "compat" / "notes.md"  # hand-written: what changed where (bisected)
+    text = write_results(runs_dir, ROOT / "compat" / "RESULTS.md", probes_dir=probes_dir,
+                         notes=notes.read_text().strip() if notes.exists() else "")
     print(text.split("## Per release")[0].split("## Matrix")[-1])
     return 0
 

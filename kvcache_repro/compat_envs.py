@@ -11,6 +11,8 @@ its pip log and is reported as a row, not a crash.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
 import subprocess
@@ -58,7 +60,25 @@ def _tail(log: Path, lines: int = 6) -> str:
     return "\n".join(text[-lines:])
 
 
+@contextlib.contextmanager
+def _locked(path: Path):
+    """One builder per environment: two runs building the same release at once made pip
+    fail half-way (measured: "Can't roll back transformers")."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f"{path.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def base_env(root: Path = ROOT) -> Env:
+    with _locked(envs_dir() / f"base-{requirements_hash(root)}"):
+        return _base_env(root)
+
+
+def _base_env(root: Path) -> Env:
     path = envs_dir() / f"base-{requirements_hash(root)}"
     log = path.with_suffix(".log")
     stamp = path / ".kvq-complete"
@@ -79,6 +99,11 @@ def base_env(root: Path = ROOT) -> Env:
 def release_env(version: str, root: Path = ROOT) -> Env:
     """The thin environment for ``transformers==version`` over the base (built once)."""
     base = base_env(root)
+    with _locked(envs_dir() / f"transformers-{version}-{requirements_hash(root)}"):
+        return _release_env(version, base, root)
+
+
+def _release_env(version: str, base: Env, root: Path) -> Env:
     path = envs_dir() / f"transformers-{version}-{requirements_hash(root)}"
     log = path.parent / f"{path.name}.log"
     if base.python is None:

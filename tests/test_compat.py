@@ -2,6 +2,8 @@
 table it writes from pytest's junit XML."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvcache_repro import compat
 
 PINNED = ["torch==2.13.0", "transformers==5.24.0", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"]
@@ -117,3 +119,34 @@ def test_results_file_has_the_matrix_and_one_section_per_release(tmp_path):
     assert text.index("## Matrix") < text.index("### transformers 4.0.0") < text.index("### transformers 5.0.0")
     assert "behaviour (1):" in text and "FAMILY_SUPPORT[mistral]" in text
     assert "Could not install" in text and (tmp_path / "RESULTS.md").read_text() == text
+
+
+def test_a_release_that_cannot_install_is_remembered_and_a_built_one_is_reused(tmp_path, monkeypatch):
+    from kvcache_repro import compat_envs
+
+    monkeypatch.setenv("KVQ_COMPAT_ENVS", str(tmp_path))
+    base = tmp_path / f"base-{compat_envs.requirements_hash()}"
+    (base / "bin").mkdir(parents=True)
+    (base / ".kvq-complete").write_text("ok\n")
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            compat_envs._site_packages(Path(cmd[3])).mkdir(parents=True)
+            (Path(cmd[3]) / "bin").mkdir(exist_ok=True)
+            (Path(cmd[3]) / "bin" / "python").write_text("")
+            return True
+        log.write_text("ERROR: No matching distribution found for transformers==9.9.9\n")
+        return "transformers==9.9.9" not in cmd
+
+    monkeypatch.setattr(compat_envs, "_run", fake_run)
+    env = compat_envs.release_env("9.9.9")
+    assert env.python is None and "No matching distribution" in env.error
+    n = len(calls)
+    assert compat_envs.release_env("9.9.9").python is None and len(calls) == n  # no second pip attempt
+    ok = compat_envs.release_env("5.24.0")
+    assert ok.python is not None and (ok.path / ".kvq-complete").exists()
+    n = len(calls)
+    assert compat_envs.release_env("5.24.0").python == ok.python and len(calls) == n  # cached
+    assert "site.addsitedir" in (compat_envs._site_packages(ok.path) / "_kvq_base.pth").read_text()

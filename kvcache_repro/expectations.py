@@ -114,8 +114,8 @@ def harness_gap(what: str, version: str | None = None) -> str:
 # ---- the tables ------------------------------------------------------------------------
 # Boundaries: the first release showing the newer behaviour, bisected with
 # `./kvq compat --probe` (compat/probes/, compat/RESULTS.md "Behaviours per release").
-RECURRENT_PARTIAL = "5.5.0"  # RecurrentGemma's attention layer quantized (before: none)
-SLIDING_REJECTED = "5.15.0"  # sliding-window/recurrent families rejected from here on
+RECURRENT_PARTIAL = "5.4.0"  # RecurrentGemma's attention layer quantized (before: none)
+SLIDING_REJECTED = "5.14.0"  # sliding-window/recurrent families rejected from here on
 CONFIG_UNTOUCHED = "5.19.0"  # generate() stops popping 'backend' out of cache_config
 BEAM_REORDERED = "5.19.0"  # reorder_cache reaches the quantized store
 
@@ -144,6 +144,8 @@ _SLIDING_IGNORED = ("{v} ignores the sliding window when quantizing: sliding lay
                     "the cache outgrows the unquantized sliding one (16384 vs 15376 bytes for the tiny config, 5.10.4); "
                     "later releases reject such models instead")
 
+_LATE_SEEN = "5.14.1, 5.15.1, 5.16.1, 5.17.0, 5.18.0, 5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0"
+
 FAMILY_SUPPORT = Behaviour("FAMILY_SUPPORT", (
     (V457, _families(
         "4.57.6",
@@ -152,25 +154,25 @@ FAMILY_SUPPORT = Behaviour("FAMILY_SUPPORT", (
                                    probe=r"runs, 0 of \d+ layers quantized"),
         mistral=Expectation("quantizes", "4.57.6", _SLIDING_IGNORED.format(v="4.57"), wrong=True))),
     (RECURRENT_NOOP, _families(
-        "5.0.0, 5.2.0",
+        "5.0.0, 5.2.0, 5.3.0",
         # accepted, runs, no layer holds quantized storage (5.2.0; on 5.0.0 generate returns
         # no cache for it at all: a [harness] skip)
-        recurrentgemma=Expectation("quantizes", "5.2.0", "silent no-op: no layer of RecurrentGemma holds "
+        recurrentgemma=Expectation("quantizes", "5.2.0, 5.3.0", "silent no-op: no layer of RecurrentGemma holds "
                                                          "quantized storage", wrong=True,
                                    probe=r"runs, 0 of \d+ layers quantized"),
-        mistral=Expectation("quantizes", "5.0.0, 5.2.0", _SLIDING_IGNORED.format(v="early 5.x"), wrong=True))),
+        mistral=Expectation("quantizes", "5.0.0, 5.2.0, 5.3.0", _SLIDING_IGNORED.format(v="early 5.x"), wrong=True))),
     (EARLY_FAMILIES, _families(
-        "5.5.4, 5.10.4, 5.13.1",
+        "5.4.0, 5.5.4, 5.10.4, 5.13.1",
         # its one attention layer quantized, the two recurrent ones hold no K/V
-        recurrentgemma=Expectation("partial", "5.5.4, 5.10.4, 5.13.1", probe=r"runs, [1-9]\d* of \d+ layers quantized"),
-        mistral=Expectation("quantizes", "5.5.4, 5.10.4, 5.13.1", _SLIDING_IGNORED.format(v="early 5.x"),
+        recurrentgemma=Expectation("partial", "5.4.0, 5.5.4, 5.10.4, 5.13.1", probe=r"runs, [1-9]\d* of \d+ layers quantized"),
+        mistral=Expectation("quantizes", "5.4.0, 5.5.4, 5.10.4, 5.13.1", _SLIDING_IGNORED.format(v="early 5.x"),
                             wrong=True))),
     (LATE_FAMILIES, _families(
-        "5.15.1, 5.17.0, 5.19.0, 5.20.2, 5.22.2, 5.24.0",
+        _LATE_SEEN,
         # recurrent + sliding-window layers
-        recurrentgemma=Expectation("rejected", "5.15.1, 5.17.0, 5.19.0, 5.20.2, 5.22.2, 5.24.0"),
+        recurrentgemma=Expectation("rejected", _LATE_SEEN),
         # sliding-window layers
-        mistral=Expectation("rejected", "5.15.1, 5.17.0, 5.19.0, 5.20.2, 5.22.2, 5.24.0"))),
+        mistral=Expectation("rejected", _LATE_SEEN))),
 ))
 
 # Batch invariance: does a row generate the same in a batch of 4 as alone?
@@ -203,8 +205,9 @@ _POPS = ("transformers #48700: generate() pops 'backend' out of the caller's cac
          "a reused dict silently switches to quanto")
 CACHE_CONFIG_UNTOUCHED = Behaviour("CACHE_CONFIG_UNTOUCHED", (
     (V457, Expectation("yes", "4.57.6", _POPS, wrong=True)),
-    (CONFIG_POPPED, Expectation("yes", "5.0.0, 5.2.0, 5.5.4, 5.10.4, 5.13.1, 5.15.1, 5.17.0", _POPS, wrong=True)),
-    (CONFIG_KEPT, Expectation("yes", "5.19.0, 5.20.2, 5.22.2, 5.24.0")),
+    (CONFIG_POPPED, Expectation("yes", "5.0.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.1, 5.15.1, 5.16.1, "
+                                     "5.17.0, 5.18.0", _POPS, wrong=True)),
+    (CONFIG_KEPT, Expectation("yes", "5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0")),
 ))
 
 # Beam search through a near-lossless quantized cache (hqq 8-bit) picks the same
@@ -214,8 +217,9 @@ _STALE = ("transformers #48700: QuantizedLayer.reorder_cache reorders only the r
           "keeps the old beam order")
 BEAM_SEARCH_MATCHES = Behaviour("BEAM_SEARCH_MATCHES", (
     (V457, Expectation("yes", "4.57.6", _STALE, wrong=True)),
-    (BEAM_STALE, Expectation("yes", "5.2.0, 5.13.1, 5.15.1, 5.17.0", _STALE, wrong=True)),
-    (BEAM_OK, Expectation("yes", "5.19.0, 5.20.2, 5.22.2, 5.24.0")),  # 5.24 defers the reorder to the next update
+    (BEAM_STALE, Expectation("yes", "5.0.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.1, 5.15.1, 5.16.1, "
+                                   "5.17.0, 5.18.0", _STALE, wrong=True)),
+    (BEAM_OK, Expectation("yes", "5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0")),  # 5.24 defers the reorder to the next update
 ))
 
 BEHAVIOURS = (FAMILY_SUPPORT, BATCH_INVARIANCE, CACHE_CONFIG_UNTOUCHED, BEAM_SEARCH_MATCHES)

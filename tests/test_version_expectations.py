@@ -70,12 +70,17 @@ PATH_SPECS = ["quanto4", "hqq4", "fp8"]
 
 @pytest.mark.parametrize("name", PATH_SPECS)
 @pytest.mark.parametrize("path", ["generate", "teacher-forced", "beam"])
-def test_quantized_run_really_quantizes(path, name):
+def test_quantized_run_really_quantizes(path, name, request):
     """Read from the cache each path finished with: it holds quantized layers, and the
     logits are not bitwise the unquantized run's (2-layer tiny Llama, 16 + 40 tokens, one
-    flush at residual 16, so decode steps read dequantized values)."""
+    flush at residual 16, so decode steps read dequantized values). Beam search needs the
+    reorder to reach the quantized store (BEAM_SEARCH_MATCHES): where it does not, the
+    base reorder_cache index_selects the emptied residual after a flush and generate()
+    raises IndexError (measured 4.57.6, 5.10.4, 5.17.0) - pinned, xfail(strict=True)."""
     if name not in caches.available_backends():
         pytest.skip(f"{name} does not exist in transformers {VERSION}")
+    if path == "beam":
+        _pin(request, expectations.beam_search_matches())
     spec, none = BACKENDS[name], BACKENDS["none"]
     model = tiny_model("llama")
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -89,7 +94,11 @@ def test_quantized_run_really_quantizes(path, name):
         passed_in = True
     else:
         _, ref_scores, _ = diagnosis.beam_search(model, ids, none, SETTINGS, 24, num_beams=2)
-        _, scores, cache = diagnosis.beam_search(model, ids, spec, SETTINGS, 24, num_beams=2)
+        try:
+            _, scores, cache = diagnosis.beam_search(model, ids, spec, SETTINGS, 24, num_beams=2)
+        except IndexError as error:
+            raise AssertionError(expectations.differs(
+                expectations.BEAM_SEARCH_MATCHES, None, f"beam search through {name} raised IndexError: {error}"))
         logits, reference, passed_in = torch.stack(scores), torch.stack(ref_scores), False
     diagnosis.assert_quantized(spec, cache, path, passed_in=passed_in, logits=logits, reference=reference)
 

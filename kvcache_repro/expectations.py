@@ -144,7 +144,7 @@ _SLIDING_IGNORED = ("{v} ignores the sliding window when quantizing: sliding lay
                     "the cache outgrows the unquantized sliding one (16384 vs 15376 bytes for the tiny config, 5.10.4); "
                     "later releases reject such models instead")
 
-_LATE_SEEN = "5.14.1, 5.15.1, 5.16.1, 5.17.0, 5.18.0, 5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0"
+_LATE_SEEN = "5.14.0, 5.14.1, 5.15.1, 5.16.1, 5.17.0, 5.18.0, 5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0"
 
 FAMILY_SUPPORT = Behaviour("FAMILY_SUPPORT", (
     (V457, _families(
@@ -154,13 +154,13 @@ FAMILY_SUPPORT = Behaviour("FAMILY_SUPPORT", (
                                    probe=r"runs, 0 of \d+ layers quantized"),
         mistral=Expectation("quantizes", "4.57.6", _SLIDING_IGNORED.format(v="4.57"), wrong=True))),
     (RECURRENT_NOOP, _families(
-        "5.0.0, 5.2.0, 5.3.0",
-        # accepted, runs, no layer holds quantized storage (5.2.0; on 5.0.0 generate returns
+        "5.0.0, 5.1.0, 5.2.0, 5.3.0",
+        # accepted, runs, no layer holds quantized storage (5.1.0-5.3.0; on 5.0.0 generate returns
         # no cache for it at all: a [harness] skip)
-        recurrentgemma=Expectation("quantizes", "5.2.0, 5.3.0", "silent no-op: no layer of RecurrentGemma holds "
+        recurrentgemma=Expectation("quantizes", "5.1.0, 5.2.0, 5.3.0", "silent no-op: no layer of RecurrentGemma holds "
                                                          "quantized storage", wrong=True,
                                    probe=r"runs, 0 of \d+ layers quantized"),
-        mistral=Expectation("quantizes", "5.0.0, 5.2.0, 5.3.0", _SLIDING_IGNORED.format(v="early 5.x"), wrong=True))),
+        mistral=Expectation("quantizes", "5.0.0, 5.1.0, 5.2.0, 5.3.0", _SLIDING_IGNORED.format(v="early 5.x"), wrong=True))),
     (EARLY_FAMILIES, _families(
         "5.4.0, 5.5.4, 5.10.4, 5.13.1",
         # its one attention layer quantized, the two recurrent ones hold no K/V
@@ -205,8 +205,8 @@ _POPS = ("transformers #48700: generate() pops 'backend' out of the caller's cac
          "a reused dict silently switches to quanto")
 CACHE_CONFIG_UNTOUCHED = Behaviour("CACHE_CONFIG_UNTOUCHED", (
     (V457, Expectation("yes", "4.57.6", _POPS, wrong=True)),
-    (CONFIG_POPPED, Expectation("yes", "5.0.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.1, 5.15.1, 5.16.1, "
-                                     "5.17.0, 5.18.0", _POPS, wrong=True)),
+    (CONFIG_POPPED, Expectation("yes", "5.0.0, 5.1.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.0, 5.14.1, 5.15.1, "
+                                     "5.16.1, 5.17.0, 5.18.0", _POPS, wrong=True)),
     (CONFIG_KEPT, Expectation("yes", "5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0")),
 ))
 
@@ -217,8 +217,8 @@ _STALE = ("transformers #48700: QuantizedLayer.reorder_cache reorders only the r
           "keeps the old beam order")
 BEAM_SEARCH_MATCHES = Behaviour("BEAM_SEARCH_MATCHES", (
     (V457, Expectation("yes", "4.57.6", _STALE, wrong=True)),
-    (BEAM_STALE, Expectation("yes", "5.0.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.1, 5.15.1, 5.16.1, "
-                                   "5.17.0, 5.18.0", _STALE, wrong=True)),
+    (BEAM_STALE, Expectation("yes", "5.0.0, 5.1.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.0, 5.14.1, 5.15.1, "
+                                   "5.16.1, 5.17.0, 5.18.0", _STALE, wrong=True)),
     (BEAM_OK, Expectation("yes", "5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0")),  # 5.24 defers the reorder to the next update
 ))
 

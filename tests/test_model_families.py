@@ -44,6 +44,11 @@ def _build_reference(family: str, ids: torch.Tensor):
     try:
         return model, generation.generate(model, ids, BACKENDS["none"], SETTINGS, NEW)
     except Exception as error:  # noqa: BLE001
+        if isinstance(error, AttributeError) and "carries no cache" in str(error):
+            # 5.0.0 and RecurrentGemma: generate() runs but returns no cache object, so
+            # there is nothing to read whether a layer was quantized
+            return expectations.harness_gap(f"generate() returns no cache object for {family} ({error}); the "
+                                            f"harness reads quantization from the cache, so it cannot check it")
         return expectations.harness_gap(
             f"the tiny {family} model fails without any quantization (DynamicCache): {type(error).__name__}: {error}")
 

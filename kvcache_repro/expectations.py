@@ -198,7 +198,8 @@ def _invariance(observed: str, **extra: str) -> dict[str, Expectation]:
 
 BATCH_INVARIANCE = Behaviour("BATCH_INVARIANCE", (
     (V457, _invariance("4.57.6")),
-    (V5, _invariance("5.24.0", fp8="no")),
+    (V5, {**_invariance("5.0.0, 5.5.4, 5.10.4, 5.14.0, 5.17.0, 5.19.0, 5.20.2, 5.24.0"),
+          "fp8": Expectation("no", "5.24.0")}),  # fp8 exists from 5.21.0
 ))
 
 _POPS = ("transformers #48700: generate() pops 'backend' out of the caller's cache_config (and adds 'config'); "

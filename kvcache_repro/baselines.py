@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from .atomic import write_atomic
 
 # Memory metrics are ratios to the unquantized run; accuracy metrics are teacher-forced
 # against it (kl in nats/token, top-1 agreement, perplexity ratio); speed is the ratio of
@@ -37,6 +37,9 @@ BASELINE_DIR = Path(__file__).resolve().parent.parent / "baselines"
 
 UPDATE_COMMAND = "./kvq experiment --update-baselines"
 UPDATE_HINT = f"`{UPDATE_COMMAND}` (or `pytest -m ... --kv-update-baselines`)"
+# Records only the entries with no stored value, leaving every stored one as it is.
+RECORD_COMMAND = "./kvq experiment --record-missing-baselines"
+RECORD_HINT = f"`{RECORD_COMMAND}` (or {UPDATE_HINT}, which also rewrites stored entries)"
 
 # Ratios are computed from byte counts, so a value printed as exactly the band edge may
 # sit one ulp outside it; the band is meant to be inclusive as a human reads it.
@@ -163,8 +166,9 @@ class Verdict:
     measured: float
     stored: float | None
     tolerance: float | None
-    status: str  # "ok" | "regression" | "improvement" | "missing"
+    status: str  # "ok" | "regression" | "improvement" | "missing" | "unmeasured"
     source: str = ""  # the baseline file, so a failure says where to look
+    reason: str = ""  # "unmeasured": why the run has no value for it (OOM, timeout, ...)
 
     @property
     def passed(self) -> bool:
@@ -173,8 +177,13 @@ class Verdict:
     @property
     def message(self) -> str:
         if self.status == "missing":
+            where = (f"in {self.source}" if Path(self.source).exists()
+                     else f"because the baseline file {self.source} does not exist")
             return (f"{self.key}: measured ratio {_num(self.measured)}; no stored entry for "
-                    f"this key in {self.source} - add one with {UPDATE_HINT}")
+                    f"this key {where} - record it with {RECORD_HINT}")
+        if self.status == "unmeasured":
+            stored = "no stored entry" if self.stored is None else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}"
+            return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
         head = (f"{self.key}: measured ratio {_num(self.measured)}, stored {_num(self.stored)} "
                 f"+/- {_num(self.tolerance)} in {self.source}")
         if self.status == "ok":
@@ -216,23 +225,13 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
     return Verdict(key, measured_ratio, entry.ratio, entry.tolerance, status, source)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Same directory so os.replace is a rename on one filesystem: readers see the old
-    # file or the new one, never half of either.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str) -> Verdict:
+    """A baseline entry the run could not produce (its row ran out of memory, timed out,
+    or failed): a failing verdict that says so, never a silent pass."""
+    key = entry_key(backend, batch, metric)
+    entry = baseline.entries.get(key)
+    return Verdict(key, math.nan, None if entry is None else entry.ratio, None if entry is None else entry.tolerance,
+                   "unmeasured", str(baseline.path), reason)
 
 
 def dumps(baseline: BaselineFile) -> str:
@@ -276,7 +275,7 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     current.scenario = scenario
     if description:
         current.description = description
-    _write_atomic(path, dumps(current))
+    write_atomic(path, dumps(current))
     return lines
 
 

@@ -220,6 +220,25 @@ def residual_tokens(cache, layer_idx: int = 0) -> int:
     return 0 if storage.residual_keys is None else storage.residual_keys.shape[-2]
 
 
+def flush_lengths(spec: BackendSpec, model_config, settings: QuantSettings, prefill: int, total: int,
+                  step: int) -> list[int]:
+    """Sequence lengths at which a fresh quantized layer re-quantized its whole store, fed
+    ``prefill`` tokens and then ``step`` tokens per update up to ``total``: measured on
+    transformers' own layer (1 row, 1 head, head_dim = G so any length groups), not
+    assumed, because the flush rule moved between releases (4.x: residual + 1 >= R,
+    5.x: residual + new >= R)."""
+    cache = build_cache(spec, model_config, settings)
+    width = settings.q_group_size
+    lengths, seq = [], 0
+    for n in [prefill] + [min(step, total - i) for i in range(prefill, total, step)]:
+        x = torch.randn(1, 1, n, width)
+        update_layer(cache, 0, x, x.clone())
+        seq += n
+        if residual_tokens(cache, 0) == 0:
+            lengths.append(seq)
+    return lengths
+
+
 # ---- group-size divisibility -----------------------------------------------------------
 
 def quantized_lengths(prompt_len: int, new_tokens: int, residual_length: int) -> list[int]:

@@ -46,8 +46,15 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("quanto_uses_less_memory_than_hqq", "cpu-tiny"): HOLDS,
     ("saves_a_lot_at_200_prompts", "seed-geometry"): HOLDS,
     ("quanto_uses_less_memory_than_hqq", "seed-geometry"): HOLDS,
+    # Accuracy: at 128 decoded tokens hqq axis 0 wins at 2 bits and is not distinguishable
+    # at 4 (lower KL, higher perplexity); at the seed's 1,024 it loses on both (hqq axis 0
+    # re-groups the whole history across batch rows at every flush). hqq axis 1, grouped
+    # like quanto's axis 0, wins at both lengths.
     ("hqq_more_accurate_than_quanto", "core-2bit"): HOLDS,
-    ("hqq_more_accurate_than_quanto", "core-4bit"): HOLDS,
+    ("hqq_more_accurate_than_quanto", "core-4bit"): UNDECIDED,  # KL 0.060 vs 0.097, perplexity 1.086 vs 1.072
+    ("hqq_more_accurate_than_quanto", "core-4bit-hqq-axis1"): HOLDS,
+    ("hqq_more_accurate_than_quanto", "seed-4bit"): FAILS,
+    ("hqq_more_accurate_than_quanto", "seed-4bit-hqq-axis1"): HOLDS,
     ("hqq_slower_than_quanto", "tiny"): HOLDS,
     ("hqq_slower_than_quanto", "real"): HOLDS,
     ("quantization_slows_decoding", "tiny"): HOLDS,
@@ -86,16 +93,27 @@ class ClaimResult:
 
 # ---- accuracy ----------------------------------------------------------------------------
 
-def hqq_more_accurate_than_quanto(table, nbits: int) -> ClaimResult:
-    """Teacher-forced KL and perplexity of hqq vs quanto at ``nbits`` (deterministic on CPU:
-    any gap decides)."""
-    hqq, quanto = table.results[f"hqq{nbits}"], table.results[f"quanto{nbits}"]
-    numbers = (f"KL hqq{nbits} {hqq.kl:.4g} vs quanto{nbits} {quanto.kl:.4g}; "
-               f"perplexity {hqq.perplexity:.3f} vs {quanto.perplexity:.3f}")
-    return ClaimResult("hqq_more_accurate_than_quanto", f"{table.setup.name}-{nbits}bit",
-                       f"SmolLM2 teacher-forced, {table.setup.key()}, {nbits}-bit, axis 0", numbers,
-                       "lower KL and lower perplexity (deterministic values)",
-                       HOLDS if hqq.kl < quanto.kl and hqq.perplexity < quanto.perplexity else FAILS)
+def hqq_more_accurate_than_quanto(table, nbits: int, hqq_axis: int = 0) -> ClaimResult:
+    """Teacher-forced KL and perplexity of hqq vs quanto at ``nbits``. Both are
+    deterministic on CPU; KL measures how far the cache moves the model's predictions,
+    perplexity how well it still predicts the real text. Where they disagree (the closer
+    distribution predicts the text worse), the verdict is "not distinguishable": a short
+    text's perplexity moves either way by chance. ``hqq_axis`` 0 is the seed's setting for both backends; 1 groups hqq
+    like quanto's axis 0 (per batch row: FACTS.md, batch invariance), like for like."""
+    hqq_name = f"hqq{nbits}" + ("-axis1" if hqq_axis == 1 else "")
+    hqq, quanto = table.results[hqq_name], table.results[f"quanto{nbits}"]
+    numbers = (f"KL {hqq_name} {hqq.kl:.4g} vs quanto{nbits} {quanto.kl:.4g}; "
+               f"perplexity {hqq.perplexity:.3f} vs {quanto.perplexity:.3f} (reference {hqq.reference_perplexity:.3f})")
+    grouping = "axis 0 for both (the seed's)" if hqq_axis == 0 else "hqq axis 1 vs quanto axis 0 (like-for-like grouping)"
+    setting = f"{table.describe()}, {nbits}-bit, {grouping}"
+    if table.setup.proxy:
+        setting += f"; {table.setup.proxy}"
+    kl_says, ppl_says = hqq.kl < quanto.kl, hqq.perplexity < quanto.perplexity
+    verdict = (HOLDS if kl_says else FAILS) if kl_says == ppl_says else UNDECIDED
+    return ClaimResult("hqq_more_accurate_than_quanto",
+                       f"{table.setup.name}-{nbits}bit" + ("-hqq-axis1" if hqq_axis == 1 else ""), setting, numbers,
+                       "KL and perplexity must agree (deterministic values); where they point opposite ways "
+                       "the text is too short to tell", verdict)
 
 
 # ---- memory: peak allocated bytes (exact on CPU), cache bytes beside them ------------------
@@ -207,9 +225,9 @@ def quantization_slows_decoding(setup, ratios) -> ClaimResult:
 # ---- the table ---------------------------------------------------------------------------
 
 def table(results: list[ClaimResult]) -> str:
-    lines = [f"{'claim':<34} {'setup':<6} {'verdict':<20} {'status':<34} numbers"]
+    lines = [f"{'claim':<34} {'setup':<20} {'verdict':<20} {'status':<34} numbers"]
     for r in results:
-        lines.append(f"{r.claim_id:<34} {r.setup:<6} {r.verdict:<20} {r.status:<34} {r.numbers}")
+        lines.append(f"{r.claim_id:<34} {r.setup:<20} {r.verdict:<20} {r.status:<34} {r.numbers}")
     return "\n".join(lines)
 
 

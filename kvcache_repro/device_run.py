@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import baselines, experiment, quanto_unpack, scenarios
+from . import baselines, experiment, limits, quanto_unpack, scenarios
 from .memory import Measurement
 from .worker import NOTES_SEPARATOR
 
@@ -134,7 +134,13 @@ def run_scenario(scenario: scenarios.Scenario, out: Path, clock: Clock, reserve:
             continue
         t0 = clock.now()
         try:
-            m = run_one(scenario.name, backend, batch, timeout=left, env=env)
+            m = run_one(scenario.name, backend, batch, timeout=min(left, limits.worker_seconds(scenario)), env=env)
+        except experiment.RowFailed as error:  # OOM, the worker's time limit, an error: the others still run
+            record.errors.append(str(error))
+            log(f"  {backend:>8} b{batch:<4} FAILED ({error.failure.kind}): {error.failure.message}")
+            if "ModelUnavailable" in error.failure.output_tail:
+                break  # every run of this scenario would fail the same way
+            continue
         except subprocess.TimeoutExpired:
             record.errors.append(f"{backend}/b{batch}: killed at the deadline after {clock.now() - t0:.0f} s")
             log(f"  {backend:>8} b{batch:<4} killed at the deadline ({clock.now() - t0:.0f} s)")
@@ -264,7 +270,7 @@ def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
     batch = run.scenario.large_batch
     try:
         none = run.get("none", batch)
-    except StopIteration:
+    except (StopIteration, experiment.RowNotMeasured):
         return []
     gib = 2**30
     lines = ["", f"Beside the seed (b{batch}; the seed: NF4 Llama-3-8B, reserved after generate, GB = GiB):", "",
@@ -274,7 +280,7 @@ def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
     for backend in run.scenario.backends:
         try:
             m = run.get(backend, batch)
-        except StopIteration:
+        except (StopIteration, experiment.RowNotMeasured):
             continue
         seed = SEED_RESERVED_AFTER_GB.get(backend)
         ours, ours_none = m.metrics["reserved_after"], none.metrics["reserved_after"]

@@ -223,7 +223,26 @@ BEAM_SEARCH_MATCHES = Behaviour("BEAM_SEARCH_MATCHES", (
     (BEAM_OK, Expectation("yes", "5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0")),  # 5.24 defers the reorder to the next update
 ))
 
-BEHAVIOURS = (FAMILY_SUPPORT, BATCH_INVARIANCE, CACHE_CONFIG_UNTOUCHED, BEAM_SEARCH_MATCHES)
+
+# Whether a forward of several tokens (a divisor of residual_length) through a quantized
+# layer flushes its residual after the same tokens as one token per forward ("same") or
+# later ("later"). Up to 5.19 QuantizedLayer.update flushes on `residual + 1 >= R`, so a
+# 16-token forward overfills the residual: at R 64 flushes come every 80 tokens
+# (measured on 5.0.0 and 5.17.0: 128, 208, 288 against 128, 192, 256; 4.57.6 has the
+# same line). 5.20.0 changed it to `residual + new >= R` (read in the 5.20.0-5.23.0
+# wheels; measured on 5.24.0). The accuracy tables use 16-token forwards only where
+# the flushes are the same (quality.effective_step).
+MULTI_TOKEN_FLUSH = Behaviour("MULTI_TOKEN_FLUSH", (
+    (V457, Expectation("later", "4.57.6")),
+    (VersionRange("5.0.0", "5.20.0"), Expectation("later", "5.0.0, 5.17.0")),
+    (VersionRange("5.20.0", "6.0.0"), Expectation("same", "5.24.0")),
+))
+
+BEHAVIOURS = (FAMILY_SUPPORT, BATCH_INVARIANCE, CACHE_CONFIG_UNTOUCHED, BEAM_SEARCH_MATCHES, MULTI_TOKEN_FLUSH)
+
+
+def multi_token_flush(version: str | None = None) -> str:
+    return MULTI_TOKEN_FLUSH.lookup(version=version).value
 
 
 def family_support(family: str, version: str | None = None) -> Expectation:

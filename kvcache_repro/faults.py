@@ -15,20 +15,66 @@ fault patches transformers' quantized cache layers the way a regression could:
   while it runs (its requantization temporaries, about doubled)
 - ``quanto_slow_as_hqq``: quanto also runs hqq's optimizer at each quantize (hqq's cost, quanto's codes)
 
+Faults of the machine rather than the library, for the experiment's robustness:
+
+- ``oom``: ``generate()`` raises torch's OutOfMemoryError for batches of at least
+  ``KVQ_FAULT_OOM_BATCH`` (default 200) - a device too small for the large batch
+- ``hang``: a worker stops answering right after it starts (sleeps forever, before
+  importing torch, so a test of the time limit takes seconds)
+
+A worker process (worker.py) applies ``KVQ_FAULT`` too, so the experiment's
+subprocesses see the same fault as the test process.
+
 The README lists which tests fail under each.
 """
 from __future__ import annotations
 
 import os
+import sys
+import time
 
-import torch
-
+ENV = "KVQ_FAULT"
+OOM_BATCH_ENV = "KVQ_FAULT_OOM_BATCH"
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
-          "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries")
+          "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "oom", "hang")
+
+
+def _patch_oom() -> None:
+    import torch
+    from transformers.generation.utils import GenerationMixin
+
+    threshold = int(os.environ.get(OOM_BATCH_ENV, "200"))
+    original = GenerationMixin.generate
+
+    def generate(self, inputs=None, *args, **kwargs):
+        ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if ids is not None and ids.shape[0] >= threshold:
+            raise torch.OutOfMemoryError(
+                f"(KVQ_FAULT=oom) Tried to allocate 2.00 GiB: batch {ids.shape[0]} >= {threshold} does not fit")
+        return original(self, inputs, *args, **kwargs)
+    GenerationMixin.generate = generate
+
+
+def in_worker() -> None:
+    """worker.py, before anything heavy: ``hang`` hangs here; others patch as in pytest."""
+    name = os.environ.get(ENV)
+    if name == "hang":
+        print(f"worker {os.getpid()}: KVQ_FAULT=hang - not answering", file=sys.stderr, flush=True)
+        while True:
+            time.sleep(3600)
+    if name:
+        _patch(name)
 
 
 def _patch(name: str) -> None:
+    import torch
     from transformers import cache_utils as cu
+
+    if name == "oom":
+        _patch_oom()
+        return
+    if name == "hang":
+        raise ValueError("KVQ_FAULT=hang applies to experiment workers (worker.py), not to the test process")
 
     quanto, hqq = cu.QuantoQuantizedLayer, cu.HQQQuantizedLayer
     q_quantize, h_quantize = quanto._quantize, hqq._quantize
@@ -117,6 +163,6 @@ def _patch(name: str) -> None:
 
 
 def pytest_configure(config):
-    name = os.environ.get("KVQ_FAULT")
-    if name:
+    name = os.environ.get(ENV)
+    if name and name != "hang":  # hang is for the workers this process starts
         _patch(name)

@@ -9,6 +9,7 @@ requantization temporaries, per-step concatenations). Peak allocated is exact on
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -52,7 +53,9 @@ def _fmt(value, spec=".3f"):
     return "-" if value is None else format(value, spec)
 
 
-def table(scenario, measurements, found, verdicts) -> str:
+def table(scenario, measurements, found, verdicts, failures=(), missing=()) -> str:
+    """The breakdown per measured row; then the rows that failed (OOM, timeout, error)
+    and those never run (an interrupted run), and every baseline problem."""
     pool = "peak reserved" if scenario.device == "cuda" else "peak RSS (info)"
     header = (f"{'backend':>8} {'batch':>5} {'weights+in MiB':>14} {'cache MiB':>10} {'transient MiB':>13} "
               f"{'peak alloc MiB':>14} {'peak ratio':>10} {'baseline':>8} {'verdict':>11} "
@@ -64,30 +67,51 @@ def table(scenario, measurements, found, verdicts) -> str:
             f"{_fmt(r['transient_mib'], '.2f'):>13} {_fmt(r['peak_allocated_mib'], '.2f'):>14} "
             f"{_fmt(r['peak_ratio']):>10} {_fmt(r['peak_baseline']):>8} {r['peak_verdict']:>11} "
             f"{_fmt(r['cache_ratio']):>11} {r['cache_verdict']:>11} {r['pool_mib']:>20.1f} {r['seconds']:>7.1f}")
+    for f in failures:
+        lines.append(f"{f.backend:>8} {f.batch:>5}  FAILED ({f.kind}): {f.message}")
+    for backend, batch in missing:
+        lines.append(f"{backend:>8} {batch:>5}  not measured (interrupted; rerun with --resume)")
     failing = [v for v in verdicts if v.status in ("regression", "improvement")]
-    missing = [v for v in verdicts if v.status == "missing"]
+    unmeasured = [v for v in verdicts if v.status == "unmeasured"]
+    no_entry = [v for v in verdicts if v.status == "missing"]
     if failing:
         lines.append("")
         lines += [v.message for v in failing]
-    if missing:
-        lines.append(f"{len(missing)} ratios have no baseline yet ({', '.join(v.key for v in missing)}); "
-                     f"record them with ./kvq experiment --scenario {scenario.name} --update-baselines")
+    if unmeasured:
+        lines.append("")
+        lines.append(f"{len(unmeasured)} baseline entries could not be measured:")
+        lines += ["  " + v.message for v in unmeasured]
+    if no_entry:
+        lines.append(f"{len(no_entry)} ratios have no baseline yet ({', '.join(v.key for v in no_entry)}); "
+                     f"record them with ./kvq experiment --scenario {scenario.name} --record-missing-baselines")
     return "\n".join(lines)
 
 
-def write_outputs(directory: Path, scenario, measurements, found, verdicts) -> list[Path]:
+def write_outputs(directory: Path, scenario, measurements, found, verdicts, failures=(), missing=()) -> list[Path]:
+    """results.json, results.md, memory.png; each written to a temp file and renamed, so
+    an interrupt never leaves half a file."""
+    from .atomic import write_atomic
+
     directory.mkdir(parents=True, exist_ok=True)
     data = {"scenario": scenario.name, "notes": scenario.notes,
+            "complete": not failures and not missing,
             "measurements": [m.to_dict() for m in measurements],
+            "failures": [f.to_dict() for f in failures],
+            "not_measured": [f"{b}/b{n}" for b, n in missing],
             "breakdown": rows(scenario, measurements, found, verdicts),
             "ratios": [r.__dict__ for r in found],
-            "verdicts": [{"key": v.key, "status": v.status, "measured": v.measured, "stored": v.stored,
-                          "tolerance": v.tolerance} for v in verdicts]}
+            "verdicts": [{"key": v.key, "status": v.status,
+                          "measured": None if v.measured != v.measured else v.measured,  # NaN: unmeasured
+                          "stored": v.stored, "tolerance": v.tolerance, "reason": v.reason} for v in verdicts]}
     paths = [directory / "results.json", directory / "results.md", directory / "memory.png"]
-    paths[0].write_text(json.dumps(data, indent=2) + "\n")
-    paths[1].write_text(f"# {scenario.name}\n\n{scenario.notes}\n\n```\n{table(scenario, measurements, found, verdicts)}\n```\n"
-                        f"\n![weights, cache and transient at the peak]({paths[2].name})\n")
-    plot(paths[2], scenario, measurements)
+    write_atomic(paths[0], json.dumps(data, indent=2) + "\n")
+    text = table(scenario, measurements, found, verdicts, failures, missing)
+    write_atomic(paths[1], f"# {scenario.name}\n\n{scenario.notes}\n\n```\n{text}\n```\n"
+                           f"\n![weights, cache and transient at the peak]({paths[2].name})\n")
+    if measurements:
+        tmp = paths[2].with_name(f".{paths[2].name}.tmp.png")
+        plot(tmp, scenario, measurements)
+        os.replace(tmp, paths[2])
     return paths
 
 

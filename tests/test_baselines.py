@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro import baselines as bl
+from kvcache_repro import atomic, baselines as bl
 from kvcache_repro.baselines import BaselineError, Entry
 
 PROV = {"versions": {"torch": "2.13.0", "transformers": "5.24.0"}, "device": "2-core CPU",
@@ -250,7 +250,7 @@ def test_failed_write_keeps_old_file_and_no_temp(stored, cpu, monkeypatch):
     def boom(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(bl.os, "replace", boom)
+    monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
         bl.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
     assert cpu.read_bytes() == before

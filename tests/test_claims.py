@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kvcache_repro import claims, scenarios, speed
+from kvcache_repro import accuracy_runs, claims, quality, scenarios, speed
 from kvcache_repro.memory import Measurement
 
 
@@ -97,3 +97,20 @@ def test_undecided_comparisons_get_more_rounds_up_to_the_cap(monkeypatch):
     monkeypatch.setattr(speed, "step_times", apart)
     out = speed.interleaved_ratios(None, ids, ["quanto4", "hqq4"], None, 4, rounds=4, blocks=2, max_rounds=12)
     assert out["hqq4"].rounds == 4 and speed.decided(out)  # decided at once: no extra rounds
+
+
+@pytest.mark.parametrize("hqq, quanto, verdict", [
+    ((0.05, 10.2), (0.10, 10.5), claims.HOLDS),
+    ((0.20, 12.2), (0.10, 11.1), claims.FAILS),
+    ((0.06, 10.9), (0.10, 10.7), claims.UNDECIDED),  # closer predictions, worse on the text
+])
+def test_hqq_more_accurate_needs_kl_and_perplexity_to_agree(hqq, quanto, verdict):
+    def q(kl, ppl):
+        return quality.Quality(kl, 0.9, ppl, 10.0)
+
+    for axis, hqq_name in ((0, "hqq4"), (1, "hqq4-axis1")):
+        table = accuracy_runs.AccuracyTable("cpu", quality.ACCURACY_SETUPS["seed"],
+                                            {"quanto4": q(*quanto), hqq_name: q(*hqq)}, 16)
+        result = claims.hqq_more_accurate_than_quanto(table, 4, axis)
+        assert result.verdict == verdict
+        assert hqq_name in result.numbers and ("axis 1" in result.setting) == (axis == 1)

@@ -1,0 +1,291 @@
+"""The memory experiment under interruption, hangs and out-of-memory (issue 11):
+
+- a worker over its time limit is killed and becomes a failed row with its last output;
+- an OOM at one (backend, batch) is a row ("OOM at batch N on this device, X GiB free"),
+  the other rows are still measured, and the baseline comparison names what it could not
+  compare;
+- SIGINT / SIGTERM keep the finished rows, stop the worker, never touch the baselines;
+  ``--resume`` measures only what is missing;
+- options that do not apply to the scenario are an error;
+- progress lines with the time left.
+
+Fast: workers that hang start hanging before importing torch (fault ``hang``); the
+interrupt/resume logic runs ``main()`` with a fake ``run_one``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from kvcache_repro import baselines, experiment, faults, limits, scenarios
+from kvcache_repro.memory import Measurement
+from kvcache_repro.outcomes import RowFailure
+from kvcache_repro.progress import Progress
+from kvcache_repro.rowstore import ResumeError, RowStore
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = scenarios.get("cpu-tiny")
+
+
+# ---- time limits ------------------------------------------------------------------------
+
+def test_time_limit_comes_from_the_scenario(monkeypatch):
+    monkeypatch.delenv(limits.SCALE_ENV, raising=False)
+    assert limits.worker_seconds(TINY) == 120 + 40 * 2.0
+    assert limits.worker_seconds(scenarios.get("seed-arch")) == 120 + 1000 * 0.5
+    assert limits.worker_seconds(scenarios.get("seed")) == 1800 + 1000 * 0.5  # may download the checkpoint
+    monkeypatch.setenv(limits.SCALE_ENV, "2")
+    assert limits.worker_seconds(TINY) == 2 * (120 + 40 * 2.0)
+    monkeypatch.setenv(limits.SCALE_ENV, "0")
+    with pytest.raises(ValueError, match="positive factor"):
+        limits.worker_seconds(TINY)
+
+
+def test_a_hung_worker_is_killed_at_its_limit_and_is_a_failed_row_with_its_last_output(tmp_path):
+    outcome = {}
+
+    def run():
+        try:
+            experiment.run_one("cpu-tiny", "none", 1, timeout=4, env={faults.ENV: "hang"},
+                               log_path=tmp_path / "w.log")
+        except experiment.RowFailed as error:
+            outcome["failure"] = error.failure
+
+    thread = threading.Thread(target=run, daemon=True)
+    t0 = time.monotonic()
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), "run_one did not return: the hung worker has no time limit"
+    failure = outcome["failure"]
+    assert failure.kind == "timeout" and "no result after 4 s" in failure.message
+    assert "KVQ_FAULT=hang - not answering" in failure.output_tail  # the worker's last words
+    assert "cpu-tiny none b1: starting" in failure.output_tail
+    pid = int(failure.output_tail.split("worker ")[-1].split(":")[0])
+    assert not Path(f"/proc/{pid}").exists(), "the hung worker is still running"
+    assert time.monotonic() - t0 < 30
+
+
+# ---- out of memory ----------------------------------------------------------------------
+
+@pytest.fixture
+def oom_fault(monkeypatch):
+    """The fault plugin's ``oom``, undone after the test (batches >= 200 run out of memory)."""
+    from transformers.generation.utils import GenerationMixin
+
+    monkeypatch.setattr(GenerationMixin, "generate", GenerationMixin.generate)
+    monkeypatch.setenv(faults.OOM_BATCH_ENV, "200")
+    faults._patch("oom")
+
+
+def test_oom_at_the_large_batch_keeps_the_other_rows_and_names_what_was_not_compared(oom_fault):
+    run = experiment.run_experiment(TINY, log=lambda line: None, in_process=True)
+    assert sorted((m.backend, m.batch) for m in run.measurements) == [("hqq4", 1), ("none", 1), ("quanto4", 1)]
+    assert sorted((f.backend, f.batch, f.kind) for f in run.failures) == [
+        ("hqq4", 200, "oom"), ("none", 200, "oom"), ("quanto4", 200, "oom")]
+    assert all(f.message.startswith("OOM at batch 200 on this device, ") and " GiB free of " in f.message
+               for f in run.failures)
+    unmeasured = {v.key for v in run.verdicts if v.status == "unmeasured"}
+    assert unmeasured == {f"{b}/b200/{m}" for b in ("quanto4", "hqq4") for m in TINY.baseline_metrics}
+    assert not any(v.passed for v in run.verdicts if v.status == "unmeasured")
+    assert all(v.passed for v in run.verdicts if v.key.split("/")[1] == "b1")  # the rest still compared
+    from kvcache_repro import report
+
+    text = report.table(TINY, run.measurements, run.ratios, run.verdicts, run.failures)
+    assert "FAILED (oom): OOM at batch 200 on this device" in text
+    assert "baseline entries could not be measured" in text and "quanto4/b200/cache_bytes" in text
+    with pytest.raises(experiment.RowNotMeasured, match="hqq4/b200 was not measured: OOM at batch 200"):
+        run.get("hqq4", 200)
+
+
+def test_a_worker_that_runs_out_of_memory_reports_the_oom_row():
+    with pytest.raises(experiment.RowFailed) as caught:
+        experiment.run_one("cpu-tiny", "hqq4", 200, timeout=120, env={faults.ENV: "oom"})
+    failure = caught.value.failure
+    assert failure.kind == "oom" and failure.message.startswith("OOM at batch 200 on this device, ")
+    assert failure.free_bytes and failure.free_bytes > 0
+
+
+# ---- interrupt and resume ---------------------------------------------------------------
+
+def _fake(backend: str, batch: int) -> Measurement:
+    cache = {"none": 4000, "quanto4": 1000, "hqq4": 1000}[backend] * batch
+    return Measurement("cpu-tiny", backend, batch, "cpu", 8, 40, 0.1, 100,
+                       {"cache_bytes": cache, "peak_allocated": 100 + 2 * cache, "peak_rss": 1}, cache)
+
+
+class FakeWorkers:
+    """experiment.run_one without processes; raises ``interrupt`` at the n-th call."""
+
+    def __init__(self, interrupt_at: int | None = None, interrupt=KeyboardInterrupt):
+        self.calls, self.interrupt_at, self.interrupt = [], interrupt_at, interrupt
+
+    def __call__(self, scenario, backend, batch, checkpoint=None, **kwargs):
+        self.calls.append((backend, batch))
+        if len(self.calls) == self.interrupt_at:
+            raise self.interrupt()
+        return _fake(backend, batch)
+
+
+@pytest.fixture
+def baseline_dir(tmp_path, monkeypatch):
+    """A copy of cpu-tiny's baseline file in tmp_path: what an interrupt must not touch."""
+    monkeypatch.setattr(baselines, "BASELINE_DIR", tmp_path / "baselines")
+    (tmp_path / "baselines").mkdir()
+    path = tmp_path / "baselines" / "cpu-tiny.json"
+    path.write_bytes((ROOT / "baselines" / "cpu-tiny.json").read_bytes())
+    return path
+
+
+def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_path, monkeypatch, baseline_dir, capsys):
+    out = tmp_path / "out"
+    before = baseline_dir.read_bytes()
+    first = FakeWorkers(interrupt_at=4)
+    monkeypatch.setattr(experiment, "run_one", first)
+    code = experiment.main(["--scenario", "cpu-tiny", "--output-dir", str(out), "--update-baselines"])
+    said = capsys.readouterr().out
+    assert code == 128 + signal.SIGINT
+    assert baseline_dir.read_bytes() == before  # never a baseline from a partial run
+    rows = json.loads((out / "rows.json").read_text())["rows"]
+    assert [(r["measurement"]["backend"], r["measurement"]["batch"]) for r in rows] == first.calls[:3]
+    partial = json.loads((out / "results.json").read_text())
+    assert partial["complete"] is False and partial["not_measured"] == ["none/b200", "quanto4/b200", "hqq4/b200"]
+    assert f"--output-dir {out} --resume" in said
+
+    second = FakeWorkers()
+    monkeypatch.setattr(experiment, "run_one", second)
+    code = experiment.main(["--scenario", "cpu-tiny", "--output-dir", str(out), "--resume"])
+    said = capsys.readouterr().out
+    assert second.calls == [("none", 200), ("quanto4", 200), ("hqq4", 200)]  # only what was missing
+    assert "resuming: 3 of 6 rows already measured" in said
+    final = json.loads((out / "results.json").read_text())
+    assert final["complete"] is True and len(final["measurements"]) == 6
+    assert [(m["backend"], m["batch"]) for m in final["measurements"]] == experiment.planned_rows(TINY)
+    assert code == 1  # fake numbers are outside cpu-tiny's bands: compared, not skipped
+
+
+def test_resume_retries_failed_rows_and_refuses_rows_of_another_setup(tmp_path):
+    store = RowStore(tmp_path, {"scenario": "a"})
+    store.add_measurement(_fake("none", 1), 1.0)
+    store.add_failure(RowFailure("cpu-tiny", "none", 200, "oom", "OOM at batch 200"), 2.0)
+    resumed = RowStore(tmp_path, {"scenario": "a"})
+    assert [(m.backend, m.batch) for m in resumed.resume()] == [("none", 1)]
+    assert resumed.walls() == {("none", 1): 1.0}
+    with pytest.raises(ResumeError, match="rows from another setup \\(scenario differ"):
+        RowStore(tmp_path, {"scenario": "b"}).resume()
+
+
+def test_rows_are_written_atomically(tmp_path, monkeypatch):
+    store = RowStore(tmp_path, {"scenario": "a"})
+    store.add_measurement(_fake("none", 1), 1.0)
+    good = store.path.read_bytes()
+
+    def interrupted(fd):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.add_measurement(_fake("quanto4", 1), 1.0)
+    assert store.path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
+    """The real command with a worker that hangs: the signal ends both at once."""
+    out = tmp_path / "out"
+    env = {**os.environ, faults.ENV: "hang", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro.experiment", "--scenario", "cpu-tiny",
+                             "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    log = out / "logs" / "none-b1.log"
+    deadline = time.monotonic() + 90
+    while "not answering" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, "the worker never started"
+        time.sleep(0.2)
+    worker = int(log.read_text().split("worker ")[-1].split(":")[0])
+    proc.send_signal(sig)
+    try:
+        # Stopping takes ~5 s here (the worker's SIGTERM grace); 60 s leaves room for a
+        # loaded CI machine (a run under two busy processes took 27 s) and still tells a
+        # hang from a stop.
+        said, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the experiment did not stop on the signal within 60 s")
+    assert proc.returncode == 128 + sig
+    assert f"interrupted ({signal.Signals(sig).name}): 0 of 6 rows measured" in said
+    assert "--resume" in said and "baselines untouched" in said
+    time.sleep(0.5)
+    assert not Path(f"/proc/{worker}").exists(), "the worker outlived the interrupted experiment"
+
+
+# ---- options ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["--scenario", "cpu-tiny", "--checkpoint", "/nonexistent"], "--checkpoint applies to scenarios that load"),
+    (["--scenario", "seed-arch", "--in-process"], "--in-process is for CPU scenarios"),
+    (["--scenario", "cpu-tiny", "--reset-tolerances"], "--reset-tolerances applies only with --update-baselines"),
+    (["--scenario", "cpu-tiny", "--worker-timeout", "0"], "--worker-timeout: give a positive"),
+])
+def test_options_that_do_not_apply_are_an_error(argv, fragment, monkeypatch, capsys):
+    def ran(*args, **kwargs):
+        raise AssertionError("the experiment ran with an option it ignores")
+
+    monkeypatch.setattr(experiment, "run_experiment", ran)
+    with pytest.raises(SystemExit) as exited:
+        experiment.main(argv)
+    assert exited.value.code == 2 and fragment in capsys.readouterr().err
+
+
+def test_missing_baseline_file_names_the_recording_command(tmp_path):
+    stored = baselines.load(tmp_path / "new-scenario.json")
+    verdict = baselines.compare(stored, "quanto4", 200, "cache_bytes", 0.3)
+    assert not verdict.passed
+    assert f"the baseline file {tmp_path / 'new-scenario.json'} does not exist" in verdict.message
+    assert baselines.RECORD_COMMAND in verdict.message
+
+
+def test_record_missing_writes_only_entries_with_no_stored_value(baseline_dir):
+    data = json.loads(baseline_dir.read_text())
+    removed = "hqq4/b200/cache_bytes"
+    del data["entries"][removed]  # a renamed protocol, a new metric: no stored value
+    baseline_dir.write_text(json.dumps(data))
+    ms = [_fake(b, n) for b, n in experiment.planned_rows(TINY)]  # ratios unlike the stored ones
+    found = experiment.ratios(ms, TINY.baseline_metrics)
+    before = baselines.load(baseline_dir).entries
+    lines = experiment.update_baselines(TINY, ms, found, run_failed=False, only_missing=True)
+    after = baselines.load(baseline_dir).entries
+    assert {k: after[k] for k in before} == before  # stored entries untouched
+    assert set(after) - set(before) == {removed} and lines == [f"{removed}: new -> 0.250"]
+
+
+# ---- progress -----------------------------------------------------------------------------
+
+def test_progress_estimates_the_time_left_per_batch():
+    now = [0.0]
+    lines = []
+    p = Progress(experiment.planned_rows(TINY), log=lines.append, clock=lambda: now[0], every=30)
+    p.begin("none", 1, limit=200)
+    assert "time left unknown" in lines[-1] and "time limit 3m20s" in lines[-1]
+    for backend in ("none", "quanto4", "hqq4"):
+        if backend != "none":
+            p.begin(backend, 1)
+        now[0] += 2
+        p.end(backend, 1, "ok")
+    assert lines[-1].startswith("[3/6 done, 6s elapsed]") and "~6s left (rough" in lines[-1]
+    p.begin("none", 200)
+    now[0] += 20
+    p.beat()
+    now[0] += 15
+    p.beat()
+    assert "running for 35s" in lines[-1]
+    p.end("none", 200, "ok")
+    assert lines[-1].endswith("~1m10s left")  # two more b200 rows at 35 s, not at b1's 2 s

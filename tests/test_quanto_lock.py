@@ -1,0 +1,139 @@
+"""quanto's build lock (quanto_ext.py): a lock a dead process left is reported before any
+run, with its path and the command that clears it, instead of every quanto run waiting on
+it forever; a finished build is loaded without taking the lock at all.
+
+All on copies in tmp_path: the venv's own extension directory is never touched."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from kvcache_repro import quanto_ext
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _real_cpp_dir() -> Path:
+    extensions = quanto_ext.quanto_extensions_dir()
+    if extensions is None:
+        pytest.skip("optimum-quanto not installed")
+    return extensions / "cpp"
+
+
+def _copy_extension(tmp_path: Path, with_build: bool) -> Path:
+    """tmp_path/extensions/cpp: quanto's sources (and its finished build), mtimes kept."""
+    real = _real_cpp_dir()
+    cpp = tmp_path / "extensions" / "cpp"
+    (cpp / "build").mkdir(parents=True)
+    for name in ("unpack.cpp", "unpack.h", "pybind_module.cpp"):
+        shutil.copy2(real / name, cpp / name)
+    if with_build:
+        if not (real / "build" / "pytorch_version.txt").exists():
+            pytest.skip("quanto_cpp not built in this venv yet (./kvq setup builds it)")
+        for name in ("quanto_cpp.so", "pytorch_version.txt"):
+            shutil.copy2(real / "build" / name, cpp / "build" / name)
+    return cpp
+
+
+def _lock_as_a_killed_process_leaves_it(lock: Path) -> None:
+    """What a `timeout`-killed worker does: torch's FileBaton creates the lock (O_EXCL)
+    and the process dies holding it."""
+    code = f"import os, signal; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); os.kill(os.getpid(), signal.SIGKILL)"
+    proc = subprocess.run([sys.executable, "-c", code])
+    assert proc.returncode == -signal.SIGKILL and lock.exists()
+
+
+def _holding(lock: Path) -> subprocess.Popen:
+    """A live process that holds the lock (a build in progress)."""
+    code = (f"import os, sys, time; os.open({str(lock)!r}, os.O_CREAT | os.O_EXCL); "
+            "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_stale_lock_stops_a_run_with_the_path_and_the_fix_instead_of_hanging(tmp_path):
+    cpp = _copy_extension(tmp_path, with_build=False)
+    lock = cpp / "build" / "lock"
+    _lock_as_a_killed_process_leaves_it(lock)
+    # What a worker or a test session does first, then quanto's first CPU unpack (ext.lib:
+    # torch's cpp_extension.load, which waits on the lock with no timeout).
+    script = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from optimum.quanto.library.extensions.extension import Extension
+        from kvcache_repro import quanto_ext
+        ext = Extension("quanto_cpp", root_dir={str(cpp)!r}, sources=["unpack.cpp", "pybind_module.cpp"])
+        try:
+            quanto_ext.prepare(ext, extensions_dir=Path({str(cpp.parent)!r}))
+        except quanto_ext.StaleLockError as error:
+            print(error)
+            sys.exit(3)
+        ext.lib
+    """)
+    try:
+        proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=45)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run hung on the stale lock instead of reporting it")
+    assert proc.returncode == 3, proc.stderr
+    assert f"stale build lock {lock}" in proc.stdout
+    assert f"rm -f {lock}" in proc.stdout
+    assert lock.exists()  # reported, not removed (module docstring: why)
+
+
+def test_a_lock_a_live_process_holds_is_not_stale_and_becomes_stale_when_it_dies(tmp_path):
+    lock = tmp_path / "lock"
+    holder = _holding(lock)
+    try:
+        assert quanto_ext.check_lock(lock) == [holder.pid]
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(quanto_ext.StaleLockError, match="no running process has it open"):
+        quanto_ext.check_lock(lock)
+    assert quanto_ext.check_lock(tmp_path / "absent") == []
+
+
+def test_a_finished_build_is_loaded_without_the_lock(tmp_path):
+    """Tests and workers never take the lock (so a kill cannot leave one): with a build in
+    progress elsewhere holding it, a finished build still loads at once."""
+    from optimum.quanto.library.extensions.extension import Extension
+
+    import torch
+
+    cpp = _copy_extension(tmp_path, with_build=True)
+    holder = _holding(cpp / "build" / "lock")
+    try:
+        ext = Extension("quanto_cpp", root_dir=str(cpp), sources=["unpack.cpp", "pybind_module.cpp"])
+        assert "loaded the finished build" in quanto_ext.prepare(ext, extensions_dir=cpp.parent)
+        assert ext._lib is not None and Path(ext._lib.__spec__.origin) == cpp / "build" / "quanto_cpp.so"
+        packed = torch.tensor([[0x21, 0x43]], dtype=torch.uint8)
+        assert ext.lib.unpack(packed, 4).tolist() == [[1, 3], [2, 4]]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_build_cut_short_is_not_loaded(tmp_path):
+    """No pytorch_version.txt (quanto writes it after a successful load): not finished."""
+    from optimum.quanto.library.extensions.extension import Extension
+
+    cpp = _copy_extension(tmp_path, with_build=True)
+    (cpp / "build" / "pytorch_version.txt").unlink()
+    ext = Extension("quanto_cpp", root_dir=str(cpp), sources=["unpack.cpp", "pybind_module.cpp"])
+    assert not quanto_ext.load_finished(ext) and ext._lib is None
+
+
+def test_setup_reports_a_stale_lock_with_exit_3(tmp_path):
+    cpp = _copy_extension(tmp_path, with_build=False)
+    _lock_as_a_killed_process_leaves_it(cpp / "build" / "lock")
+    said = []
+    assert quanto_ext.setup(ext=object(), extensions_dir=cpp.parent, log=said.append) == 3
+    assert "rm -f" in said[0] and str(cpp / "build" / "lock") in said[0]

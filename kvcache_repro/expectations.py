@@ -230,12 +230,14 @@ BEAM_SEARCH_MATCHES = Behaviour("BEAM_SEARCH_MATCHES", (
 # 16-token forward overfills the residual: at R 64 flushes come every 80 tokens
 # (measured on 5.0.0 and 5.17.0: 128, 208, 288 against 128, 192, 256; 4.57.6 has the
 # same line). 5.20.0 changed it to `residual + new >= R` (read in the 5.20.0-5.23.0
-# wheels; measured on 5.24.0). The accuracy tables use 16-token forwards only where
+# wheels; measured on 5.24.0). tests/test_cache_semantics.py's flush test, run per release
+# (./kvq compat): "later" on 4.57.6, 5.0.0, 5.17.0, 5.19.0; "same" on 5.20.0, 5.20.2, 5.24.0.
+# The accuracy tables use 16-token forwards only where
 # the flushes are the same (quality.effective_step).
 MULTI_TOKEN_FLUSH = Behaviour("MULTI_TOKEN_FLUSH", (
     (V457, Expectation("later", "4.57.6")),
-    (VersionRange("5.0.0", "5.20.0"), Expectation("later", "5.0.0, 5.17.0")),
-    (VersionRange("5.20.0", "6.0.0"), Expectation("same", "5.24.0")),
+    (VersionRange("5.0.0", "5.20.0"), Expectation("later", "5.0.0, 5.17.0, 5.19.0")),
+    (VersionRange("5.20.0", "6.0.0"), Expectation("same", "5.20.0, 5.20.2, 5.24.0")),
 ))
 
 BEHAVIOURS = (FAMILY_SUPPORT, BATCH_INVARIANCE, CACHE_CONFIG_UNTOUCHED, BEAM_SEARCH_MATCHES, MULTI_TOKEN_FLUSH)

@@ -156,14 +156,14 @@ def matrix_table(runs: list[dict]) -> str:
     """Releases as rows (oldest first), test groups as columns."""
     if not runs:
         return "(no runs stored in compat/runs/)\n"
-    runs = sorted(runs, key=lambda r: Version(r["release"]))
+    runs = sorted(runs, key=lambda r: (Version(r["release"]), "groups_run" in r and "the whole tier" in r["groups_run"]))
     groups = sorted({c["group"] for r in runs for c in r["cases"]} | {g for r in runs for g in r["groups_run"]})
     lines = ["| release | verdict |" + "".join(f" {g.removeprefix('test_')} |" for g in groups),
              "|---|---|" + "---|" * len(groups)]
     for run in runs:
         if not run["installed"]:
             first = (run["install_error"].strip().splitlines() or ["?"])[-1]
-            lines.append(f"| {run['release']} | cannot install: {first[:80].replace('|', '/')} |"
+            lines.append(f"| {_label(run)} | cannot install: {first[:80].replace('|', '/')} |"
                          + " |" * len(groups))
             continue
         kinds = Counter(c["kind"] for c in run["cases"] if c["kind"])
@@ -176,12 +176,21 @@ def matrix_table(runs: list[dict]) -> str:
         cells = [group_cell([c for c in run["cases"] if c["group"] == g])
                  if (g in run["groups_run"] or any(c["group"] == g for c in run["cases"])) else "not run"
                  for g in groups]
-        lines.append(f"| {run['release']} | {verdict} |" + "".join(f" {c} |" for c in cells))
+        lines.append(f"| {_label(run)} | {verdict} |" + "".join(f" {c} |" for c in cells))
     return "\n".join(lines) + "\n"
 
 
+def _label(run: dict) -> str:
+    return run["release"] + (" (full tier)" if "the whole tier" in run.get("groups_run", ()) else "")
+
+
+def run_file(run: dict) -> str:
+    """compat/runs/V.json for the groups, V-full.json for the whole tier (both kept)."""
+    return run["release"] + ("-full" if "the whole tier" in run.get("groups_run", ()) else "") + ".json"
+
+
 def release_section(run: dict) -> str:
-    lines = [f"### transformers {run['release']}", ""]
+    lines = [f"### transformers {_label(run)}", ""]
     if not run["installed"]:
         lines += ["Could not install; pip said:", "", "```", run["install_error"].strip(), "```", ""]
         return "\n".join(lines)
@@ -248,7 +257,7 @@ def probe_table(probes: list[dict]) -> str:
 
 def write_results(runs_dir: Path, out: Path, notes: str = "", probes_dir: Path | None = None) -> str:
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
-    runs.sort(key=lambda r: Version(r["release"]))
+    runs.sort(key=lambda r: (Version(r["release"]), "the whole tier" in r.get("groups_run", ())))
     text = HEADER + (notes + "\n\n" if notes else "") + "## Matrix\n\n" + matrix_table(runs)
     probes = [json.loads(p.read_text()) for p in sorted(probes_dir.glob("*.json"))] if probes_dir else []
     if probes:
@@ -348,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     elif not args.report_only:
         for version in releases:
             run = run_release(version, groups)
-            (runs_dir / f"{version}.json").write_text(json.dumps(run, indent=1) + "\n")
+            (runs_dir / run_file(run)).write_text(json.dumps(run, indent=1) + "\n")
     notes = ROOT / "compat" / "notes.md"  # hand-written: what changed where (bisected)
     text = write_results(runs_dir, ROOT / "compat" / "RESULTS.md", probes_dir=probes_dir,
                          notes=notes.read_text().strip() if notes.exists() else "")

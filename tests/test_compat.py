@@ -150,3 +150,13 @@ def test_a_release_that_cannot_install_is_remembered_and_a_built_one_is_reused(t
     n = len(calls)
     assert compat_envs.release_env("5.24.0").python == ok.python and len(calls) == n  # cached
     assert "site.addsitedir" in (compat_envs._site_packages(ok.path) / "_kvq_base.pth").read_text()
+
+
+def test_a_full_tier_run_is_its_own_row_and_file():
+    full = _run("5.17.0", [_case("test_a"), _case("test_memory_experiment", "failed", "band", "test_ratios")],
+                groups=("the whole tier",))
+    groups = _run("5.17.0", [_case("test_a")], groups=("test_a",))
+    assert (compat.run_file(full), compat.run_file(groups)) == ("5.17.0-full.json", "5.17.0.json")
+    rows = compat.matrix_table([full, groups]).splitlines()[2:]
+    assert rows[0].startswith("| 5.17.0 | passes |")
+    assert rows[1].startswith("| 5.17.0 (full tier) | 1 band |")

@@ -7,6 +7,7 @@ this file is the one to change.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -104,17 +105,51 @@ def build_cache(spec: BackendSpec, model_config, settings: QuantSettings):
     """A fresh cache object for ``model_config``: DynamicCache or QuantizedCache.
 
     Raises transformers' own ValueError for models it refuses (non-full-attention layers).
+    Inside ``recording_caches()`` every cache built is also appended to its list, so a
+    caller can inspect the cache a helper used (diagnosis.py, teacher-forced path).
     """
     if not spec.quantized:
-        return DynamicCache(config=model_config)
-    from transformers import QuantizedCache
+        cache = DynamicCache(config=model_config)
+    else:
+        from transformers import QuantizedCache
 
-    return QuantizedCache(spec.backend, model_config, **_backend_kwargs(spec, settings))
+        cache = QuantizedCache(spec.backend, model_config, **_backend_kwargs(spec, settings))
+    if _RECORDERS:
+        _RECORDERS[-1].append(cache)
+    return cache
 
 
-def cache_kwarg() -> str:
-    """The name under which ``generate``/``forward`` take a cache object."""
-    return "cache" if transformers_major() >= 5 else "past_key_values"
+_RECORDERS: list[list] = []
+
+
+@contextlib.contextmanager
+def recording_caches():
+    """``with recording_caches() as built:`` - the caches build_cache made meanwhile."""
+    built: list = []
+    _RECORDERS.append(built)
+    try:
+        yield built
+    finally:
+        _RECORDERS.remove(built)
+
+
+def cache_kwarg(model=None) -> str:
+    """The name under which ``forward`` takes a cache object: ``cache`` where the forward
+    declares it, else ``past_key_values``. Read from the signature, not the version:
+    measured, 5.5.4's forward takes only ``past_key_values`` and silently ignores a
+    ``cache=`` (the run is then unquantized; see diagnosis.py, compat/RESULTS.md)."""
+    return _cache_kwarg_of(type(model).forward if model is not None else None)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(forward) -> str:
+    import inspect
+
+    if forward is None:
+        from transformers import LlamaForCausalLM
+
+        forward = LlamaForCausalLM.forward
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def output_cache(output) -> Any:

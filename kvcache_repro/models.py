@@ -44,7 +44,12 @@ def _tiny_config(family: str):
             vocab_size=TINY["vocab_size"], d_model=TINY["hidden_size"], n_heads=TINY["num_attention_heads"],
             n_layers=TINY["num_hidden_layers"], max_seq_len=TINY["max_position_embeddings"],
             attn_config={"kv_n_heads": TINY["num_key_value_heads"], "rope_theta": 10000.0, "clip_qkv": 8.0},
-            ffn_config={"ffn_hidden_size": TINY["intermediate_size"], "moe_num_experts": 2, "moe_top_k": 1},
+            # ffn_hidden_size = d_model: up to 5.1x (measured on 5.0.0-5.10.4, fixed by 5.17.0)
+            # DbrxRouter takes ffn_hidden_size as its input width (nn.Linear(ffn_hidden_size,
+            # experts)) and fails on hidden states of width d_model ("mat1 and mat2 shapes
+            # cannot be multiplied (64x64 and 128x2)"); equal widths never meet that bug,
+            # which is the FFN's, not the cache's
+            ffn_config={"ffn_hidden_size": TINY["hidden_size"], "moe_num_experts": 2, "moe_top_k": 1},
         )
     if family == "mistral":
         return tf.MistralConfig(**common, sliding_window=16)  # every layer sliding-window
@@ -63,6 +68,10 @@ def tiny_model(family: str, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
     config = _tiny_config(family)
+    if not hasattr(config, "pad_token_id"):
+        # 5.0.0's StableLmConfig has no pad_token_id, which its model reads (AttributeError);
+        # later releases default it to None, which is what this sets (the weights stay the same)
+        config.pad_token_id = None
     torch.manual_seed(TINY_SEED)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     model.eval()

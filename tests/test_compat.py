@@ -2,6 +2,8 @@
 table it writes from pytest's junit XML."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from kvcache_repro import compat
 
 PINNED = ["torch==2.13.0", "transformers==5.24.0", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"]
@@ -48,3 +50,113 @@ def test_a_version_pytest_refused_is_a_row_not_a_crash(tmp_path):
     groups = compat.outcomes_by_group(tmp_path / "missing.xml")
     assert groups == {}
     assert "NO TESTS RAN" in compat.markdown_section("4.46.3", {}, 3.0, groups, "d")
+
+
+# ---- failure kinds, read back from junit -------------------------------------------------
+
+KINDS_JUNIT = """<?xml version="1.0"?><testsuites><testsuite>
+<testcase classname="tests.test_model_families" name="test_f[mistral-quanto4]"><failure message="AssertionError: [behaviour] transformers 5.5.4 behaves differently from the table for &gt;=5.0.0,&lt;6.0.0: FAMILY_SUPPORT[mistral] expects 'rejected'"/></testcase>
+<testcase classname="tests.test_model_families" name="test_f[dbrx-hqq4]"><skipped type="pytest.skip" message="[harness] the harness cannot drive transformers 5.5.4: building the tiny dbrx config failed"/></testcase>
+<testcase classname="tests.test_model_families" name="test_f[llama-hqq4]"/>
+<testcase classname="tests.test_memory_experiment" name="test_ratios_within_baseline_bands[cpu-tiny]"><failure message="quanto4 peak ratio 0.9 outside 1.01 +/- 0.001"/></testcase>
+<testcase classname="tests.test_cache_semantics" name="test_x"><failure message="assert 3 == 4"/></testcase>
+<testcase classname="tests.test_cache_semantics" name="test_y"><skipped type="pytest.skip" message="no CUDA device"/></testcase>
+<testcase classname="tests.test_version_expectations" name="test_beam"><failure message="[XPASS(strict)] #48700"/></testcase>
+<testcase classname="tests.test_version_expectations" name="test_cfg"><skipped type="pytest.xfail" message="#48700"/></testcase>
+</testsuite></testsuites>"""
+
+
+def test_failures_are_classified_by_whose_fault_they_are(tmp_path):
+    path = tmp_path / "j.xml"
+    path.write_text(KINDS_JUNIT)
+    kinds = {c["name"]: c["kind"] for c in compat.read_junit(path)}
+    assert kinds == {
+        "test_f[mistral-quanto4]": "behaviour",  # the table is wrong for this release
+        "test_f[dbrx-hqq4]": "harness",  # a skip, but the release went unchecked: counted
+        "test_f[llama-hqq4]": None,
+        "test_ratios_within_baseline_bands[cpu-tiny]": "band",
+        "test_x": "unclassified",
+        "test_y": None,  # a plain skip is not a problem
+        "test_beam": "behaviour",  # an xpass: a pinned bug no longer shows
+        "test_cfg": None,
+    }
+
+
+def _run(release, cases=(), installed=True, groups=("test_a", "test_b")):
+    return compat.summarize(release, list(cases), installed=installed, groups_run=groups,
+                            install_error="" if installed else "ERROR: No matching distribution found for transformers==9.9",
+                            versions={"transformers": release}, date="d", pytest_rc=0)
+
+
+def _case(group, outcome="passed", kind=None, name="t", message=""):
+    return {"group": group, "name": name, "outcome": outcome, "message": message, "kind": kind}
+
+
+def test_matrix_has_releases_as_rows_in_version_order_and_groups_as_columns():
+    runs = [_run("5.10.4", [_case("test_a"), _case("test_b", "failed", "behaviour", message="[behaviour] x")]),
+            _run("5.5.4", [_case("test_a"), _case("test_a", "skipped", "harness", message="[harness] y"),
+                           _case("test_b", "xfailed")]),
+            _run("9.9", installed=False),
+            _run("5.24.0", [_case("test_a")], groups=("test_a",))]
+    table = compat.matrix_table(runs).splitlines()
+    assert table[0] == "| release | verdict | a | b |"
+    assert [row.split("|")[1].strip() for row in table[2:]] == ["5.5.4", "5.10.4", "5.24.0", "9.9"]
+    assert table[2] == "| 5.5.4 | 1 harness | **1**: 1 harness / 2 | ok 0 (1 xfailed) |"
+    assert table[3] == "| 5.10.4 | 1 behaviour | ok 1 | **1**: 1 behaviour / 1 |"
+    assert table[4] == "| 5.24.0 | passes | ok 1 | not run |"
+    assert table[5].startswith("| 9.9 | cannot install: ERROR: No matching distribution")
+
+
+def test_results_file_has_the_matrix_and_one_section_per_release(tmp_path):
+    import json
+
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    for run in (_run("5.0.0", [_case("test_a", "failed", "behaviour", "t1", "[behaviour] FAMILY_SUPPORT[mistral]")]),
+                _run("4.0.0", installed=False)):
+        (runs / f"{run['release']}.json").write_text(json.dumps(run))
+    text = compat.write_results(runs, tmp_path / "RESULTS.md")
+    assert text.index("## Matrix") < text.index("### transformers 4.0.0") < text.index("### transformers 5.0.0")
+    assert "behaviour (1):" in text and "FAMILY_SUPPORT[mistral]" in text
+    assert "Could not install" in text and (tmp_path / "RESULTS.md").read_text() == text
+
+
+def test_a_release_that_cannot_install_is_remembered_and_a_built_one_is_reused(tmp_path, monkeypatch):
+    from kvcache_repro import compat_envs
+
+    monkeypatch.setenv("KVQ_COMPAT_ENVS", str(tmp_path))
+    base = tmp_path / f"base-{compat_envs.requirements_hash()}"
+    (base / "bin").mkdir(parents=True)
+    (base / ".kvq-complete").write_text("ok\n")
+    calls = []
+
+    def fake_run(cmd, log):
+        calls.append(cmd)
+        if cmd[1:3] == ["-m", "venv"]:
+            compat_envs._site_packages(Path(cmd[3])).mkdir(parents=True)
+            (Path(cmd[3]) / "bin").mkdir(exist_ok=True)
+            (Path(cmd[3]) / "bin" / "python").write_text("")
+            return True
+        log.write_text("ERROR: No matching distribution found for transformers==9.9.9\n")
+        return "transformers==9.9.9" not in cmd
+
+    monkeypatch.setattr(compat_envs, "_run", fake_run)
+    env = compat_envs.release_env("9.9.9")
+    assert env.python is None and "No matching distribution" in env.error
+    n = len(calls)
+    assert compat_envs.release_env("9.9.9").python is None and len(calls) == n  # no second pip attempt
+    ok = compat_envs.release_env("5.24.0")
+    assert ok.python is not None and (ok.path / ".kvq-complete").exists()
+    n = len(calls)
+    assert compat_envs.release_env("5.24.0").python == ok.python and len(calls) == n  # cached
+    assert "site.addsitedir" in (compat_envs._site_packages(ok.path) / "_kvq_base.pth").read_text()
+
+
+def test_a_full_tier_run_is_its_own_row_and_file():
+    full = _run("5.17.0", [_case("test_a"), _case("test_memory_experiment", "failed", "band", "test_ratios")],
+                groups=("the whole tier",))
+    groups = _run("5.17.0", [_case("test_a")], groups=("test_a",))
+    assert (compat.run_file(full), compat.run_file(groups)) == ("5.17.0-full.json", "5.17.0.json")
+    rows = compat.matrix_table([full, groups]).splitlines()[2:]
+    assert rows[0].startswith("| 5.17.0 | passes |")
+    assert rows[1].startswith("| 5.17.0 (full tier) | 1 band |")

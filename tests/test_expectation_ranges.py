@@ -1,0 +1,84 @@
+"""The expectation table's range lookup and its two failure messages (pure, fast)."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from kvcache_repro import expectations as ex
+
+A = ex.VersionRange("5.0.0", "5.8.0")
+B = ex.VersionRange("5.8.0", "6.0.0")
+TABLE = ex.Behaviour("DEMO", ((ex.V457, {"x": ex.Expectation("old", "4.57.6")}),
+                              (A, {"x": ex.Expectation("rejected", "5.0.0, 5.5.4")}),
+                              (B, {"x": ex.Expectation("quantizes", "5.8.0, 5.24.0", "#1", wrong=True)})))
+
+
+@pytest.mark.parametrize("version,value", [("4.57.6", "old"), ("5.0.0", "rejected"), ("5.7.99", "rejected"),
+                                           ("5.8.0", "quantizes"), ("5.99.0", "quantizes")])
+def test_lookup_picks_the_range_holding_the_release(version, value):
+    assert TABLE.lookup("x", version).value == value
+
+
+def test_a_newer_5x_release_falls_in_the_last_range_without_an_edit():
+    assert TABLE.range_of("5.31.2") == B
+    for behaviour in ex.BEHAVIOURS:
+        behaviour.entry("5.99.0")  # every table covers all of 5.x
+
+
+@pytest.mark.parametrize("version", ["4.46.3", "6.0.0", "4.58.0"])
+def test_outside_the_supported_ranges_is_unsupported(version):
+    with pytest.raises(ex.UnsupportedVersion, match=rf"transformers {version} is not supported"):
+        TABLE.lookup("x", version)
+
+
+def test_ranges_of_every_behaviour_do_not_overlap():
+    for behaviour in ex.BEHAVIOURS:
+        spans = sorted((ex.Version(r.low), ex.Version(r.high)) for r, _ in behaviour.ranges)
+        assert all(hi <= lo for (_, hi), (lo, _) in zip(spans, spans[1:])), behaviour.name
+
+
+def test_every_entry_says_where_it_was_observed():
+    for behaviour in ex.BEHAVIOURS:
+        for rng, value in behaviour.ranges:
+            for key, entry in (value.items() if isinstance(value, dict) else [(None, value)]):
+                assert entry.observed, f"{behaviour.name}[{key}] for {rng} has no observation"
+                assert all(rng.contains(v.strip()) for v in entry.observed.split(",")), (behaviour.name, key, rng)
+
+
+def test_behaviour_message_names_release_range_entry_expectation_and_observation():
+    message = ex.differs(TABLE, "x", "ran, 2 of 2 layers quantized", version="5.3.0")
+    assert message.startswith("[behaviour] transformers 5.3.0 behaves differently from the table for >=5.0.0,<5.8.0")
+    assert "DEMO[x] expects 'rejected' (observed on 5.0.0, 5.5.4)" in message
+    assert "observed here: ran, 2 of 2 layers quantized" in message
+
+
+def test_harness_message_is_tagged_and_names_what_is_missing():
+    message = ex.harness_gap("DbrxConfig has no attn_config", version="5.5.4")
+    assert message == "[harness] the harness cannot drive transformers 5.5.4: DbrxConfig has no attn_config"
+
+
+PROBES = sorted((Path(__file__).parent.parent / "compat" / "probes").glob("*.json"))
+
+
+@pytest.mark.parametrize("probe_file", PROBES, ids=[p.stem for p in PROBES])
+def test_the_table_agrees_with_every_recorded_probe(probe_file):
+    """The ranges were found by measurement: every recorded probe (compat/probes/, from
+    `./kvq compat --probe`) must say what the table says for its release. Probe values
+    from a harness gap (``harness: ...``) check nothing."""
+    probe = json.loads(probe_file.read_text())
+    version = probe["transformers"]
+    for key, observed in probe.items():
+        if key.startswith("family:"):
+            family = key.split(":", 1)[1]
+            entry = ex.family_support(family, version)
+            if observed.startswith("harness:"):
+                continue
+            expected = entry.probe or re.escape(entry.value)
+            assert re.fullmatch(expected, observed), (version, family, entry, observed)
+        elif key == "cache_config_untouched":
+            assert observed.startswith("no" if ex.cache_config_untouched(version).wrong else "yes"), (version, observed)
+        elif key == "beam_reorder":
+            assert observed.startswith("no" if ex.beam_search_matches(version).wrong else "yes"), (version, observed)

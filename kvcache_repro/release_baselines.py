@@ -68,7 +68,7 @@ def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by
     return out
 
 
-def provenance(suite: str) -> dict:
+def provenance(scenario: str, suite: str) -> dict:
     versions = {}
     for name in ("torch", "optimum-quanto", "hqq"):
         try:
@@ -77,7 +77,7 @@ def provenance(suite: str) -> dict:
             pass
     return {"date": datetime.date.today().isoformat(), "device": f"{os.cpu_count()}-core CPU ({platform.machine()})",
             "versions": versions,
-            "source": f"python -m kvcache_repro.experiment --scenario S --in-process, run with each release's "
+            "source": f"python -m kvcache_repro.experiment --scenario {scenario} --in-process, run with each release's "
                       f"interpreter (../.compat-envs/transformers-V-*/); suite {suite}; "
                       f"python -m kvcache_repro.release_baselines"}
 
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         release, _, directory = item.partition("=")
         Version(release)
         measured[release] = measured_ratios(Path(directory))
-    produced_by = provenance(args.suite)
+    produced_by = provenance(args.scenario, args.suite)
     updated = []
     for key, entry in sorted(stored.entries.items()):
         values = {rel: ratios[key] for rel, ratios in measured.items() if key in ratios}

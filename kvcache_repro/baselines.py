@@ -75,6 +75,10 @@ class BaselineError(ValueError):
 
 # A per-release range as written in a baseline file: ">=LOW,<HIGH" (PEP 440 versions).
 _RANGE = re.compile(r"^>=([^,<>=\s]+),<([^,<>=\s]+)$")
+# How to re-record a per-release value (kvcache_repro/release_baselines.py).
+RANGE_COMMAND = "python -m kvcache_repro.release_baselines SCENARIO RELEASE=RESULTS_DIR ... --write"
+RANGE_HINT = (f"re-measure the releases of that range (`python -m kvcache_repro.experiment --in-process` with each "
+              f"release's interpreter) and record them with `{RANGE_COMMAND}`")
 RANGE_FIX = ("write it as \">=LOW,<HIGH\" with LOW < HIGH (transformers versions, the first release "
              "showing the value and the first one not showing it), with the releases it was measured on "
              "in 'observed_on', or delete the range to compare against the entry's own ratio")
@@ -271,7 +275,8 @@ def _check_ranges(path, where, values, produced_by) -> tuple[ReleaseValue, ...]:
                 raise BaselineError(
                     path, f"{where}: range {rv.releases} holds transformers {pinned}, the release the entry's "
                           f"own ratio was recorded on (that release would never be compared with it)",
-                    "narrow or delete that range (the pinned release's value is the entry's 'ratio')")
+                    "the entry's 'ratio' belongs to the pinned release: update baselines only on the release "
+                    f"you pin, record other releases' values with `{RANGE_COMMAND}`, or narrow/delete that range")
     return tuple(values)
 
 
@@ -312,6 +317,7 @@ class Verdict:
     source: str = ""  # the baseline file, so a failure says where to look
     reason: str = ""  # "unmeasured": why the run has no value for it (OOM, timeout, ...)
     basis: str = ""  # which release(s) the stored value belongs to, e.g. "transformers >=5.0.0,<5.19.0 (observed on ...)"
+    release_range: str = ""  # the per-release range compared with ("" : the entry's own ratio)
 
     @property
     def passed(self) -> bool:
@@ -336,6 +342,9 @@ class Verdict:
         metric = self.key.rsplit("/", 1)[-1]
         above = self.measured > self.stored
         says = (_HIGHER_MEANS if above else _LOWER_MEANS).get(metric, "differs")
+        # A per-release value is not the pin's: --update-baselines would rewrite the pin's.
+        if self.release_range:
+            return f"{head}: {self.status}: {says} than the baseline (if intended, {RANGE_HINT})"
         if self.status == "regression":
             return (f"{head}: regression: {says} than the baseline "
                     f"(if intended, update with {UPDATE_HINT})")
@@ -358,14 +367,15 @@ def installed_transformers() -> str | None:
         return None
 
 
-def expected(entry: Entry, transformers_version: str | None) -> tuple[float, float, str]:
-    """(ratio, tolerance, basis) an entry holds for a transformers release: its per-release
-    value whose range holds the release, else its own ratio (the pinned release's)."""
+def expected(entry: Entry, transformers_version: str | None) -> tuple[float, float, str, str]:
+    """(ratio, tolerance, basis, range) an entry holds for a transformers release: its
+    per-release value whose range holds the release, else its own ratio (the pinned
+    release's; range "")."""
     rv = entry.value_for(transformers_version)
     if rv is not None:
-        return rv.ratio, rv.tolerance, rv.describe()
+        return rv.ratio, rv.tolerance, rv.describe(), rv.releases
     pinned = entry.pinned_release
-    return entry.ratio, entry.tolerance, (f"transformers {pinned} (the entry's own ratio)" if pinned else "")
+    return entry.ratio, entry.tolerance, (f"transformers {pinned} (the entry's own ratio)" if pinned else ""), ""
 
 
 _INSTALLED = object()
@@ -385,7 +395,7 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
         return Verdict(key, measured_ratio, None, None, "missing", source)
     if transformers_version is _INSTALLED:
         transformers_version = installed_transformers()
-    ratio, tolerance, basis = expected(entry, transformers_version)
+    ratio, tolerance, basis, release_range = expected(entry, transformers_version)
     lo = ratio - tolerance - _EDGE_SLACK
     hi = ratio + tolerance + _EDGE_SLACK
     if lo <= measured_ratio <= hi:
@@ -393,7 +403,7 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
     else:
         worse = (measured_ratio < lo) if metric in HIGHER_IS_BETTER else (measured_ratio > hi)
         status = "regression" if worse else "improvement"
-    return Verdict(key, measured_ratio, ratio, tolerance, status, source, basis=basis)
+    return Verdict(key, measured_ratio, ratio, tolerance, status, source, basis=basis, release_range=release_range)
 
 
 def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str,
@@ -406,8 +416,8 @@ def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, re
         return Verdict(key, math.nan, None, None, "unmeasured", str(baseline.path), reason)
     if transformers_version is _INSTALLED:
         transformers_version = installed_transformers()
-    ratio, tolerance, basis = expected(entry, transformers_version)
-    return Verdict(key, math.nan, ratio, tolerance, "unmeasured", str(baseline.path), reason, basis)
+    ratio, tolerance, basis, release_range = expected(entry, transformers_version)
+    return Verdict(key, math.nan, ratio, tolerance, "unmeasured", str(baseline.path), reason, basis, release_range)
 
 
 def dumps(baseline: BaselineFile) -> str:

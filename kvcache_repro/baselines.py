@@ -4,14 +4,27 @@ Each entry is the ratio of a memory metric for a quantized backend to the unquan
 (`none`) run at the same batch size. Ratios rather than bytes, so a baseline survives a
 change of machine that scales both runs alike. Lower is better.
 
-Stdlib only: the store is read by tooling that must not pay for importing torch.
+An entry's ``ratio`` is the pinned transformers release's (the one in its
+``produced_by``). Memory bytes include the model's and the cache layer's own temporaries,
+which legitimately differ between releases, so an entry may also hold ``by_release``:
+values for ranges of other transformers releases, found by measurement, each saying
+which releases it was observed on. ``compare`` uses the range holding the installed
+transformers, and the entry's own ratio outside every range (a newer release that
+changes nothing compares against the pin's value).
+
+Stdlib only (plus ``packaging``, as compat.py): the store is read by tooling that must
+not pay for importing torch.
 """
 from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
 
 from .atomic import write_atomic
 
@@ -60,6 +73,54 @@ class BaselineError(ValueError):
         self.path = path
 
 
+# A per-release range as written in a baseline file: ">=LOW,<HIGH" (PEP 440 versions).
+_RANGE = re.compile(r"^>=([^,<>=\s]+),<([^,<>=\s]+)$")
+# How to re-record a per-release value (kvcache_repro/release_baselines.py).
+RANGE_COMMAND = "python -m kvcache_repro.release_baselines SCENARIO RELEASE=RESULTS_DIR ... --write"
+RANGE_HINT = (f"re-measure the releases of that range (`python -m kvcache_repro.experiment --in-process` with each "
+              f"release's interpreter) and record them with `{RANGE_COMMAND}`")
+RANGE_FIX = ("write it as \">=LOW,<HIGH\" with LOW < HIGH (transformers versions, the first release "
+             "showing the value and the first one not showing it), with the releases it was measured on "
+             "in 'observed_on', or delete the range to compare against the entry's own ratio")
+
+
+def parse_range(text) -> tuple[Version, Version]:
+    """``">=5.0.0,<5.19.0"`` -> (low, high); ValueError saying what is wrong otherwise."""
+    m = _RANGE.match(text) if isinstance(text, str) else None
+    if m is None:
+        raise ValueError(f"range {text!r} is not of the form \">=LOW,<HIGH\"")
+    try:
+        low, high = Version(m.group(1)), Version(m.group(2))
+    except InvalidVersion as exc:
+        raise ValueError(f"range {text!r}: {exc}") from None
+    if not low < high:
+        raise ValueError(f"range {text!r} is empty (LOW must be below HIGH)")
+    return low, high
+
+
+def in_range(releases: str, version: str) -> bool:
+    low, high = parse_range(releases)
+    return low <= Version(version) < high
+
+
+@dataclass(frozen=True)
+class ReleaseValue:
+    """An entry's value for a range of transformers releases other than the pinned one."""
+
+    releases: str  # ">=LOW,<HIGH"
+    ratio: float
+    tolerance: float
+    observed_on: tuple[str, ...]  # the releases this ratio was measured on (all in the range)
+    produced_by: dict
+
+    def describe(self) -> str:
+        return f"transformers {self.releases} (observed on {', '.join(self.observed_on)})"
+
+    def to_json(self) -> dict:
+        return {"releases": self.releases, "ratio": self.ratio, "tolerance": self.tolerance,
+                "observed_on": list(self.observed_on), "produced_by": self.produced_by}
+
+
 @dataclass(frozen=True)
 class Entry:
     backend: str
@@ -68,17 +129,38 @@ class Entry:
     ratio: float
     tolerance: float
     produced_by: dict
+    by_release: tuple[ReleaseValue, ...] = ()  # sorted by range
 
     @property
     def key(self) -> str:
         return entry_key(self.backend, self.batch, self.metric)
 
+    @property
+    def pinned_release(self) -> str | None:
+        """The transformers release the entry's own ratio was recorded on."""
+        versions = self.produced_by.get("versions")
+        return versions.get("transformers") if isinstance(versions, dict) else None
+
+    def value_for(self, transformers_version: str | None) -> ReleaseValue | None:
+        """The per-release value whose range holds ``transformers_version``; None: the
+        entry's own ratio applies (no version known, or outside every range)."""
+        if not transformers_version:
+            return None
+        try:
+            Version(transformers_version)
+        except InvalidVersion:
+            return None
+        return next((rv for rv in self.by_release if in_range(rv.releases, transformers_version)), None)
+
     def to_json(self) -> dict:
-        return {
+        out = {
             "backend": self.backend, "batch": self.batch, "metric": self.metric,
             "ratio": self.ratio, "tolerance": self.tolerance,
             "produced_by": self.produced_by,
         }
+        if self.by_release:  # files without ranges keep their format
+            out["by_release"] = [rv.to_json() for rv in self.by_release]
+        return out
 
 
 @dataclass
@@ -127,10 +209,75 @@ def _entry_from_json(path, key, raw) -> Entry:
         raise BaselineError(path, f"{where}: field 'tolerance' must be a finite number >= 0, got {tol!r}")
     if not isinstance(produced_by, dict):
         raise BaselineError(path, f"{where}: field 'produced_by' must be an object")
-    entry = Entry(backend, batch, metric, float(ratio), float(tol), produced_by)
+    entry = Entry(backend, batch, metric, float(ratio), float(tol), produced_by,
+                  _release_values_from_json(path, where, raw.get("by_release", []), produced_by))
     if entry.key != key:
         raise BaselineError(path, f"{where} does not match its fields, which give key {entry.key!r}")
     return entry
+
+
+def _release_values_from_json(path, where, raw, produced_by) -> tuple[ReleaseValue, ...]:
+    """Validate an entry's ``by_release`` list: well-formed ranges, each with the releases
+    it was observed on inside it, no two overlapping, none holding the pinned release."""
+    if not isinstance(raw, list):
+        raise BaselineError(path, f"{where}: field 'by_release' must be a list, got {type(raw).__name__}",
+                            RANGE_FIX)
+    out = []
+    for i, item in enumerate(raw):
+        at = f"{where}, by_release[{i}]"
+        if not isinstance(item, dict):
+            raise BaselineError(path, f"{at} must be an object, got {type(item).__name__}", RANGE_FIX)
+        fields = ("releases", "ratio", "tolerance", "observed_on", "produced_by")
+        missing = [f for f in fields if f not in item]
+        if missing:
+            raise BaselineError(path, f"{at} is missing field(s) {', '.join(missing)}", RANGE_FIX)
+        releases, ratio, tol, seen, prov = (item[f] for f in fields)
+        try:
+            parse_range(releases)
+        except ValueError as exc:
+            raise BaselineError(path, f"{at}: {exc}", RANGE_FIX) from None
+        if not _is_number(ratio) or not math.isfinite(ratio) or ratio <= 0:
+            raise BaselineError(path, f"{at}: field 'ratio' must be a finite number > 0, got {ratio!r}", RANGE_FIX)
+        if not _is_number(tol) or not math.isfinite(tol) or tol < 0:
+            raise BaselineError(path, f"{at}: field 'tolerance' must be a finite number >= 0, got {tol!r}",
+                                RANGE_FIX)
+        if not isinstance(seen, list) or not seen or not all(isinstance(v, str) for v in seen):
+            raise BaselineError(path, f"{at}: field 'observed_on' must be a non-empty list of releases, got {seen!r}",
+                                RANGE_FIX)
+        for v in seen:
+            try:
+                inside = in_range(releases, v)
+            except InvalidVersion:
+                raise BaselineError(path, f"{at}: observed_on holds {v!r}, not a version", RANGE_FIX) from None
+            if not inside:
+                raise BaselineError(path, f"{at}: observed on {v}, which lies outside its range {releases}",
+                                    RANGE_FIX)
+        if not isinstance(prov, dict):
+            raise BaselineError(path, f"{at}: field 'produced_by' must be an object", RANGE_FIX)
+        out.append(ReleaseValue(releases, float(ratio), float(tol), tuple(seen), prov))
+    return _check_ranges(path, where, out, produced_by)
+
+
+def _check_ranges(path, where, values, produced_by) -> tuple[ReleaseValue, ...]:
+    values = sorted(values, key=lambda rv: parse_range(rv.releases))
+    for a, b in zip(values, values[1:]):
+        if parse_range(b.releases)[0] < parse_range(a.releases)[1]:
+            raise BaselineError(path, f"{where}: ranges {a.releases} and {b.releases} overlap", RANGE_FIX)
+    versions = produced_by.get("versions") if isinstance(produced_by, dict) else None
+    pinned = versions.get("transformers") if isinstance(versions, dict) else None
+    if pinned:
+        for rv in values:
+            try:
+                holds = in_range(rv.releases, pinned)
+            except InvalidVersion:
+                break  # a non-PEP 440 pin ("?"): no range can hold it
+            if holds:
+                raise BaselineError(
+                    path, f"{where}: range {rv.releases} holds transformers {pinned}, the release the entry's "
+                          f"own ratio was recorded on (that release would never be compared with it)",
+                    "the entry's 'ratio' belongs to the pinned release: update baselines only on the release "
+                    f"you pin, record other releases' values with `{RANGE_COMMAND}`, or narrow/delete that range")
+    return tuple(values)
 
 
 def load(path) -> BaselineFile:
@@ -169,6 +316,8 @@ class Verdict:
     status: str  # "ok" | "regression" | "improvement" | "missing" | "unmeasured"
     source: str = ""  # the baseline file, so a failure says where to look
     reason: str = ""  # "unmeasured": why the run has no value for it (OOM, timeout, ...)
+    basis: str = ""  # which release(s) the stored value belongs to, e.g. "transformers >=5.0.0,<5.19.0 (observed on ...)"
+    release_range: str = ""  # the per-release range compared with ("" : the entry's own ratio)
 
     @property
     def passed(self) -> bool:
@@ -181,16 +330,21 @@ class Verdict:
                      else f"because the baseline file {self.source} does not exist")
             return (f"{self.key}: measured ratio {_num(self.measured)}; no stored entry for "
                     f"this key {where} - record it with {RECORD_HINT}")
+        basis = f" for {self.basis}" if self.basis else ""
         if self.status == "unmeasured":
-            stored = "no stored entry" if self.stored is None else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}"
+            stored = ("no stored entry" if self.stored is None
+                      else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}{basis}")
             return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
         head = (f"{self.key}: measured ratio {_num(self.measured)}, stored {_num(self.stored)} "
-                f"+/- {_num(self.tolerance)} in {self.source}")
+                f"+/- {_num(self.tolerance)}{basis} in {self.source}")
         if self.status == "ok":
             return f"{head}: ok, within the band"
         metric = self.key.rsplit("/", 1)[-1]
         above = self.measured > self.stored
         says = (_HIGHER_MEANS if above else _LOWER_MEANS).get(metric, "differs")
+        # A per-release value is not the pin's: --update-baselines would rewrite the pin's.
+        if self.release_range:
+            return f"{head}: {self.status}: {says} than the baseline (if intended, {RANGE_HINT})"
         if self.status == "regression":
             return (f"{head}: regression: {says} than the baseline "
                     f"(if intended, update with {UPDATE_HINT})")
@@ -205,8 +359,32 @@ def problems(verdicts: list[Verdict]) -> list[str]:
     return [v.message for v in verdicts if not v.passed]
 
 
+def installed_transformers() -> str | None:
+    """The installed transformers release (package metadata: no import), None without one."""
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def expected(entry: Entry, transformers_version: str | None) -> tuple[float, float, str, str]:
+    """(ratio, tolerance, basis, range) an entry holds for a transformers release: its
+    per-release value whose range holds the release, else its own ratio (the pinned
+    release's; range "")."""
+    rv = entry.value_for(transformers_version)
+    if rv is not None:
+        return rv.ratio, rv.tolerance, rv.describe(), rv.releases
+    pinned = entry.pinned_release
+    return entry.ratio, entry.tolerance, (f"transformers {pinned} (the entry's own ratio)" if pinned else ""), ""
+
+
+_INSTALLED = object()
+
+
 def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
-            measured_ratio: float) -> Verdict:
+            measured_ratio: float, transformers_version: str | None = _INSTALLED) -> Verdict:
+    """``measured_ratio`` against the stored value for ``transformers_version`` (default:
+    the installed release; see ``expected``)."""
     if not _is_number(measured_ratio) or not math.isfinite(measured_ratio):
         # NaN compares false both ways and would slip through as an "improvement".
         raise ValueError(f"measured ratio must be a finite number, got {measured_ratio!r}")
@@ -215,23 +393,31 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
     entry = baseline.entries.get(key)
     if entry is None:
         return Verdict(key, measured_ratio, None, None, "missing", source)
-    lo = entry.ratio - entry.tolerance - _EDGE_SLACK
-    hi = entry.ratio + entry.tolerance + _EDGE_SLACK
+    if transformers_version is _INSTALLED:
+        transformers_version = installed_transformers()
+    ratio, tolerance, basis, release_range = expected(entry, transformers_version)
+    lo = ratio - tolerance - _EDGE_SLACK
+    hi = ratio + tolerance + _EDGE_SLACK
     if lo <= measured_ratio <= hi:
         status = "ok"
     else:
         worse = (measured_ratio < lo) if metric in HIGHER_IS_BETTER else (measured_ratio > hi)
         status = "regression" if worse else "improvement"
-    return Verdict(key, measured_ratio, entry.ratio, entry.tolerance, status, source)
+    return Verdict(key, measured_ratio, ratio, tolerance, status, source, basis=basis, release_range=release_range)
 
 
-def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str) -> Verdict:
+def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str,
+               transformers_version: str | None = _INSTALLED) -> Verdict:
     """A baseline entry the run could not produce (its row ran out of memory, timed out,
     or failed): a failing verdict that says so, never a silent pass."""
     key = entry_key(backend, batch, metric)
     entry = baseline.entries.get(key)
-    return Verdict(key, math.nan, None if entry is None else entry.ratio, None if entry is None else entry.tolerance,
-                   "unmeasured", str(baseline.path), reason)
+    if entry is None:
+        return Verdict(key, math.nan, None, None, "unmeasured", str(baseline.path), reason)
+    if transformers_version is _INSTALLED:
+        transformers_version = installed_transformers()
+    ratio, tolerance, basis, release_range = expected(entry, transformers_version)
+    return Verdict(key, math.nan, ratio, tolerance, "unmeasured", str(baseline.path), reason, basis, release_range)
 
 
 def dumps(baseline: BaselineFile) -> str:
@@ -242,7 +428,9 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
            description: str = "", reset_tolerance: bool = False) -> list[str]:
     """Write ``entries`` into the file at ``path``, atomically. An entry already stored
     keeps its tolerance (a band is a decision, derived from measured spread; a re-run
-    must not widen or narrow it silently) unless ``reset_tolerance``."""
+    must not widen or narrow it silently) unless ``reset_tolerance``, and its per-release
+    values (``by_release``: measured on other releases, never dropped by a run on the pin;
+    a given entry's own ``by_release`` replaces stored ranges with the same ``releases``)."""
     path = Path(path)
     rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
     if run_failed:
@@ -256,6 +444,14 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
             raise BaselineError(path, f"entry {e.key!r} given twice", rerun)
         # Same checks as on load, so update never writes a file that load would reject.
         fresh[e.key] = _entry_from_json(path, e.key, e.to_json())
+        for rv in e.by_release:
+            if abs(rv.ratio - e.ratio) <= e.tolerance + _EDGE_SLACK:
+                # Such a range compares as the entry's own ratio does: it would only hide
+                # that the release behaves like the pin.
+                raise BaselineError(path, f"entry {e.key!r}: the value {_num(rv.ratio)} for {rv.releases} lies in "
+                                          f"the entry's own band ({_num(e.ratio)} +/- {_num(e.tolerance)})",
+                                    "store a per-release value only where it differs from the entry's ratio "
+                                    "by more than its tolerance")
 
     current = load(path)  # raises on a corrupt file, which is then never overwritten
     if path.exists() and current.scenario != scenario:
@@ -265,11 +461,18 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     lines = []
     for key, e in fresh.items():
         old = current.entries.get(key)
-        if old is not None and not reset_tolerance:
-            e = Entry(e.backend, e.batch, e.metric, e.ratio, old.tolerance, e.produced_by)
+        if old is not None:
+            tolerance = e.tolerance if reset_tolerance else old.tolerance
+            given = {rv.releases for rv in e.by_release}
+            kept = [rv for rv in old.by_release if rv.releases not in given]
+            # Validated again: the new pinned release must not lie in a kept range.
+            e = Entry(e.backend, e.batch, e.metric, e.ratio, tolerance, e.produced_by,
+                      _check_ranges(path, f"entry {key!r}", kept + list(e.by_release), e.produced_by))
         line = f"{key}: {'new' if old is None else _num(old.ratio)} -> {_num(e.ratio)}"
         if old is not None and old.tolerance != e.tolerance:
             line += f" (tolerance {_num(old.tolerance)} -> {_num(e.tolerance)})"
+        if e.by_release:
+            line += f" (per-release values kept for {', '.join(rv.releases for rv in e.by_release)})"
         lines.append(line)
         current.entries[key] = e
     current.scenario = scenario
@@ -288,9 +491,15 @@ def drift_lines(path, verdicts: list[Verdict], versions: dict[str, str]) -> list
         entry = stored.entries.get(v.key)
         if entry is None:
             continue
-        theirs = entry.produced_by.get("versions", {})
+        # The value compared with: a per-release one is recorded for this transformers
+        # release (its other versions still count).
+        rv = entry.value_for(versions.get("transformers"))
+        ratio = entry.ratio if rv is None else rv.ratio
+        theirs = dict((entry.produced_by if rv is None else rv.produced_by).get("versions", {}))
+        if rv is not None:
+            theirs.pop("transformers", None)
         changed = {k: f"{theirs[k]} -> {versions[k]}" for k in versions if k in theirs and theirs[k] != versions[k]}
         if changed:
-            lines.append(f"{v.key}: stored {entry.ratio:.4g}, measured {v.measured:.4g} "
-                         f"({v.measured / entry.ratio - 1:+.1%}) [{', '.join(f'{k} {c}' for k, c in changed.items())}]")
+            lines.append(f"{v.key}: stored {ratio:.4g}, measured {v.measured:.4g} "
+                         f"({v.measured / ratio - 1:+.1%}) [{', '.join(f'{k} {c}' for k, c in changed.items())}]")
     return lines

@@ -102,7 +102,8 @@ def write_outputs(directory: Path, scenario, measurements, found, verdicts, fail
             "ratios": [r.__dict__ for r in found],
             "verdicts": [{"key": v.key, "status": v.status,
                           "measured": None if v.measured != v.measured else v.measured,  # NaN: unmeasured
-                          "stored": v.stored, "tolerance": v.tolerance, "reason": v.reason} for v in verdicts]}
+                          "stored": v.stored, "tolerance": v.tolerance, "basis": v.basis, "reason": v.reason}
+                         for v in verdicts]}
     paths = [directory / "results.json", directory / "results.md", directory / "memory.png"]
     write_atomic(paths[0], json.dumps(data, indent=2) + "\n")
     text = table(scenario, measurements, found, verdicts, failures, missing)

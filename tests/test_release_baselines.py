@@ -1,0 +1,194 @@
+"""Per-release baseline values: an entry's ``by_release`` ranges (values measured on other
+transformers releases than the pinned one), chosen by the installed release."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcache_repro import baselines as bl
+from kvcache_repro.baselines import BaselineError, Entry, ReleaseValue
+
+PIN = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}, "device": "2-core CPU (x86_64)",
+       "date": "2026-11-30", "source": "./kvq experiment --update-baselines"}
+SEEN = {"versions": {"torch": "2.13.0+cpu", "hqq": "0.2.8.post1"}, "device": "2-core CPU (x86_64)",
+        "date": "2026-12-01", "source": "per-release envs"}
+KEY = "hqq4/b200/peak_allocated"
+
+
+def early(ratio=2.038, releases=">=5.0.0,<5.19.0", observed=("5.0.0", "5.17.0")):
+    return ReleaseValue(releases, ratio, 0.001, tuple(observed), SEEN)
+
+
+def pinned(ratio=2.0501, by_release=(), prov=PIN):
+    return Entry("hqq4", 200, "peak_allocated", ratio, 0.001, prov, tuple(by_release))
+
+
+@pytest.fixture
+def path(tmp_path):
+    return tmp_path / "cpu-tiny.json"
+
+
+@pytest.fixture
+def stored(path):
+    bl.update(path, [pinned(by_release=[early()])], run_failed=False, scenario="cpu-tiny")
+    return bl.load(path)
+
+
+def test_round_trip_keeps_ranges(stored, path):
+    assert stored.entries[KEY].by_release == (early(),)
+    raw = json.loads(path.read_text())["entries"][KEY]["by_release"]
+    assert raw == [{"releases": ">=5.0.0,<5.19.0", "ratio": 2.038, "tolerance": 0.001,
+                    "observed_on": ["5.0.0", "5.17.0"], "produced_by": SEEN}]
+
+
+def test_an_entry_without_ranges_keeps_the_old_format(path):
+    bl.update(path, [pinned()], run_failed=False, scenario="cpu-tiny")
+    assert "by_release" not in json.loads(path.read_text())["entries"][KEY]
+
+
+@pytest.mark.parametrize("release", ["5.0.0", "5.17.0", "5.18.99"])
+def test_the_range_holding_the_release_is_used(stored, release):
+    v = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version=release)
+    assert v.passed, v.message
+    assert (v.stored, v.tolerance) == (2.038, 0.001)
+    # the pin's value is outside that range's band: it fails there
+    assert bl.compare(stored, "hqq4", 200, "peak_allocated", 2.0501, transformers_version=release).status == "regression"
+
+
+@pytest.mark.parametrize("release", ["5.19.0", "5.24.0", "5.25.0", "6.1.0", "4.57.6", None, "not-a-version"])
+def test_outside_every_range_the_pins_value_is_used(stored, release):
+    v = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.0501, transformers_version=release)
+    assert v.passed and v.stored == 2.0501
+    assert bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version=release).status == "improvement"
+
+
+def test_the_installed_release_is_the_default(stored, monkeypatch):
+    monkeypatch.setattr(bl.metadata, "version", lambda name: {"transformers": "5.17.0"}[name])
+    assert bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038).passed
+    monkeypatch.setattr(bl.metadata, "version", lambda name: {"transformers": "5.25.0"}[name])
+    assert not bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038).passed
+
+
+def test_a_miss_names_the_range_and_its_releases(stored):
+    msg = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.05, transformers_version="5.17.0").message
+    assert "stored 2.038 +/- 0.001 for transformers >=5.0.0,<5.19.0 (observed on 5.0.0, 5.17.0)" in msg
+    assert "regression" in msg
+    # the pin's update command would rewrite the pin's value: the range's own recording is named
+    assert "release_baselines" in msg and "--update-baselines" not in msg
+    pin = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version="5.25.0").message
+    assert "stored 2.050 +/- 0.001 for transformers 5.24.0 (the entry's own ratio)" in pin
+    assert "--update-baselines" in pin
+
+
+def test_unmeasured_reports_the_value_for_the_release(stored):
+    v = bl.unmeasured(stored, "hqq4", 200, "peak_allocated", "timed out", transformers_version="5.17.0")
+    assert v.stored == 2.038 and ">=5.0.0,<5.19.0" in v.message and not v.passed
+
+
+def _raw_with(path, by_release, prov=PIN):
+    e = pinned(prov=prov).to_json()
+    e["by_release"] = by_release
+    path.write_text(json.dumps({"scenario": "cpu-tiny", "entries": {KEY: e}}))
+
+
+GOOD = early().to_json()
+
+
+@pytest.mark.parametrize("by_release, fragment", [
+    ("5.0-5.18", "'by_release' must be a list"),
+    ([[1]], "by_release[0] must be an object"),
+    ([{k: v for k, v in GOOD.items() if k != "observed_on"}], "missing field(s) observed_on"),
+    ([{**GOOD, "releases": "5.0.0-5.18.0"}], "is not of the form \">=LOW,<HIGH\""),
+    ([{**GOOD, "releases": ">=5.0.0,<=5.18.0"}], "is not of the form"),
+    ([{**GOOD, "releases": ">=5.19.0,<5.0.0"}], "is empty"),
+    ([{**GOOD, "releases": ">=five,<5.19.0"}], "Invalid version"),
+    ([{**GOOD, "ratio": 0}], "'ratio' must be a finite number > 0"),
+    ([{**GOOD, "ratio": True}], "'ratio' must be a finite number > 0"),
+    ([{**GOOD, "tolerance": -1}], "'tolerance' must be a finite number >= 0"),
+    ([{**GOOD, "observed_on": []}], "'observed_on' must be a non-empty list"),
+    ([{**GOOD, "observed_on": ["5.19.0"]}], "observed on 5.19.0, which lies outside its range >=5.0.0,<5.19.0"),
+    ([{**GOOD, "observed_on": ["latest"]}], "observed_on holds 'latest', not a version"),
+    ([{**GOOD, "produced_by": "me"}], "'produced_by' must be an object"),
+    ([GOOD, {**GOOD, "releases": ">=5.10.0,<5.20.0", "observed_on": ["5.19.0"]}],
+     "ranges >=5.0.0,<5.19.0 and >=5.10.0,<5.20.0 overlap"),
+    ([{**GOOD, "releases": ">=5.0.0,<6.0.0"}], "holds transformers 5.24.0, the release the entry's own ratio"),
+])
+def test_a_corrupt_range_is_rejected_naming_entry_problem_and_fix(path, by_release, fragment):
+    _raw_with(path, by_release)
+    with pytest.raises(BaselineError) as exc:
+        bl.load(path)
+    msg = str(exc.value)
+    assert str(path) in msg and repr(KEY) in msg
+    assert fragment in msg
+    assert ("\">=LOW,<HIGH\"" in msg) or ("narrow/delete that range" in msg)
+
+
+def test_ranges_are_sorted_on_load(path):
+    late = {**GOOD, "releases": ">=5.19.0,<5.20.0", "observed_on": ["5.19.0"], "ratio": 2.07}
+    _raw_with(path, [late, GOOD])
+    assert [rv.releases for rv in bl.load(path).entries[KEY].by_release] == [">=5.0.0,<5.19.0", ">=5.19.0,<5.20.0"]
+
+
+def test_update_from_a_run_on_the_pin_keeps_ranges(stored, path):
+    lines = bl.update(path, [pinned(ratio=2.06)], run_failed=False, scenario="cpu-tiny")
+    assert lines == [f"{KEY}: 2.050 -> 2.060 (per-release values kept for >=5.0.0,<5.19.0)"]
+    entry = bl.load(path).entries[KEY]
+    assert entry.ratio == 2.06 and entry.by_release == (early(),)
+
+
+def test_update_replaces_a_range_only_when_given_the_same_range(stored, path):
+    late = early(ratio=2.07, releases=">=5.19.0,<5.20.0", observed=("5.19.0",))
+    bl.update(path, [pinned(by_release=[early(ratio=2.04), late])], run_failed=False, scenario="cpu-tiny")
+    assert bl.load(path).entries[KEY].by_release == (early(ratio=2.04), late)
+
+
+def test_update_refuses_a_range_inside_the_pins_band(path):
+    with pytest.raises(BaselineError, match=r"the value 2.050 for >=5.0.0,<5.19.0 lies in the entry's own band"):
+        bl.update(path, [pinned(by_release=[early(ratio=2.0505)])], run_failed=False, scenario="cpu-tiny")
+    assert not path.exists()
+
+
+def test_update_refuses_a_pin_inside_a_stored_range_and_leaves_the_file(stored, path):
+    before = path.read_bytes()
+    on_517 = {**PIN, "versions": {**PIN["versions"], "transformers": "5.17.0"}}
+    with pytest.raises(BaselineError, match="holds transformers 5.17.0"):
+        bl.update(path, [pinned(ratio=2.038, prov=on_517)], run_failed=False, scenario="cpu-tiny")
+    assert path.read_bytes() == before
+
+
+def test_drift_compares_with_the_value_for_the_release(stored, path):
+    v = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version="5.17.0")
+    # same torch as the range's provenance, other transformers than the pin: no drift line
+    assert bl.drift_lines(path, [v], {"transformers": "5.17.0", "torch": "2.13.0+cpu"}) == []
+    lines = bl.drift_lines(path, [v], {"transformers": "5.17.0", "torch": "2.14.0"})
+    assert lines == [f"{KEY}: stored 2.038, measured 2.038 (+0.0%) [torch 2.13.0+cpu -> 2.14.0]"]
+
+
+def test_stored_ranges_differ_from_the_pin_and_never_hold_it():
+    """Every range in baselines/ is worth keeping: its value lies outside the pin's band
+    (a value inside it needs no range), and the pinned release is outside every range."""
+    pin = next(line.split("==")[1].strip() for line in (bl.BASELINE_DIR.parent / "requirements.txt").read_text().splitlines()
+               if line.startswith("transformers=="))
+    for path in sorted(bl.BASELINE_DIR.glob("*.json")):
+        for entry in bl.load(path).entries.values():
+            for rv in entry.by_release:
+                assert abs(rv.ratio - entry.ratio) > entry.tolerance, (path.name, entry.key, rv.releases)
+                assert not bl.in_range(rv.releases, pin), (path.name, entry.key, rv.releases)
+
+
+def test_ranges_from_measurements_cut_at_the_first_release_showing_each_value():
+    from kvcache_repro.release_baselines import ranges_for
+    measured = {"4.57.6": 2.05201, "5.0.0": 2.05203, "5.4.0": 2.03789, "5.17.0": 2.03791, "5.18.0": 2.04004,
+                "5.19.0": 2.0502, "5.24.0": 2.05012}
+    found = ranges_for(pinned(), measured, SEEN)
+    assert [(rv.releases, rv.ratio, rv.observed_on) for rv in found] == [
+        (">=4.57.6,<5.4.0", 2.052, ("4.57.6", "5.0.0")),
+        (">=5.4.0,<5.18.0", 2.0379, ("5.4.0", "5.17.0")),
+        (">=5.18.0,<5.19.0", 2.04, ("5.18.0",)),  # 5.19.0 lies within the pin's band: no range from there on
+    ]
+    # the newest measured release differs from the pin, nothing newer measured: bounded by the pin
+    assert [rv.releases for rv in ranges_for(pinned(), {"5.17.0": 2.0379}, SEEN)] == [">=5.17.0,<5.24.0"]
+    # a release after the pin that differs cannot be given an upper bound: refuse
+    with pytest.raises(SystemExit, match="differ from the pin"):
+        ranges_for(pinned(), {"5.24.0": 2.0501, "5.25.0": 2.1}, SEEN)

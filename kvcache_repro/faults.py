@@ -14,6 +14,11 @@ fault patches transformers' quantized cache layers the way a regression could:
 - ``hqq_more_temporaries``: hqq's quantize holds two extra float32 copies of its input
   while it runs (its requantization temporaries, about doubled)
 - ``quanto_slow_as_hqq``: quanto also runs hqq's optimizer at each quantize (hqq's cost, quanto's codes)
+- ``hqq_noise``: hqq's dequantized values (only hqq's) get 30% Gaussian noise: hqq
+  regresses in accuracy, quanto does not
+- ``unquantized_copies``: the unquantized cache (DynamicLayer, not the quantized layers)
+  keeps six extra copies of its keys and values, made anew at every step: a memory and
+  speed regression of the baseline that makes quantization look better than it is
 
 Faults of the machine rather than the library, for the experiment's robustness:
 
@@ -36,7 +41,8 @@ import time
 ENV = "KVQ_FAULT"
 OOM_BATCH_ENV = "KVQ_FAULT_OOM_BATCH"
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
-          "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "oom", "hang")
+          "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "hqq_noise",
+          "unquantized_copies", "oom", "hang")
 
 
 def _patch_oom() -> None:
@@ -108,14 +114,26 @@ def _patch(name: str) -> None:
             self.nbits = 8
             return h_quantize(self, tensor, axis)
         quanto._quantize, hqq._quantize = quanto_more, hqq_more
-    elif name == "noise":
-        def noisy(original):
+    elif name in ("noise", "hqq_noise"):
+        def noisy(original, level):
             def _dequantize(self, q):
                 x = original(self, q)
                 g = torch.Generator(device=x.device).manual_seed(0)
-                return x + 0.03 * x.float().std() * torch.randn(x.shape, generator=g, device=x.device).to(x.dtype)
+                return x + level * x.float().std() * torch.randn(x.shape, generator=g, device=x.device).to(x.dtype)
             return _dequantize
-        quanto._dequantize, hqq._dequantize = noisy(q_deq), noisy(h_deq)
+        if name == "noise":
+            quanto._dequantize, hqq._dequantize = noisy(q_deq, 0.03), noisy(h_deq, 0.03)
+        else:
+            hqq._dequantize = noisy(h_deq, 0.30)
+    elif name == "unquantized_copies":
+        plain_update = cu.DynamicLayer.update
+
+        def update_with_copies(self, *args, **kwargs):
+            out = plain_update(self, *args, **kwargs)
+            if type(self) is cu.DynamicLayer:  # the quantized layers subclass it
+                self._copies = [t.clone() for t in (self.keys, self.values) for _ in range(6)]
+            return out
+        cu.DynamicLayer.update = update_with_copies
     elif name == "low_precision_scales":
         def low_quanto(self, tensor, axis):
             q = q_quantize(self, tensor, axis)

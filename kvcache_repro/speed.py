@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -163,6 +163,7 @@ class SpeedSetup:
     blocks: int = 2
     # Extra rounds, in steps of ``rounds``, while a comparison is undecided (loaded machine).
     max_rounds: int = 0
+    slow: bool = False  # its tests are marked slow (run with --kv-run-slow)
 
     def describe(self) -> str:
         return (f"{self.model} model, batch {self.batch}, {self.prompt}-token prompt + {self.new_tokens} new, "
@@ -179,7 +180,7 @@ SPEED_SETUPS = {s.name: s for s in (
     SpeedSetup("tiny", "tiny", 16, 16, 256, caches.QuantSettings(q_group_size=128, residual_length=64), 6,
                max_rounds=18),
     # The real model at the seed's cache settings (G 128, R 64): 160 new tokens = 2 flushes.
-    SpeedSetup("real", "real", 1, 16, 160, caches.QuantSettings(q_group_size=128, residual_length=64), 6),
+    SpeedSetup("real", "real", 1, 16, 160, caches.QuantSettings(q_group_size=128, residual_length=64), 6, slow=True),
 )}
 
 
@@ -232,8 +233,15 @@ def measure_in_fresh_process(setup: SpeedSetup, timeout: float = 1800) -> dict[s
         raise RuntimeError(f"speed measurement of {setup.name!r} failed in its process (exit {proc.returncode}):\n"
                            + (proc.stdout + proc.stderr)[-3000:])
     line = next(line for line in reversed(proc.stdout.splitlines()) if line.startswith(RESULT_PREFIX))
-    return {name: SpeedRatio(**{**fields, "blocks": tuple(fields["blocks"])})
-            for name, fields in json.loads(line[len(RESULT_PREFIX):]).items()}
+    return ratios_from_json(json.loads(line[len(RESULT_PREFIX):]))
+
+
+def ratios_to_json(ratios: dict[str, SpeedRatio]) -> dict:
+    return {name: asdict(r) for name, r in ratios.items()}
+
+
+def ratios_from_json(data: dict) -> dict[str, SpeedRatio]:
+    return {name: SpeedRatio(**{**fields, "blocks": tuple(fields["blocks"])}) for name, fields in data.items()}
 
 
 RESULT_PREFIX = "KVQ-SPEED "
@@ -285,11 +293,10 @@ def rows(setup: SpeedSetup, ratios: dict[str, SpeedRatio]) -> str:
 if __name__ == "__main__":  # python -m kvcache_repro.speed SETUP: one measurement, JSON on the last line
     import json
     import sys
-    from dataclasses import asdict
 
     from . import faults, threads
 
     threads.pin()
     faults.in_worker()  # KVQ_FAULT, as the test process has it: the speed faults act here
     found = measure(SPEED_SETUPS[sys.argv[1]])
-    print(RESULT_PREFIX + json.dumps({name: asdict(r) for name, r in found.items()}), flush=True)
+    print(RESULT_PREFIX + json.dumps(ratios_to_json(found)), flush=True)

@@ -31,3 +31,25 @@ def test_speed_within_baseline_bands(speed_ratios, setup_name):
     setup = speed.SPEED_SETUPS[setup_name]
     failing = baselines.problems(speed.verdicts(setup, speed_ratios(setup_name)))
     assert not failing, "\n".join(failing)
+
+
+def test_under_xdist_the_speed_the_tests_use_is_measured_ahead_and_handed_over(tmp_path, monkeypatch):
+    """conftest's controller hook measures, before any test is scheduled, exactly the speed
+    setups the collected tests use (not the slow one without --kv-run-slow), once; the
+    worker's fixture reads it back as the same ratios."""
+    import types
+
+    import conftest
+
+    fake = {"quanto4": speed.SpeedRatio("quanto4", 1.4, (1.38, 1.42), 6000.0, 6)}
+    calls = []
+    monkeypatch.setattr(speed, "measure_in_fresh_process", lambda setup: calls.append(setup.name) or fake)
+    monkeypatch.setenv(conftest.SPEED_FILE_ENV, str(tmp_path / "speed.json"))
+    config = types.SimpleNamespace(getoption=lambda name: False)
+    ids = ["tests/test_speed.py::test_speed_within_baseline_bands[tiny]@speed",
+           "tests/test_speed.py::test_speed_within_baseline_bands[real]@speed",
+           "tests/test_models.py::test_a_copy_is_complete_or_absent"]
+    for _ in range(2):  # one call per worker: measured once
+        conftest.pytest_xdist_node_collection_finished(types.SimpleNamespace(config=config), ids)
+    assert calls == ["tiny"]
+    assert speed.ratios_from_json(conftest._speed_measured_ahead()["tiny"]) == fake

@@ -93,7 +93,7 @@ def pytest_configure(config):
     except expectations.UnsupportedVersion as error:
         raise pytest.UsageError(str(error)) from None
     _selection(config)
-    if config.getoption("--kv-update-baselines") and getattr(config.option, "numprocesses", None):
+    if config.getoption("--kv-update-baselines") and _xdist_controller(config):
         raise pytest.UsageError("--kv-update-baselines needs every measurement and test outcome in one "
                                 "process: run it without xdist (add -n 0)")
     if _xdist_controller(config):

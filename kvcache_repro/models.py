@@ -12,6 +12,11 @@ from pathlib import Path
 
 import torch
 
+# The real model's files and its expanded copy live in model_cache.py (torch-free, so
+# `./kvq setup` checks the copy without importing torch); ModelUnavailable and
+# small_real_model_path are re-exported here for the modules that load models.
+from .model_cache import ModelUnavailable, expanded_dir, is_complete, save_expanded, small_real_model_path  # noqa: F401
+
 # Small enough for a 2-core CPU, big enough for group sizes of 32/64: K/V tensors are
 # (batch, 2 kv heads, seq, 16), so H*S*D = 32*S and G=32 divides every length.
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -99,12 +104,6 @@ def kv_geometry(model) -> KVGeometry:
 
 
 # ---- the small real model --------------------------------------------------------------
-
-# Where it lives and its expanded copy: model_cache.py (torch-free, so `./kvq setup` can
-# check the copy without importing torch).
-from .model_cache import (SMALL_REAL_GGUF, SMALL_REAL_INSTALL, SMALL_REAL_PACKAGE, ModelUnavailable,  # noqa: E402,F401
-                          expanded_dir, is_complete, save_expanded, small_real_model_path)
-
 
 @functools.lru_cache(maxsize=None)
 def small_real_model(dtype: torch.dtype = torch.float32, device: str = "cpu"):

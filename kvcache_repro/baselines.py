@@ -122,6 +122,34 @@ class ReleaseValue:
 
 
 @dataclass(frozen=True)
+class Spread:
+    """What an entry's band is cut from: the value measured on each machine and CPU code
+    path (``observed``: label -> value, kvcache_repro/spread.py), and the rule that turns
+    it into the band (``bands.band``): centre the middle of the observed range, half-width
+    ``margin`` x half the range and never below ``floor``. ``banded`` False: the spread
+    is so wide that a band would catch nothing; the value is reported, not compared
+    (``note`` says why). ``note`` of a banded entry: what regression its band catches."""
+
+    observed: dict[str, float]
+    margin: float
+    floor: float
+    banded: bool = True
+    note: str = ""
+
+    @property
+    def low(self) -> float:
+        return min(self.observed.values())
+
+    @property
+    def high(self) -> float:
+        return max(self.observed.values())
+
+    def to_json(self) -> dict:
+        return {"observed": dict(sorted(self.observed.items())), "margin": self.margin, "floor": self.floor,
+                "banded": self.banded, "note": self.note}
+
+
+@dataclass(frozen=True)
 class Entry:
     backend: str
     batch: int
@@ -130,6 +158,7 @@ class Entry:
     tolerance: float
     produced_by: dict
     by_release: tuple[ReleaseValue, ...] = ()  # sorted by range
+    spread: Spread | None = None  # entries without one: bands from a rule (exact bytes, speed.band)
 
     @property
     def key(self) -> str:
@@ -160,6 +189,8 @@ class Entry:
         }
         if self.by_release:  # files without ranges keep their format
             out["by_release"] = [rv.to_json() for rv in self.by_release]
+        if self.spread is not None:
+            out["spread"] = self.spread.to_json()
         return out
 
 
@@ -210,10 +241,43 @@ def _entry_from_json(path, key, raw) -> Entry:
     if not isinstance(produced_by, dict):
         raise BaselineError(path, f"{where}: field 'produced_by' must be an object")
     entry = Entry(backend, batch, metric, float(ratio), float(tol), produced_by,
-                  _release_values_from_json(path, where, raw.get("by_release", []), produced_by))
+                  _release_values_from_json(path, where, raw.get("by_release", []), produced_by),
+                  _spread_from_json(path, where, raw.get("spread"), float(ratio), float(tol)))
     if entry.key != key:
         raise BaselineError(path, f"{where} does not match its fields, which give key {entry.key!r}")
     return entry
+
+
+SPREAD_FIX = ("re-measure the spread (`python -m kvcache_repro.spread run DIR`) and rewrite the band from it "
+              "(`python -m kvcache_repro.bands apply`), or restore the file from git")
+
+
+def _spread_from_json(path, where, raw, ratio: float, tol: float) -> Spread | None:
+    """An entry's ``spread``, checked: finite observed values, margin >= 1, and a band that
+    holds every observed value (a band narrower than the spread it says it comes from
+    would fail on a machine the file itself lists)."""
+    if raw is None:
+        return None
+    at = f"{where}, spread"
+    if not isinstance(raw, dict):
+        raise BaselineError(path, f"{at} must be an object, got {type(raw).__name__}", SPREAD_FIX)
+    observed, margin, floor = raw.get("observed"), raw.get("margin"), raw.get("floor")
+    banded, note = raw.get("banded", True), raw.get("note", "")
+    if (not isinstance(observed, dict) or not observed
+            or not all(isinstance(k, str) and _is_number(v) and math.isfinite(v) for k, v in observed.items())):
+        raise BaselineError(path, f"{at}: 'observed' must be a non-empty object of label -> finite number",
+                            SPREAD_FIX)
+    if not _is_number(margin) or not math.isfinite(margin) or margin < 1:
+        raise BaselineError(path, f"{at}: 'margin' must be a number >= 1, got {margin!r}", SPREAD_FIX)
+    if not _is_number(floor) or not math.isfinite(floor) or floor < 0:
+        raise BaselineError(path, f"{at}: 'floor' must be a finite number >= 0, got {floor!r}", SPREAD_FIX)
+    if not isinstance(banded, bool) or not isinstance(note, str):
+        raise BaselineError(path, f"{at}: 'banded' must be true/false and 'note' a string", SPREAD_FIX)
+    spread = Spread({k: float(v) for k, v in observed.items()}, float(margin), float(floor), banded, note)
+    if banded and not (ratio - tol - _EDGE_SLACK <= spread.low and spread.high <= ratio + tol + _EDGE_SLACK):
+        raise BaselineError(path, f"{at}: the band {_num(ratio)} +/- {_num(tol)} does not hold the spread it was "
+                                  f"cut from ({_num(spread.low)}..{_num(spread.high)})", SPREAD_FIX)
+    return spread
 
 
 def _release_values_from_json(path, where, raw, produced_by) -> tuple[ReleaseValue, ...]:
@@ -289,6 +353,11 @@ def load(path) -> BaselineFile:
         return BaselineFile(path, path.stem, "", {})
     except UnicodeDecodeError as exc:
         raise BaselineError(path, f"not UTF-8 text ({exc})") from None
+    return parse(path, text)
+
+
+def parse(path, text: str) -> BaselineFile:
+    """The baseline file ``text`` (read from ``path``), validated as ``load`` does."""
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -313,15 +382,17 @@ class Verdict:
     measured: float
     stored: float | None
     tolerance: float | None
-    status: str  # "ok" | "regression" | "improvement" | "missing" | "unmeasured"
+    status: str  # "ok" | "reported" (not banded) | "regression" | "improvement" | "missing" | "unmeasured"
     source: str = ""  # the baseline file, so a failure says where to look
     reason: str = ""  # "unmeasured": why the run has no value for it (OOM, timeout, ...)
     basis: str = ""  # which release(s) the stored value belongs to, e.g. "transformers >=5.0.0,<5.19.0 (observed on ...)"
     release_range: str = ""  # the per-release range compared with ("" : the entry's own ratio)
 
+    note: str = ""  # "reported": why the entry is not banded
+
     @property
     def passed(self) -> bool:
-        return self.status == "ok"
+        return self.status in ("ok", "reported")
 
     @property
     def message(self) -> str:
@@ -339,6 +410,9 @@ class Verdict:
                 f"+/- {_num(self.tolerance)}{basis} in {self.source}")
         if self.status == "ok":
             return f"{head}: ok, within the band"
+        if self.status == "reported":
+            return (f"{self.key}: measured {_num(self.measured)}; reported, not banded ({self.note}); "
+                    f"stored spread in {self.source}")
         metric = self.key.rsplit("/", 1)[-1]
         above = self.measured > self.stored
         says = (_HIGHER_MEANS if above else _LOWER_MEANS).get(metric, "differs")
@@ -396,6 +470,8 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
     if transformers_version is _INSTALLED:
         transformers_version = installed_transformers()
     ratio, tolerance, basis, release_range = expected(entry, transformers_version)
+    if entry.spread is not None and not entry.spread.banded and not release_range:
+        return Verdict(key, measured_ratio, ratio, tolerance, "reported", source, basis=basis, note=entry.spread.note)
     lo = ratio - tolerance - _EDGE_SLACK
     hi = ratio + tolerance + _EDGE_SLACK
     if lo <= measured_ratio <= hi:
@@ -466,8 +542,11 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
             given = {rv.releases for rv in e.by_release}
             kept = [rv for rv in old.by_release if rv.releases not in given]
             # Validated again: the new pinned release must not lie in a kept range.
-            e = Entry(e.backend, e.batch, e.metric, e.ratio, tolerance, e.produced_by,
-                      _check_ranges(path, f"entry {key!r}", kept + list(e.by_release), e.produced_by))
+            ratio, spread = e.ratio, e.spread
+            if old.spread is not None and spread is None and not reset_tolerance:
+                ratio, tolerance, spread = merge_spread(old, e)
+            e = Entry(e.backend, e.batch, e.metric, ratio, tolerance, e.produced_by,
+                      _check_ranges(path, f"entry {key!r}", kept + list(e.by_release), e.produced_by), spread)
         line = f"{key}: {'new' if old is None else _num(old.ratio)} -> {_num(e.ratio)}"
         if old is not None and old.tolerance != e.tolerance:
             line += f" (tolerance {_num(old.tolerance)} -> {_num(e.tolerance)})"
@@ -480,6 +559,47 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
         current.description = description
     write_atomic(path, dumps(current))
     return lines
+
+
+def round_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits: a stored band never comes out
+    narrower than the spread it was cut from."""
+    if x <= 0:
+        return 0.0
+    scale = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / scale - 1e-9) * scale
+
+
+def band(observed: dict[str, float], margin: float, floor: float) -> tuple[float, float]:
+    """(centre, half-width) of the band cut from ``observed``: the middle of the observed
+    range, ``margin`` x its half-range and never below ``floor``; it holds every value."""
+    lo, hi = min(observed.values()), max(observed.values())
+    centre = float(f"{(lo + hi) / 2:.6g}")
+    need = max(floor, margin * (hi - lo) / 2, hi - centre, centre - lo)
+    return centre, float(f"{round_up(need):.3g}")
+
+
+def machine_label(produced_by: dict) -> str:
+    """How an observation is named in a spread: the recording machine's CPU and path."""
+    m = produced_by.get("machine") if isinstance(produced_by, dict) else None
+    if not isinstance(m, dict):
+        return f"unrecorded machine, {produced_by.get('date', '?') if isinstance(produced_by, dict) else '?'}"
+    env = ",".join(f"{k}={v}" for k, v in sorted(m.get("env", {}).items()))
+    return f"{m.get('cpu', '?')} {m.get('torch_capability', '?')} {m.get('threads', '?')}t" + (f" [{env}]" if env else "")
+
+
+def merge_spread(old: Entry, new: Entry) -> tuple[float, float, Spread]:
+    """An update on one machine adds its value to the stored spread; the band is cut
+    again from all of it and never comes out narrower than the stored one. A run on
+    other package versions starts the observations anew (the old ones describe other
+    code) but keeps the stored width: the spread between machines is re-measured with
+    `python -m kvcache_repro.spread`, not guessed from one machine."""
+    same_versions = old.produced_by.get("versions") == new.produced_by.get("versions")
+    observed = dict(old.spread.observed) if same_versions else {}
+    observed[machine_label(new.produced_by)] = new.ratio
+    centre, tol = band(observed, old.spread.margin, old.spread.floor)
+    spread = Spread(observed, old.spread.margin, old.spread.floor, old.spread.banded, old.spread.note)
+    return centre, max(tol, old.tolerance), spread
 
 
 def drift_lines(path, verdicts: list[Verdict], versions: dict[str, str]) -> list[str]:

@@ -315,9 +315,12 @@ def provenance(scenario: scenarios.Scenario, measurements: list[Measurement]) ->
 
     device = (torch.cuda.get_device_name(0) if scenario.device == "cuda"
               else f"{os.cpu_count()}-core CPU ({platform.machine()})")
+    from .machine import machine
+
     return {
         "versions": package_versions(),
         "device": device,
+        "machine": machine(),
         "settings": {"new_tokens": scenario.new_tokens, "q_group_size": scenario.settings.q_group_size,
                      "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
                      "prompt_len": {str(m.batch): m.prompt_len for m in measurements},

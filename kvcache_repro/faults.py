@@ -19,6 +19,9 @@ fault patches transformers' quantized cache layers the way a regression could:
 - ``unquantized_copies``: the unquantized cache (DynamicLayer, not the quantized layers)
   keeps six extra copies of its keys and values, made anew at every step: a memory and
   speed regression of the baseline that makes quantization look better than it is
+- ``plain_cache_window``: the unquantized cache (DynamicLayer only) hands attention zeros
+  for the values of all but its last 32 tokens: the reference loses context, as a
+  sliding-window regression of the plain cache would, and every quantized cache "beats" it
 
 Faults of the machine rather than the library, for the experiment's robustness:
 
@@ -42,7 +45,9 @@ ENV = "KVQ_FAULT"
 OOM_BATCH_ENV = "KVQ_FAULT_OOM_BATCH"
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
           "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "hqq_noise",
-          "unquantized_copies", "oom", "hang")
+          "unquantized_copies", "plain_cache_window", "oom", "hang")
+# plain_cache_window: how many of the newest tokens keep their values.
+WINDOW = 32
 
 
 def _patch_oom() -> None:
@@ -134,6 +139,16 @@ def _patch(name: str) -> None:
                 self._copies = [t.clone() for t in (self.keys, self.values) for _ in range(6)]
             return out
         cu.DynamicLayer.update = update_with_copies
+    elif name == "plain_cache_window":
+        plain = cu.DynamicLayer.update
+
+        def update_windowed(self, *args, **kwargs):
+            keys, values = plain(self, *args, **kwargs)
+            if type(self) is cu.DynamicLayer and values.shape[-2] > WINDOW:  # not the quantized subclasses
+                values = values.clone()
+                values[..., :-WINDOW, :] = 0  # shapes kept: the attention mask still fits
+            return keys, values
+        cu.DynamicLayer.update = update_windowed
     elif name == "low_precision_scales":
         def low_quanto(self, tensor, axis):
             q = q_quantize(self, tensor, axis)

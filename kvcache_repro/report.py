@@ -93,7 +93,10 @@ def write_outputs(directory: Path, scenario, measurements, found, verdicts, fail
     from .atomic import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
-    data = {"scenario": scenario.name, "notes": scenario.notes,
+    from .machine import machine
+
+    # The running machine's CPU and code path: a verdict read elsewhere says where it was measured.
+    data = {"scenario": scenario.name, "notes": scenario.notes, "machine": machine(),
             "complete": not failures and not missing,
             "measurements": [m.to_dict() for m in measurements],
             "failures": [f.to_dict() for f in failures],

@@ -266,8 +266,9 @@ def update_baselines(setup: SpeedSetup, ratios: dict[str, SpeedRatio], run_faile
 
     from . import baselines
     from .experiment import package_versions
+    from .machine import machine
 
-    produced_by = {"versions": package_versions(),
+    produced_by = {"versions": package_versions(), "machine": machine(),
                    "device": f"{os.cpu_count()}-core CPU", "date": datetime.date.today().isoformat(),
                    "settings": {"batch": setup.batch, "prompt": setup.prompt, "new_tokens": setup.new_tokens,
                                 "q_group_size": setup.settings.q_group_size,

@@ -53,12 +53,20 @@ def test_hqq_8bit_is_near_lossless(table, name):
     assert q8.top1_agreement >= 0.99
 
 
+# How far a near-lossless cache lowered perplexity by chance, across machines and CPU paths
+# (baselines/spread, 2026-12-01): hqq8 0.134% (AVX512 machine of issue 17, ATen avx2),
+# 0.115% (same, own path), 0.07% (ATen default here); hqq8-axis1 0.07%. The bound is
+# 3.7x the largest: 0.5%.
+CHANCE_IMPROVEMENT = 0.005
+
+
 def test_quantized_cache_never_beats_the_reference_beyond_noise(table):
-    """A lossy cache can lower perplexity only by chance. Noise bound: 0.1% of the
-    reference perplexity, 100x the largest change hqq 8-bit (near-lossless) made in our
-    runs; any backend below reference x (1 - 0.001) is a measurement or harness bug."""
+    """A lossy cache can lower perplexity only by chance (CHANCE_IMPROVEMENT). Below
+    reference x (1 - 0.005) is a measurement or harness bug, e.g. a reference run that
+    loses context (fault ``plain_cache_window``: every quantized cache then "beats" it
+    by 20% and more)."""
     ref = table.reference_perplexity
-    better = {n: q.perplexity for n, q in table.results.items() if q.perplexity < ref * (1 - 1e-3)}
+    better = {n: q.perplexity for n, q in table.results.items() if q.perplexity < ref * (1 - CHANCE_IMPROVEMENT)}
     assert not better, f"reference perplexity {ref:.4f}; suspiciously better: {better}"
 
 
@@ -73,10 +81,15 @@ def test_accuracy_within_baseline_bands(table):
     assert not failing, "\n".join(failing)
 
 
+# 16- vs 1-token forwards on one machine: fp8 differs by design (3.8%, see below), the rest
+# by < 0.1%; 10% is 2.6x fp8's difference and far below a wrong flush schedule's effect.
+SAME_PROTOCOL_KL = 0.10
+
+
 @pytest.mark.slow
 def test_16_token_forwards_give_the_numbers_of_1_token_forwards(accuracy_tables):
     """"core" feeds 16 tokens per forward, "full" the same protocol one at a time: every
-    KL within the baseline band (10%), top-1 within its band (2 positions), and the same
+    KL within 10% (SAME_PROTOCOL_KL), top-1 within its band (2 positions), and the same
     verdict for every accuracy claim. Measured on 5.24: quanto and hqq KL within 0.1%,
     top-1 identical; fp8 3.8% (no residual: a forward's earlier tokens are seen
     unquantized)."""
@@ -84,7 +97,7 @@ def test_16_token_forwards_give_the_numbers_of_1_token_forwards(accuracy_tables)
     positions = core.setup.rows * core.setup.decode
     for name, q in core.results.items():
         ref = full.results[name]
-        assert abs(q.kl - ref.kl) <= accuracy_runs.tolerance("kl", ref.kl, positions), (name, q.kl, ref.kl)
+        assert abs(q.kl - ref.kl) <= SAME_PROTOCOL_KL * ref.kl, (name, q.kl, ref.kl)
         assert abs(q.top1_agreement - ref.top1_agreement) <= 2 / positions + 1e-9, (name, q, ref)
     for nbits, axis in ((2, 0), (4, 0), (4, 1)):
         assert (claims.hqq_more_accurate_than_quanto(core, nbits, axis).verdict

@@ -28,9 +28,16 @@ def test_decode_throughput_tiny(benchmark, speed_backend):
 
 @pytest.mark.parametrize("setup_name", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
 def test_speed_within_baseline_bands(speed_ratios, setup_name):
+    """Each banded ratio inside its band. The tiny setup's ratios are reported, not banded:
+    between CPU code paths of one machine they span quanto4 1.37-1.65 and hqq4 1.62-2.47
+    (baselines/spread, README "Bands"), so a band that holds on other machines catches no
+    regression worth the name; the speed claims (interleaved blocks) still decide."""
     setup = speed.SPEED_SETUPS[setup_name]
-    failing = baselines.problems(speed.verdicts(setup, speed_ratios(setup_name)))
+    verdicts = speed.verdicts(setup, speed_ratios(setup_name))
+    failing = baselines.problems(verdicts)
     assert not failing, "\n".join(failing)
+    if verdicts and all(v.status == "reported" for v in verdicts):
+        pytest.skip("no banded speed ratio on this setup (reported only): " + "; ".join(v.message for v in verdicts))
 
 
 def test_under_xdist_the_speed_the_tests_use_is_measured_ahead_and_handed_over(tmp_path, monkeypatch):

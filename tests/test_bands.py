@@ -1,0 +1,138 @@
+"""Bands cut from the spread between machines: stored with it, checked against it on
+load, never narrowed by an update on one machine, and not banded where the spread is too
+wide for a band to catch anything."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvcache_repro import bands, baselines as bl
+from kvcache_repro.baselines import BaselineError, Entry, Spread
+
+MACHINE_A = {"cpu": "AMD EPYC (avx2)", "torch_capability": "AVX2", "threads": 1, "env": {}}
+MACHINE_B = {"cpu": "Intel Xeon (avx512f)", "torch_capability": "AVX512", "threads": 1, "env": {}}
+VERSIONS = {"torch": "2.13.0", "transformers": "5.24.0"}
+
+
+def prov(machine=MACHINE_A, versions=VERSIONS):
+    return {"versions": dict(versions), "machine": machine, "date": "2026-12-01",
+            "settings": {"protocol": "rows2-prefill64-decode128-G128-R64"}}
+
+
+def spread_entry(observed, margin=2.0, floor=0.0, banded=True, metric="perplexity_ratio"):
+    centre, tol = bl.band(observed, margin, floor)
+    return Entry("hqq2", 2, metric, centre, tol, prov(), (), Spread(observed, margin, floor, banded, "n"))
+
+
+def stored_file(tmp_path, e):
+    path = tmp_path / "acc.json"
+    path.write_text(bl.dumps(bl.BaselineFile(path, "accuracy", "d", {e.key: e})))
+    return path
+
+
+def test_band_holds_every_observed_value_with_its_margin():
+    observed = {"a": 9.399, "b": 9.468, "c": 9.41}
+    centre, tol = bl.band(observed, 2.0, 0.0)
+    assert centre == pytest.approx(9.4335)
+    assert tol >= 2 * (9.468 - 9.399) / 2 - 1e-9  # margin x half the range
+    assert all(centre - tol <= v <= centre + tol for v in observed.values())
+    assert bl.band({"a": 1.0}, 2.0, 0.01) == (1.0, 0.01)  # no spread: the floor
+
+
+@pytest.mark.parametrize("x", [0.0197, 0.00781, 1.23456, 0.000123401])
+def test_round_up_never_narrows(x):
+    assert x <= bl.round_up(x) <= x * 1.01
+
+
+def test_spread_round_trips_through_the_file(tmp_path):
+    e = spread_entry({"AMD AVX2 1t": 9.399, "Intel AVX512 1t": 9.468})
+    back = bl.load(stored_file(tmp_path, e)).entries[e.key]
+    assert back == e
+
+
+def test_a_band_narrower_than_its_spread_is_a_corrupt_file(tmp_path):
+    e = spread_entry({"a": 9.399, "b": 9.468})
+    path = stored_file(tmp_path, e)
+    data = json.loads(path.read_text())
+    data["entries"][e.key]["tolerance"] = 0.01  # what a cut to one machine's repeatability looks like
+    path.write_text(json.dumps(data))
+    with pytest.raises(BaselineError, match="does not hold the spread"):
+        bl.load(path)
+
+
+@pytest.mark.parametrize("field, value", [("margin", 0.5), ("observed", {}), ("observed", {"a": "x"}),
+                                          ("floor", -1), ("banded", "yes")])
+def test_malformed_spreads_are_rejected_with_the_fix(tmp_path, field, value):
+    e = spread_entry({"a": 1.0, "b": 1.01})
+    path = stored_file(tmp_path, e)
+    data = json.loads(path.read_text())
+    data["entries"][e.key]["spread"][field] = value
+    path.write_text(json.dumps(data))
+    with pytest.raises(BaselineError, match="kvcache_repro.spread"):
+        bl.load(path)
+
+
+def test_a_value_from_another_machine_inside_the_spread_passes(tmp_path):
+    """The failure of issue 17: hqq2's perplexity ratio 9.468 on an AVX512 machine against
+    9.399 +/- 0.019 cut on one machine. With both machines in the spread it passes, and a
+    real regression beyond the margin still fails."""
+    e = spread_entry({"a": 9.399, "b": 9.468})
+    stored = bl.load(stored_file(tmp_path, e))
+    assert bl.compare(stored, "hqq2", 2, "perplexity_ratio", 9.468).passed
+    assert bl.compare(stored, "hqq2", 2, "perplexity_ratio", 9.399).passed
+    assert bl.compare(stored, "hqq2", 2, "perplexity_ratio", 9.60).status == "regression"
+
+
+def test_an_unbanded_metric_is_reported_not_compared(tmp_path):
+    e = spread_entry({"a": 40.0, "b": 55.0}, banded=False)
+    v = bl.compare(bl.load(stored_file(tmp_path, e)), "hqq2", 2, "perplexity_ratio", 80.0)
+    assert v.status == "reported" and v.passed and "not banded" in v.message
+
+
+def test_update_on_one_machine_keeps_the_stored_spread(tmp_path):
+    """--update-baselines on machine A (at one end of the spread) must not cut the band to
+    A's value: B's value, stored in the spread, still lies inside."""
+    e = spread_entry({"A old": 9.399, "B": 9.468})
+    path = stored_file(tmp_path, e)
+    bl.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.40, 0.0188, prov())], run_failed=False,
+              scenario="accuracy")
+    back = bl.load(path).entries[e.key]
+    assert back.tolerance >= e.tolerance
+    assert back.ratio - back.tolerance <= 9.468 <= back.ratio + back.tolerance
+    assert bl.machine_label(prov()) in back.spread.observed and "B" in back.spread.observed
+
+
+def test_update_on_new_versions_restarts_the_observations_but_keeps_the_width(tmp_path):
+    e = spread_entry({"A old": 9.399, "B": 9.468})
+    path = stored_file(tmp_path, e)
+    bl.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.1, 0.0188, prov(versions={**VERSIONS, "torch": "2.14.1"}))],
+              run_failed=False, scenario="accuracy")
+    back = bl.load(path).entries[e.key]
+    assert list(back.spread.observed.values()) == [9.1]
+    assert (back.ratio, back.tolerance) == (9.1, e.tolerance)
+
+
+def run(machine, values):
+    return {"machine": machine, "values": values}
+
+
+def test_rebanding_adds_the_runs_to_the_recording_machines_value():
+    entry = Entry("hqq2", 2, "top1_agreement", 0.367188, 0.00781, prov())
+    observed = bands.observed_for("accuracy-core", entry, {
+        "B": run(MACHINE_B, {"accuracy-core/hqq2/top1_agreement": 0.375})})
+    new = bands.rebanded(entry, observed)
+    assert set(new.spread.observed) == {bl.machine_label(prov()), "B"}
+    # half-range 0.0039 x 2 = 0.0078 < the 2-position floor 2/256: the floor rules
+    assert new.tolerance == pytest.approx(bl.round_up(max(2 / 256, 0.375 - new.ratio)), rel=1e-3)
+    assert new.spread.banded and "positions" in new.spread.note
+
+
+def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
+    """A perplexity ratio whose machines disagree so much that the band would be wider than
+    half of what the cache adds (ratio - 1) would need a band that catches nothing."""
+    entry = Entry("hqq2", 2, "perplexity_ratio", 9.4, 0.0188, prov())
+    new = bands.rebanded(entry, {"B": 20.0})
+    assert not new.spread.banded and "not banded" in new.spread.note
+    tight = bands.rebanded(entry, {"B": 9.468})
+    assert tight.spread.banded and "perplexity off by more than" in tight.spread.note

@@ -388,7 +388,7 @@ class Verdict:
     basis: str = ""  # which release(s) the stored value belongs to, e.g. "transformers >=5.0.0,<5.19.0 (observed on ...)"
     release_range: str = ""  # the per-release range compared with ("" : the entry's own ratio)
 
-    note: str = ""  # "reported": why the entry is not banded
+    note: str = ""  # "reported": why the entry is not banded; banded: the spread the band was cut from
 
     @property
     def passed(self) -> bool:
@@ -406,8 +406,9 @@ class Verdict:
             stored = ("no stored entry" if self.stored is None
                       else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}{basis}")
             return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
+        cut = f" (band cut from {self.note})" if self.note else ""
         head = (f"{self.key}: measured ratio {_num(self.measured)}, stored {_num(self.stored)} "
-                f"+/- {_num(self.tolerance)}{basis} in {self.source}")
+                f"+/- {_num(self.tolerance)}{basis}{cut} in {self.source}")
         if self.status == "ok":
             return f"{head}: ok, within the band"
         if self.status == "reported":
@@ -479,7 +480,12 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
     else:
         worse = (measured_ratio < lo) if metric in HIGHER_IS_BETTER else (measured_ratio > hi)
         status = "regression" if worse else "improvement"
-    return Verdict(key, measured_ratio, ratio, tolerance, status, source, basis=basis, release_range=release_range)
+    cut = ""
+    if entry.spread is not None and not release_range:
+        sp = entry.spread
+        cut = f"the spread {_num(sp.low)}..{_num(sp.high)} on {len(sp.observed)} machine/path runs, margin {sp.margin:g}"
+    return Verdict(key, measured_ratio, ratio, tolerance, status, source, basis=basis, release_range=release_range,
+                   note=cut)
 
 
 def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str,

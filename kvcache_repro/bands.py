@@ -132,10 +132,10 @@ def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float =
     if entry.metric in EXACT and entry.spread is None:
         seen = {}  # the stored ratio is the recording's value rounded to 4 decimals, not another observation
     seen.update(observed)
-    fl = floor(entry.metric, entry.ratio, positions)
+    lo, hi = min(seen.values()), max(seen.values())
+    fl = float(f"{floor(entry.metric, (lo + hi) / 2, positions):.6g}")  # of the observations, not of what was stored
     centre, tol = baselines.band(seen, margin, fl)
     banded = tol <= UNBANDED_SHARE * moved(entry.metric, centre) or entry.metric in EXACT
-    lo, hi = min(seen.values()), max(seen.values())
     if banded:
         note = f"catches {catches(entry.metric, centre, tol, positions)}; spread {lo:.6g}..{hi:.6g} on {len(seen)} runs"
     else:

@@ -137,3 +137,38 @@ def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
     assert not new.spread.banded and "not banded" in new.spread.note
     tight = bands.rebanded(entry, {"B": 9.468})
     assert tight.spread.banded and "perplexity off by more than" in tight.spread.note
+
+
+def test_each_path_runs_with_its_own_knobs_and_none_inherited(tmp_path, monkeypatch):
+    """A knob left over in the caller's environment (CI exporting ATEN_CPU_CAPABILITY,
+    say) must not leak into the "own" path, or the spread would measure one path twice."""
+    from kvcache_repro import spread
+
+    seen = {}
+
+    def fake_call(cmd, env):
+        seen[cmd[cmd.index("measure") + 1].rsplit("/", 1)[-1]] = {k: env.get(k) for k in spread.KNOBS}
+        return 0
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    monkeypatch.setenv("KVQ_TORCH_THREADS", "2")
+    monkeypatch.setattr(spread.subprocess, "call", fake_call)
+    spread.run_paths(tmp_path, ["own", "aten-default", "mkl-sse42"], ["memory"])
+    assert seen["own.json"] == dict.fromkeys(spread.KNOBS)
+    assert seen["aten-default.json"] == {**dict.fromkeys(spread.KNOBS), "ATEN_CPU_CAPABILITY": "default"}
+    assert seen["mkl-sse42.json"] == {**dict.fromkeys(spread.KNOBS), "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+
+
+def test_apply_stores_the_spread_and_a_second_apply_changes_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(bl, "BASELINE_DIR", tmp_path)
+    name = "acc.json"
+    e = Entry("hqq2", 2, "perplexity_ratio", 9.39915, 0.0188, prov())
+    (tmp_path / name).write_text(bl.dumps(bl.BaselineFile(tmp_path / name, "accuracy", "d", {e.key: e})))
+    runs = {"B": run(MACHINE_B, {"acc/hqq2/perplexity_ratio": 9.468}),
+            "A-default": run(MACHINE_A, {"acc/hqq2/perplexity_ratio": 9.43326})}
+    bands.apply(runs, write=True, files={name: "acc"})
+    first = (tmp_path / name).read_text()
+    stored = bl.load(tmp_path / name).entries[e.key]
+    assert set(stored.spread.observed) == {bl.machine_label(prov()), "B", "A-default"}
+    assert stored.ratio - stored.tolerance <= 9.39915 and 9.468 <= stored.ratio + stored.tolerance
+    bands.apply(runs, write=True, files={name: "acc"})
+    assert (tmp_path / name).read_text() == first

@@ -124,7 +124,10 @@ def load_runs(files) -> dict[str, dict]:
     return runs
 
 
-def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float = MARGIN) -> baselines.Entry:
+def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float = MARGIN,
+             recorder: dict | None = None) -> baselines.Entry:
+    """The entry with its band cut from ``observed`` plus what it already holds;
+    ``recorder``: the machine that measured the spread (its own path), for produced_by."""
     positions = _positions(entry)
     # What the entry already holds stays an observation: its stored spread, or else the value
     # of the machine that recorded it (labelled by its produced_by).
@@ -142,8 +145,21 @@ def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float =
         note = (f"not banded: the {len(seen)} runs span {lo:.6g}..{hi:.6g}, a band of +/- {tol:.3g} would be "
                 f"{tol / max(moved(entry.metric, centre), 1e-12):.0%} of what a regression moves")
     spread = baselines.Spread(seen, margin, fl, banded, note)
-    return baselines.Entry(entry.backend, entry.batch, entry.metric, centre, tol, entry.produced_by,
+    produced_by = dict(entry.produced_by)
+    if recorder is not None:
+        produced_by["machine"] = recorder
+        produced_by["band"] = "python -m kvcache_repro.bands apply (baselines/spread/)"
+    return baselines.Entry(entry.backend, entry.batch, entry.metric, centre, tol, produced_by,
                            entry.by_release, spread)
+
+
+def recording_machine(runs: dict[str, dict]) -> dict | None:
+    """The machine of the runs on this machine's own path (no knob set): where the bands were cut."""
+    from .machine import cpu_model
+
+    here = cpu_model()
+    return next((r["machine"] for r in runs.values()
+                 if r.get("machine", {}).get("cpu") == here and not r["machine"].get("env")), None)
 
 
 # Each baseline file the spread runs cover, and the prefix of its quantities in a run.
@@ -155,6 +171,7 @@ FILES = {"accuracy-cpu-core-rows2-prefill64-decode128-G128-R64.json": "accuracy-
 
 def apply(runs: dict[str, dict], write: bool, files=FILES) -> list[str]:
     lines = []
+    recorder = recording_machine(runs)
     for name, prefix in files.items():
         path = baselines.BASELINE_DIR / name
         stored = baselines.load(path)
@@ -163,7 +180,7 @@ def apply(runs: dict[str, dict], write: bool, files=FILES) -> list[str]:
             observed = observed_for(prefix, entry, runs)
             if not observed:
                 continue
-            new = rebanded(entry, observed)
+            new = rebanded(entry, observed, recorder=recorder)
             stored.entries[key] = new
             changed = True
             lines.append(f"{name} {key}: {entry.ratio:.6g} +/- {entry.tolerance:.3g} -> {new.ratio:.6g} +/- "

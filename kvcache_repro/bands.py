@@ -110,10 +110,7 @@ def observed_for(key_prefix: str, entry: baselines.Entry, runs: dict[str, dict])
 
 
 def run_label(run: dict, name: str) -> str:
-    m = run.get("machine", {})
-    env = ",".join(f"{k}={v}" for k, v in sorted(m.get("env", {}).items()))
-    return f"{m.get('cpu', '?')} {m.get('torch_capability', '?')} {m.get('threads', '?')}t" + (
-        f" [{env}]" if env else "") + (f" ({name})" if name else "")
+    return baselines.machine_label({"machine": run.get("machine", {})}) + (f" ({name})" if name else "")
 
 
 def load_runs(files) -> dict[str, dict]:

@@ -46,11 +46,13 @@ def test_hqq_8bit_is_near_lossless(table, name):
     """KL is second order in the logit perturbation, which is first order in the step;
     8 bits shrink the step (2^8-1)/(2^4-1) = 17x against 4 bits, so KL should shrink
     ~289x. 10x slack for non-uniform rounding. Top-1 may flip only where the reference's
-    top two logits are nearly tied: at most 1 position in 100."""
+    top two logits are nearly tied: at most 2 positions in 100, 2.5x the flips measured
+    (hqq8 2 of 256, hqq8-axis1 none, on every CPU path of baselines/spread; the former
+    bound of 1 in 100 was one flip away from that)."""
     kl4 = table.results[name.replace("8", "4")].kl
     q8 = table.results[name]
     assert q8.kl <= kl4 * (15 / 255) ** 2 * 10, (q8.kl, kl4)
-    assert q8.top1_agreement >= 0.99
+    assert q8.top1_agreement >= 0.98, q8
 
 
 # How far a near-lossless cache lowered perplexity by chance, across machines and CPU paths

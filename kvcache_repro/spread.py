@@ -91,9 +91,10 @@ def measure(parts=DEFAULT_PARTS) -> dict:
     return {"machine": machine(), "versions": package_versions(), "cpu_seconds": seconds, "values": values}
 
 
-def run_paths(out_dir: Path, paths: list[str], parts: list[str]) -> list[Path]:
+def run_paths(out_dir: Path, paths: list[str], parts: list[str], timeout: float = 3600) -> list[Path]:
     """Each path in its own fresh process, one after another; a path's file is written
-    when it finishes, so an interrupted run keeps what it measured."""
+    when it finishes, so an interrupted run keeps what it measured. ``timeout`` per path
+    (the slowest measured, full + seed under ATen default, took 20 min)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in paths:
@@ -101,21 +102,15 @@ def run_paths(out_dir: Path, paths: list[str], parts: list[str]) -> list[Path]:
         env.update(PATHS[name])
         target = out_dir / f"{name}.json"
         t0 = time.time()
-        rc = subprocess.call([sys.executable, "-m", "kvcache_repro.spread", "measure", str(target),
-                              "--parts", *parts], env=env)
+        try:
+            rc = subprocess.call([sys.executable, "-m", "kvcache_repro.spread", "measure", str(target),
+                                  "--parts", *parts], env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:  # the child is killed; the paths before it are kept
+            rc = f"killed after the {timeout:.0f} s limit"
         print(f"spread: {name}: rc={rc} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
         if rc == 0:
             written.append(target)
     return written
-
-
-def load_runs(files) -> dict[str, dict]:
-    runs = {}
-    for f in files:
-        data = json.loads(Path(f).read_text())
-        label = f"{Path(f).parent.name}/{Path(f).stem}"
-        runs[label] = data
-    return runs
 
 
 def table(runs: dict[str, dict]) -> str:
@@ -154,7 +149,7 @@ def main(argv=None) -> int:
     if a.cmd == "run":
         done = run_paths(a.dir, a.paths, a.parts)
         return 0 if len(done) == len(a.paths) else 1
-    print(table(load_runs(a.files)))
+    print(table({f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in a.files}))
     return 0
 
 

@@ -146,7 +146,7 @@ def test_each_path_runs_with_its_own_knobs_and_none_inherited(tmp_path, monkeypa
 
     seen = {}
 
-    def fake_call(cmd, env):
+    def fake_call(cmd, env, timeout):
         seen[cmd[cmd.index("measure") + 1].rsplit("/", 1)[-1]] = {k: env.get(k) for k in spread.KNOBS}
         return 0
     monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
@@ -183,3 +183,14 @@ def test_runs_of_one_machine_and_path_measured_apart_are_one_run(tmp_path):
     assert list(runs) == [bl.machine_label({"machine": MACHINE_A})]
     assert runs[bl.machine_label({"machine": MACHINE_A})]["values"] == {"accuracy-core/hqq4/kl": 0.06,
                                                                         "accuracy-seed/hqq4/kl": 0.19}
+
+
+def test_reset_tolerances_recuts_from_the_spread_and_keeps_it(tmp_path):
+    """--reset-tolerances must not throw the stored spread away for one machine's floor."""
+    e = spread_entry({"A old": 9.399, "B": 9.468})
+    path = stored_file(tmp_path, e)
+    bl.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.40, 0.0188, prov())], run_failed=False,
+              scenario="accuracy", reset_tolerance=True)
+    back = bl.load(path).entries[e.key]
+    assert "B" in back.spread.observed
+    assert back.ratio - back.tolerance <= 9.399 and 9.468 <= back.ratio + back.tolerance

@@ -28,7 +28,14 @@ path, what was checked, and ``rm -f PATH``; a lock a live process holds is left 
 (that process is building: waiting for it is right, and the worker's time limit bounds
 the wait).
 
-Stdlib only at import: the check runs before torch is imported.
+Which lock the installed torch uses is detected, not assumed (``lock_mechanism``): torch
+<= 2.13 locks with that ``FileBaton``; torch 2.14 replaced it with an OS-level advisory
+``FileLock`` on the same path (pytorch issue 189245), whose file stays after every release
+and blocks nobody, while a live holder is seen by trying the lock without blocking. A
+leftover file is stale only under the baton.
+
+Stdlib only at import: the check runs before torch is imported (torch is imported only
+when a lock file exists, to ask it which mechanism it uses).
 """
 from __future__ import annotations
 
@@ -100,11 +107,93 @@ def holders(path: Path, proc: Path = Path("/proc")) -> tuple[list[int], int]:
     return found, unreadable
 
 
-def check_lock(path: Path) -> list[int]:
-    """Raise StaleLockError if ``path`` exists and no visible process holds it open;
-    return the pids holding it (empty when there is no lock)."""
+BATON, ADVISORY = "baton", "advisory"
+
+
+def _jit_lock_class(cpp_extension):
+    """The lock class torch's JIT build path references (``_jit_compile``'s global names):
+    what ``load`` really takes, whatever else the module imports."""
+    code = getattr(getattr(cpp_extension, "_jit_compile", None), "__code__", None)
+    names = set(code.co_names) if code is not None else set()
+    for name in ("FileLock", "FileBaton"):
+        if name in names and hasattr(cpp_extension, name):
+            return getattr(cpp_extension, name)
+    return None
+
+
+def _leftover_blocks(lock_class) -> bool:
+    """Does a lock file that a killed process left (exists, nobody holds it) stop
+    ``lock_class`` from acquiring? Tried on a scratch file, never the real lock."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        path = os.path.join(scratch, "lock")
+        open(path, "w").close()
+        if hasattr(lock_class, "try_acquire"):  # FileBaton's API
+            baton = lock_class(path)
+            acquired = baton.try_acquire()
+            if acquired:
+                baton.release()
+            return not acquired
+        lock = lock_class(path, timeout=0)
+        try:
+            lock.acquire()
+        except Exception as error:  # filelock.Timeout (named so that filelock is optional)
+            if type(error).__name__ == "Timeout":
+                return True
+            raise
+        lock.release()
+        return False
+
+
+_MECHANISM: dict[str, str] = {}
+
+
+def lock_mechanism(cpp_extension=None) -> str:
+    """BATON when a leftover lock file blocks the installed torch's extension build (torch
+    <= 2.13), ADVISORY when it does not (torch 2.14's FileLock). Decided by trying the
+    class that ``cpp_extension._jit_compile`` uses on a scratch file; an unknown mechanism
+    counts as BATON (the cautious reading: a leftover file is reported, never ignored)."""
+    if cpp_extension is None:
+        if "installed" in _MECHANISM:
+            return _MECHANISM["installed"]
+        import torch.utils.cpp_extension as cpp_extension
+
+        _MECHANISM["installed"] = mechanism = lock_mechanism(cpp_extension)
+        return mechanism
+    lock_class = _jit_lock_class(cpp_extension)
+    if lock_class is None:
+        return BATON
+    return BATON if _leftover_blocks(lock_class) else ADVISORY
+
+
+def _advisory_holders(path: Path) -> list[int]:
+    """Under an advisory lock: the pids holding it (a build in progress), or [] when it
+    can be taken at once (then it is released again: the file itself is harmless)."""
+    import fcntl
+
+    with open(path, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            held = True
+        else:
+            held = False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+    if not held:
+        return []
+    pids, _ = holders(path)  # after closing ours, so this process is not among them
+    return pids or [0]  # held, by a process whose fds we cannot read
+
+
+def check_lock(path: Path, mechanism: str | None = None) -> list[int]:
+    """Raise StaleLockError if ``path`` is a lock that blocks every build and no visible
+    process holds it open; return the pids holding it (empty when there is no lock, or
+    when the installed torch's lock file is harmless while nobody holds it)."""
     if not path.exists():
         return []
+    if (mechanism or lock_mechanism()) == ADVISORY:
+        return _advisory_holders(path)
     pids, unreadable = holders(path)
     if pids:
         return pids
@@ -114,9 +203,9 @@ def check_lock(path: Path) -> list[int]:
     raise StaleLockError(path, checked)
 
 
-def check_locks(extensions_dir: Path | None = None) -> dict[Path, list[int]]:
+def check_locks(extensions_dir: Path | None = None, mechanism: str | None = None) -> dict[Path, list[int]]:
     """Every quanto extension's lock: raise on the first stale one; live holders by path."""
-    return {p: pids for p in lock_paths(extensions_dir) if (pids := check_lock(p))}
+    return {p: pids for p in lock_paths(extensions_dir) if (pids := check_lock(p, mechanism))}
 
 
 def _finished_build(ext) -> Path | None:

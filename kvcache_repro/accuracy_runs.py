@@ -44,12 +44,33 @@ class AccuracyTable:
         return next(iter(self.results.values())).reference_perplexity
 
     @property
+    def nonfinite(self) -> dict[str, str]:
+        """Backends whose logits held NaN/inf, and where they first did: a finding of its
+        own (tests/test_accuracy.py::test_logits_are_finite), never compared with a band."""
+        return {name: q.nonfinite for name, q in self.results.items() if q.nonfinite}
+
+    @property
+    def finite_results(self) -> dict[str, quality.Quality]:
+        return {name: q for name, q in self.results.items() if not q.nonfinite}
+
+    def nonfinite_message(self, name: str) -> str:
+        """[behaviour]: this backend's logits are not finite on these releases (named, so a
+        release matrix shows whose and where)."""
+        from .compat import BEHAVIOUR_TAG
+
+        stack = ", ".join(f"{k} {v}" for k, v in self.versions.items()
+                          if k in ("torch", "transformers", "optimum-quanto", "hqq"))
+        return (f"{BEHAVIOUR_TAG} {name} gives non-finite logits on {stack or 'this stack'} ({self.device}, "
+                f"{self.setup.name} table): first at {self.results[name].nonfinite}. Its KL, top-1 and perplexity "
+                f"are not compared with their bands; the other backends are.")
+
+    @property
     def baseline_path(self) -> Path:
         return baselines.BASELINE_DIR / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
 
     def metric_values(self) -> list[tuple[str, str, float]]:
         out = []
-        for name, q in self.results.items():
+        for name, q in self.finite_results.items():
             out += [(name, "kl", q.kl), (name, "top1_agreement", q.top1_agreement),
                     (name, "perplexity_ratio", q.perplexity / q.reference_perplexity)]
         return out

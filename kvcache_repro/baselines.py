@@ -27,6 +27,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion, Version
 
 from .atomic import write_atomic
+from .compat import BEHAVIOUR_TAG
 
 # Memory metrics are ratios to the unquantized run; accuracy metrics are teacher-forced
 # against it (kl in nats/token, top-1 agreement, perplexity ratio); speed is the ratio of
@@ -382,7 +383,7 @@ class Verdict:
     measured: float
     stored: float | None
     tolerance: float | None
-    status: str  # "ok" | "reported" (not banded) | "regression" | "improvement" | "missing" | "unmeasured"
+    status: str  # "ok" | "reported" (not banded) | "regression" | "improvement" | "missing" | "unmeasured" | "nonfinite"
     source: str = ""  # the baseline file, so a failure says where to look
     reason: str = ""  # "unmeasured": why the run has no value for it (OOM, timeout, ...)
     basis: str = ""  # which release(s) the stored value belongs to, e.g. "transformers >=5.0.0,<5.19.0 (observed on ...)"
@@ -402,6 +403,11 @@ class Verdict:
             return (f"{self.key}: measured ratio {_num(self.measured)}; no stored entry for "
                     f"this key {where} - record it with {RECORD_HINT}")
         basis = f" for {self.basis}" if self.basis else ""
+        if self.status == "nonfinite":
+            stored = ("no stored entry" if self.stored is None
+                      else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}{basis}")
+            return (f"{BEHAVIOUR_TAG} {self.key}: measured {self.measured!r}, not a finite number (NaN/inf in what "
+                    f"it was computed from); {stored} in {self.source}: not compared")
         if self.status == "unmeasured":
             stored = ("no stored entry" if self.stored is None
                       else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}{basis}")
@@ -460,16 +466,21 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
             measured_ratio: float, transformers_version: str | None = _INSTALLED) -> Verdict:
     """``measured_ratio`` against the stored value for ``transformers_version`` (default:
     the installed release; see ``expected``)."""
-    if not _is_number(measured_ratio) or not math.isfinite(measured_ratio):
-        # NaN compares false both ways and would slip through as an "improvement".
-        raise ValueError(f"measured ratio must be a finite number, got {measured_ratio!r}")
+    if not _is_number(measured_ratio):
+        raise ValueError(f"measured ratio must be a number, got {measured_ratio!r}")
     key = entry_key(backend, batch, metric)
     source = str(baseline.path)
     entry = baseline.entries.get(key)
-    if entry is None:
-        return Verdict(key, measured_ratio, None, None, "missing", source)
     if transformers_version is _INSTALLED:
         transformers_version = installed_transformers()
+    if not math.isfinite(measured_ratio):
+        # A finding, not a crash: NaN compares false both ways (it would slip through as an
+        # "improvement"), so it fails on its own and the other entries are still compared.
+        stored = expected(entry, transformers_version) if entry is not None else (None, None, "", "")
+        return Verdict(key, measured_ratio, stored[0], stored[1], "nonfinite", source, basis=stored[2],
+                       release_range=stored[3])
+    if entry is None:
+        return Verdict(key, measured_ratio, None, None, "missing", source)
     ratio, tolerance, basis, release_range = expected(entry, transformers_version)
     if entry.spread is not None and not entry.spread.banded and not release_range:
         return Verdict(key, measured_ratio, ratio, tolerance, "reported", source, basis=basis, note=entry.spread.note)

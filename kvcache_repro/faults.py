@@ -23,6 +23,10 @@ fault patches transformers' quantized cache layers the way a regression could:
   for the values of all but its last 32 tokens: the reference loses context, as a
   sliding-window regression of the plain cache would, and every quantized cache "beats" it
 
+- ``hqq3_nan_after_flush``: hqq's 3-bit dequantize returns NaN once the layer has
+  re-quantized after the prompt (its first flush): one backend's logits stop being finite,
+  as fp8's did on torch 2.11
+
 Faults of the machine rather than the library, for the experiment's robustness:
 
 - ``oom``: ``generate()`` raises torch's OutOfMemoryError for batches of at least
@@ -45,7 +49,7 @@ ENV = "KVQ_FAULT"
 OOM_BATCH_ENV = "KVQ_FAULT_OOM_BATCH"
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
           "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "hqq_noise",
-          "unquantized_copies", "plain_cache_window", "oom", "hang")
+          "unquantized_copies", "plain_cache_window", "hqq3_nan_after_flush", "oom", "hang")
 # plain_cache_window: how many of the newest tokens keep their values.
 WINDOW = 32
 
@@ -149,6 +153,16 @@ def _patch(name: str) -> None:
                 values[..., :-WINDOW, :] = 0  # shapes kept: the attention mask still fits
             return keys, values
         cu.DynamicLayer.update = update_windowed
+    elif name == "hqq3_nan_after_flush":
+        def counting(self, tensor, axis):
+            self._quantizations = getattr(self, "_quantizations", 0) + 1  # keys and values: 2 per flush
+            return h_quantize(self, tensor, axis)
+
+        def nan_after_flush(self, q):
+            x = h_deq(self, q)
+            flushed = self._quantizations > 2  # the prompt's keys and values were the first two
+            return torch.full_like(x, float("nan")) if self.nbits == 3 and flushed else x
+        hqq._quantize, hqq._dequantize = counting, nan_after_flush
     elif name == "low_precision_scales":
         def low_quanto(self, tensor, axis):
             q = q_quantize(self, tensor, axis)

@@ -7,7 +7,7 @@ and perplexity of the actual next tokens.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -21,6 +21,24 @@ class Quality:
     top1_agreement: float  # fraction of positions where the argmax matches
     perplexity: float  # of the candidate on the real next tokens
     reference_perplexity: float
+    nonfinite: str = ""  # where the candidate's logits first stopped being finite ("" : never)
+
+
+def first_nonfinite(logits: torch.Tensor, prefill: int, flushes: list[int] | None = None) -> str:
+    """Where (batch, n, vocab) teacher-forced logits first hold a NaN or inf, in the
+    protocol's terms ("" when all are finite): position 0 is the prefill's last token;
+    ``flushes`` (caches.flush_lengths) says how many re-quantizations came before."""
+    bad = ~torch.isfinite(logits).all(dim=-1)  # (batch, n)
+    if not bool(bad.any()):
+        return ""
+    position = int(bad.any(dim=0).nonzero()[0])
+    rows = int(bad[:, position].sum())
+    where = ("the prefill (logits of the last prompt token)" if position == 0
+             else f"decoded position {position} (sequence length {prefill + position})")
+    if flushes is not None and position > 0:
+        done = sum(1 for length in flushes if prefill < length <= prefill + position)
+        where += f", after {done} flush{'es' if done != 1 else ''} of the residual" if done else ", before the first flush"
+    return f"{where}, in {rows} of {logits.shape[0]} rows"
 
 
 def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor,
@@ -48,7 +66,11 @@ def teacher_forced_quality(model, input_ids: torch.Tensor, spec: BackendSpec, se
     if reference is None:
         reference = generation.teacher_forced_logits(model, input_ids, BACKENDS["none"], settings, prefill, step)
     candidate = generation.teacher_forced_logits(model, input_ids, spec, settings, prefill, step)
-    return compare_logits(reference, candidate, input_ids[:, prefill:])
+    quality = compare_logits(reference, candidate, input_ids[:, prefill:])
+    flushes = (caches.flush_lengths(spec, model.config, settings, prefill, input_ids.shape[1], step)
+               if spec.group_wise else None)
+    where = first_nonfinite(candidate, prefill, flushes)
+    return replace(quality, nonfinite=where) if where else quality
 
 
 # ---- the real-model accuracy run -------------------------------------------------------

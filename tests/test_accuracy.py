@@ -11,7 +11,7 @@ that 16-token forwards change nothing. "seed" (slow): the seed's length, 4 rows 
 from __future__ import annotations
 
 import pytest
-from kvcache_repro import accuracy_runs, baselines, claims
+from kvcache_repro import accuracy_runs, baselines, claims, quality
 
 TABLES = [
     pytest.param(("cpu", "core"), id="cpu-core"),
@@ -30,7 +30,7 @@ def table(request, accuracy_tables):
 @pytest.mark.parametrize("ladder, bits", [("quanto", [2, 4]), ("hqq", [1, 2, 3, 4, 8]), ("hqq-axis1", [1, 2, 4, 8])],
                          ids=["quanto", "hqq", "hqq-axis1"])
 def test_error_falls_as_nbits_rises(table, ladder, bits):
-    names = [name for name in (accuracy_runs.backend_name(ladder, n) for n in bits) if name in table.results]
+    names = [name for name in (accuracy_runs.backend_name(ladder, n) for n in bits) if name in table.finite_results]
     if len(names) < 2:
         pytest.skip(f"the {table.setup.name} table has fewer than two {ladder} bit widths")
     kls = [table.results[n].kl for n in names]
@@ -43,6 +43,7 @@ def test_error_falls_as_nbits_rises(table, ladder, bits):
 def test_hqq_8bit_is_near_lossless(table, name):
     if name not in table.results:
         pytest.skip(f"{name} is not in the {table.setup.name} table")
+    _skip_nonfinite(table, name, name.replace("8", "4"))
     """KL is second order in the logit perturbation, which is first order in the step;
     8 bits shrink the step (2^8-1)/(2^4-1) = 17x against 4 bits, so KL should shrink
     ~289x. 10x slack for non-uniform rounding. Top-1 may flip only where the reference's
@@ -68,7 +69,7 @@ def test_quantized_cache_never_beats_the_reference_beyond_noise(table):
     loses context (fault ``plain_cache_window``: every quantized cache then "beats" it
     by 20% and more)."""
     ref = table.reference_perplexity
-    better = {n: q.perplexity for n, q in table.results.items() if q.perplexity < ref * (1 - CHANCE_IMPROVEMENT)}
+    better = {n: q.perplexity for n, q in table.finite_results.items() if q.perplexity < ref * (1 - CHANCE_IMPROVEMENT)}
     assert not better, f"reference perplexity {ref:.4f}; suspiciously better: {better}"
 
 
@@ -79,8 +80,26 @@ def test_reference_perplexity_is_that_of_a_trained_model(table):
 
 
 def test_accuracy_within_baseline_bands(table):
+    """Every finite backend's entries against their bands; a backend with non-finite logits
+    is left out here (test_logits_are_finite names it), so the others are still compared."""
     failing = baselines.problems(table.verdicts())
     assert not failing, "\n".join(failing)
+
+
+@pytest.mark.parametrize("name", quality.ALL_QUANTIZED)
+def test_logits_are_finite(table, name):
+    """A backend whose logits hold NaN or inf (torch 2.11's fp8 KL was NaN: issue 18) is a
+    [behaviour] finding naming the backend, the releases and where it first appears
+    (prefill, before or after which flush), not a crash of the band test. Fault
+    ``hqq3_nan_after_flush`` fails it for hqq3 only."""
+    if name not in table.results:
+        pytest.skip(f"{name} is not in the {table.setup.name} table")
+    assert name not in table.nonfinite, table.nonfinite_message(name)
+
+
+def _skip_nonfinite(table, *names):
+    if broken := [n for n in names if n in table.nonfinite]:
+        pytest.skip(f"{', '.join(broken)}: non-finite logits (test_logits_are_finite says where)")
 
 
 # 16- vs 1-token forwards on one machine: fp8 differs by design (3.8%, see below), the rest

@@ -148,9 +148,18 @@ def test_compare_missing_entry(stored):
     assert (v.stored, v.tolerance) == (None, None)
 
 
-def test_compare_rejects_nan(stored):
-    with pytest.raises(ValueError):
-        bl.compare(stored, "quanto4", 200, "peak_rss_growth", float("nan"))
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_non_finite_measurement_fails_as_a_finding_not_a_crash(stored, value):
+    """NaN compares false both ways (it would pass as an "improvement"); it fails its own
+    verdict, tagged [behaviour] for the release matrix, and the others are still compared
+    (issue 18: torch 2.11's NaN fp8 KL crashed the band test with a ValueError)."""
+    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", value)
+    assert v.status == "nonfinite" and not v.passed
+    assert v.message.startswith("[behaviour] quanto4/b200/peak_rss_growth") and "not compared" in v.message
+    assert "not a finite number" in v.message and v.stored is not None
+    assert bl.problems([v, bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.64)]) == [v.message]
+    with pytest.raises(ValueError, match="must be a number"):
+        bl.compare(stored, "quanto4", 200, "peak_rss_growth", "0.5")
 
 
 def test_messages(stored, cpu):

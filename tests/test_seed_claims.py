@@ -44,7 +44,11 @@ def test_hqq_more_accurate_than_quanto(claim_verdict, accuracy_tables, table_nam
     is a short-context proxy in the default tier; "seed" is the seed's 1,024 decoded tokens
     (16 flushes), 4 texts, slow. The verdict depends on the length and on hqq's axis: a
     finding the claims table shows with both numbers."""
-    claim_verdict(claims.hqq_more_accurate_than_quanto(accuracy_tables("cpu", table_name), nbits, hqq_axis))
+    table = accuracy_tables("cpu", table_name)
+    both = (f"hqq{nbits}" + ("-axis1" if hqq_axis else ""), f"quanto{nbits}")
+    if broken := [name for name in both if name in table.nonfinite]:
+        pytest.skip(f"{', '.join(broken)}: non-finite logits, nothing to decide (test_accuracy.py::test_logits_are_finite)")
+    claim_verdict(claims.hqq_more_accurate_than_quanto(table, nbits, hqq_axis))
 
 
 SPEED_SETUPS = ["tiny", pytest.param("real", marks=pytest.mark.slow)]

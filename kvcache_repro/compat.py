@@ -1,8 +1,10 @@
-"""Checking transformers releases: ``./kvq compat V1 V2 ...`` (``python -m
-kvcache_repro.compat V1 V2 ...``) runs the CPU tier's version-sensitive test groups against
-each release in its own cached environment (compat_envs.py), stores one JSON per release
-in compat/runs/, and rewrites compat/RESULTS.md from all stored runs: one matrix (releases
-as rows, test groups as columns) and one section per release.
+"""Checking releases of every package the result depends on: ``./kvq compat SPEC ...``
+(``python -m kvcache_repro.compat SPEC ...``) runs the CPU tier's version-sensitive test
+groups against each spec (package_specs.py: a transformers release, ``torch==2.14.1``,
+``optimum-quanto==X``, ``hqq==Y``, a combination, or a local pre-release build) in its own
+cached environment (compat_envs.py), stores one JSON per spec in compat/runs/, and
+rewrites compat/RESULTS.md from all stored runs: one matrix (specs as rows, grouped by the
+package they swap, test groups as columns) and one section per spec.
 
 Every failure is put in one of the kinds below from what the test said, so the table says
 whose fault it is:
@@ -45,7 +47,20 @@ BAND_TESTS = ("test_ratios_within_baseline_bands", "test_accuracy_within_baselin
 # the groups below already cover).
 DEFAULT_GROUPS = ("test_version_expectations", "test_model_families", "test_cache_semantics",
                   "test_accounting", "test_quantizers", "test_compat", "test_matrix")
+# What else depends on the swapped package: torch and the quantizers move the numbers
+# (accuracy bands, peaks) and the extension build (the lock); ~1.5 min more.
+PACKAGE_GROUPS = {"torch": ("test_accuracy", "test_quanto_lock", "test_peak", "test_seed_claims"),
+                  "optimum-quanto": ("test_accuracy", "test_quanto_lock", "test_seed_claims"),
+                  "hqq": ("test_accuracy", "test_seed_claims")}
 MARKERS = "not gpu and not slow and not benchmark"
+
+
+def groups_for(spec, groups: tuple[str, ...] | None) -> tuple[str, ...]:
+    """DEFAULT_GROUPS (or ``groups``) plus what the swapped packages move."""
+    out = list(groups or DEFAULT_GROUPS)
+    for package in spec.packages:
+        out += [g for g in PACKAGE_GROUPS.get(package, ()) if g not in out]
+    return tuple(out)
 
 
 def requirements_for(version: str, pinned: list[str]) -> list[str]:
@@ -151,19 +166,51 @@ def group_cell(cases: list[dict]) -> str:
             + f" / {len(cases)}")
 
 
-def matrix_table(runs: list[dict]) -> str:
-    """Releases as rows (oldest first), test groups as columns."""
+def swapped(run: dict) -> tuple[str, ...]:
+    """The packages a run's spec swapped (runs stored before specs: transformers)."""
+    spec = run.get("spec")
+    return tuple(i["package"] for i in spec["items"]) if spec else ("transformers",)
+
+
+def run_order(run: dict) -> tuple:
+    """Rows grouped by the package swapped (package_specs.PACKAGES order; combinations
+    last), oldest release first within a group; a full-tier run after its groups' run."""
+    from .package_specs import PACKAGES
+
+    packages = swapped(run)
+    axis = PACKAGES.index(packages[0]) if len(packages) == 1 else len(PACKAGES)
+    versions = run.get("versions") or {}
+    try:
+        key = Version(versions.get(packages[0]) or run["release"])
+    except Exception:  # a local build's label
+        key = Version("0")
+    return axis, key, run["release"], "the whole tier" in run.get("groups_run", ())
+
+
+def stack_cell(run: dict, pins: dict[str, str]) -> str:
+    """What the run's environment had that differs from the pins (its stack, read back)."""
+    versions = run.get("versions") or {}
+    diff = [f"{k} {v}" for k, v in versions.items() if k in pins and v != pins[k] and not (
+        k == "torch" and v.split("+")[0] == pins[k])]
+    return ", ".join(diff) or "the pins"
+
+
+def matrix_table(runs: list[dict], pins: dict[str, str] | None = None) -> str:
+    """Specs as rows (grouped by package, oldest first), test groups as columns."""
     if not runs:
         return "(no runs stored in compat/runs/)\n"
-    runs = sorted(runs, key=lambda r: (Version(r["release"]), "groups_run" in r and "the whole tier" in r["groups_run"]))
+    if pins is None:
+        from .package_specs import pinned
+        pins = pinned(ROOT)
+    runs = sorted(runs, key=run_order)
     groups = sorted({c["group"] for r in runs for c in r["cases"]}
                     | {g for r in runs for g in r["groups_run"] if g != "the whole tier"})
-    lines = ["| release | verdict |" + "".join(f" {g.removeprefix('test_')} |" for g in groups),
-             "|---|---|" + "---|" * len(groups)]
+    lines = ["| spec | differs from the pins | verdict |" + "".join(f" {g.removeprefix('test_')} |" for g in groups),
+             "|---|---|---|" + "---|" * len(groups)]
     for run in runs:
         if not run["installed"]:
             first = (run["install_error"].strip().splitlines() or ["?"])[-1]
-            lines.append(f"| {_label(run)} | cannot install: {first[:80].replace('|', '/')} |"
+            lines.append(f"| {_label(run)} | - | cannot install: {first[:80].replace('|', '/')} |"
                          + " |" * len(groups))
             continue
         kinds = Counter(c["kind"] for c in run["cases"] if c["kind"])
@@ -176,7 +223,7 @@ def matrix_table(runs: list[dict]) -> str:
         cells = [group_cell([c for c in run["cases"] if c["group"] == g])
                  if (g in run["groups_run"] or any(c["group"] == g for c in run["cases"])) else "not run"
                  for g in groups]
-        lines.append(f"| {_label(run)} | {verdict} |" + "".join(f" {c} |" for c in cells))
+        lines.append(f"| {_label(run)} | {stack_cell(run, pins)} | {verdict} |" + "".join(f" {c} |" for c in cells))
     return "\n".join(lines) + "\n"
 
 
@@ -190,7 +237,9 @@ def run_file(run: dict) -> str:
 
 
 def release_section(run: dict) -> str:
-    lines = [f"### transformers {_label(run)}", ""]
+    spec = run.get("spec")
+    title = f"spec {spec['text']}" if spec and spec["text"] != run["release"] else f"transformers {run['release']}"
+    lines = [f"### {title}" + (" (full tier)" if "the whole tier" in run.get("groups_run", ()) else ""), ""]
     if not run["installed"]:
         lines += ["Could not install; pip said:", "", "```", run["install_error"].strip(), "```", ""]
         return "\n".join(lines)
@@ -221,14 +270,16 @@ def release_section(run: dict) -> str:
 
 HEADER = """# Compatibility runs
 
-Written by `./kvq compat V1 V2 ...` from compat/runs/*.json (one per release, the latest
-run of each). Kinds of failure: **behaviour** = transformers behaves differently from
-kvcache_repro/expectations.py for this range (entry and observation in the message; an
-xpassed is a pinned bug that no longer shows); **harness** = the suite cannot drive this
-release (what is missing is named; a skip, never counted as a rejection); **band** = a
-measurement outside its stored baseline band; **unclassified** = anything else.
-"not run" = group not selected for that run (see README, "Checking a new transformers
-release").
+Written by `./kvq compat SPEC ...` from compat/runs/*.json (one per spec, the latest run of
+each). A spec swaps one or more of transformers, torch, optimum-quanto and hqq for the pins
+of requirements.txt (kvcache_repro/package_specs.py); rows are grouped by the package
+swapped, combinations last. Kinds of failure: **behaviour** = a package behaves
+differently from kvcache_repro/expectations.py for this range, or produces non-finite
+numbers (entry and observation in the message; an xpassed is a pinned bug that no longer
+shows); **harness** = the suite cannot drive this release (what is missing is named; a
+skip, never counted as a rejection); **band** = a measurement outside its stored baseline
+band; **unclassified** = anything else. "not run" = group not selected for that run (see
+README, "Checking a new release").
 
 """
 
@@ -236,8 +287,8 @@ release").
 def probe_table(probes: list[dict]) -> str:
     """Releases as rows, probed behaviours (kvcache_repro/probe.py) as columns; a cell that
     differs from the row above is bold, so each change shows at the first release with it."""
-    probes = sorted(probes, key=lambda p: Version(p["transformers"]))
-    keys = [k for k in dict.fromkeys(k for p in probes for k in p) if k != "transformers"]
+    probes = sorted(probes, key=lambda p: (Version(p.get("transformers", "0")), p.get("spec", "")))
+    keys = [k for k in dict.fromkeys(k for p in probes for k in p) if k not in ("transformers", "spec")]
     lines = ["| release | " + " | ".join(k.removeprefix("family:") for k in keys) + " |", "|---|" + "---|" * len(keys)]
     previous: dict = {}
     for p in probes:
@@ -250,14 +301,14 @@ def probe_table(probes: list[dict]) -> str:
             changed = previous and k in previous and k in p and (
                 previous[k] != p[k] if k != "backends" else ("fp8" in previous[k]) != ("fp8" in p[k]))
             cells.append(f"**{value}**" if changed else value)
-        lines.append(f"| {p['transformers']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {p.get('spec', p.get('transformers', '?'))} | " + " | ".join(cells) + " |")
         previous = p
     return "\n".join(lines) + "\n"
 
 
 def write_results(runs_dir: Path, out: Path, notes: str = "", probes_dir: Path | None = None) -> str:
     runs = [json.loads(p.read_text()) for p in sorted(runs_dir.glob("*.json"))]
-    runs.sort(key=lambda r: (Version(r["release"]), "the whole tier" in r.get("groups_run", ())))
+    runs.sort(key=run_order)
     text = HEADER + (notes + "\n\n" if notes else "") + "## Matrix\n\n" + matrix_table(runs)
     probes = [json.loads(p.read_text()) for p in sorted(probes_dir.glob("*.json"))] if probes_dir else []
     if probes:
@@ -270,26 +321,30 @@ def write_results(runs_dir: Path, out: Path, notes: str = "", probes_dir: Path |
     return text
 
 
-def run_release(version: str, groups: tuple[str, ...] | None, root: Path = ROOT, log=print) -> dict:
+def run_spec(spec, groups: tuple[str, ...] | None, root: Path = ROOT, log=print) -> dict:
+    """The spec's test groups (None: the whole tier) in its environment, as a stored run."""
     from . import compat_envs
 
+    label = spec.label
     date = datetime.date.today().isoformat()
-    log(f"compat {version}: environment ({compat_envs.envs_dir()})")
-    env = compat_envs.release_env(version, root)
+    log(f"compat {label}: environment ({compat_envs.envs_dir()})")
+    env = compat_envs.spec_env(spec, root)
     if env.python is None:
-        log(f"compat {version}: cannot install:\n{env.error}")
-        return summarize(version, [], installed=False, install_error=env.error, date=date)
-    junit = root / "compat" / f"junit-{version}.xml"
+        log(f"compat {label}: cannot install:\n{env.error}")
+        run = summarize(label, [], installed=False, install_error=env.error, date=date)
+        run["spec"] = spec.to_json()
+        return run
+    junit = root / "compat" / f"junit-{label}.xml"
     junit.unlink(missing_ok=True)  # never read a previous run's results
     targets = [f"tests/{g}.py" for g in groups] if groups else []
     cmd = [str(env.python), "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            f"--junitxml={junit}", *targets]
-    log(f"compat {version}: {' '.join(cmd)}")
+    log(f"compat {label}: {' '.join(cmd)}")
     environ = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, env=environ, capture_output=True, text=True)
     seconds = time.perf_counter() - started
-    (root / "compat" / f"pytest-{version}.log").write_text(proc.stdout + proc.stderr)
+    (root / "compat" / f"pytest-{label}.log").write_text(proc.stdout + proc.stderr)
     probe = subprocess.run([str(env.python), "-c",
                             "import json, torch, transformers; from importlib.metadata import version as v; "
                             "print(json.dumps({'transformers': transformers.__version__, 'optimum-quanto': "
@@ -299,9 +354,10 @@ def run_release(version: str, groups: tuple[str, ...] | None, root: Path = ROOT,
     versions = json.loads(probe.stdout.strip().splitlines()[-1]) if probe.returncode == 0 else {}
     cases = read_junit(junit)
     tail = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    log(f"compat {version}: pytest exit {proc.returncode} in {seconds:.0f} s, {len(cases)} tests; {tail}")
-    run = summarize(version, cases, versions=versions, seconds=seconds, groups_run=groups or ("the whole tier",),
+    log(f"compat {label}: pytest exit {proc.returncode} in {seconds:.0f} s, {len(cases)} tests; {tail}")
+    run = summarize(label, cases, versions=versions, seconds=seconds, groups_run=groups or ("the whole tier",),
                     date=date, pytest_rc=proc.returncode)
+    run["spec"] = spec.to_json()
     run["suite"] = suite_commit(root)
     return run
 
@@ -319,44 +375,61 @@ def suite_commit(root: Path = ROOT) -> str:
         return "?"
 
 
-def probe_release(version: str, root: Path = ROOT) -> dict:
+def probe_spec(spec, root: Path = ROOT) -> dict:
     from . import compat_envs
 
-    env = compat_envs.release_env(version, root)
+    env = compat_envs.spec_env(spec, root)
+    head = {"spec": spec.label}
     if env.python is None:
-        return {"transformers": version, "install": "cannot install: " + (env.error.splitlines() or ["?"])[-1]}
+        return {**head, "install": "cannot install: " + (env.error.splitlines() or ["?"])[-1]}
     proc = subprocess.run([str(env.python), "-m", "kvcache_repro.probe"], cwd=root, capture_output=True, text=True,
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     if proc.returncode or not proc.stdout.strip():
-        return {"transformers": version, "probe": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        return {**head, "probe": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]}
+    return {**head, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvq compat", description=__doc__.split("\n\n")[0])
-    parser.add_argument("releases", nargs="*", help="transformers versions (default: the pinned one)")
+    from . import package_specs
+
+    parser = argparse.ArgumentParser(
+        prog="kvq compat", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n  ./kvq compat 5.17.0 5.20.2\n  ./kvq compat torch==2.14.1 hqq==0.2.7\n"
+               "  ./kvq compat transformers==5.17.0,torch==2.11.0\n"
+               "  ./kvq compat 'transformers @ file:///src/transformers'\n"
+               "exit codes: 0 runs written (failures are rows, not exit codes); 2 a spec cannot be read")
+    parser.add_argument("specs", nargs="*", metavar="SPEC",
+                        help="a transformers version, or PACKAGE==VERSION / 'PACKAGE @ file:///path' / a wheel, "
+                             "comma-joined for combinations (default: the pinned transformers)")
     parser.add_argument("--full", action="store_true",
                         help=f"the whole tier ({MARKERS}), not only the version-sensitive groups")
-    parser.add_argument("--groups", default=None, help=f"comma-separated test files (default {','.join(DEFAULT_GROUPS)})")
+    parser.add_argument("--groups", default=None,
+                        help=f"comma-separated test files (default {','.join(DEFAULT_GROUPS)}, plus per swapped "
+                             f"package: " + "; ".join(f"{k}: {','.join(v)}" for k, v in PACKAGE_GROUPS.items()) + ")")
     parser.add_argument("--probe", action="store_true",
-                        help="only probe each release's behaviours (seconds; for bisection) into compat/probes/")
+                        help="only probe each spec's behaviours (seconds; for bisection) into compat/probes/")
     parser.add_argument("--report-only", action="store_true", help="only rewrite compat/RESULTS.md from compat/runs/")
     args = parser.parse_args(argv)
     runs_dir = ROOT / "compat" / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
-    releases = args.releases or [next(l.split("==")[1].strip() for l in (ROOT / "requirements.txt").read_text().splitlines()
-                                      if l.startswith("transformers=="))]
-    groups = None if args.full else tuple(args.groups.split(",") if args.groups else DEFAULT_GROUPS)
+    try:
+        specs = [package_specs.parse(text) for text in args.specs] or [
+            package_specs.parse(package_specs.pinned(ROOT)["transformers"])]
+    except package_specs.SpecError as error:
+        print(f"kvq compat: {error}", file=sys.stderr)
+        return 2
+    chosen = tuple(args.groups.split(",")) if args.groups else None
     probes_dir = ROOT / "compat" / "probes"
     if args.probe:
         probes_dir.mkdir(parents=True, exist_ok=True)
-        for version in releases:
-            probe = probe_release(version)
-            (probes_dir / f"{version}.json").write_text(json.dumps(probe, indent=1) + "\n")
+        for spec in specs:
+            probe = probe_spec(spec)
+            (probes_dir / f"{spec.label}.json").write_text(json.dumps(probe, indent=1) + "\n")
             print(json.dumps(probe)[:400])
     elif not args.report_only:
-        for version in releases:
-            run = run_release(version, groups)
+        for spec in specs:
+            run = run_spec(spec, None if args.full else groups_for(spec, chosen))
             (runs_dir / run_file(run)).write_text(json.dumps(run, indent=1) + "\n")
     notes = ROOT / "compat" / "notes.md"  # hand-written: what changed where (bisected)
     text = write_results(runs_dir, ROOT / "compat" / "RESULTS.md", probes_dir=probes_dir,

@@ -104,22 +104,42 @@ def in_range(releases: str, version: str) -> bool:
     return low <= Version(version) < high
 
 
+# The packages a range can belong to (package_specs.PACKAGES, repeated here: stdlib only).
+RANGE_PACKAGES = ("transformers", "torch", "optimum-quanto", "hqq")
+
+
 @dataclass(frozen=True)
 class ReleaseValue:
-    """An entry's value for a range of transformers releases other than the pinned one."""
+    """An entry's value for a range of releases of one package (``package``, default
+    transformers) other than the pinned one, the other packages pinned."""
 
     releases: str  # ">=LOW,<HIGH"
     ratio: float
     tolerance: float
     observed_on: tuple[str, ...]  # the releases this ratio was measured on (all in the range)
     produced_by: dict
+    package: str = "transformers"
 
     def describe(self) -> str:
-        return f"transformers {self.releases} (observed on {', '.join(self.observed_on)})"
+        return f"{self.package} {self.releases} (observed on {', '.join(self.observed_on)})"
 
     def to_json(self) -> dict:
-        return {"releases": self.releases, "ratio": self.ratio, "tolerance": self.tolerance,
-                "observed_on": list(self.observed_on), "produced_by": self.produced_by}
+        out = {"releases": self.releases, "ratio": self.ratio, "tolerance": self.tolerance,
+               "observed_on": list(self.observed_on), "produced_by": self.produced_by}
+        if self.package != "transformers":  # files of transformers ranges keep their format
+            out["package"] = self.package
+        return out
+
+
+def installed_versions() -> dict[str, str]:
+    """The installed release of each package a range can belong to (package metadata)."""
+    out = {}
+    for name in RANGE_PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 @dataclass(frozen=True)
@@ -168,19 +188,31 @@ class Entry:
     @property
     def pinned_release(self) -> str | None:
         """The transformers release the entry's own ratio was recorded on."""
-        versions = self.produced_by.get("versions")
-        return versions.get("transformers") if isinstance(versions, dict) else None
+        return self.pinned("transformers")
 
-    def value_for(self, transformers_version: str | None) -> ReleaseValue | None:
-        """The per-release value whose range holds ``transformers_version``; None: the
-        entry's own ratio applies (no version known, or outside every range)."""
-        if not transformers_version:
-            return None
-        try:
-            Version(transformers_version)
-        except InvalidVersion:
-            return None
-        return next((rv for rv in self.by_release if in_range(rv.releases, transformers_version)), None)
+    def pinned(self, package: str) -> str | None:
+        """The release of ``package`` the entry's own ratio was recorded on."""
+        versions = self.produced_by.get("versions")
+        return versions.get(package) if isinstance(versions, dict) else None
+
+    def value_for(self, transformers_version: str | None, versions: dict[str, str] | None = None
+                  ) -> ReleaseValue | None:
+        """The per-release value whose range holds the running release of its package
+        (transformers: ``transformers_version``; others: ``versions``, default the
+        installed ones); None: the entry's own ratio applies. Ranges of two packages that
+        both hold (two packages swapped at once): the first in RANGE_PACKAGES order."""
+        for rv in sorted(self.by_release, key=lambda rv: RANGE_PACKAGES.index(rv.package)):
+            if rv.package == "transformers":
+                running = transformers_version
+            else:
+                versions = installed_versions() if versions is None else versions
+                running = versions.get(rv.package)
+            try:
+                if running and in_range(rv.releases, running):
+                    return rv
+            except InvalidVersion:
+                continue
+        return None
 
     def to_json(self) -> dict:
         out = {
@@ -297,6 +329,10 @@ def _release_values_from_json(path, where, raw, produced_by) -> tuple[ReleaseVal
         if missing:
             raise BaselineError(path, f"{at} is missing field(s) {', '.join(missing)}", RANGE_FIX)
         releases, ratio, tol, seen, prov = (item[f] for f in fields)
+        package = item.get("package", "transformers")
+        if package not in RANGE_PACKAGES:
+            raise BaselineError(path, f"{at}: unknown package {package!r} (valid: {', '.join(RANGE_PACKAGES)})",
+                                RANGE_FIX)
         try:
             parse_range(releases)
         except ValueError as exc:
@@ -319,29 +355,32 @@ def _release_values_from_json(path, where, raw, produced_by) -> tuple[ReleaseVal
                                     RANGE_FIX)
         if not isinstance(prov, dict):
             raise BaselineError(path, f"{at}: field 'produced_by' must be an object", RANGE_FIX)
-        out.append(ReleaseValue(releases, float(ratio), float(tol), tuple(seen), prov))
+        out.append(ReleaseValue(releases, float(ratio), float(tol), tuple(seen), prov, package))
     return _check_ranges(path, where, out, produced_by)
 
 
 def _check_ranges(path, where, values, produced_by) -> tuple[ReleaseValue, ...]:
-    values = sorted(values, key=lambda rv: parse_range(rv.releases))
+    """Per package: no two ranges overlap, none holds the release the entry's own ratio
+    was recorded on."""
+    values = sorted(values, key=lambda rv: (RANGE_PACKAGES.index(rv.package), parse_range(rv.releases)))
     for a, b in zip(values, values[1:]):
-        if parse_range(b.releases)[0] < parse_range(a.releases)[1]:
-            raise BaselineError(path, f"{where}: ranges {a.releases} and {b.releases} overlap", RANGE_FIX)
+        if a.package == b.package and parse_range(b.releases)[0] < parse_range(a.releases)[1]:
+            raise BaselineError(path, f"{where}: {a.package} ranges {a.releases} and {b.releases} overlap", RANGE_FIX)
     versions = produced_by.get("versions") if isinstance(produced_by, dict) else None
-    pinned = versions.get("transformers") if isinstance(versions, dict) else None
-    if pinned:
-        for rv in values:
-            try:
-                holds = in_range(rv.releases, pinned)
-            except InvalidVersion:
-                break  # a non-PEP 440 pin ("?"): no range can hold it
-            if holds:
-                raise BaselineError(
-                    path, f"{where}: range {rv.releases} holds transformers {pinned}, the release the entry's "
-                          f"own ratio was recorded on (that release would never be compared with it)",
-                    "the entry's 'ratio' belongs to the pinned release: update baselines only on the release "
-                    f"you pin, record other releases' values with `{RANGE_COMMAND}`, or narrow/delete that range")
+    for rv in values:
+        pinned = versions.get(rv.package) if isinstance(versions, dict) else None
+        if not pinned:
+            continue
+        try:
+            holds = in_range(rv.releases, pinned)
+        except InvalidVersion:
+            continue  # a non-PEP 440 pin ("?"): no range can hold it
+        if holds:
+            raise BaselineError(
+                path, f"{where}: range {rv.releases} holds {rv.package} {pinned}, the release the entry's "
+                      f"own ratio was recorded on (that release would never be compared with it)",
+                "the entry's 'ratio' belongs to the pinned release: update baselines only on the release "
+                f"you pin, record other releases' values with `{RANGE_COMMAND}`, or narrow/delete that range")
     return tuple(values)
 
 
@@ -454,7 +493,7 @@ def expected(entry: Entry, transformers_version: str | None) -> tuple[float, flo
     release's; range "")."""
     rv = entry.value_for(transformers_version)
     if rv is not None:
-        return rv.ratio, rv.tolerance, rv.describe(), rv.releases
+        return rv.ratio, rv.tolerance, rv.describe(), f"{rv.package} {rv.releases}"
     pinned = entry.pinned_release
     return entry.ratio, entry.tolerance, (f"transformers {pinned} (the entry's own ratio)" if pinned else ""), ""
 
@@ -523,7 +562,7 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     keeps its tolerance (a band is a decision, derived from measured spread; a re-run
     must not widen or narrow it silently) unless ``reset_tolerance``, and its per-release
     values (``by_release``: measured on other releases, never dropped by a run on the pin;
-    a given entry's own ``by_release`` replaces stored ranges with the same ``releases``)."""
+    a given entry's own ``by_release`` replaces stored ranges of the same package and ``releases``)."""
     path = Path(path)
     rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
     if run_failed:
@@ -556,8 +595,8 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
         old = current.entries.get(key)
         if old is not None:
             tolerance = e.tolerance if reset_tolerance else old.tolerance
-            given = {rv.releases for rv in e.by_release}
-            kept = [rv for rv in old.by_release if rv.releases not in given]
+            given = {(rv.package, rv.releases) for rv in e.by_release}
+            kept = [rv for rv in old.by_release if (rv.package, rv.releases) not in given]
             # Validated again: the new pinned release must not lie in a kept range.
             ratio, spread = e.ratio, e.spread
             if old.spread is not None and spread is None:
@@ -632,11 +671,11 @@ def drift_lines(path, verdicts: list[Verdict], versions: dict[str, str]) -> list
             continue
         # The value compared with: a per-release one is recorded for this transformers
         # release (its other versions still count).
-        rv = entry.value_for(versions.get("transformers"))
+        rv = entry.value_for(versions.get("transformers"), versions)
         ratio = entry.ratio if rv is None else rv.ratio
         theirs = dict((entry.produced_by if rv is None else rv.produced_by).get("versions", {}))
         if rv is not None:
-            theirs.pop("transformers", None)
+            theirs.pop(rv.package, None)
         changed = {k: f"{theirs[k]} -> {versions[k]}" for k in versions if k in theirs and theirs[k] != versions[k]}
         if changed:
             lines.append(f"{v.key}: stored {ratio:.4g}, measured {v.measured:.4g} "

@@ -1,4 +1,6 @@
-"""Expected behaviour of transformers' quantized cache, keyed by release range.
+"""Expected behaviour of transformers' quantized cache, keyed by release range (of
+transformers, or of torch / optimum-quanto / hqq where the behaviour is theirs:
+``VersionRange.package``).
 
 Surprising-but-true behaviour is pinned here, in one place. Each behaviour has its own
 list of ranges, found by measurement (``./kvq compat``, compat/RESULTS.md): every entry
@@ -27,12 +29,23 @@ from .matrix import BackendSpec
 class VersionRange:
     low: str  # inclusive
     high: str  # exclusive
+    package: str = "transformers"  # whose releases: transformers, torch, optimum-quanto or hqq
 
     def contains(self, version: str) -> bool:
         return Version(self.low) <= Version(version) < Version(self.high)
 
     def __str__(self) -> str:
-        return f">={self.low},<{self.high}"
+        return f">={self.low},<{self.high}" + (f" of {self.package}" if self.package != "transformers" else "")
+
+
+def running(package: str, transformers_version: str | None = None) -> str:
+    """The release of ``package`` a range is checked against: the given transformers
+    version, or the installed release (torch's local build tag dropped: 2.13.0+cpu is 2.13.0)."""
+    if package == "transformers":
+        return _version(transformers_version)
+    from importlib.metadata import version
+
+    return version(package).split("+")[0]
 
 
 V457 = VersionRange("4.57.0", "4.58.0")  # the last 4.x line
@@ -78,9 +91,10 @@ class Behaviour:
     ranges: tuple[tuple[VersionRange, Any], ...]
 
     def entry(self, version: str | None = None) -> tuple[VersionRange, Any]:
+        """The range holding the running release of its package (``version``: transformers')."""
         version = _version(version)
         for rng, value in self.ranges:
-            if rng.contains(version):
+            if rng.contains(running(rng.package, version)):
                 return rng, value
         current_range(version)  # raises for an unsupported release
         raise UnsupportedVersion(f"{self.name}: no entry for transformers {version} "
@@ -101,7 +115,7 @@ def differs(behaviour: Behaviour, key: str | None, observed: str, version: str |
     expected = behaviour.lookup(key, version)
     entry = behaviour.name + (f"[{key}]" if key else "")
     seen = f" (observed on {expected.observed})" if expected.observed else ""
-    return (f"{BEHAVIOUR_TAG} transformers {version} behaves differently from the table for {rng}: "
+    return (f"{BEHAVIOUR_TAG} {rng.package} {running(rng.package, version)} behaves differently from the table for {rng}: "
             f"{entry} expects {expected.value!r}{seen}; observed here: {observed}. Record it in "
             f"kvcache_repro/expectations.py if intended, else report upstream with this test as reproduction.")
 

@@ -1,6 +1,7 @@
-"""Per-release baseline values from measurements on other transformers releases.
+"""Per-release baseline values from measurements on other releases of one package.
 
     python -m kvcache_repro.release_baselines cpu-tiny 5.0.0=DIR 5.17.0=DIR ... [--write]
+    python -m kvcache_repro.release_baselines cpu-tiny --package torch 2.11.0=DIR ... [--write]
 
 Each DIR is the ``--output-dir`` of ``python -m kvcache_repro.experiment --scenario S
 --in-process`` run with that release's interpreter (``../.compat-envs/transformers-V-*/
@@ -42,8 +43,9 @@ def measured_ratios(results_dir: Path) -> dict[str, float]:
     return {baselines.entry_key(r["backend"], r["batch"], r["metric"]): r["value"] for r in data["ratios"]}
 
 
-def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by: dict) -> list[baselines.ReleaseValue]:
-    """The ranges worth storing for one entry from {release: measured ratio}."""
+def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by: dict,
+               package: str = "transformers") -> list[baselines.ReleaseValue]:
+    """The ranges worth storing for one entry from {release of ``package``: measured ratio}."""
     releases = sorted(by_release, key=Version)
     runs: list[list[str]] = []
     for rel in releases:
@@ -51,7 +53,9 @@ def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by
             runs[-1].append(rel)
         else:
             runs.append([rel])
-    pinned = entry.pinned_release
+    pinned = entry.pinned(package)
+    if pinned and package == "torch":
+        pinned = pinned.split("+")[0]  # 2.13.0+cpu: the release, not the build
     out = []
     for i, run in enumerate(runs):
         value = round(by_release[run[0]], ROUND)
@@ -64,7 +68,8 @@ def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by
         else:
             raise SystemExit(f"{entry.key}: the newest releases measured ({', '.join(run)}) differ from the pin "
                              f"{pinned} and nothing newer was measured: measure the pin too, or update the pin's value")
-        out.append(baselines.ReleaseValue(f">={run[0]},<{high}", value, entry.tolerance, tuple(run), produced_by))
+        out.append(baselines.ReleaseValue(f">={run[0]},<{high}", value, entry.tolerance, tuple(run), produced_by,
+                                          package))
     return out
 
 
@@ -89,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", metavar="RELEASE=DIR")
     parser.add_argument("--write", action="store_true", help="store the ranges in baselines/SCENARIO.json")
     parser.add_argument("--suite", default="?", help="the suite commit that measured (recorded in provenance)")
+    parser.add_argument("--package", default="transformers", choices=baselines.RANGE_PACKAGES,
+                        help="whose releases RELEASE names (the others pinned; default transformers)")
     args = parser.parse_args(argv)
     path = baselines.BASELINE_DIR / f"{args.scenario}.json"
     stored = baselines.load(path)
@@ -101,9 +108,9 @@ def main(argv: list[str] | None = None) -> int:
     updated = []
     for key, entry in sorted(stored.entries.items()):
         values = {rel: ratios[key] for rel, ratios in measured.items() if key in ratios}
-        print(f"{key}: pin {entry.pinned_release} {entry.ratio} +/- {entry.tolerance}; "
+        print(f"{key}: pin {args.package} {entry.pinned(args.package)} {entry.ratio} +/- {entry.tolerance}; "
               + ", ".join(f"{rel} {values[rel]:.4f}" for rel in sorted(values, key=Version)))
-        found = ranges_for(entry, values, produced_by)
+        found = ranges_for(entry, values, produced_by, args.package)
         for rv in found:
             print(f"  range {rv.releases}: {rv.ratio} (observed on {', '.join(rv.observed_on)})")
         if found:

@@ -7,6 +7,7 @@ from pathlib import Path
 from kvcache_repro import compat
 
 PINNED = ["torch==2.13.0", "transformers==5.24.0", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"]
+PINS = dict(line.split("==") for line in PINNED)
 
 
 def test_requirements_swap_transformers_and_keep_the_rest():
@@ -98,13 +99,13 @@ def test_matrix_has_releases_as_rows_in_version_order_and_groups_as_columns():
                            _case("test_b", "xfailed")]),
             _run("9.9", installed=False),
             _run("5.24.0", [_case("test_a")], groups=("test_a",))]
-    table = compat.matrix_table(runs).splitlines()
-    assert table[0] == "| release | verdict | a | b |"
+    table = compat.matrix_table(runs, PINS).splitlines()
+    assert table[0] == "| spec | differs from the pins | verdict | a | b |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["5.5.4", "5.10.4", "5.24.0", "9.9"]
-    assert table[2] == "| 5.5.4 | 1 harness | **1**: 1 harness / 2 | ok 0 (1 xfailed) |"
-    assert table[3] == "| 5.10.4 | 1 behaviour | ok 1 | **1**: 1 behaviour / 1 |"
-    assert table[4] == "| 5.24.0 | passes | ok 1 | not run |"
-    assert table[5].startswith("| 9.9 | cannot install: ERROR: No matching distribution")
+    assert table[2] == "| 5.5.4 | transformers 5.5.4 | 1 harness | **1**: 1 harness / 2 | ok 0 (1 xfailed) |"
+    assert table[3] == "| 5.10.4 | transformers 5.10.4 | 1 behaviour | ok 1 | **1**: 1 behaviour / 1 |"
+    assert table[4] == "| 5.24.0 | the pins | passes | ok 1 | not run |"
+    assert table[5].startswith("| 9.9 | - | cannot install: ERROR: No matching distribution")
 
 
 def test_results_file_has_the_matrix_and_one_section_per_release(tmp_path):
@@ -130,7 +131,7 @@ def test_a_release_that_cannot_install_is_remembered_and_a_built_one_is_reused(t
     (base / ".kvq-complete").write_text("ok\n")
     calls = []
 
-    def fake_run(cmd, log):
+    def fake_run(cmd, log, cwd=None):
         calls.append(cmd)
         if cmd[1:3] == ["-m", "venv"]:
             compat_envs._site_packages(Path(cmd[3])).mkdir(parents=True)
@@ -157,6 +158,6 @@ def test_a_full_tier_run_is_its_own_row_and_file():
                 groups=("the whole tier",))
     groups = _run("5.17.0", [_case("test_a")], groups=("test_a",))
     assert (compat.run_file(full), compat.run_file(groups)) == ("5.17.0-full.json", "5.17.0.json")
-    rows = compat.matrix_table([full, groups]).splitlines()[2:]
-    assert rows[0].startswith("| 5.17.0 | passes |")
-    assert rows[1].startswith("| 5.17.0 (full tier) | 1 band |")
+    rows = compat.matrix_table([full, groups], PINS).splitlines()[2:]
+    assert rows[0].startswith("| 5.17.0 | transformers 5.17.0 | passes |")
+    assert rows[1].startswith("| 5.17.0 (full tier) | transformers 5.17.0 | 1 band |")

@@ -55,6 +55,21 @@ def test_behaviour_message_names_release_range_entry_expectation_and_observation
     assert "observed here: ran, 2 of 2 layers quantized" in message
 
 
+def test_a_behaviour_of_another_package_is_keyed_by_that_package_s_release(monkeypatch):
+    """A torch range is checked against the running torch (its build tag dropped), whatever
+    transformers release is asked about; its message names torch."""
+    installed = {"torch": "2.11.0+cu130"}
+    monkeypatch.setattr("importlib.metadata.version", lambda name: installed[name])
+    old_torch, new_torch = ex.VersionRange("2.0.0", "2.12.0", "torch"), ex.VersionRange("2.12.0", "3.0.0", "torch")
+    table = ex.Behaviour("TORCH_DEMO", ((old_torch, ex.Expectation("nan", "2.11.0")),
+                                        (new_torch, ex.Expectation("finite", "2.13.0, 2.14.1"))))
+    assert table.lookup(None, "5.24.0").value == "nan" and table.range_of("4.57.6") == old_torch
+    message = ex.differs(table, None, "finite", version="5.24.0")
+    assert message.startswith("[behaviour] torch 2.11.0 behaves differently from the table for >=2.0.0,<2.12.0 of torch")
+    installed["torch"] = "2.14.1"
+    assert table.lookup(None, "5.24.0").value == "finite"
+
+
 def test_harness_message_is_tagged_and_names_what_is_missing():
     message = ex.harness_gap("DbrxConfig has no attn_config", version="5.5.4")
     assert message == "[harness] the harness cannot drive transformers 5.5.4: DbrxConfig has no attn_config"

@@ -192,3 +192,55 @@ def test_ranges_from_measurements_cut_at_the_first_release_showing_each_value():
     # a release after the pin that differs cannot be given an upper bound: refuse
     with pytest.raises(SystemExit, match="differ from the pin"):
         ranges_for(pinned(), {"5.24.0": 2.0501, "5.25.0": 2.1}, SEEN)
+
+
+# ---- ranges of other packages (issue 18) ------------------------------------------------
+
+TORCH_SEEN = {"versions": {"torch": "2.11.0+cu130", "transformers": "5.24.0"}, "device": "2-core CPU (x86_64)",
+              "date": "2026-12-01", "source": "./kvq compat torch==2.11.0"}
+
+
+def torch_range(ratio=2.1, releases=">=2.11.0,<2.13.0", observed=("2.11.0",)):
+    return ReleaseValue(releases, ratio, 0.001, tuple(observed), TORCH_SEEN, "torch")
+
+
+def test_a_torch_range_is_chosen_by_the_running_torch_not_transformers(path):
+    bl.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
+    entry = bl.load(path).entries[KEY]
+    assert [rv.package for rv in entry.by_release] == ["transformers", "torch"]
+    on_pins = {"torch": "2.13.0+cpu"}
+    assert entry.value_for("5.24.0", on_pins) is None  # the entry's own ratio
+    assert entry.value_for("5.24.0", {"torch": "2.11.0+cu130"}).package == "torch"
+    assert entry.value_for("5.17.0", on_pins).package == "transformers"
+    assert json.loads(path.read_text())["entries"][KEY]["by_release"][1]["package"] == "torch"
+    assert "package" not in json.loads(path.read_text())["entries"][KEY]["by_release"][0]  # format kept
+
+
+def test_a_torch_range_may_not_hold_the_pinned_torch_nor_overlap_its_own_package(path):
+    with pytest.raises(BaselineError, match="holds torch 2.13.0"):
+        bl.update(path, [pinned(by_release=[torch_range(releases=">=2.11.0,<2.14.0", observed=("2.11.0",))])],
+                  run_failed=False, scenario="cpu-tiny")
+    with pytest.raises(BaselineError, match="torch ranges"):
+        bl.update(path, [pinned(by_release=[torch_range(), torch_range(releases=">=2.12.0,<2.13.0",
+                                                                       observed=("2.12.0",))])],
+                  run_failed=False, scenario="cpu-tiny")
+    # a transformers range and a torch range with the same numbers are two packages: allowed
+    bl.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
+
+
+def test_an_unknown_package_in_a_stored_range_is_rejected(path):
+    bl.update(path, [pinned(by_release=[torch_range()])], run_failed=False, scenario="cpu-tiny")
+    data = json.loads(path.read_text())
+    data["entries"][KEY]["by_release"][0]["package"] = "numpy"
+    path.write_text(json.dumps(data))
+    with pytest.raises(BaselineError, match="unknown package 'numpy'"):
+        bl.load(path)
+
+
+def test_torch_ranges_from_measurements_are_keyed_by_torch():
+    from kvcache_repro.release_baselines import ranges_for
+
+    entry = pinned(prov={"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}})
+    found = ranges_for(entry, {"2.11.0": 2.1, "2.12.1": 2.1, "2.13.0": 2.0501}, TORCH_SEEN, "torch")
+    assert [(rv.package, rv.releases, rv.observed_on) for rv in found] == [("torch", ">=2.11.0,<2.13.0",
+                                                                           ("2.11.0", "2.12.1"))]

@@ -214,6 +214,8 @@ def _finished_build(ext) -> Path | None:
     none; sources newer than the .so mean quanto was reinstalled."""
     import torch
 
+    if not all(hasattr(ext, a) for a in ("build_directory", "name", "sources", "_lib")):
+        return None  # another quanto's Extension: its own path builds and loads (detected, not assumed)
     build = Path(ext.build_directory)
     so, version = build / f"{ext.name}.so", build / "pytorch_version.txt"
     if not so.exists() or not version.exists() or version.read_text().strip() != torch.__version__:
@@ -225,7 +227,7 @@ def _finished_build(ext) -> Path | None:
 
 def load_finished(ext) -> bool:
     """Import a finished build straight into ``ext._lib`` (no lock taken). False if none."""
-    if ext._lib is not None:
+    if getattr(ext, "_lib", None) is not None:
         return True
     so = _finished_build(ext)
     if so is None:

@@ -203,3 +203,12 @@ def test_setup_reports_a_stale_lock_with_exit_3(tmp_path):
     said = []
     assert quanto_ext.setup(ext=object(), extensions_dir=cpp.parent, log=said.append) == 3
     assert "rm -f" in said[0] and str(cpp / "build" / "lock") in said[0]
+
+
+def test_an_extension_object_of_another_shape_is_left_to_quanto_s_own_path():
+    """A quanto release whose Extension lacks build_directory/_lib (its internals moved):
+    no finished build is claimed, quanto builds and loads it itself."""
+    class OtherShape:
+        name = "quanto_cpp"
+
+    assert quanto_ext.load_finished(OtherShape()) is False

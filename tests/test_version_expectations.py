@@ -141,3 +141,19 @@ def test_the_cache_keyword_is_one_this_forward_declares_and_fills():
     with torch.inference_mode():
         model(torch.randint(3, 200, (1, 16)), **{name: cache, "use_cache": True})
     assert cache.get_seq_length() == 16, diagnosis.diagnose(BACKENDS["hqq4"], cache, "forward", passed_in=True)
+
+
+def test_fp8_cast_beyond_its_range_as_the_table_says_for_this_torch():
+    """torch's behaviour, keyed by torch's release (expectations.FP8_CAST_OVERFLOW): up to
+    2.12.x a cast beyond 448 + half a step gives NaN, which is what made fp8's logits NaN
+    on torch 2.11 (issue 18); from 2.13.0 it saturates. A torch that changes it again
+    fails here, named, before the accuracy table shows the consequence."""
+    cast = torch.tensor([440.0, 470.0, 1e5]).to(torch.float8_e4m3fn).float()
+    if cast.tolist() == [448.0, 448.0, 448.0]:
+        observed = "saturates"
+    elif cast[0] == 448.0 and bool(cast[1:].isnan().all()):
+        observed = "nan"
+    else:
+        observed = f"neither: 440, 470, 1e5 -> {cast.tolist()}"
+    expected = expectations.FP8_CAST_OVERFLOW.lookup()
+    assert observed == expected.value, expectations.differs(expectations.FP8_CAST_OVERFLOW, None, observed)

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from kvcache_repro import matrix  # noqa: E402  (import after the path fix above)
+from kvcache_repro.backends import matrix  # noqa: E402  (import after the path fix above)
 
 # Tests that compare with stored baselines: their failure is what --kv-update-baselines
 # is for, so it does not block an update; any other failure does.
@@ -60,7 +60,7 @@ def pytest_addoption(parser):
 def _selection(config):
     """Validated selection, computed once per session; a bad value is a usage error."""
     if not hasattr(config, "_kv_selection"):
-        from kvcache_repro import caches
+        from kvcache_repro.backends import caches
 
         try:
             config._kv_selection = (
@@ -74,7 +74,9 @@ def _selection(config):
 
 
 def pytest_configure(config):
-    from kvcache_repro import expectations, quanto_ext, quanto_unpack, threads
+    from kvcache_repro.verdicts import expectations
+    from kvcache_repro.backends import quanto_ext, quanto_unpack
+    from kvcache_repro.measure import threads
 
     try:
         threads.pin()
@@ -117,7 +119,8 @@ def pytest_xdist_node_collection_finished(node, ids):
     import json
     import re
 
-    from kvcache_repro import atomic, speed
+    from kvcache_repro.runner import atomic
+    from kvcache_repro.measure import speed
 
     config = node.config
     if getattr(config, "_kv_speed_premeasured", False):
@@ -159,8 +162,9 @@ def experiment_runs(request):
     subprocess, CPU scenarios in this process (their compared metrics are exact bytes,
     experiment.measure_in_process; the ./kvq experiment job keeps fresh processes). A
     model that cannot be loaded here skips; under pytest-xdist each worker gets its own GPU."""
-    from kvcache_repro import device_run, experiment, scenarios
-    from kvcache_repro.models import ModelUnavailable
+    from kvcache_repro.gpu import device_run
+    from kvcache_repro.runner import experiment, scenarios
+    from kvcache_repro.backends.models import ModelUnavailable
 
     config = request.config
     config._kv_experiment_runs = getattr(config, "_kv_experiment_runs", {})
@@ -195,8 +199,8 @@ def experiment_runs(request):
 @pytest.fixture(scope="session")
 def accuracy_tables(request):
     """``accuracy_tables(device, setup)``: the real-model accuracy table, once per session."""
-    from kvcache_repro import accuracy_runs
-    from kvcache_repro.models import ModelUnavailable
+    from kvcache_repro.runner import accuracy_runs
+    from kvcache_repro.backends.models import ModelUnavailable
 
     config = request.config
     config._kv_accuracy = getattr(config, "_kv_accuracy", {})
@@ -216,7 +220,7 @@ def accuracy_tables(request):
 def speed_ratios(request):
     """``speed_ratios(setup_name)``: interleaved decode-time ratios, once per session, each
     measured in a fresh process (speed.measure_in_fresh_process says why)."""
-    from kvcache_repro import speed
+    from kvcache_repro.measure import speed
 
     config = request.config
     config._kv_speed = getattr(config, "_kv_speed", {})
@@ -265,7 +269,7 @@ def pytest_collection_modifyitems(config, items):
 
     skip_slow = pytest.mark.skip(reason="slow (minutes): run with --kv-run-slow")
     skip_gpu = pytest.mark.skip(reason="no CUDA device")
-    from kvcache_repro import device_run
+    from kvcache_repro.gpu import device_run
 
     # ./kvq device-run --dry-run: the gpu memory tests check its stored CPU measurements
     stored_dry = device_run.stored_dry_run()
@@ -286,7 +290,9 @@ def _session_report(config) -> dict:
     controller (pytest_sessionfinish / pytest_testnodedown)."""
     from dataclasses import asdict
 
-    from kvcache_repro import baselines, experiment, report, speed
+    from kvcache_repro.verdicts import baselines
+    from kvcache_repro.runner import experiment, report
+    from kvcache_repro.measure import speed
 
     sections: dict[str, list[str]] = {}
     drift = []  # (baseline file, verdicts) of everything compared this session
@@ -295,7 +301,7 @@ def _session_report(config) -> dict:
         lines.append(f"scenario {run.scenario.name}: {run.scenario.notes}")
         lines.append(report.table(run.scenario, run.measurements, run.ratios, run.verdicts))
         if run.scenario.arch == "seed-geometry":
-            from kvcache_repro import prediction
+            from kvcache_repro.runner import prediction
 
             lines += prediction.lines(run.scenario, run.measurements)
         lines.append("")
@@ -338,7 +344,8 @@ def pytest_testnodedown(node, error):
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     """The tables of every experiment this session ran (in every worker); the claims
     table file; baseline updates."""
-    from kvcache_repro import claims, experiment
+    from kvcache_repro.verdicts import claims
+    from kvcache_repro.runner import experiment
 
     reports = getattr(config, "_kv_worker_reports", None) or [_session_report(config)]
     titles = list(dict.fromkeys(t for r in reports for t in r["sections"]))
@@ -365,7 +372,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 def _update_baselines(terminalreporter, config):
     """One process only (pytest_configure refuses --kv-update-baselines with xdist): the
     measurements and every test's outcome are here."""
-    from kvcache_repro import experiment, speed
+    from kvcache_repro.runner import experiment
+    from kvcache_repro.measure import speed
 
     # A band miss is what an update is for; any other failure means the run is not
     # trustworthy enough to become a baseline.

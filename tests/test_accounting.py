@@ -1,6 +1,6 @@
 """Exact cache bytes: what a cache really holds equals the analytic model to the byte.
 
-The analytic model (kvcache_repro/accounting.py) is written from first principles:
+The analytic model (kvcache_repro/measure/accounting.py) is written from first principles:
 packed codes = values * nbits / 8 (hqq 3-bit: 10 codes per int32, padded), one scale
 and one zero-point per group in the model dtype, the residual in full precision, fp8 one
 byte per value plus one float32 scale per tensor, DynamicCache everything in full
@@ -12,8 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_repro import accounting, caches, generation
-from kvcache_repro.models import kv_geometry, tiny_model
+from kvcache_repro.measure import accounting
+from kvcache_repro.backends import caches, generation
+from kvcache_repro.backends.models import kv_geometry, tiny_model
 
 # 39 tokens fed back: 2 flushes at residual 16, 7 left in the residual. Quantized lengths
 # 16, 32, 48 keep hqq axis-1 packing whole (B*S groups, a multiple of 8 at 1 bit).
@@ -38,7 +39,7 @@ def test_cache_bytes_equal_the_analytic_model(backend, dtype, batch_size):
 
 def test_dense_nbytes_of_quanto_tensors_is_not_what_is_stored():
     """The trap the accounting avoids: quanto's tensor subclass reports the dense size."""
-    from kvcache_repro.matrix import BACKENDS
+    from kvcache_repro.backends.matrix import BACKENDS
 
     spec = BACKENDS["quanto4"]
     x = torch.randn(1, 2, 32, 16)

@@ -11,7 +11,9 @@ that 16-token forwards change nothing. "seed" (slow): the seed's length, 4 rows 
 from __future__ import annotations
 
 import pytest
-from kvcache_repro import accuracy_runs, baselines, claims, quality
+from kvcache_repro.runner import accuracy_runs
+from kvcache_repro.verdicts import baselines, claims
+from kvcache_repro.measure import quality
 
 TABLES = [
     pytest.param(("cpu", "core"), id="cpu-core"),

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kvcache_repro import bands, baselines as bl
-from kvcache_repro.baselines import BaselineError, Entry, Spread
+from kvcache_repro.verdicts import bands, baselines as bl
+from kvcache_repro.verdicts.baselines import BaselineError, Entry, Spread
 
 MACHINE_A = {"cpu": "AMD EPYC (avx2)", "torch_capability": "AVX2", "threads": 1, "env": {}}
 MACHINE_B = {"cpu": "Intel Xeon (avx512f)", "torch_capability": "AVX512", "threads": 1, "env": {}}
@@ -69,7 +69,7 @@ def test_malformed_spreads_are_rejected_with_the_fix(tmp_path, field, value):
     data = json.loads(path.read_text())
     data["entries"][e.key]["spread"][field] = value
     path.write_text(json.dumps(data))
-    with pytest.raises(BaselineError, match="kvcache_repro.spread"):
+    with pytest.raises(BaselineError, match="kvcache_repro.measure.spread"):
         bl.load(path)
 
 
@@ -142,7 +142,7 @@ def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
 def test_each_path_runs_with_its_own_knobs_and_none_inherited(tmp_path, monkeypatch):
     """A knob left over in the caller's environment (CI exporting ATEN_CPU_CAPABILITY,
     say) must not leak into the "own" path, or the spread would measure one path twice."""
-    from kvcache_repro import spread
+    from kvcache_repro.measure import spread
 
     seen = {}
 

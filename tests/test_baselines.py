@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro import atomic, baselines as bl
-from kvcache_repro.baselines import BaselineError, Entry
+from kvcache_repro.runner import atomic
+from kvcache_repro.verdicts import baselines as bl
+from kvcache_repro.verdicts.baselines import BaselineError, Entry
 
 PROV = {"versions": {"torch": "2.13.0", "transformers": "5.24.0"}, "device": "2-core CPU",
         "settings": {"new_tokens": 64}, "date": "2026-11-29", "source": "./kvq experiment"}
@@ -37,7 +38,7 @@ def cpu(tmp_path):
 
 def test_torch_not_imported_by_module():
     # A fresh interpreter, since other tests in the session may have imported torch.
-    code = "import sys; import kvcache_repro.baselines; print('torch' in sys.modules)"
+    code = "import sys; import kvcache_repro.verdicts.baselines; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(Path(__file__).parents[1]), check=True)
     assert out.stdout.strip() == "False"

@@ -6,9 +6,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_repro import caches, diagnosis, expectations, generation, quality
-from kvcache_repro.matrix import BACKENDS
-from kvcache_repro.models import tiny_model
+from kvcache_repro.backends import caches, generation
+from kvcache_repro.verdicts import diagnosis, expectations
+from kvcache_repro.measure import quality
+from kvcache_repro.backends.matrix import BACKENDS
+from kvcache_repro.backends.models import tiny_model
 
 SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
 PROMPT = 16

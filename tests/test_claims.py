@@ -1,4 +1,4 @@
-"""The claim functions (kvcache_repro/claims.py) decide both ways and say "not
+"""The claim functions (kvcache_repro/verdicts/claims.py) decide both ways and say "not
 distinguishable" inside the spread: checked on synthetic measurements, so a claim test
 that passes on real ones is known to be able to fail."""
 from __future__ import annotations
@@ -8,8 +8,10 @@ import json
 import pytest
 import torch
 
-from kvcache_repro import accuracy_runs, claims, quality, scenarios, speed
-from kvcache_repro.memory import Measurement
+from kvcache_repro.runner import accuracy_runs, scenarios
+from kvcache_repro.verdicts import claims
+from kvcache_repro.measure import quality, speed
+from kvcache_repro.measure.memory import Measurement
 
 
 def ratio(name, value, blocks):

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcache_repro import compat
+from kvcache_repro.releases import compat, package_specs
 
 PINNED = ["torch==2.13.0", "transformers==5.24.0", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"]
 PINS = dict(line.split("==") for line in PINNED)
 
 
 def test_requirements_swap_transformers_and_keep_the_rest():
-    assert compat.requirements_for("4.57.6", PINNED) == [
+    assert package_specs.requirements_for("4.57.6", PINNED) == [
         "torch==2.13.0", "transformers==4.57.6", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"]
 
 
 def test_old_transformers_gets_the_quanto_it_needs():
     """FACTS.md: transformers 4.46 needs optimum-quanto 0.2.4."""
-    assert "optimum-quanto==0.2.4" in compat.requirements_for("4.46.3", PINNED)
+    assert "optimum-quanto==0.2.4" in package_specs.requirements_for("4.46.3", PINNED)
 
 
 JUNIT = """<?xml version="1.0"?><testsuites><testsuite>
@@ -123,7 +123,7 @@ def test_results_file_has_the_matrix_and_one_section_per_release(tmp_path):
 
 
 def test_a_release_that_cannot_install_is_remembered_and_a_built_one_is_reused(tmp_path, monkeypatch):
-    from kvcache_repro import compat_envs
+    from kvcache_repro.releases import compat_envs
 
     monkeypatch.setenv("KVQ_COMPAT_ENVS", str(tmp_path))
     base = tmp_path / f"base-{compat_envs.requirements_hash()}"

@@ -14,10 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvcache_repro import bundle, device_run, experiment, memory, offline, quanto_unpack, scenarios
-from kvcache_repro.matrix import BACKENDS, QuantSettings
-from kvcache_repro.memory import Measurement
-from kvcache_repro.models import ModelUnavailable, kv_geometry
+from kvcache_repro.gpu import bundle, device_run
+from kvcache_repro.runner import experiment, scenarios
+from kvcache_repro.measure import memory
+from kvcache_repro.backends import offline, quanto_unpack
+from kvcache_repro.backends.matrix import BACKENDS, QuantSettings
+from kvcache_repro.measure.memory import Measurement
+from kvcache_repro.backends.models import ModelUnavailable, kv_geometry
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -134,7 +137,7 @@ def test_quantized_cache_through_the_python_unpack_is_bitwise_the_same(quanto_cp
     model = offline.random_model("dry-tiny", torch.float32, "cpu")
     ids = torch.randint(3, 200, (4, 8), generator=torch.Generator().manual_seed(0))
     spec, settings = BACKENDS["quanto4"], QuantSettings(q_group_size=128, residual_length=16)
-    from kvcache_repro import generation
+    from kvcache_repro.backends import generation
 
     reference = generation.generate(model, ids, spec, settings, 40)
     calls = []
@@ -214,8 +217,10 @@ IMPORTED_THROUGH_BOX_VERSIONS = frozenset({"httpx2", "httpcore2", "truststore", 
 
 CLOSURE_SCRIPT = r"""
 import importlib.metadata as md, json, sys, torch
-from kvcache_repro import offline, generation, experiment, report, device_run
-from kvcache_repro.matrix import BACKENDS, QuantSettings
+from kvcache_repro.backends import offline, generation
+from kvcache_repro.runner import experiment, report
+from kvcache_repro.gpu import device_run
+from kvcache_repro.backends.matrix import BACKENDS, QuantSettings
 model = offline.random_model("dry-tiny", torch.float32, "cpu")
 ids = torch.randint(3, 200, (2, 8))
 for name in ("none", "quanto4", "hqq4"):
@@ -334,7 +339,7 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     results, baselines, the pytest step over the stored runs, the archive."""
     out, archive = tmp_path / "out", tmp_path / "device-run.tar.gz"
     env = {k: v for k, v in os.environ.items() if k != device_run.STORED_RUNS_ENV}
-    proc = subprocess.run([sys.executable, "-m", "kvcache_repro.device_run", str(out), "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "kvcache_repro.gpu.device_run", str(out), "--dry-run",
                            "--scenarios", "seed-arch-short", "--archive", str(archive)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -397,7 +402,7 @@ def test_accuracy_tests_skip_cleanly_when_the_real_model_is_absent(tmp_path):
     must skip with the reason, not error (it errored 16 times before). Same fixture on
     the CPU table, with the model made unavailable by a plugin."""
     (tmp_path / "kvq_model_absent.py").write_text(
-        "import kvcache_repro.models as models\n"
+        "import kvcache_repro.backends.models as models\n"
         "def _absent():\n"
         "    raise models.ModelUnavailable('absent for this test')\n"
         "models.small_real_model_path = _absent\n")

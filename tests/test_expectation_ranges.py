@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro import expectations as ex
+from kvcache_repro.verdicts import expectations as ex
 
 A = ex.VersionRange("5.0.0", "5.8.0")
 B = ex.VersionRange("5.8.0", "6.0.0")

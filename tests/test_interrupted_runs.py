@@ -25,11 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro import baselines, experiment, faults, limits, scenarios
-from kvcache_repro.memory import Measurement
-from kvcache_repro.outcomes import RowFailure
-from kvcache_repro.progress import Progress
-from kvcache_repro.rowstore import ResumeError, RowStore
+from kvcache_repro.verdicts import baselines
+from kvcache_repro.runner import experiment, limits, scenarios
+from kvcache_repro import faults
+from kvcache_repro.measure.memory import Measurement
+from kvcache_repro.runner.outcomes import RowFailure
+from kvcache_repro.runner.progress import Progress
+from kvcache_repro.runner.rowstore import ResumeError, RowStore
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = scenarios.get("cpu-tiny")
@@ -96,7 +98,7 @@ def test_oom_at_the_large_batch_keeps_the_other_rows_and_names_what_was_not_comp
     assert unmeasured == {f"{b}/b200/{m}" for b in ("quanto4", "hqq4") for m in TINY.baseline_metrics}
     assert not any(v.passed for v in run.verdicts if v.status == "unmeasured")
     assert all(v.passed for v in run.verdicts if v.key.split("/")[1] == "b1")  # the rest still compared
-    from kvcache_repro import report
+    from kvcache_repro.runner import report
 
     text = report.table(TINY, run.measurements, run.ratios, run.verdicts, run.failures)
     assert "FAILED (oom): OOM at batch 200 on this device" in text
@@ -204,7 +206,7 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     env = {**os.environ, faults.ENV: "hang", "PYTHONUNBUFFERED": "1"}
     # As from a terminal: a shell's background job (CI, `cmd &`) starts with SIGINT
     # ignored, the child inherits that, and Python then installs no KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro.experiment", "--scenario", "cpu-tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro.runner.experiment", "--scenario", "cpu-tiny",
                              "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

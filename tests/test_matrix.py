@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from kvcache_repro import matrix
+from kvcache_repro.backends import matrix
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

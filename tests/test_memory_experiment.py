@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from kvcache_repro import baselines, experiment
+from kvcache_repro.verdicts import baselines
+from kvcache_repro.runner import experiment
 
 SCENARIO_PARAMS = [
     pytest.param("cpu-tiny", id="cpu-tiny"),

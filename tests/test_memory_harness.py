@@ -7,8 +7,10 @@ import json
 import pytest
 import torch
 
-from kvcache_repro import baselines, experiment, memory, report, scenarios
-from kvcache_repro.memory import Measurement
+from kvcache_repro.verdicts import baselines
+from kvcache_repro.runner import experiment, report, scenarios
+from kvcache_repro.measure import memory
+from kvcache_repro.measure.memory import Measurement
 
 
 def test_cpu_probe_sees_a_known_allocation_to_the_byte():

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_repro import accounting, caches, expectations, generation
-from kvcache_repro.matrix import BACKENDS
-from kvcache_repro.models import kv_geometry, tiny_model
+from kvcache_repro.measure import accounting
+from kvcache_repro.backends import caches, generation
+from kvcache_repro.verdicts import expectations
+from kvcache_repro.backends.matrix import BACKENDS
+from kvcache_repro.backends.models import kv_geometry, tiny_model
 
 SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
 PROMPT, NEW = 32, 24  # 23 tokens fed back: one flush at 16, 7 left in the residual

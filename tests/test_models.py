@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_repro import model_cache, models
+from kvcache_repro.backends import model_cache, models
 
 
 class _Tokenizer:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro import compat, compat_envs, package_specs as ps
+from kvcache_repro.releases import compat, compat_envs, package_specs as ps
 
 ROOT = Path(__file__).resolve().parent.parent
 

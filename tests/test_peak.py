@@ -1,4 +1,4 @@
-"""The exact peak-memory probe (kvcache_repro/peak.py): it sees known allocations to the
+"""The exact peak-memory probe (kvcache_repro/measure/peak.py): it sees known allocations to the
 byte, counts storages rather than views or dense sizes, follows frees, and gives the
 same bytes run after run and at 1 or 2 threads - the property that lets peak ratios be
 baselines with bands of a fraction of a percent."""
@@ -7,10 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvcache_repro import accounting, caches, generation
-from kvcache_repro.matrix import BACKENDS
-from kvcache_repro.models import tiny_model
-from kvcache_repro.peak import PeakTracker, storage_bytes
+from kvcache_repro.measure import accounting
+from kvcache_repro.backends import caches, generation
+from kvcache_repro.backends.matrix import BACKENDS
+from kvcache_repro.backends.models import tiny_model
+from kvcache_repro.measure.peak import PeakTracker, storage_bytes
 
 SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
 
@@ -94,7 +95,8 @@ def test_scenario_peaks_are_identical_in_any_order(experiment_runs):
     run, so test order (or what ran before in the process) cannot move a baseline ratio."""
     import random
 
-    from kvcache_repro import experiment, memory, scenarios
+    from kvcache_repro.runner import experiment, scenarios
+    from kvcache_repro.measure import memory
 
     scenario = scenarios.get("cpu-tiny")
     loaded = memory.load_model(scenario)

@@ -16,8 +16,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
 
-from kvcache_repro import caches, quantizers
-from kvcache_repro.matrix import BACKENDS, BackendSpec
+from kvcache_repro.backends import caches, quantizers
+from kvcache_repro.backends.matrix import BACKENDS, BackendSpec
 
 GROUP = 32
 SETTINGS = caches.QuantSettings(q_group_size=GROUP, residual_length=16)
@@ -185,7 +185,7 @@ def test_values_on_the_grid_come_back_exactly(spec: BackendSpec):
 )
 def test_unsupported_nbits_or_axis_raise_the_documented_error(spec, message):
     """Messages from transformers 5.24 cache_utils.py (QuantoQuantizedLayer/HQQQuantizedLayer)."""
-    from kvcache_repro.models import tiny_model
+    from kvcache_repro.backends.models import tiny_model
 
     with pytest.raises(ValueError) as info:
         caches.build_cache(spec, tiny_model("llama").config, SETTINGS)

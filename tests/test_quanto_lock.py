@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro import quanto_ext
+from kvcache_repro.backends import quanto_ext
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +76,7 @@ def test_stale_lock_stops_a_run_with_the_path_and_the_fix_instead_of_hanging(tmp
         import sys
         from pathlib import Path
         from optimum.quanto.library.extensions.extension import Extension
-        from kvcache_repro import quanto_ext
+        from kvcache_repro.backends import quanto_ext
         ext = Extension("quanto_cpp", root_dir={str(cpp)!r}, sources=["unpack.cpp", "pybind_module.cpp"])
         try:
             quanto_ext.prepare(ext, extensions_dir=Path({str(cpp.parent)!r}))

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from kvcache_repro import baselines as bl
-from kvcache_repro.baselines import BaselineError, Entry, ReleaseValue
+from kvcache_repro.verdicts import baselines as bl
+from kvcache_repro.verdicts.baselines import BaselineError, Entry, ReleaseValue
 
 PIN = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}, "device": "2-core CPU (x86_64)",
        "date": "2026-11-30", "source": "./kvq experiment --update-baselines"}
@@ -178,7 +178,7 @@ def test_stored_ranges_differ_from_the_pin_and_never_hold_it():
 
 
 def test_ranges_from_measurements_cut_at_the_first_release_showing_each_value():
-    from kvcache_repro.release_baselines import ranges_for
+    from kvcache_repro.verdicts.release_baselines import ranges_for
     measured = {"4.57.6": 2.05201, "5.0.0": 2.05203, "5.4.0": 2.03789, "5.17.0": 2.03791, "5.18.0": 2.04004,
                 "5.19.0": 2.0502, "5.24.0": 2.05012}
     found = ranges_for(pinned(), measured, SEEN)
@@ -238,7 +238,7 @@ def test_an_unknown_package_in_a_stored_range_is_rejected(path):
 
 
 def test_torch_ranges_from_measurements_are_keyed_by_torch():
-    from kvcache_repro.release_baselines import ranges_for
+    from kvcache_repro.verdicts.release_baselines import ranges_for
 
     entry = pinned(prov={"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}})
     found = ranges_for(entry, {"2.11.0": 2.1, "2.12.1": 2.1, "2.13.0": 2.0501}, TORCH_SEEN, "torch")

@@ -1,12 +1,13 @@
 """One test per claim of the seed, named for the claim and parametrized by setup. The
-numbers and the verdict come from the claim's function in kvcache_repro/claims.py; the
+numbers and the verdict come from the claim's function in kvcache_repro/verdicts/claims.py; the
 test asserts the verdict expected on that setup (claims.EXPECTED), so a flip in either
 direction fails. Every run writes the claims table to results/claims.{md,json}."""
 from __future__ import annotations
 
 import pytest
 
-from kvcache_repro import claims, speed
+from kvcache_repro.verdicts import claims
+from kvcache_repro.measure import speed
 
 
 def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import pytest
 
-from kvcache_repro import baselines, generation, speed
-from kvcache_repro.matrix import BACKENDS
+from kvcache_repro.verdicts import baselines
+from kvcache_repro.backends import generation
+from kvcache_repro.measure import speed
+from kvcache_repro.backends.matrix import BACKENDS
 
 pytestmark = pytest.mark.benchmark
 

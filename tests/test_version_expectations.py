@@ -1,14 +1,15 @@
 """Version-dependent behaviour of generate() with a quantized cache, pinned per version
-range in kvcache_repro/expectations.py. Wrong-today entries are xfail(strict=True) with
+range in kvcache_repro/verdicts/expectations.py. Wrong-today entries are xfail(strict=True) with
 the upstream issue, so a fix is noticed."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvcache_repro import caches, diagnosis, expectations, generation
-from kvcache_repro.matrix import BACKENDS
-from kvcache_repro.models import tiny_model
+from kvcache_repro.backends import caches, generation
+from kvcache_repro.verdicts import diagnosis, expectations
+from kvcache_repro.backends.matrix import BACKENDS
+from kvcache_repro.backends.models import tiny_model
 
 SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
 VERSION = expectations.transformers.__version__

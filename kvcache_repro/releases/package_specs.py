@@ -1,0 +1,191 @@
+"""What ``./kvq compat`` checks: a *spec* is one or more packages swapped for the pins of
+requirements.txt, each a release or a local build.
+
+    5.17.0                                   transformers 5.17.0 (a bare version: transformers)
+    torch==2.14.1                            another torch, everything else pinned
+    optimum-quanto==0.2.6   hqq==0.2.7       another quantizer release
+    transformers==5.17.0,torch==2.11.0       a combination (the GPU box's stack)
+    transformers==5.25.0rc1                  a pre-release from the index
+    transformers @ file:///src/transformers  an unreleased build: a source tree ...
+    /tmp/wheels/transformers-5.25.0.dev0-py3-none-any.whl   ... or a wheel (name from the file)
+
+Only the packages the result depends on can be swapped (PACKAGES); a spec names each at
+most once. The label names the run's file (compat/runs/LABEL.json) and its environment:
+``torch-2.14.1``, ``transformers-5.17.0+torch-2.11.0``, ``transformers-local-1a2b3c4d``
+(a local build's label carries a digest of its contents, so a rebuilt wheel or an edited
+tree gets a fresh environment); a spec of transformers==V alone keeps the label ``V`` of
+the runs stored before specs existed.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from packaging.version import InvalidVersion, Version
+
+PACKAGES = ("transformers", "torch", "optimum-quanto", "hqq")  # the matrix's column order, too
+_NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(==|@)\s*(\S.*)$")
+
+
+class SpecError(ValueError):
+    """A spec the suite cannot run: says which part and the forms it accepts."""
+
+    def __init__(self, text: str, problem: str):
+        super().__init__(f"compat spec {text!r}: {problem}. Forms: 5.17.0 (transformers), torch==2.14.1, "
+                         f"optimum-quanto==0.2.6, hqq==0.2.7, transformers==5.17.0,torch==2.11.0, "
+                         f"'transformers @ file:///path/to/checkout', /path/to/transformers-X.whl "
+                         f"(packages: {', '.join(PACKAGES)})")
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@dataclass(frozen=True)
+class Item:
+    package: str  # one of PACKAGES
+    version: str = ""  # a release ("" for a local build)
+    path: str = ""  # a local wheel or source tree (absolute)
+    digest: str = ""  # of the local build's contents
+
+    @property
+    def requirement(self) -> str:
+        """What pip installs."""
+        return f"{self.package}=={self.version}" if self.version else f"{self.package} @ file://{self.path}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.package}-{self.version}" if self.version else f"{self.package}-local-{self.digest}"
+
+    def describe(self) -> str:
+        return f"{self.package} {self.version}" if self.version else f"{self.package} from {self.path}"
+
+
+@dataclass(frozen=True)
+class Spec:
+    items: tuple[Item, ...]  # in PACKAGES order
+    text: str = ""  # as given
+
+    @property
+    def label(self) -> str:
+        if len(self.items) == 1 and self.items[0].package == "transformers" and self.items[0].version:
+            return self.items[0].version  # the form runs were stored under before specs existed
+        return "+".join(item.label for item in self.items)
+
+    @property
+    def packages(self) -> tuple[str, ...]:
+        return tuple(item.package for item in self.items)
+
+    def item(self, package: str) -> Item | None:
+        return next((i for i in self.items if i.package == package), None)
+
+    def describe(self) -> str:
+        return ", ".join(item.describe() for item in self.items)
+
+    def to_json(self) -> dict:
+        return {"text": self.text, "label": self.label,
+                "items": [{"package": i.package, "version": i.version, "path": i.path, "digest": i.digest}
+                          for i in self.items]}
+
+
+def _digest(path: Path) -> str:
+    """Of a wheel's bytes, or of a source tree's file names, sizes and mtimes (cheap on a
+    transformers checkout: no file is read)."""
+    h = hashlib.sha256()
+    if path.is_file():
+        h.update(path.read_bytes())
+    else:
+        for f in sorted(p for p in path.rglob("*") if p.is_file() and ".git" not in p.parts):
+            st = f.stat()
+            h.update(f"{f.relative_to(path)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:8]
+
+
+def _tree_name(path: Path) -> str | None:
+    """A source tree's distribution name, from pyproject.toml or setup.py."""
+    for name, pattern in (("pyproject.toml", r'(?m)^\s*name\s*=\s*["\']([^"\']+)'),
+                          ("setup.py", r'name\s*=\s*["\']([^"\']+)')):
+        if (path / name).exists():
+            found = re.search(pattern, (path / name).read_text(errors="replace"))
+            if found:
+                return found.group(1)
+    return None
+
+
+def _local(text: str, package: str | None, location: str) -> Item:
+    path = Path(location.removeprefix("file://")).expanduser().resolve()
+    if not path.exists():
+        raise SpecError(text, f"{path} does not exist")
+    if path.is_file() and path.suffix != ".whl":
+        raise SpecError(text, f"{path} is neither a wheel (.whl) nor a source tree")
+    found = (normalize(path.name.split("-")[0]) if path.is_file() else
+             normalize(_tree_name(path) or "") or None)
+    if package is None:
+        if found is None:
+            raise SpecError(text, f"cannot tell which package {path} builds: write 'NAME @ file://{path}'")
+        package = found
+    elif found and found != package:
+        raise SpecError(text, f"{path} builds {found}, not {package}")
+    if package not in PACKAGES:
+        raise SpecError(text, f"{package} is not one of the packages the result depends on")
+    return Item(package, path=str(path), digest=_digest(path))
+
+
+def parse_item(text: str, part: str) -> Item:
+    part = part.strip()
+    if not part:
+        raise SpecError(text, "an empty part")
+    try:
+        return Item("transformers", str(Version(part)))  # a bare version: a transformers release
+    except InvalidVersion:
+        pass
+    match = _NAME.match(part)
+    if match is None:
+        if "/" in part or part.endswith(".whl"):
+            return _local(text, None, part)
+        raise SpecError(text, f"cannot read {part!r}")
+    name, op, rest = normalize(match.group(1)), match.group(2), match.group(3).strip()
+    if name not in PACKAGES:
+        raise SpecError(text, f"unknown package {match.group(1)!r}")
+    if op == "@":
+        return _local(text, name, rest)
+    try:
+        return Item(name, str(Version(rest)))
+    except InvalidVersion:
+        raise SpecError(text, f"{rest!r} is not a version of {name}") from None
+
+
+def parse(text: str) -> Spec:
+    """A spec from the command line: parts separated by commas."""
+    items = [parse_item(text, part) for part in text.split(",")]
+    seen = [i.package for i in items]
+    if duplicate := next((p for p in seen if seen.count(p) > 1), None):
+        raise SpecError(text, f"{duplicate} is named twice")
+    return Spec(tuple(sorted(items, key=lambda i: PACKAGES.index(i.package))), text)
+
+
+def pinned(root: Path) -> dict[str, str]:
+    """The pins of requirements.txt for PACKAGES."""
+    out = {}
+    for line in (root / "requirements.txt").read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and normalize(name.strip()) in PACKAGES:
+            out[normalize(name.strip())] = version.split("#")[0].strip()
+    return out
+
+
+def requirements_for(version: str, pinned: list[str]) -> list[str]:
+    """The pinned requirement lines with transformers swapped for ``version``, and
+    optimum-quanto moved where that transformers needs it (FACTS.md: < 4.47 needs 0.2.4;
+    0.2.7 fails there with "shift must be specified for qtypes lower than 8-bit")."""
+    out = []
+    for line in pinned:
+        name = line.split("==")[0].strip().lower()
+        if name == "transformers":
+            line = f"transformers=={version}"
+        elif name == "optimum-quanto" and Version(version) < Version("4.47"):
+            line = "optimum-quanto==0.2.4"
+        out.append(line)
+    return out

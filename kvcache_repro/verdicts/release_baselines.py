@@ -1,0 +1,125 @@
+"""Per-release baseline values from measurements on other releases of one package.
+
+    python -m kvcache_repro.verdicts.release_baselines cpu-tiny 5.0.0=DIR 5.17.0=DIR ... [--write]
+    python -m kvcache_repro.verdicts.release_baselines cpu-tiny --package torch 2.11.0=DIR ... [--write]
+
+Each DIR is the ``--output-dir`` of ``python -m kvcache_repro.runner.experiment --scenario S
+--in-process`` run with that release's interpreter (``../.compat-envs/transformers-V-*/
+bin/python``: same torch, optimum-quanto and hqq as the pin, only transformers differs).
+Per stored entry, the releases are sorted and cut into runs of one value (its ratio
+rounded as the store rounds it); a run becomes a range ``>=FIRST,<FIRST OF THE NEXT RUN``
+(so measure every release between two that differ to bisect the boundary) unless its
+value lies within the entry's own band, or the run holds the pinned release (the
+entry's own ratio is that release's; the range after it stays open, so a newer release
+that changes nothing compares against the pin). Prints the ranges; ``--write`` stores
+them in the entry's ``by_release`` (baselines.update: replaces ranges with the same
+bounds, keeps the others, refuses overlaps and values inside the entry's band).
+
+Stdlib only, like baselines.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import os
+import sys
+from dataclasses import replace
+from importlib import metadata
+from pathlib import Path
+
+from packaging.version import Version
+
+from kvcache_repro.verdicts import baselines
+
+ROUND = 4  # as experiment.update_baselines rounds stored ratios
+
+
+def measured_ratios(results_dir: Path) -> dict[str, float]:
+    data = json.loads((Path(results_dir) / "results.json").read_text())
+    if not data.get("complete", False):
+        raise SystemExit(f"{results_dir}: the run is not complete (failed or interrupted rows); rerun it")
+    return {baselines.entry_key(r["backend"], r["batch"], r["metric"]): r["value"] for r in data["ratios"]}
+
+
+def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by: dict,
+               package: str = "transformers") -> list[baselines.ReleaseValue]:
+    """The ranges worth storing for one entry from {release of ``package``: measured ratio}."""
+    releases = sorted(by_release, key=Version)
+    runs: list[list[str]] = []
+    for rel in releases:
+        if runs and round(by_release[runs[-1][-1]], ROUND) == round(by_release[rel], ROUND):
+            runs[-1].append(rel)
+        else:
+            runs.append([rel])
+    pinned = entry.pinned(package)
+    if pinned and package == "torch":
+        pinned = pinned.split("+")[0]  # 2.13.0+cpu: the release, not the build
+    out = []
+    for i, run in enumerate(runs):
+        value = round(by_release[run[0]], ROUND)
+        if pinned in run or abs(value - entry.ratio) <= entry.tolerance + 1e-9:
+            continue
+        if i + 1 < len(runs):
+            high = runs[i + 1][0]
+        elif pinned and Version(pinned) > Version(run[-1]):
+            high = pinned  # unmeasured releases between the last one here and the pin: bounded by the pin
+        else:
+            raise SystemExit(f"{entry.key}: the newest releases measured ({', '.join(run)}) differ from the pin "
+                             f"{pinned} and nothing newer was measured: measure the pin too, or update the pin's value")
+        out.append(baselines.ReleaseValue(f">={run[0]},<{high}", value, entry.tolerance, tuple(run), produced_by,
+                                          package))
+    return out
+
+
+def provenance(scenario: str, suite: str) -> dict:
+    versions = {}
+    for name in ("torch", "optimum-quanto", "hqq"):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return {"date": datetime.date.today().isoformat(), "device": f"{os.cpu_count()}-core CPU ({platform.machine()})",
+            "versions": versions,
+            "source": f"python -m kvcache_repro.runner.experiment --scenario {scenario} --in-process, run with each release's "
+                      f"interpreter (../.compat-envs/transformers-V-*/); suite {suite}; "
+                      f"python -m kvcache_repro.verdicts.release_baselines"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kvcache_repro.verdicts.release_baselines",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("scenario")
+    parser.add_argument("runs", nargs="+", metavar="RELEASE=DIR")
+    parser.add_argument("--write", action="store_true", help="store the ranges in baselines/SCENARIO.json")
+    parser.add_argument("--suite", default="?", help="the suite commit that measured (recorded in provenance)")
+    parser.add_argument("--package", default="transformers", choices=baselines.RANGE_PACKAGES,
+                        help="whose releases RELEASE names (the others pinned; default transformers)")
+    args = parser.parse_args(argv)
+    path = baselines.BASELINE_DIR / f"{args.scenario}.json"
+    stored = baselines.load(path)
+    measured = {}
+    for item in args.runs:
+        release, _, directory = item.partition("=")
+        Version(release)
+        measured[release] = measured_ratios(Path(directory))
+    produced_by = provenance(args.scenario, args.suite)
+    updated = []
+    for key, entry in sorted(stored.entries.items()):
+        values = {rel: ratios[key] for rel, ratios in measured.items() if key in ratios}
+        print(f"{key}: pin {args.package} {entry.pinned(args.package)} {entry.ratio} +/- {entry.tolerance}; "
+              + ", ".join(f"{rel} {values[rel]:.4f}" for rel in sorted(values, key=Version)))
+        found = ranges_for(entry, values, produced_by, args.package)
+        for rv in found:
+            print(f"  range {rv.releases}: {rv.ratio} (observed on {', '.join(rv.observed_on)})")
+        if found:
+            updated.append(replace(entry, by_release=tuple(found)))
+    if args.write and updated:
+        for line in baselines.update(path, updated, run_failed=False, scenario=stored.scenario):
+            print("wrote", line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

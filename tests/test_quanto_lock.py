@@ -212,3 +212,14 @@ def test_an_extension_object_of_another_shape_is_left_to_quanto_s_own_path():
         name = "quanto_cpp"
 
     assert quanto_ext.load_finished(OtherShape()) is False
+
+
+def test_a_quanto_without_get_extension_is_left_to_load_its_kernels(monkeypatch):
+    """optimum-quanto 0.2.5 has no library.extensions.get_extension (measured: every test
+    session stopped with an ImportError in conftest before a single test ran)."""
+    import optimum.quanto.library.extensions as extensions
+
+    monkeypatch.delattr(extensions, "get_extension")
+    assert quanto_ext.cpu_extension() is None
+    assert "loads its kernels itself" in quanto_ext.prepare()
+    assert quanto_ext.setup(log=lambda line: None) == 0

@@ -241,9 +241,17 @@ def load_finished(ext) -> bool:
 
 
 def cpu_extension():
-    from optimum.quanto.library.extensions import get_extension
-
-    return get_extension("quanto_cpp")
+    """quanto's CPU extension object, or None where this quanto has no ``get_extension``
+    (0.2.5 and older register their kernels another way): nothing to preload, quanto
+    loads its kernels itself (detected, not assumed; measured with ./kvq compat)."""
+    try:
+        from optimum.quanto.library.extensions import get_extension
+    except ImportError:
+        return None
+    try:
+        return get_extension("quanto_cpp")
+    except KeyError:
+        return None
 
 
 def prepare(ext=None, extensions_dir: Path | None = None) -> str:
@@ -254,6 +262,8 @@ def prepare(ext=None, extensions_dir: Path | None = None) -> str:
         if quanto_extensions_dir() is None:
             return "optimum-quanto not installed"
         ext = cpu_extension()
+        if ext is None:
+            return "this optimum-quanto has no get_extension('quanto_cpp'): it loads its kernels itself"
     if load_finished(ext):
         return f"{ext.name}: loaded the finished build in {ext.build_directory}"
     return f"{ext.name}: no finished build yet; quanto builds it on first use (`./kvq setup` does it once)"
@@ -270,6 +280,8 @@ def setup(ext=None, extensions_dir: Path | None = None, log=print) -> int:
         if quanto_extensions_dir() is None:
             return 0
         ext = cpu_extension()
+        if ext is None:
+            return 0
     if load_finished(ext):
         return 0
     log(f"kvq: building optimum-quanto's {ext.name} once ({ext.build_directory}; ~30-50 s)")

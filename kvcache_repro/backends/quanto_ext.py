@@ -39,6 +39,8 @@ when a lock file exists, to ask it which mechanism it uses).
 """
 from __future__ import annotations
 
+from kvcache_repro import cli
+
 import argparse
 import importlib.util
 import os
@@ -294,7 +296,11 @@ def setup(ext=None, extensions_dir: Path | None = None, log=print) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcache_repro.backends.quanto_ext")
+    parser = cli.parser("python -m kvcache_repro.backends.quanto_ext", __doc__, [
+        "python -m kvcache_repro.backends.quanto_ext setup   # what ./kvq setup runs",
+        "python -m kvcache_repro.backends.quanto_ext check   # only the lock check (never compiles)"],
+        "0 ok (a failed build is reported and left to quanto's first use); 3 a stale build lock: the "
+        "message names the file and the command that clears it; 2 bad arguments")
     parser.add_argument("action", choices=("setup", "check"),
                         help="setup: check locks and build once; check: only the lock check")
     args = parser.parse_args(argv)

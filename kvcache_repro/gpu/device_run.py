@@ -30,6 +30,8 @@ builds and uses the real kernel instead. Either way every result says which.
 """
 from __future__ import annotations
 
+from kvcache_repro import cli
+
 import argparse
 import datetime
 import json
@@ -345,8 +347,13 @@ def pytest_step(out: Path, clock: Clock, dry_run: bool, extra: list[str], log=pr
 
 
 def main(argv=None, clock: Clock | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="./kvq device-run", description=__doc__.splitlines()[0])
-    parser.add_argument("outdir")
+    parser = cli.parser("./kvq device-run", __doc__, [
+        "./kvq device-run /tmp/kvq-out                     # on a CUDA box: every scenario, then pytest -m gpu",
+        "./kvq device-run /tmp/kvq-dry --dry-run           # the same plan on the CPU (a tiny model)",
+        "KVQ_SYSTEM_PYTHON=1 ./kvq device-run OUT --archive OUT/device-run.tar.gz   # offline box"],
+        "0 every planned scenario ran and pytest -m gpu passed; 1 a scenario failed or was cut by the "
+        "deadline, or pytest failed (SUMMARY.md and device-run.log say which); 2 bad arguments")
+    parser.add_argument("outdir", help="where results, SUMMARY.md, logs and updated baselines go")
     parser.add_argument("--dry-run", action="store_true", help="the same script on the CPU with a tiny model")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for everything (default 480)")
     parser.add_argument("--scenarios", default=",".join(PLAN), help=f"comma-separated, in order (default {','.join(PLAN)})")

@@ -19,6 +19,8 @@ the tiny speed setup's decode-time ratios.
 """
 from __future__ import annotations
 
+from kvcache_repro import cli
+
 import argparse
 import json
 import os
@@ -128,7 +130,11 @@ def table(runs: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvcache_repro.measure.spread", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m kvcache_repro.measure.spread", __doc__, [
+        "./kvq spread baselines/spread/my-machine         # every path, one after another (~2.5 min each)",
+        "python -m kvcache_repro.measure.spread table baselines/spread/*/*.json"],
+        "0 every path measured (or the table printed); 1 a path failed or hit its time limit (its file "
+        "says so; the others are kept); 2 bad arguments")
     sub = p.add_subparsers(dest="cmd", required=True)
     m = sub.add_parser("measure", help="measure in this process, write OUT")
     m.add_argument("out", type=Path)

@@ -31,6 +31,7 @@ from pathlib import Path
 from packaging.version import Version
 
 # The prefixes the suite's messages start with; the classifier reads them back from junit.
+from kvcache_repro import cli
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -377,13 +378,13 @@ def probe_spec(spec, root: Path = ROOT) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from kvcache_repro.releases import package_specs
 
-    parser = argparse.ArgumentParser(
-        prog="kvq compat", description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="examples:\n  ./kvq compat 5.17.0 5.20.2\n  ./kvq compat torch==2.14.1 hqq==0.2.7\n"
-               "  ./kvq compat transformers==5.17.0,torch==2.11.0\n"
-               "  ./kvq compat 'transformers @ file:///src/transformers'\n"
-               "exit codes: 0 runs written (failures are rows, not exit codes); 2 a spec cannot be read")
+    parser = cli.parser("./kvq compat", __doc__, [
+        "./kvq compat 5.17.0 5.20.2                        # transformers releases",
+        "./kvq compat torch==2.14.1 hqq==0.2.7.post1       # other packages, the rest pinned",
+        "./kvq compat transformers==5.17.0,torch==2.11.0   # a combination",
+        "./kvq compat 'transformers @ file:///src/transformers'   # an unreleased build"],
+        "0 the runs were written (failures are rows of compat/RESULTS.md, not exit codes); 2 a spec "
+        "cannot be read (the message lists the forms)")
     parser.add_argument("specs", nargs="*", metavar="SPEC",
                         help="a transformers version, or PACKAGE==VERSION / 'PACKAGE @ file:///path' / a wheel, "
                              "comma-joined for combinations (default: the pinned transformers)")

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kvcache_repro import cli
 from kvcache_repro.verdicts import baselines
 from kvcache_repro.runner import limits, outcomes, scenarios
 from kvcache_repro.measure.memory import Measurement
@@ -384,7 +385,17 @@ def fingerprint(scenario: scenarios.Scenario, checkpoint: str | None) -> dict:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(prog="./kvq experiment", description=__doc__.splitlines()[0])
+    parser = cli.parser("./kvq experiment", __doc__, [
+        "./kvq experiment                              # the scenario this machine can run (CPU: cpu)",
+        "./kvq experiment --resume                     # after an interruption: only the missing rows",
+        "./kvq experiment --scenario cpu-tiny --output-dir /tmp/tiny",
+        "./kvq experiment --scenario seed --checkpoint ID_OR_PATH   # CUDA, NF4 weights",
+        "./kvq experiment --update-baselines           # record this run as the baselines"],
+        "0 every verdict passed and every row was measured; 1 a verdict failed or a row was not "
+        "measured (out of memory, time limit, error: the table says which); 2 bad arguments, or "
+        "--resume of another setup; 3 a stale quanto build lock (the message names the fix); 128+N "
+        "killed by signal N (the rows measured so far are kept). Outputs: OUTPUT_DIR/rows.json (as rows "
+        "finish), results.json, results.md, memory.png")
     parser.add_argument("--scenario", choices=list(scenarios.SCENARIOS), default=None,
                         help="default: the one this machine can run (seed / gpu-small / cpu)")
     parser.add_argument("--checkpoint", default=None,

@@ -13,6 +13,8 @@ compared (``banded`` false): a band that wide catches nothing.
 """
 from __future__ import annotations
 
+from kvcache_repro import cli
+
 import argparse
 import json
 import math
@@ -199,7 +201,10 @@ def apply(runs: dict[str, dict], write: bool, files=FILES) -> list[str]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m kvcache_repro.verdicts.bands", description=__doc__.split("\n\n")[0])
+    p = cli.parser("python -m kvcache_repro.verdicts.bands", __doc__, [
+        "python -m kvcache_repro.verdicts.bands apply baselines/spread/*/*.json          # print the bands",
+        "python -m kvcache_repro.verdicts.bands apply baselines/spread/*/*.json --write  # store them"],
+        "0 done; 2 bad arguments; a run file or baseline that cannot be read stops with its path and the fix")
     sub = p.add_subparsers(dest="cmd", required=True)
     a = sub.add_parser("apply", help="cut bands from the runs given; --write stores them")
     a.add_argument("runs", nargs="+", type=Path)

@@ -19,6 +19,8 @@ Stdlib only, like baselines.py.
 """
 from __future__ import annotations
 
+from kvcache_repro import cli
+
 import argparse
 import datetime
 import json
@@ -88,8 +90,11 @@ def provenance(scenario: str, suite: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kvcache_repro.verdicts.release_baselines",
-                                     description=__doc__.split("\n\n")[0])
+    parser = cli.parser("python -m kvcache_repro.verdicts.release_baselines", __doc__, [
+        "python -m kvcache_repro.verdicts.release_baselines cpu-tiny 5.0.0=DIR 5.17.0=DIR",
+        "python -m kvcache_repro.verdicts.release_baselines cpu-tiny --package torch 2.11.0=DIR --write"],
+        "0 done; 2 bad arguments; a run that is incomplete, or ranges that cannot be cut (the newest "
+        "releases differ from the pin and nothing newer was measured), stop with the reason")
     parser.add_argument("scenario")
     parser.add_argument("runs", nargs="+", metavar="RELEASE=DIR")
     parser.add_argument("--write", action="store_true", help="store the ranges in baselines/SCENARIO.json")

@@ -1,0 +1,17 @@
+"""What every command-line entry of the suite says for ``--help``: its module's first
+docstring paragraph whole (never cut mid-sentence), examples and exit codes."""
+from __future__ import annotations
+
+import argparse
+import textwrap
+
+
+def parser(prog: str, doc: str, examples: list[str], exit_codes: str, **kwargs) -> argparse.ArgumentParser:
+    """An ArgumentParser whose help is the docstring's first paragraph, then ``examples``
+    (one command per line, optionally ``COMMAND  # what``) and ``exit_codes``."""
+    wrap = dict(break_on_hyphens=False, break_long_words=False)  # words stay whole: the text can be searched
+    description = textwrap.fill(" ".join(doc.strip().split("\n\n")[0].split()), 90, **wrap)
+    epilog = ("examples:\n" + "\n".join(f"  {line}" for line in examples)
+              + "\nexit codes:\n" + textwrap.indent(textwrap.fill(" ".join(exit_codes.split()), 88, **wrap), "  "))
+    return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)

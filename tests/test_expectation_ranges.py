@@ -58,7 +58,7 @@ def test_behaviour_message_names_release_range_entry_expectation_and_observation
 def test_a_behaviour_of_another_package_is_keyed_by_that_package_s_release(monkeypatch):
     """A torch range is checked against the running torch (its build tag dropped), whatever
     transformers release is asked about; its message names torch."""
-    installed = {"torch": "2.11.0+cu130"}
+    installed = {"torch": "2.11.0+cu130", "transformers": "5.24.0", "optimum-quanto": "0.2.7", "hqq": "0.2.8.post1"}
     monkeypatch.setattr("importlib.metadata.version", lambda name: installed[name])
     old_torch, new_torch = ex.VersionRange("2.0.0", "2.12.0", "torch"), ex.VersionRange("2.12.0", "3.0.0", "torch")
     table = ex.Behaviour("TORCH_DEMO", ((old_torch, ex.Expectation("nan", "2.11.0")),
@@ -66,6 +66,7 @@ def test_a_behaviour_of_another_package_is_keyed_by_that_package_s_release(monke
     assert table.lookup(None, "5.24.0").value == "nan" and table.range_of("4.57.6") == old_torch
     message = ex.differs(table, None, "finite", version="5.24.0")
     assert message.startswith("[behaviour] torch 2.11.0 behaves differently from the table for >=2.0.0,<2.12.0 of torch")
+    assert "observed here: finite (with transformers 5.24.0, optimum-quanto 0.2.7, hqq 0.2.8.post1)" in message
     installed["torch"] = "2.14.1"
     assert table.lookup(None, "5.24.0").value == "finite"
 

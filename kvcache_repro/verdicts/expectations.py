@@ -116,8 +116,24 @@ def differs(behaviour: Behaviour, key: str | None, observed: str, version: str |
     entry = behaviour.name + (f"[{key}]" if key else "")
     seen = f" (observed on {expected.observed})" if expected.observed else ""
     return (f"{BEHAVIOUR_TAG} {rng.package} {running(rng.package, version)} behaves differently from the table for {rng}: "
-            f"{entry} expects {expected.value!r}{seen}; observed here: {observed}. Record it in "
+            f"{entry} expects {expected.value!r}{seen}; observed here: {observed}{_stack(rng.package)}. Record it in "
             f"kvcache_repro/verdicts/expectations.py if intended, else report upstream with this test as reproduction.")
+
+
+def _stack(package: str) -> str:
+    """The other packages' installed releases, so that a behaviour a quantizer or torch
+    release changed is not read as the range package's (a compat run swaps any of them)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    others = []
+    for name in ("transformers", "torch", "optimum-quanto", "hqq"):
+        if name == package:
+            continue
+        try:
+            others.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            pass
+    return f" (with {', '.join(others)})" if others else ""
 
 
 def harness_gap(what: str, version: str | None = None) -> str:

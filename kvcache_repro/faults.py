@@ -37,7 +37,7 @@ Faults of the machine rather than the library, for the experiment's robustness:
 A worker process (worker.py) applies ``KVQ_FAULT`` too, so the experiment's
 subprocesses see the same fault as the test process.
 
-The README lists which tests fail under each.
+docs/faults.md lists which tests fail under each.
 """
 from __future__ import annotations
 

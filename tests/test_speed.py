@@ -32,7 +32,7 @@ def test_decode_throughput_tiny(benchmark, speed_backend):
 def test_speed_within_baseline_bands(speed_ratios, setup_name):
     """Each banded ratio inside its band. The tiny setup's ratios are reported, not banded:
     between CPU code paths of one machine they span quanto4 1.37-1.65 and hqq4 1.62-2.47
-    (baselines/spread, README "Bands"), so a band that holds on other machines catches no
+    (baselines/spread, docs/bands.md), so a band that holds on other machines catches no
     regression worth the name; the speed claims (interleaved blocks) still decide."""
     setup = speed.SPEED_SETUPS[setup_name]
     verdicts = speed.verdicts(setup, speed_ratios(setup_name))

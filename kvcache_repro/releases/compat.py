@@ -265,7 +265,7 @@ numbers (entry and observation in the message; an xpassed is a pinned bug that n
 shows); **harness** = the suite cannot drive this release (what is missing is named; a
 skip, never counted as a rejection); **band** = a measurement outside its stored baseline
 band; **unclassified** = anything else. "not run" = group not selected for that run (see
-README, "Checking a new release").
+docs/releases.md).
 
 """
 

@@ -33,7 +33,7 @@ from kvcache_repro.runner.atomic import write_atomic
 # of `./kvq spread` on a new kind of machine adds its own.
 MARGIN = 2.0
 
-# The smallest band per metric, whatever the spread (measured 2026-12-01, README "Bands"):
+# The smallest band per metric, whatever the spread (measured 2026-12-01, docs/bands.md):
 # - top-1 agreement moves in whole positions: 2 each way (the ATen default path moved hqq2
 #   and hqq3 by 1 here, the AVX512 machine hqq2 by 2 and fp8 by 3).
 # - KL: 3% of the value, 2x the widest KL spread measured between paths (fp8, 1.33%

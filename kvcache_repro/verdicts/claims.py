@@ -9,7 +9,7 @@ so a change in transformers, quanto, hqq or torch that flips a claim fails the t
 named for it, and the table says what changed.
 
 The expected verdicts were measured on a 2-core CPU (torch 2.13.0, transformers 5.24.0,
-optimum-quanto 0.2.7, hqq 0.2.8.post1); README, "The seed's claims".
+optimum-quanto 0.2.7, hqq 0.2.8.post1); docs/seed-claims.md.
 """
 from __future__ import annotations
 

@@ -495,7 +495,11 @@ def expected(entry: Entry, transformers_version: str | None) -> tuple[float, flo
     if rv is not None:
         return rv.ratio, rv.tolerance, rv.describe(), f"{rv.package} {rv.releases}"
     pinned = entry.pinned_release
-    return entry.ratio, entry.tolerance, (f"transformers {pinned} (the entry's own ratio)" if pinned else ""), ""
+    versions = entry.produced_by.get("versions") if isinstance(entry.produced_by, dict) else None
+    others = [f"{k} {versions[k]}" for k in RANGE_PACKAGES[1:] if isinstance(versions, dict) and k in versions]
+    basis = (f"transformers {pinned}" + (f" with {', '.join(others)}" if others else "") + " (the entry's own ratio)"
+             if pinned else "")
+    return entry.ratio, entry.tolerance, basis, ""
 
 
 _INSTALLED = object()

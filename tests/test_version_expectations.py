@@ -158,3 +158,18 @@ def test_fp8_cast_beyond_its_range_as_the_table_says_for_this_torch():
         observed = f"neither: 440, 470, 1e5 -> {cast.tolist()}"
     expected = expectations.FP8_CAST_OVERFLOW.lookup()
     assert observed == expected.value, expectations.differs(expectations.FP8_CAST_OVERFLOW, None, observed)
+
+
+def test_hqq_optimizes_by_default_as_the_table_says_for_this_hqq():
+    """hqq's behaviour, keyed by hqq's release (expectations.HQQ_OPTIMIZE_DEFAULT):
+    transformers never passes ``optimize``, so hqq's default decides whether the "HQQ"
+    cache is HQQ at all (below 0.2.7 it is min-max rounding, and hqq4-axis1's KL equals
+    quanto4's). Read from the installed Quantizer.quantize."""
+    import inspect
+
+    from hqq.core.quantize import Quantizer
+
+    default = inspect.signature(Quantizer.quantize).parameters["optimize"].default
+    observed = "yes" if default is True else "no" if default is False else f"neither: {default!r}"
+    table = expectations.HQQ_OPTIMIZE_DEFAULT
+    assert observed == table.lookup().value, expectations.differs(table, None, observed)

@@ -283,8 +283,21 @@ FP8_CAST_OVERFLOW = Behaviour("FP8_CAST_OVERFLOW", (
     (VersionRange(FP8_SATURATES, "3.0.0", "torch"), Expectation("saturates", "2.13.0, 2.14.1")),
 ))
 
+# hqq's: does ``Quantizer.quantize`` run HQQ's proximal optimizer unless told otherwise?
+# transformers' HQQQuantizedLayer never passes ``optimize``, so below hqq 0.2.7 (default
+# False) its "HQQ" cache is plain min-max rounding: measured with ./kvq compat hqq==0.2.5,
+# hqq4-axis1 KL 0.09669 = quanto4's exactly, "HQQ is more accurate than quanto" does not
+# hold, axis 1 batch-invariant exactly (no optimizer to couple the rows, see above). The
+# default became True in 0.2.7 (read in the 0.2.6 and 0.2.7 sources; runs: 0.2.5 no, 0.2.6
+# no, 0.2.7.post1 and 0.2.8.post1 yes).
+HQQ_OPTIMIZES_BY_DEFAULT = "0.2.7"
+HQQ_OPTIMIZE_DEFAULT = Behaviour("HQQ_OPTIMIZE_DEFAULT", (
+    (VersionRange("0.2.0", HQQ_OPTIMIZES_BY_DEFAULT, "hqq"), Expectation("no", "0.2.5, 0.2.6")),
+    (VersionRange(HQQ_OPTIMIZES_BY_DEFAULT, "1.0.0", "hqq"), Expectation("yes", "0.2.7, 0.2.7.post1, 0.2.8.post1")),
+))
+
 BEHAVIOURS = (FAMILY_SUPPORT, BATCH_INVARIANCE, CACHE_CONFIG_UNTOUCHED, BEAM_SEARCH_MATCHES, MULTI_TOKEN_FLUSH,
-              FP8_CAST_OVERFLOW)
+              FP8_CAST_OVERFLOW, HQQ_OPTIMIZE_DEFAULT)
 
 
 def multi_token_flush(version: str | None = None) -> str:
@@ -296,6 +309,8 @@ def family_support(family: str, version: str | None = None) -> Expectation:
 
 
 def batch_invariance(spec: BackendSpec, version: str | None = None) -> str:
+    if spec.backend == "hqq" and spec.axis == 1 and HQQ_OPTIMIZE_DEFAULT.lookup(version=version).value == "no":
+        return "exact"  # each group quantized alone: only the optimizer's tensor-wide stop couples rows
     return BATCH_INVARIANCE.lookup(spec.name, version).value
 
 

@@ -173,3 +173,19 @@ def test_hqq_optimizes_by_default_as_the_table_says_for_this_hqq():
     observed = "yes" if default is True else "no" if default is False else f"neither: {default!r}"
     table = expectations.HQQ_OPTIMIZE_DEFAULT
     assert observed == table.lookup().value, expectations.differs(table, None, observed)
+
+
+@pytest.mark.parametrize("layer, package", [("quanto", "optimum-quanto"), ("hqq", "hqq")])
+def test_transformers_builds_a_cache_with_the_installed_quantizer(layer, package):
+    """A quantizer release transformers refuses (optimum-quanto 0.2.5 under 5.x) is named
+    here once, as a [harness] skip, and its backends are left out of the run
+    (caches.available_backends), instead of ~100 tests failing on the same ImportError
+    (measured: 78 failed and 20 errors, all unclassified, before)."""
+    from importlib.metadata import version
+
+    refused = caches.refused_backends()
+    if layer in refused:
+        pytest.skip(expectations.harness_gap(
+            f"it refuses {package} {version(package)} for its {layer} cache ({refused[layer]}); every "
+            f"{layer} backend is left out of this run"))
+    assert any(BACKENDS[n].backend == layer for n in caches.available_backends())

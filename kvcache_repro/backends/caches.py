@@ -58,15 +58,41 @@ def transformers_major() -> int:
 
 @functools.lru_cache(maxsize=None)
 def available_backends() -> tuple[str, ...]:
-    """Backend names this transformers can build (fp8 exists from 5.x on)."""
+    """Backend names this transformers can build with the installed quantizers (fp8
+    exists from 5.21 on; a backend transformers refuses to build, refused_backends, is
+    left out and named by tests/test_version_expectations.py)."""
     import transformers.cache_utils as cu
 
+    refused = refused_backends()
     names = []
     for name, spec in BACKENDS.items():
         if spec.backend == "fp8" and not hasattr(cu, "Fp8QuantizedLayer"):
             continue
+        if spec.backend in refused:
+            continue
         names.append(name)
     return tuple(names)
+
+
+@functools.lru_cache(maxsize=1)
+def refused_backends() -> dict[str, str]:
+    """{transformers backend: why} for the quantized backends whose cache this transformers
+    refuses to build with the installed quantizer release: decided by building one (a
+    1-layer config), not by comparing versions. Measured: transformers 5.24.0 refuses
+    optimum-quanto 0.2.5 ("You need optimum-quanto package version to be greater or equal
+    than 0.2.5", while its check is ``> 0.2.5``)."""
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1)
+    settings = QuantSettings(q_group_size=8, residual_length=4)
+    out = {}
+    for spec in {s.backend: s for s in BACKENDS.values() if s.quantized and s.group_wise}.values():
+        try:
+            build_cache(spec, config, settings)
+        except ImportError as error:
+            out[spec.backend] = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return out
 
 
 def _backend_kwargs(spec: BackendSpec, settings: QuantSettings) -> dict[str, Any]:

@@ -264,6 +264,25 @@ def pytest_report_header(config):
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks added here
+def pytest_runtest_setup(item):
+    """A test of a backend whose cache transformers refuses to build with the installed
+    quantizer release (caches.refused_backends: optimum-quanto 0.2.5 under 5.x) skips,
+    pointing at the one test that names the refusal as a [harness] finding."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    specs = [v if isinstance(v, matrix.BackendSpec) else matrix.BACKENDS.get(v) if isinstance(v, str) else None
+             for v in params.values()]
+    specs = [s for s in specs if s is not None and s.quantized]
+    if not specs:
+        return
+    from kvcache_repro.backends import caches
+
+    refused = caches.refused_backends()
+    for spec in specs:
+        if spec.backend in refused:
+            pytest.skip(f"{spec.name}: transformers refuses the installed {spec.backend} release "
+                        "(test_version_expectations.py::test_transformers_builds_a_cache_with_the_installed_quantizer)")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 

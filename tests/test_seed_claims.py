@@ -47,6 +47,9 @@ def test_hqq_more_accurate_than_quanto(claim_verdict, accuracy_tables, table_nam
     finding the claims table shows with both numbers."""
     table = accuracy_tables("cpu", table_name)
     both = (f"hqq{nbits}" + ("-axis1" if hqq_axis else ""), f"quanto{nbits}")
+    if absent := [name for name in both if name not in table.results]:
+        pytest.skip(f"{', '.join(absent)} not in the {table_name} table: transformers refuses the installed quantizer "
+                    "(test_version_expectations.py::test_transformers_builds_a_cache_with_the_installed_quantizer)")
     if broken := [name for name in both if name in table.nonfinite]:
         pytest.skip(f"{', '.join(broken)}: non-finite logits, nothing to decide (test_accuracy.py::test_logits_are_finite)")
     claim_verdict(claims.hqq_more_accurate_than_quanto(table, nbits, hqq_axis))

@@ -109,7 +109,7 @@ def test_quantized_run_really_quantizes(path, name, request):
 
 def test_diagnosis_names_an_ignored_cache_a_dead_cache_and_unread_logits():
     """The three diagnoses, provoked on purpose on the tiny model (each must be named)."""
-    spec = BACKENDS["quanto4"]
+    spec = BACKENDS["quanto4"] if "quanto4" in caches.available_backends() else BACKENDS["hqq4"]
     model = tiny_model("llama")
     ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
     unused = caches.build_cache(spec, model.config, SETTINGS)  # built, never handed to the model

@@ -143,7 +143,11 @@ def effective_step(model, setup: AccuracySetup) -> int:
     if setup.step == 1:
         return 1
     total = setup.prefill + setup.decode
-    probe = BACKENDS[next(n for n in setup.backends if BACKENDS[n].group_wise)]
+    available = caches.available_backends()
+    group_wise = [n for n in setup.backends if BACKENDS[n].group_wise and n in available]
+    if not group_wise:
+        return setup.step  # no group-wise backend runs here: nothing flushes
+    probe = BACKENDS[group_wise[0]]
     same = (caches.flush_lengths(probe, model.config, setup.settings, setup.prefill, total, setup.step)
             == caches.flush_lengths(probe, model.config, setup.settings, setup.prefill, total, 1))
     return setup.step if same else 1

@@ -271,6 +271,7 @@ def pytest_runtest_setup(item):
     params = getattr(getattr(item, "callspec", None), "params", {})
     specs = [v if isinstance(v, matrix.BackendSpec) else matrix.BACKENDS.get(v) if isinstance(v, str) else None
              for v in params.values()]
+    specs += [matrix.BACKENDS[name] for mark in item.iter_markers("needs_backends") for name in mark.args]
     specs = [s for s in specs if s is not None and s.quantized]
     if not specs:
         return

@@ -52,6 +52,7 @@ def test_multi_token_forwards_flush_as_the_expectation_table_says(group_wise_bac
         expectations.MULTI_TOKEN_FLUSH, None, f"{step}-token forwards flush at {many}, 1-token at {one}: {observed!r}")
 
 
+@pytest.mark.needs_backends("quanto4", "hqq4")
 def test_multi_token_forwards_give_the_logits_of_single_tokens():
     """Where the flushes coincide, a 16-token forward sees the same keys at the same
     precision as 16 single-token ones (current tokens are full precision either way, as
@@ -111,6 +112,9 @@ def teacher_forced():
 def test_teacher_forced_kl_falls_as_nbits_rises(teacher_forced, family_bits):
     prefix, bits = family_bits
     base, _, suffix = prefix.partition("-")
+    if base not in {BACKENDS[n].backend for n in caches.available_backends()}:
+        pytest.skip(f"transformers refuses the installed {base} release "
+                    "(test_version_expectations.py::test_transformers_builds_a_cache_with_the_installed_quantizer)")
     kls = [teacher_forced(f"{base}{n}{'-' + suffix if suffix else ''}").kl for n in bits]
     assert all(a > b for a, b in zip(kls, kls[1:])), f"{prefix} KL by nbits {bits}: {kls}"
 

@@ -8,8 +8,7 @@ import pytest
 
 from kvcache_repro.verdicts import claims
 from kvcache_repro.measure import speed
-
-
+@pytest.mark.needs_backends('quanto4', 'hqq4')
 def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):
     """One seed prompt x 20 tokens on the real model: peak allocated saved by quantizing
     stays under half the unquantized cache (saving the whole cache would break it) and
@@ -21,6 +20,7 @@ def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):
 MEMORY_CLAIM_SCENARIOS = ["cpu-tiny", pytest.param("seed-geometry", marks=pytest.mark.slow)]
 
 
+@pytest.mark.needs_backends('quanto4', 'hqq4')
 @pytest.mark.parametrize("scenario", MEMORY_CLAIM_SCENARIOS)
 def test_saves_a_lot_at_200_prompts(claim_verdict, experiment_runs, scenario):
     """Peak allocated of each quantized run at the large batch <= 3/4 of none's. On
@@ -74,6 +74,7 @@ def test_quantization_slows_decoding(claim_verdict, speed_ratios, setup):
     claim_verdict(claims.quantization_slows_decoding(speed.SPEED_SETUPS[setup], speed_ratios(setup)))
 
 
+@pytest.mark.needs_backends('quanto4', 'hqq4')
 @pytest.mark.parametrize("scenario", MEMORY_CLAIM_SCENARIOS)
 def test_quanto_uses_less_memory_than_hqq(claim_verdict, experiment_runs, scenario):
     """Peak allocated at the large batch, exact bytes: any gap decides. The cache bytes

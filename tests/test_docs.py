@@ -81,3 +81,20 @@ def test_the_seed_figures_agree_with_the_stored_seed_baselines():
     quoted = "none {:.2f} GB, quanto {:.2f} GB, HQQ {:.2f} GB".format(
         reserved["none"], reserved["quanto (4-bit)"], reserved["HQQ (4-bit)"])
     assert quoted in " ".join(readme.split())
+
+
+def test_the_sample_table_in_the_readme_agrees_with_the_cpu_baselines():
+    """The README's sample is a real `./kvq experiment` run (scenario cpu): each quantized
+    row's peak and cache ratios lie in the bands of baselines/cpu.json, and its baseline
+    column is the stored value."""
+    block = (ROOT / "README.md").read_text().split("## What the experiment prints", 1)[1].split("\n## ", 1)[0]
+    stored = json.loads((ROOT / "baselines" / "cpu.json").read_text())["entries"]
+    rows = [line.split() for line in block.splitlines() if re.match(r"^\s+(quanto|hqq)\S*\s+\d+\s", line)]
+    assert len(rows) >= 4, "no sample rows found under 'What the experiment prints'"
+    for cells in rows:
+        backend, batch, peak_ratio, baseline, cache_ratio = cells[0], cells[1], float(cells[6]), float(cells[7]), float(cells[9])
+        peak = stored[f"{backend}/b{batch}/peak_allocated"]
+        cache = stored[f"{backend}/b{batch}/cache_bytes"]
+        assert abs(peak_ratio - peak["ratio"]) <= peak["tolerance"] + 5e-4, (cells, peak)
+        assert abs(cache_ratio - cache["ratio"]) <= cache["tolerance"] + 5e-4, (cells, cache)
+        assert abs(baseline - peak["ratio"]) <= 5e-4, (cells, peak)

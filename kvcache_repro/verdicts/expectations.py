@@ -123,16 +123,9 @@ def differs(behaviour: Behaviour, key: str | None, observed: str, version: str |
 def _stack(package: str) -> str:
     """The other packages' installed releases, so that a behaviour a quantizer or torch
     release changed is not read as the range package's (a compat run swaps any of them)."""
-    from importlib.metadata import PackageNotFoundError, version
+    from kvcache_repro.verdicts.baselines import installed_versions
 
-    others = []
-    for name in ("transformers", "torch", "optimum-quanto", "hqq"):
-        if name == package:
-            continue
-        try:
-            others.append(f"{name} {version(name)}")
-        except PackageNotFoundError:
-            pass
+    others = [f"{name} {v}" for name, v in installed_versions().items() if name != package]
     return f" (with {', '.join(others)})" if others else ""
 
 

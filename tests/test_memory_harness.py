@@ -121,17 +121,87 @@ def test_update_writes_provenance_and_only_measured_entries(tmp_path, monkeypatc
         experiment.update_baselines(scenario, ms, found, run_failed=True)
 
 
-def test_cuda_probe_resets_peaks_before_and_reads_them_after(monkeypatch):
-    """The CUDA probe's logic on a recording stand-in for torch.cuda (no GPU here): the
-    cache is emptied and peaks reset at start; each metric comes from its own counter."""
-    calls = []
-    counters = {"memory_allocated": 5, "max_memory_reserved": 70, "max_memory_allocated": 60, "memory_reserved": 50}
+def _fake_cuda(monkeypatch, counters, stats, calls):
+    """A recording stand-in for torch.cuda's memory counters (no GPU here); ``stats``:
+    the successive memory_stats() dicts (before, after)."""
     for name in ("synchronize", "empty_cache", "reset_peak_memory_stats"):
         monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name: calls.append(_n))
     for name, value in counters.items():
         monkeypatch.setattr(torch.cuda, name, lambda *a, _n=name, _v=value: calls.append(_n) or _v)
-    monkeypatch.setattr(memory, "_nvml_used", lambda index: None)
+    seq = iter(stats)
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda *a: next(seq))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *a: (7 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(memory, "_nvml_used", lambda index: (None, ""))
+
+
+def test_cuda_probe_resets_peaks_before_and_reads_them_after(monkeypatch):
+    """The CUDA probe's logic on a recording stand-in for torch.cuda (no GPU here): the
+    cache is emptied and peaks reset at start; each metric comes from its own counter;
+    the allocator's retries and OOMs are what generate() added (they are cumulative)."""
+    calls = []
+    counters = {"memory_allocated": 5, "max_memory_reserved": 70, "max_memory_allocated": 60, "memory_reserved": 50}
+    _fake_cuda(monkeypatch, counters, [{"num_alloc_retries": 2, "num_ooms": 1},
+                                       {"num_alloc_retries": 2, "num_ooms": 1}], calls)
     probe = memory.CudaProbe()
     assert probe.start() == 5
     assert calls.index("empty_cache") < calls.index("reset_peak_memory_stats") < calls.index("memory_allocated")
-    assert probe.stop() == {"peak_reserved": 70, "peak_allocated": 60, "reserved_after": 50}
+    assert probe.stop() == {"peak_reserved": 70, "peak_allocated": 60, "reserved_after": 50,
+                            "alloc_retries": 0, "ooms": 0, "device_free_after": 7 * 2**30,
+                            "device_total": 80 * 2**30}
+
+
+def test_a_saw_tooth_run_is_flagged(monkeypatch):
+    """The seed's none run on an 80 GB card: the allocator hit capacity and retried. Faked
+    memory_stats(): 3 retries during generate; the explanation says SAW-TOOTH and points
+    at peak allocated. Without retries the same numbers are not flagged."""
+    from kvcache_repro.measure import reserved
+
+    gib = 2**30
+    counters = {"memory_allocated": 15 * gib, "max_memory_reserved": 79 * gib, "max_memory_allocated": 42 * gib,
+                "memory_reserved": 56 * gib}
+    _fake_cuda(monkeypatch, counters, [{"num_alloc_retries": 4}, {"num_alloc_retries": 7}], [])
+    probe = memory.CudaProbe()
+    probe.start()
+    metrics = probe.stop()
+    assert metrics["alloc_retries"] == 3 and reserved.is_saw_tooth(metrics)
+    text = reserved.explain(metrics)
+    assert "SAW-TOOTH: 3 allocation retries" in text and "37.00 GiB cached free blocks" in text, text
+    assert "SAW-TOOTH" not in reserved.explain({**metrics, "alloc_retries": 0})
+
+
+def test_nvml_failure_is_a_note_not_a_failed_row(monkeypatch):
+    """Any NVML error (not only a missing module) leaves the NVML figure out with a note."""
+    import sys
+    import types
+
+    fake = types.ModuleType("pynvml")
+
+    class NVMLError(Exception):
+        pass
+
+    fake.NVMLError = NVMLError
+
+    def init():
+        raise NVMLError("Driver/library version mismatch")
+
+    fake.nvmlInit = init
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    value, note = memory._nvml_used(0)
+    assert value is None and "Driver/library version mismatch" in note
+
+
+def test_nvml_finds_the_device_by_uuid_not_by_index(monkeypatch):
+    """torch's index 0 under CUDA_VISIBLE_DEVICES=3 is NVML's device 3: the handle comes
+    from the UUID torch reports."""
+    import sys
+    import types
+
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError = type("NVMLError", (Exception,), {})
+    fake.nvmlInit = lambda: None
+    fake.nvmlDeviceGetHandleByIndex = lambda i: pytest.fail("looked up by index")
+    fake.nvmlDeviceGetHandleByUUID = lambda u: {"GPU-abc": "h3"}[u]
+    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used={"h3": 123}[h])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="abc"))
+    assert memory._nvml_used(0) == (123, "")

@@ -5,7 +5,9 @@ read the probe. Only the probe differs by device:
 - CUDA: ``empty_cache`` + ``reset_peak_memory_stats`` before generate; peak
   ``max_memory_reserved``/``max_memory_allocated`` during it; ``memory_allocated``
   before (the weights); ``memory_reserved`` after generate (the seed's own reading);
-  NVML device memory used when nvidia-ml-py is installed.
+  the allocator's retries and OOMs during generate and free/total device memory
+  (reserved.py says what they mean); NVML device memory used when nvidia-ml-py is
+  installed (found by the device's UUID; a failure is a note).
 - CPU: ``peak_allocated``, the same quantity as CUDA's ``max_memory_allocated``: live
   tensor bytes at the peak, weights included, counted exactly from tensor storages
   (peak.py) - bitwise repeatable, independent of glibc. Peak RSS (Linux VmHWM, reset
@@ -23,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from kvcache_repro.measure import accounting, peak
+from kvcache_repro.measure import accounting, peak, reserved
 from kvcache_repro.backends import caches, generation, offline
 from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.backends.models import ModelUnavailable, kv_geometry, small_real_model, tiny_model
@@ -102,13 +104,15 @@ class CudaProbe:
 
     def __init__(self, index: int = 0):
         self.index = index
+        self.notes: list[str] = []  # what could not be read (NVML), said with the result
 
     def start(self, resident=()) -> int:
         gc.collect()
         torch.cuda.synchronize(self.index)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.index)
-        self._nvml_before = _nvml_used(self.index)
+        self._retries_before = _allocator_stats(self.index)
+        self._nvml_before = self._nvml()
         return torch.cuda.memory_allocated(self.index)
 
     def stop(self) -> dict[str, int]:
@@ -118,19 +122,66 @@ class CudaProbe:
             "peak_allocated": torch.cuda.max_memory_allocated(self.index),
             "reserved_after": torch.cuda.memory_reserved(self.index),
         }
-        nvml = _nvml_used(self.index)
+        # num_alloc_retries / num_ooms are cumulative (reset_peak_memory_stats keeps them):
+        # what generate() added is the difference.
+        after = _allocator_stats(self.index)
+        counters = reserved.allocator_counters(
+            {k: after.get(k, 0) - self._retries_before.get(k, 0) for k in ("num_alloc_retries", "num_ooms")},
+            _mem_get_info(self.index))
+        metrics.update(counters)
+        nvml = self._nvml()
         if nvml is not None:
             metrics["nvml_used_after"] = nvml
         return metrics
 
+    def _nvml(self) -> int | None:
+        value, note = _nvml_used(self.index)
+        if note and note not in self.notes:
+            self.notes.append(note)
+        return value
 
-def _nvml_used(index: int) -> int | None:
+
+def _allocator_stats(index: int) -> dict:
+    stats = torch.cuda.memory_stats(index)
+    return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_ooms")}
+
+
+def _mem_get_info(index: int) -> tuple[int, int] | None:
+    try:
+        return torch.cuda.mem_get_info(index)
+    except RuntimeError:  # a driver that does not report it: the counters still stand
+        return None
+
+
+def _nvml_used(index: int) -> tuple[int | None, str]:
+    """Device memory in use as NVML sees it (every process, the CUDA context included),
+    and a note when it cannot be read. The device is found by its UUID (PCI bus id as a
+    second try), never by ``index``: torch's index counts only CUDA_VISIBLE_DEVICES,
+    NVML's counts every GPU of the machine. Any NVML failure is a note, never a failed row."""
     try:
         import pynvml
     except ImportError:
-        return None
-    pynvml.nvmlInit()
-    return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index)).used)
+        return None, ""
+    try:
+        pynvml.nvmlInit()
+        props = torch.cuda.get_device_properties(index)
+        handle = None
+        uuid = str(getattr(props, "uuid", "") or "")
+        if uuid:
+            for name in ((uuid,) if uuid.startswith(("GPU-", "MIG-")) else (f"GPU-{uuid}", f"MIG-{uuid}")):
+                try:
+                    handle = pynvml.nvmlDeviceGetHandleByUUID(name)
+                    break
+                except pynvml.NVMLError:
+                    continue
+        if handle is None and hasattr(props, "pci_bus_id"):
+            bus = f"{getattr(props, 'pci_domain_id', 0):08x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+            handle = pynvml.nvmlDeviceGetHandleByPciBusId(bus)
+        if handle is None:
+            return None, f"NVML: device {index} not found by UUID {uuid or '?'} or PCI bus id; NVML figures left out"
+        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used), ""
+    except Exception as error:  # NVMLError, a driver/library mismatch, a MIG slice NVML cannot read
+        return None, f"NVML could not be read ({type(error).__name__}: {error}); NVML figures left out"
 
 
 def probe_for(device: str):
@@ -198,4 +249,4 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
         accounting.CacheGeometry(g.layers, batch, g.kv_heads, g.head_dim, getattr(torch, scenario.dtype)),
         prompt_len=ids.shape[1], total_tokens=ids.shape[1] + scenario.new_tokens - 1)
     return Measurement(scenario.name, backend, batch, scenario.device, ids.shape[1], scenario.new_tokens,
-                       seconds, before, metrics, predicted.total)
+                       seconds, before, metrics, predicted.total, notes="; ".join(getattr(probe, "notes", [])))

@@ -13,6 +13,7 @@ import os
 import textwrap
 from pathlib import Path
 
+from kvcache_repro.measure import reserved
 from kvcache_repro.measure.memory import Measurement
 
 MIB = 2**20
@@ -45,6 +46,9 @@ def rows(scenario, measurements: list[Measurement], found, verdicts) -> list[dic
             "cache_ratio": None if cache_ratio is None else cache_ratio.value,
             "cache_verdict": "-" if cache_verdict is None else cache_verdict.status,
             "seconds": m.generate_seconds,
+            **({"reserved_after_mib": m.metrics.get("reserved_after", 0) / MIB,
+                "alloc_retries": m.metrics.get(reserved.ALLOC_RETRIES), "saw_tooth": reserved.is_saw_tooth(m.metrics),
+                "reserved_explained": reserved.explain(m.metrics)} if scenario.device == "cuda" else {}),
         })
     return out
 
@@ -69,6 +73,10 @@ def table(scenario, measurements, found, verdicts, failures=(), missing=()) -> s
             f"{_fmt(r['cache_ratio']):>11} {r['cache_verdict']:>11} {r['pool_mib']:>20.1f} {r['seconds']:>7.1f}")
     for f in failures:
         lines.append(f"{f.backend:>8} {f.batch:>5}  FAILED ({f.kind}): {f.message}")
+    if scenario.device == "cuda" and measurements:
+        # Reserved memory is what the allocator held, not what the run needed (reserved.py).
+        lines += ["", "reserved memory (compared: peak allocated; reserved is explained, measure/reserved.py):"]
+        lines += [f"  {m.backend}/b{m.batch}: {reserved.explain(m.metrics)}" for m in measurements]
     for backend, batch in missing:
         lines.append(f"{backend:>8} {batch:>5}  not measured (interrupted; rerun with --resume)")
     failing = [v for v in verdicts if v.status in ("regression", "improvement")]

@@ -12,6 +12,14 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 from kvcache_repro.backends import matrix  # noqa: E402  (import after the path fix above)
+from kvcache_repro.gpu import devices  # noqa: E402
+
+# An xdist worker's GPU is chosen here, at import, before any hook can touch CUDA: the
+# runtime reads CUDA_VISIBLE_DEVICES once, when it initialises (torch.cuda.is_available()
+# in pytest_collection_modifyitems would), and CUDA subprocesses inherit the narrowed value.
+# Neither import above initialises CUDA (matrix imports no torch; devices counts GPUs in a
+# subprocess).
+DEVICE_NOTE = devices.apply_for_xdist_worker()
 
 # Tests that compare with stored baselines: their failure is what --kv-update-baselines
 # is for, so it does not block an update; any other failure does.
@@ -161,16 +169,14 @@ def experiment_runs(request):
     every test and the summary: CUDA scenarios with each backend x batch in a fresh
     subprocess, CPU scenarios in this process (their compared metrics are exact bytes,
     experiment.measure_in_process; the ./kvq experiment job keeps fresh processes). A
-    model that cannot be loaded here skips; under pytest-xdist each worker gets its own GPU."""
+    model that cannot be loaded here skips; under pytest-xdist each worker has its own GPU,
+    or shares one with more workers than GPUs (devices.apply_for_xdist_worker, at import)."""
     from kvcache_repro.gpu import device_run
     from kvcache_repro.runner import experiment, scenarios
     from kvcache_repro.backends.models import ModelUnavailable
 
     config = request.config
     config._kv_experiment_runs = getattr(config, "_kv_experiment_runs", {})
-    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    if worker.startswith("gw"):
-        os.environ["CUDA_VISIBLE_DEVICES"] = worker[2:]
 
     def get(name: str):
         if name not in config._kv_experiment_runs and device_run.stored_runs_dir():
@@ -259,8 +265,11 @@ def claim_verdict(request):
 
 
 def pytest_report_header(config):
-    note = getattr(config, "_kv_quanto_note", None)
-    return [note] if note else []
+    notes = [getattr(config, "_kv_quanto_note", None), DEVICE_NOTE]
+    if _xdist_controller(config):  # a worker's header is never printed: say what each one takes
+        workers = len(getattr(config.option, "tx", None) or ())  # xdist sets it to -n's popen specs
+        notes.append(devices.plan_note(workers, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    return [note for note in notes if note]
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks added here

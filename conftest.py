@@ -55,7 +55,16 @@ def pytest_addoption(parser):
                     help="comma-separated batch sizes for the tiny-model tests (default "
                          f"{','.join(map(str, matrix.DEFAULT_BATCH_SIZES))})")
     group.addoption("--kv-gpu-model", default=None,
-                    help="checkpoint id or local path for the GPU `seed` scenario (default: the seed's)")
+                    help="your model (hub id or local directory) for the gpu-marked `model` scenario: the seed's "
+                         "protocol on it, baselines of its own in baselines/models/ (./kvq experiment --model)")
+    group.addoption("--kv-gpu-weights", default="native", choices=("native", "nf4"),
+                    help="with --kv-gpu-model: native (default) or nf4 weights (bitsandbytes)")
+    group.addoption("--kv-gpu-dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
+                    help="with --kv-gpu-model: the compute dtype (default fp16, the seed's)")
+    group.addoption("--kv-gpu-new-tokens", default=1000, type=int,
+                    help="with --kv-gpu-model: new tokens per prompt (default 1000, the seed's)")
+    group.addoption("--kv-gpu-batch-sizes", default="1,200",
+                    help="with --kv-gpu-model: comma-separated batch sizes (default 1,200, the seed's)")
     group.addoption("--kv-update-baselines", action="store_true",
                     help="rewrite the baseline entries this run measured (refused for a failed run); "
                          "stored bands are kept")
@@ -181,16 +190,17 @@ def experiment_runs(request):
     def get(name: str):
         if name not in config._kv_experiment_runs and device_run.stored_runs_dir():
             # ./kvq device-run's pytest step: check what it measured, never measure again
+            if name == USER_MODEL:
+                pytest.skip("your model is not part of ./kvq device-run's plan (pytest -m gpu --kv-gpu-model runs it)")
             stored = device_run.load_stored_run(name)
             if isinstance(stored, str):
                 pytest.skip(stored)
             config._kv_experiment_runs[name] = stored
         if name not in config._kv_experiment_runs:
-            scenario = scenarios.get(name)
-            checkpoint = config.getoption("--kv-gpu-model") if name == "seed" else None
+            scenario = _user_model_scenario(config) if name == USER_MODEL else scenarios.get(name)
             try:
                 config._kv_experiment_runs[name] = experiment.run_experiment(
-                    scenario, checkpoint, log=lambda line: None, in_process=scenario.device == "cpu")
+                    scenario, None, log=lambda line: None, in_process=scenario.device == "cpu")
             except ModelUnavailable as error:
                 pytest.skip(f"{name}: model not available here: {error}")
             except experiment.RunFailed as error:
@@ -200,6 +210,32 @@ def experiment_runs(request):
         return config._kv_experiment_runs[name]
 
     return get
+
+
+# The scenario name tests use for --kv-gpu-model's run (tests/test_memory_experiment.py).
+USER_MODEL = "model"
+
+
+def _user_model_scenario(config):
+    """--kv-gpu-model's scenario, as ./kvq experiment --model builds it (on CUDA); skips
+    without the option, stops with the reason when the model cannot run."""
+    import argparse
+
+    from kvcache_repro.runner import experiment
+
+    model = config.getoption("--kv-gpu-model")
+    if not model:
+        pytest.skip("your model's run: give --kv-gpu-model ID_OR_PATH (and --kv-gpu-dtype/-weights/-new-tokens/"
+                    "-batch-sizes, --kv-backends)")
+    args = argparse.Namespace(
+        model=model, device="cuda", backends=config.getoption("--kv-backends") or "none,quanto4,hqq4",
+        batch_sizes=config.getoption("--kv-gpu-batch-sizes"), new_tokens=config.getoption("--kv-gpu-new-tokens"),
+        dtype=config.getoption("--kv-gpu-dtype"), weights=config.getoption("--kv-gpu-weights"),
+        q_group_size=128, residual_length=64)
+    try:
+        return experiment.model_scenario(args)
+    except experiment.ModelSetupError as error:
+        pytest.fail(f"--kv-gpu-model {model}: {error}", pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,8 @@
 fresh subprocess; cache bytes, peak memory and ratios to the unquantized run are
 checked against the analytic model and the stored baselines.
 
-Scenarios: cpu-tiny (always, fast), cpu (slow: --kv-run-slow), gpu-tiny, gpu-small and
-seed (gpu marker). On GPU, ``pytest -m gpu -n <gpus>`` gives each xdist worker its own
+Scenarios: cpu-tiny (always, fast), cpu (slow: --kv-run-slow), gpu-tiny, gpu-small,
+seed-arch(-short), seed and your model (``--kv-gpu-model``) (gpu marker). On GPU, ``pytest -m gpu -n <gpus>`` gives each xdist worker its own
 device through CUDA_VISIBLE_DEVICES.
 """
 from __future__ import annotations
@@ -22,6 +22,8 @@ SCENARIO_PARAMS = [
     pytest.param("seed", id="seed", marks=pytest.mark.gpu),
     pytest.param("seed-arch-short", id="seed-arch-short", marks=pytest.mark.gpu),
     pytest.param("seed-arch", id="seed-arch", marks=pytest.mark.gpu),
+    # your model: pytest -m gpu --kv-gpu-model ID_OR_PATH (conftest.USER_MODEL); skips without it
+    pytest.param("model", id="model", marks=pytest.mark.gpu),
 ]
 
 # PyTorch's CUDA caching allocator reserves memory in blocks, not bytes (constants in

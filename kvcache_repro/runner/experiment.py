@@ -268,7 +268,13 @@ def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ra
 
 
 def baseline_path(scenario: str) -> Path:
-    return baselines.BASELINE_DIR / f"{scenario}.json"
+    """baselines/<name>.json; a user's model: baselines/models/<name>.json, named by a
+    digest of what its numbers depend on (scenarios.model_scenario)."""
+    try:
+        stored_as = scenarios.get(scenario).baseline_name or scenario
+    except scenarios.SelectionError:  # a name no scenario has: its (absent) file says "missing"
+        stored_as = scenario
+    return baselines.BASELINE_DIR / f"{stored_as}.json"
 
 
 def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[baselines.Verdict]:
@@ -323,6 +329,8 @@ def provenance(scenario: scenarios.Scenario, measurements: list[Measurement]) ->
     return {
         "versions": package_versions(),
         "device": device,
+        **({"model": scenario.checkpoint, "weights": "nf4" if scenario.weights_nf4 else "native"}
+           if scenario.checkpoint else {}),
         "machine": machine(),
         "settings": {"new_tokens": scenario.new_tokens, "q_group_size": scenario.settings.q_group_size,
                      "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
@@ -346,21 +354,47 @@ def update_baselines(scenario: scenarios.Scenario, measurements: list[Measuremen
     entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4),
                                default_tolerance(scenario.device, r.metric), produced_by)
                for r in found]
-    return baselines.update(baseline_path(scenario.name), entries, run_failed=run_failed,
-                            scenario=scenario.name, description=scenario.notes, reset_tolerance=reset_tolerance)
+    path = baseline_path(scenario.name)
+    path.parent.mkdir(parents=True, exist_ok=True)  # baselines/models/ for a user's first model
+    return baselines.update(path, entries, run_failed=run_failed, scenario=scenario.name, description=scenario.notes,
+                            reset_tolerance=reset_tolerance, key=scenario.baseline_key)
 
 
-def choose_scenario(checkpoint: str | None = None) -> scenarios.Scenario:
-    """The scenario this machine can run: seed (CUDA, checkpoint loads), gpu-small (CUDA),
-    cpu otherwise."""
+def choose_scenario(checkpoint: str | None = None, log=print) -> scenarios.Scenario:
+    """The scenario this machine can run: seed (CUDA, its checkpoint loads, bitsandbytes
+    for its NF4 weights), gpu-small (CUDA otherwise, saying why), cpu without CUDA."""
     import torch
+
+    from kvcache_repro.backends import checkpoints
+    from kvcache_repro.backends.model_cache import ModelUnavailable
 
     if not torch.cuda.is_available():
         return scenarios.get("cpu")
-    probe = subprocess.run(
-        [sys.executable, "-c", "import sys; from transformers import AutoConfig; AutoConfig.from_pretrained(sys.argv[1])",
-         checkpoint or scenarios.SEED_CHECKPOINT], capture_output=True, text=True, cwd=ROOT)
-    return scenarios.get("seed" if probe.returncode == 0 else "gpu-small")
+    try:
+        checkpoints.probe(checkpoint or scenarios.SEED_CHECKPOINT)
+    except ModelUnavailable as error:
+        log(f"seed scenario not run: {error}; running gpu-small instead")
+        return scenarios.get("gpu-small")
+    if not checkpoints.nf4_available():
+        log(f"seed scenario not run: its NF4 weights need bitsandbytes ({checkpoints.NF4_FIX}); "
+            f"running gpu-small instead")
+        return scenarios.get("gpu-small")
+    return scenarios.get("seed")
+
+
+# What makes a checkpoint the seed's model: Llama-3-8B's shapes (offline.ARCHS). Another
+# model passed as the seed's would be compared with the seed's ratios and, with
+# --update-baselines, overwrite them.
+SEED_SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                   "intermediate_size", "vocab_size")
+
+
+def not_the_seed_model(config: dict) -> list[str]:
+    """How ``config`` differs from the seed model's architecture ([] when it is it)."""
+    from kvcache_repro.backends.offline import ARCHS
+
+    seed = ARCHS["llama3-8b"]
+    return [f"{k} {config.get(k)} (the seed's: {seed[k]})" for k in SEED_SHAPE_KEYS if config.get(k) != seed[k]]
 
 
 class Interrupted(KeyboardInterrupt):
@@ -389,7 +423,9 @@ def parse_args(argv=None):
         "./kvq experiment                              # the scenario this machine can run (CPU: cpu)",
         "./kvq experiment --resume                     # after an interruption: only the missing rows",
         "./kvq experiment --scenario cpu-tiny --output-dir /tmp/tiny",
-        "./kvq experiment --scenario seed --checkpoint ID_OR_PATH   # CUDA, NF4 weights",
+        "./kvq experiment --scenario seed --checkpoint DIR   # a local copy of the seed's model (CUDA, NF4)",
+        "./kvq experiment --model DIR_OR_ID --backends none,quanto4,hqq4 --batch-sizes 1,8 --new-tokens 64",
+        "                                              # your model (CUDA if present, else CPU); its own baselines",
         "./kvq experiment --update-baselines           # record this run as the baselines"],
         "0 every verdict passed and every row was measured; 1 a verdict failed or a row was not "
         "measured (out of memory, time limit, error: the table says which); 2 bad arguments, or "
@@ -399,7 +435,21 @@ def parse_args(argv=None):
     parser.add_argument("--scenario", choices=list(scenarios.SCENARIOS), default=None,
                         help="default: the one this machine can run (seed / gpu-small / cpu)")
     parser.add_argument("--checkpoint", default=None,
-                        help="another checkpoint or local path, for the scenario that loads one (`seed`)")
+                        help="a local copy (or another hub id) of the seed's model for `--scenario seed`; a model of "
+                             "another architecture is refused (use --model)")
+    model = parser.add_argument_group(
+        "your own model (--model): the seed's protocol on any causal LM, baselines in baselines/models/ keyed by "
+        "model, dtype, weights, device and settings")
+    model.add_argument("--model", default=None, help="a hub id or a local directory (config, weights, tokenizer)")
+    model.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when present, else cpu")
+    model.add_argument("--backends", default=None, help="comma-separated (default none,quanto4,hqq4)")
+    model.add_argument("--batch-sizes", default=None, help="comma-separated (default: CUDA 1,200 as the seed; CPU 1,8)")
+    model.add_argument("--new-tokens", type=int, default=None, help="default: CUDA 1000 as the seed; CPU 64")
+    model.add_argument("--dtype", choices=tuple(scenarios.DTYPES), default=None, help="default: CUDA fp16; CPU fp32")
+    model.add_argument("--weights", choices=scenarios.WEIGHTS, default="native",
+                       help="native (default) or nf4 (bitsandbytes, CUDA, as the seed)")
+    model.add_argument("--q-group-size", type=int, default=128, help="default 128 (the seed's)")
+    model.add_argument("--residual-length", type=int, default=64, help="default 64 (the seed's)")
     parser.add_argument("--reset-tolerances", action="store_true",
                         help="with --update-baselines: write default bands even where an entry has one")
     parser.add_argument("--update-baselines", action="store_true",
@@ -424,7 +474,100 @@ def parse_args(argv=None):
         parser.error("--update-baselines already records missing entries; give one of the two")
     if args.worker_timeout is not None and not args.worker_timeout > 0:
         parser.error("--worker-timeout: give a positive number of seconds")
+    if args.model and (args.scenario or args.checkpoint):
+        parser.error("--model runs your model as a scenario of its own: drop --scenario/--checkpoint")
+    given = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name) != parser.get_default(name)]
+    if given and not args.model:
+        parser.error(f"{', '.join(given)} apply with --model; the built-in scenarios have fixed settings, "
+                     f"which their baseline files belong to")
+    for name in ("new_tokens", "q_group_size", "residual_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')}: give a positive integer")
     return parser, args
+
+
+MODEL_OPTIONS = ("device", "backends", "batch_sizes", "new_tokens", "dtype", "weights", "q_group_size",
+                 "residual_length")
+
+
+class ModelSetupError(ValueError):
+    """--model cannot run as given (cannot load, bad settings): the message says why and how to fix it."""
+
+
+def model_scenario(args, cuda_available: bool | None = None) -> scenarios.Scenario:
+    """The scenario of ``--model`` and its options, registered for the workers; the model's
+    config is read first (a child process), so a model that cannot load stops here."""
+    from kvcache_repro.backends import caches, checkpoints, matrix
+    from kvcache_repro.backends.model_cache import ModelUnavailable
+
+    if cuda_available is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available()
+    device = args.device or ("cuda" if cuda_available else "cpu")
+    if device == "cuda" and not cuda_available:
+        raise ModelSetupError("--device cuda: no CUDA device here (torch.cuda.is_available() is False); "
+                              "run with --device cpu, or on a machine with a GPU")
+    cuda = device == "cuda"
+    try:
+        backends = [b.name for b in matrix.select_backends(args.backends or "none,quanto4,hqq4",
+                                                           caches.available_backends())]
+        batches = matrix.select_batch_sizes(args.batch_sizes, (1, 200) if cuda else (1, 8))
+    except matrix.SelectionError as error:
+        raise ModelSetupError(str(error)) from None
+    if "none" not in backends:
+        raise ModelSetupError("--backends must include none: every ratio is to the unquantized run")
+    if args.weights == "nf4" and cuda and not checkpoints.nf4_available():
+        raise ModelSetupError(f"--weights nf4 needs bitsandbytes: {checkpoints.NF4_FIX}")
+    try:
+        config = checkpoints.probe(args.model)
+    except ModelUnavailable as error:
+        raise ModelSetupError(str(error)) from None
+    new_tokens = args.new_tokens or (1000 if cuda else 64)
+    dtype = scenarios.DTYPES[args.dtype or ("fp16" if cuda else "fp32")]
+    try:
+        scenario = scenarios.model_scenario(
+            args.model, checkpoints.identity(args.model, config), device, device_name(device), backends, batches,
+            new_tokens, dtype, args.weights, args.q_group_size, args.residual_length)
+    except scenarios.SelectionError as error:
+        raise ModelSetupError(str(error)) from None
+    heads = config.get("num_attention_heads") or 1
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // heads
+    for name in backends:
+        try:  # prompts are padded to a multiple of 8 tokens: 8 for the seed's prompts
+            caches.check_quantizable(matrix.BACKENDS[name], scenario.settings, batch=max(batches), kv_heads=kv_heads,
+                                     head_dim=head_dim, prompt_len=8, new_tokens=new_tokens)
+        except ValueError as error:
+            raise ModelSetupError(f"{name} cannot quantize this model's cache: {error}") from None
+    return scenarios.register(scenario)
+
+
+def device_name(device: str) -> str:
+    """The device's name for a baseline key; CUDA's read in a child process, so this one
+    holds no CUDA context (memory the workers' device would lose). CPU: "cpu" - every
+    compared CPU quantity is an exact byte count, the same on every CPU (peak.py)."""
+    if device != "cuda":
+        return "cpu"
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown CUDA device"
+
+
+def seed_checkpoint_problem(checkpoint: str) -> str:
+    """Why ``checkpoint`` cannot stand in for the seed's model ("" when it can)."""
+    from kvcache_repro.backends import checkpoints
+    from kvcache_repro.backends.model_cache import ModelUnavailable
+
+    try:
+        differs = not_the_seed_model(checkpoints.probe(checkpoint))
+    except ModelUnavailable as error:
+        return str(error)
+    if differs:
+        return (f"--checkpoint {checkpoint} is not the seed's model ({'; '.join(differs)}), so the seed's ratios "
+                f"(baselines/seed.json) do not apply to it. Run it as your own model, with baselines of its own: "
+                f"./kvq experiment --model {checkpoint}")
+    return ""
 
 
 def check_applicable(parser, args, scenario: scenarios.Scenario) -> None:
@@ -445,8 +588,19 @@ def main(argv=None) -> int:
     from kvcache_repro.runner import report
 
     parser, args = parse_args(argv)
-    scenario = scenarios.get(args.scenario) if args.scenario else choose_scenario(args.checkpoint)
+    if args.model:
+        try:
+            scenario = model_scenario(args)
+        except ModelSetupError as error:
+            print(f"kvq: {error}", file=sys.stderr)
+            return 2
+    else:
+        scenario = scenarios.get(args.scenario) if args.scenario else choose_scenario(args.checkpoint)
     check_applicable(parser, args, scenario)
+    if args.checkpoint:
+        if problem := seed_checkpoint_problem(args.checkpoint):
+            print(f"kvq: {problem}", file=sys.stderr)
+            return 2
     try:
         quanto_ext.check_locks()  # before any worker: one clear message, not a hang per row
     except quanto_ext.StaleLockError as error:
@@ -525,7 +679,7 @@ def _interrupted(parser, args, scenario, store: RowStore, out_dir: Path, interru
             print(f"wrote {path} (partial)")
     except Exception as error:  # the rows are safe; a table is a convenience
         print(f"partial table not written: {type(error).__name__}: {error}")
-    command = " ".join(["./kvq experiment", "--scenario", scenario.name, "--output-dir", str(out_dir), "--resume",
+    command = " ".join(["./kvq experiment", *scenarios.command_args(scenario), "--output-dir", str(out_dir), "--resume",
                         *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
                         *(["--in-process"] if args.in_process else [])])
     print(f"baselines untouched. To finish: {command}", flush=True)

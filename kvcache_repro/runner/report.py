@@ -15,6 +15,7 @@ from pathlib import Path
 
 from kvcache_repro.measure import reserved
 from kvcache_repro.measure.memory import Measurement
+from kvcache_repro.runner.scenarios import command_args
 
 MIB = 2**20
 
@@ -91,7 +92,8 @@ def table(scenario, measurements, found, verdicts, failures=(), missing=()) -> s
         lines += ["  " + v.message for v in unmeasured]
     if no_entry:
         lines.append(f"{len(no_entry)} ratios have no baseline yet ({', '.join(v.key for v in no_entry)}); "
-                     f"record them with ./kvq experiment --scenario {scenario.name} --record-missing-baselines")
+                     f"record them with "
+                     f"{' '.join(['./kvq experiment', *command_args(scenario), '--record-missing-baselines'])}")
     return "\n".join(lines)
 
 

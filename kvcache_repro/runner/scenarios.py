@@ -10,7 +10,11 @@ the CPU tier. ``get("NAME-dry")`` is NAME's dry run: same code path, tiny model,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import hashlib
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field, replace
 
 from kvcache_repro.backends.matrix import BACKENDS, QuantSettings, SelectionError
 
@@ -47,6 +51,11 @@ class Scenario:
     # model "small-real": the architecture to use with random weights when the model
     # package is absent (said in every measurement's notes), instead of ModelUnavailable
     fallback_arch: str | None = None
+    # Where its baselines live, relative to baselines/ without ".json" (default: the name).
+    # A user's model (model_scenario) keeps them in a file keyed by what determines its
+    # numbers, so it never reads or writes a built-in scenario's file.
+    baseline_name: str | None = None
+    baseline_key: dict | None = None  # what the file's numbers depend on (model, dtype, weights, device, settings)
     large_batch: int = field(init=False)
 
     def __post_init__(self):
@@ -133,9 +142,92 @@ def dry_run(scenario: Scenario) -> Scenario:
                    baseline_metrics=("cache_bytes",), notes=f"DRY RUN of {scenario.name} on CPU: {scenario.notes}")
 
 
+# ---- a user's model --------------------------------------------------------------------
+
+MODEL_PREFIX = "model-"
+# Model scenarios made in this process, and passed to worker processes through this
+# variable (JSON), since a worker rebuilds its scenario from the name it is given.
+RUNTIME_ENV = "KVQ_MODEL_SCENARIOS"
+_RUNTIME: dict[str, Scenario] = {}
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+WEIGHTS = ("native", "nf4")
+
+
+def model_scenario(model: str, identity: dict, device: str, device_name: str, backends, batch_sizes, new_tokens: int,
+                   dtype: str, weights: str = "native", q_group_size: int = 128, residual_length: int = 64) -> Scenario:
+    """The seed's protocol (its prompts, left padding, greedy decoding with every token
+    generated) on ``model`` (a hub id or a local directory) with the given settings.
+    ``identity``: what names the model's architecture (a hub id, or a local directory's
+    name and config digest: checkpoints.identity). Its baseline file is keyed by
+    identity, dtype, weights, device name and settings: a digest of them names the file
+    and the scenario, and the file holds them in full (baselines.BaselineFile.key)."""
+    if dtype not in DTYPES.values():
+        raise SelectionError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)} ({', '.join(DTYPES.values())})")
+    if weights not in WEIGHTS:
+        raise SelectionError(f"unknown weights {weights!r}; valid: {', '.join(WEIGHTS)}")
+    if weights == "nf4" and device != "cuda":
+        raise SelectionError("--weights nf4 (bitsandbytes) runs on CUDA only; on CPU use --weights native")
+    settings = QuantSettings(q_group_size=q_group_size, residual_length=residual_length)
+    key = {"model": identity, "dtype": dtype, "weights": weights, "device": device_name,
+           "settings": {"new_tokens": new_tokens, "q_group_size": q_group_size, "residual_length": residual_length,
+                        "prompts": "the seed's ten prompts cycled, left-padded to a multiple of 8 tokens"}}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+    slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(identity.get("name", model))).strip("-.")[:60] or "model"
+    name = f"{MODEL_PREFIX}{slug}-{digest}"
+    return Scenario(name, device, "checkpoint", tuple(batch_sizes), new_tokens, tuple(backends), settings, dtype,
+                    checkpoint=model, weights_nf4=weights == "nf4",
+                    baseline_metrics=("peak_allocated", "cache_bytes"),
+                    notes=f"{model} ({weights} weights, {dtype}) on {device_name}: the seed's prompts, "
+                          f"{new_tokens} new tokens, G {q_group_size}, residual {residual_length}",
+                    baseline_name=f"models/{name}", baseline_key=key)
+
+
+def command_args(scenario: Scenario) -> list[str]:
+    """The ./kvq experiment arguments that run ``scenario`` again."""
+    if scenario.baseline_key is None:
+        return ["--scenario", scenario.name]
+    flag = {v: k for k, v in DTYPES.items()}
+    return ["--model", scenario.checkpoint, "--device", scenario.device, "--backends", ",".join(scenario.backends),
+            "--batch-sizes", ",".join(map(str, scenario.batch_sizes)), "--new-tokens", str(scenario.new_tokens),
+            "--dtype", flag[scenario.dtype], "--weights", "nf4" if scenario.weights_nf4 else "native",
+            "--q-group-size", str(scenario.settings.q_group_size),
+            "--residual-length", str(scenario.settings.residual_length)]
+
+
+def to_json(scenario: Scenario) -> dict:
+    data = asdict(scenario)
+    data.pop("large_batch")
+    return data
+
+
+def from_json(data: dict) -> Scenario:
+    data = dict(data)
+    data["settings"] = QuantSettings(**data["settings"])
+    for name in ("batch_sizes", "backends", "baseline_metrics"):
+        data[name] = tuple(data[name])
+    return Scenario(**data)
+
+
+def register(scenario: Scenario) -> Scenario:
+    """Make a model scenario known to ``get`` here and in every worker started after."""
+    _RUNTIME[scenario.name] = scenario
+    os.environ[RUNTIME_ENV] = json.dumps({n: to_json(s) for n, s in _RUNTIME.items()})
+    return scenario
+
+
+def _registered(name: str) -> Scenario | None:
+    if name not in _RUNTIME and os.environ.get(RUNTIME_ENV):
+        for n, data in json.loads(os.environ[RUNTIME_ENV]).items():
+            _RUNTIME.setdefault(n, from_json(data))
+    return _RUNTIME.get(name)
+
+
 def get(name: str) -> Scenario:
     if name.endswith(DRY_SUFFIX) and name[:-len(DRY_SUFFIX)] in SCENARIOS:
         return dry_run(SCENARIOS[name[:-len(DRY_SUFFIX)]])
     if name not in SCENARIOS:
-        raise SelectionError(f"unknown scenario {name!r}; valid: {', '.join(SCENARIOS)}")
+        if (registered := _registered(name)) is not None:
+            return registered
+        raise SelectionError(f"unknown scenario {name!r}; valid: {', '.join(SCENARIOS)} "
+                             f"(a model of your own: ./kvq experiment --model ID_OR_PATH)")
     return SCENARIOS[name]

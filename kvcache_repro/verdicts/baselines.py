@@ -233,13 +233,19 @@ class BaselineFile:
     scenario: str
     description: str
     entries: dict[str, Entry]
+    # What every number in the file depends on (a user's model: model, dtype, weights,
+    # device, settings); None for the built-in scenarios, whose name fixes all of it.
+    key: dict | None = None
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "scenario": self.scenario,
             "description": self.description,
             "entries": {k: e.to_json() for k, e in self.entries.items()},
         }
+        if self.key is not None:  # files without a key keep their format
+            out["key"] = self.key
+        return out
 
 
 def entry_key(backend: str, batch: int, metric: str) -> str:
@@ -412,8 +418,11 @@ def parse(path, text: str) -> BaselineFile:
     description = data.get("description", "")
     if not isinstance(description, str):
         raise BaselineError(path, "top-level field 'description' must be a string")
+    key = data.get("key")
+    if key is not None and not isinstance(key, dict):
+        raise BaselineError(path, "top-level field 'key' must be an object (what the file's numbers depend on)")
     entries = {k: _entry_from_json(path, k, v) for k, v in data["entries"].items()}
-    return BaselineFile(path, data["scenario"], description, entries)
+    return BaselineFile(path, data["scenario"], description, entries, key)
 
 
 @dataclass(frozen=True)
@@ -561,13 +570,14 @@ def dumps(baseline: BaselineFile) -> str:
 
 
 def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
-           description: str = "", reset_tolerance: bool = False) -> list[str]:
+           description: str = "", reset_tolerance: bool = False, key: dict | None = None) -> list[str]:
     """Write ``entries`` into the file at ``path``, atomically. An entry already stored
     keeps its tolerance (a band is a decision, derived from measured spread; a re-run
     must not widen or narrow it silently) unless ``reset_tolerance``, and its per-release
     values (``by_release``: measured on other releases, never dropped by a run on the pin;
     a given entry's own ``by_release`` replaces stored ranges of the same package and ``releases``)."""
     path = Path(path)
+    file_key = key  # the name `key` is taken by the entry loop below
     rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
     if run_failed:
         # Numbers from a failed run would silently become the new normal.
@@ -594,6 +604,9 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
         raise BaselineError(
             path, f"file holds scenario {current.scenario!r}, not {scenario!r}",
             "pass the baseline file that belongs to this scenario")
+    if path.exists() and file_key is not None and current.key not in (None, file_key):
+        raise BaselineError(path, f"file holds the baselines of another setup ({current.key}), not of {file_key}",
+                            "leave it: a setup of its own gets a file of its own (its name is a digest of the key)")
     lines = []
     for key, e in fresh.items():
         old = current.entries.get(key)
@@ -616,6 +629,8 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
         lines.append(line)
         current.entries[key] = e
     current.scenario = scenario
+    if file_key is not None:
+        current.key = file_key
     if description:
         current.description = description
     write_atomic(path, dumps(current))

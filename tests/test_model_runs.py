@@ -1,0 +1,159 @@
+"""A user's own model (``./kvq experiment --model``): its scenario, its own baseline file
+keyed by what determines its numbers, and the errors that stop it before any worker.
+
+The end-to-end test saves a tiny Llama with SmolLM2's tokenizer to a directory (what a
+user's `save_pretrained` writes) and runs the experiment on it, in process, twice: the
+first run records a baseline file of its own, the second compares against it; every
+built-in baseline file is byte-identical before and after.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+
+import pytest
+
+from kvcache_repro.backends import checkpoints
+from kvcache_repro.runner import experiment, scenarios
+from kvcache_repro.verdicts import baselines
+
+ARGS = dict(device="cpu", device_name="cpu", backends=("none", "quanto4"), batch_sizes=(1, 2), new_tokens=24,
+            dtype="float32", weights="native", q_group_size=32, residual_length=8)
+IDENTITY = {"name": "my-model", "local": True, "config_sha256": "0" * 16}
+
+
+def _scenario(**changes):
+    kwargs = {**ARGS, **changes}
+    return scenarios.model_scenario("/models/my-model", changes.pop("identity", IDENTITY), **{
+        k: v for k, v in kwargs.items() if k != "identity"})
+
+
+def test_a_model_scenario_is_named_by_what_determines_its_numbers():
+    """Same model and settings -> same file; another dtype, device, weights or setting ->
+    another file; never a built-in scenario's file."""
+    base = _scenario()
+    assert _scenario().name == base.name
+    others = [_scenario(dtype="bfloat16"), _scenario(device_name="NVIDIA H200", device="cuda"),
+              _scenario(residual_length=16), _scenario(new_tokens=64),
+              _scenario(identity={**IDENTITY, "config_sha256": "1" * 16})]
+    names = {s.name for s in [base, *others]}
+    assert len(names) == 6, names
+    for s in [base, *others]:
+        assert s.baseline_name == f"models/{s.name}" and s.baseline_key is not None
+        assert s.name not in scenarios.SCENARIOS
+    assert _scenario(batch_sizes=(1, 8)).name == base.name  # entries are keyed by batch: one file holds both
+
+
+def test_the_worker_rebuilds_a_registered_model_scenario(monkeypatch):
+    """Workers get the scenario by name: register() passes it through the environment."""
+    import subprocess
+    import sys
+
+    monkeypatch.delenv(scenarios.RUNTIME_ENV, raising=False)
+    s = scenarios.register(_scenario())
+    code = ("import json, sys; from kvcache_repro.runner import scenarios; "
+            "print(json.dumps(scenarios.to_json(scenarios.get(sys.argv[1]))))")
+    out = subprocess.run([sys.executable, "-c", code, s.name], capture_output=True, text=True, check=True,
+                         cwd=experiment.ROOT).stdout
+    assert scenarios.from_json(json.loads(out)) == s
+
+
+def test_bad_settings_stop_with_the_reason():
+    with pytest.raises(scenarios.SelectionError, match="runs on CUDA only"):
+        _scenario(weights="nf4")
+    with pytest.raises(scenarios.SelectionError, match="unknown dtype"):
+        _scenario(dtype="float64")
+
+
+def test_a_file_of_another_setup_is_never_overwritten(tmp_path):
+    s = _scenario()
+    entry = baselines.Entry("quanto4", 1, "cache_bytes", 0.5, 0.001, {"versions": {}})
+    path = tmp_path / "f.json"
+    baselines.update(path, [entry], run_failed=False, scenario=s.name, key=s.baseline_key)
+    before = path.read_bytes()
+    with pytest.raises(baselines.BaselineError, match="another setup"):
+        baselines.update(path, [entry], run_failed=False, scenario=s.name, key={**s.baseline_key, "dtype": "x"})
+    assert path.read_bytes() == before
+    assert baselines.load(path).key == s.baseline_key
+
+
+def test_another_model_is_refused_as_the_seed():
+    """--scenario seed --checkpoint X compares X with the seed's ratios: only the seed's
+    architecture may stand in (offline.ARCHS holds Llama-3-8B's and SmolLM2's shapes)."""
+    from kvcache_repro.backends.offline import ARCHS
+
+    assert experiment.not_the_seed_model(ARCHS["llama3-8b"]) == []
+    differs = experiment.not_the_seed_model(ARCHS["smollm2-135m"])
+    assert "hidden_size 576 (the seed's: 4096)" in differs and len(differs) == 6
+
+
+@pytest.mark.parametrize("error, says", [
+    ("OSError: You are trying to access a gated repo. 401 Client Error", "gated"),
+    ("OSError: We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+     "cached files. Check your internet connection or see how to run the library in offline mode", "offline"),
+    ("OSError: some/model is not a local folder and is not a valid model identifier", "no such model"),
+])
+def test_a_model_that_cannot_load_says_why_and_the_fix(error, says):
+    text = checkpoints.explain("some/model", error)
+    assert says in text and "Fix:" in text, text
+
+
+def test_a_missing_directory_is_named_as_such(tmp_path):
+    assert "no such local directory" in checkpoints.explain(str(tmp_path / "nope"), "OSError: Repo id must be")
+    assert "no config.json" in checkpoints.explain(str(tmp_path), "ValueError: Unrecognized model")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a user's model directory."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from kvcache_repro.backends.model_cache import ModelUnavailable
+    from kvcache_repro.backends.models import expanded_dir, small_real_model_path
+
+    try:
+        source = expanded_dir(small_real_model_path(), "float32")
+    except ModelUnavailable as error:
+        pytest.skip(f"needs the small real model's tokenizer: {error}")
+    if source is None or not (source / "tokenizer.json").exists():
+        pytest.skip("the small real model is not expanded (./kvq setup does it)")
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256)
+    directory = tmp_path_factory.mktemp("user-model") / "tiny-user-llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def _digests(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*.json"))}
+
+
+def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, tmp_path, monkeypatch):
+    """./kvq experiment --model DIR ... --update-baselines writes baselines/models/<name>.json
+    and nothing else; a second run compares against it and passes."""
+    root = tmp_path / "baselines"
+    shutil.copytree(baselines.BASELINE_DIR, root)
+    monkeypatch.setattr(baselines, "BASELINE_DIR", root)
+    monkeypatch.delenv(scenarios.RUNTIME_ENV, raising=False)
+    before = _digests(root)
+    argv = ["--model", str(saved_model), "--device", "cpu", "--backends", "none,quanto4,hqq4", "--batch-sizes", "1,2",
+            "--new-tokens", "24", "--q-group-size", "32", "--residual-length", "8", "--in-process"]
+    assert experiment.main([*argv, "--output-dir", str(tmp_path / "a"), "--update-baselines"]) == 0
+    after = _digests(root)
+    new = sorted(set(after) - set(before))
+    assert len(new) == 1 and new[0].startswith("models/model-tiny-user-llama-"), new
+    assert {k: after[k] for k in before} == before  # every built-in file byte-identical
+    stored = baselines.load(root / new[0])
+    assert stored.key["model"]["name"] == "tiny-user-llama" and stored.key["device"] == "cpu"
+    assert {e.metric for e in stored.entries.values()} == {"peak_allocated", "cache_bytes"}
+    assert len(stored.entries) == 8  # 2 quantized backends x 2 batches x 2 metrics
+    # the second run reads that file and passes; the results say what was compared
+    assert experiment.main([*argv, "--output-dir", str(tmp_path / "b")]) == 0
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert [v["status"] for v in results["verdicts"]] == ["ok"] * 8

@@ -426,9 +426,16 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
         terminalreporter.section("The seed's claims on this setup")
         terminalreporter.write_line(claims.table(claim_results))
+        import torch
+
+        from kvcache_repro.gpu import device_run
+
+        device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+                  else f"{os.cpu_count()}-core CPU ({platform.machine()})")
         provenance = {"versions": experiment.package_versions(), "date": datetime.date.today().isoformat(),
-                      "device": f"{os.cpu_count()}-core CPU ({platform.machine()})"}
-        out = claims.write(config.rootpath / "results", claim_results, provenance)
+                      "device": device}
+        # ./kvq device-run's pytest step: beside its results (SUMMARY.md shows it), not in the checkout
+        out = claims.write(device_run.stored_runs_dir() or config.rootpath / "results", claim_results, provenance)
         terminalreporter.write_line(f"claims table written to {', '.join(str(p) for p in out)}")
     if config.getoption("--kv-update-baselines"):
         _update_baselines(terminalreporter, config)

@@ -15,6 +15,11 @@ from kvcache_repro.runner import experiment
 
 SCENARIO_PARAMS = [
     pytest.param("cpu-tiny", id="cpu-tiny"),
+    # Two dry runs of the device run's scenarios (tiny model, CPU, seconds): their entries are
+    # predicted as the GPU scenarios' are (runner/gpu_prediction.py), so the band test checks
+    # the prediction's scaling from its proxies, in exact bytes, on every run of the tier.
+    pytest.param("seed-arch-short-dry", id="seed-arch-short-dry"),
+    pytest.param("gpu-tiny-dry", id="gpu-tiny-dry"),
     pytest.param("cpu", id="cpu", marks=pytest.mark.slow),
     pytest.param("seed-geometry", id="seed-geometry", marks=pytest.mark.slow),
     pytest.param("gpu-tiny", id="gpu-tiny", marks=pytest.mark.gpu),

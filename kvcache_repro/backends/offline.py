@@ -42,6 +42,12 @@ ARCHS: dict[str, dict] = {
                           head_dim=128, intermediate_size=512, vocab_size=1024, rope_theta=500000.0,
                           max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
                           bos_token_id=1, eos_token_id=2),
+    # models.TINY (the tiny random llama of gpu-tiny and the CPU tier) as an architecture,
+    # so that its memory can be predicted from a cut of it like the others'
+    # (runner/gpu_prediction.py; tests/test_gpu_prediction.py checks the shapes agree).
+    "tiny-llama": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                       head_dim=16, intermediate_size=128, vocab_size=256, max_position_embeddings=512,
+                       tie_word_embeddings=False, bos_token_id=1, eos_token_id=2),
     # The dry run's stand-in for both (CPU, seconds): head_dim 32 and 2 KV heads keep the
     # seed's group size 128 dividing every quantized length (2 * 8 * 32 = 512 per row).
     "dry-tiny": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -57,12 +63,28 @@ INIT_STD = 0.02  # LlamaConfig's initializer_range
 LAYERS_SEPARATOR = "@"
 
 
+# "NAME-narrow": NAME with a narrow residual stream, MLP and vocabulary, and everything
+# the KV cache and attention depend on kept (heads, KV heads, head_dim: q_proj maps the
+# hidden size to heads x head_dim whatever the hidden size) - what the CPU decodes fast.
+NARROW_SUFFIX = "-narrow"
+NARROW = dict(hidden_size=256, intermediate_size=512, vocab_size=1024, bos_token_id=1, eos_token_id=2)
+
+
 def arch_config_kwargs(arch: str) -> dict:
-    """LlamaConfig kwargs for ``arch`` or ``arch@LAYERS`` (same layers, fewer of them)."""
+    """LlamaConfig kwargs for ``arch``, ``arch@LAYERS`` (same layers, fewer of them) or
+    ``arch-narrow[@LAYERS]`` (NARROW_SUFFIX)."""
     base, _, layers = arch.partition(LAYERS_SEPARATOR)
+    narrow = base.endswith(NARROW_SUFFIX) and base[:-len(NARROW_SUFFIX)] in ARCHS
+    if narrow:
+        base = base[:-len(NARROW_SUFFIX)]
     if base not in ARCHS:
         raise KeyError(f"unknown architecture {base!r}; known: {', '.join(ARCHS)}")
     kwargs = dict(ARCHS[base])
+    if narrow:  # never wider than the architecture itself (the tiny ones already are narrow)
+        kwargs.update({k: min(v, kwargs[k]) for k, v in NARROW.items() if k.endswith("_size")})
+        heads = kwargs["num_attention_heads"]  # LlamaConfig wants the hidden size a multiple of the heads
+        kwargs["hidden_size"] = min(ARCHS[base]["hidden_size"], -(-NARROW["hidden_size"] // heads) * heads)
+        kwargs.update({k: v for k, v in NARROW.items() if k.endswith("_token_id") and kwargs[k] >= kwargs["vocab_size"]})
     if layers:
         kwargs["num_hidden_layers"] = int(layers)
     return kwargs

@@ -48,6 +48,7 @@ from pathlib import Path
 from kvcache_repro.verdicts import baselines
 from kvcache_repro.runner import experiment, limits, scenarios
 from kvcache_repro.backends import quanto_unpack
+from kvcache_repro.measure import reserved
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.worker import NOTES_SEPARATOR
 
@@ -172,6 +173,68 @@ def run_scenario(scenario: scenarios.Scenario, out: Path, clock: Clock, reserve:
     return record
 
 
+EXPANDABLE_FILE = "expandable.jsonl"
+EXPANDABLE_ENV = {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+
+
+def run_expandable(plan, records: dict[str, ScenarioRecord], out: Path, clock: Clock, env: dict,
+                   run_one=experiment.run_one, log=print) -> dict[str, list]:
+    """After every planned scenario: each complete one's large batch again with the
+    allocator's expandable segments (one segment grown by mapping pages: no 2 MiB block
+    rounding, no cached blocks of every size), beside the default, while time is left
+    (measure/reserved.py says why the two differ). Information: compared with nothing."""
+    found: dict[str, list] = {}
+    for scenario in plan:
+        record = records.get(scenario.name)
+        if record is None or record.status != "complete":
+            continue
+        batch = scenario.large_batch
+        walls = {b: w for b, n, w in record.run_seconds if n == batch}
+        rows = found[scenario.name] = []
+        for backend in scenario.backends:
+            if clock.left() - PYTEST_RESERVE_S < max(MIN_RUN_S, walls.get(backend, 0.0)):
+                log(f"  expandable {scenario.name} {backend}/b{batch}: not run, {clock.left():.0f} s left")
+                rows.append((backend, f"not run: {clock.left():.0f} s left"))
+                continue
+            try:
+                m = run_one(scenario.name, backend, batch, env={**env, **EXPANDABLE_ENV},
+                            timeout=min(clock.left() - PYTEST_RESERVE_S, limits.worker_seconds(scenario)))
+            except (experiment.RunFailed, subprocess.TimeoutExpired) as error:
+                rows.append((backend, f"failed: {str(error).splitlines()[0]}"))
+                continue
+            rows.append((backend, m))
+            with open(out / scenario.name / EXPANDABLE_FILE, "a") as f:
+                f.write(json.dumps(m.to_dict()) + "\n")
+            log(f"  expandable {scenario.name} {backend}/b{batch}: peak reserved "
+                f"{m.metrics.get('peak_reserved', 0) / 2**30:.2f} GiB")
+    return found
+
+
+def expandable_lines(run: experiment.ExperimentRun, rows: list) -> list[str]:
+    """The large batch's default-allocator rows beside their expandable-segments reruns."""
+    if not rows:
+        return []
+    gib = 2**30
+    lines = ["", f"Allocator, b{run.scenario.large_batch}: default vs PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                 "(peak allocated should agree; reserved shows the block rounding and cached blocks the default "
+                 "keeps):", "",
+             "| backend | peak allocated GiB | default: peak reserved | reserved after | retries | "
+             "expandable: peak reserved | reserved after | retries |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+
+    def cells(m):
+        return (f"{m.metrics.get('peak_reserved', 0) / gib:.2f} | {m.metrics.get('reserved_after', 0) / gib:.2f} | "
+                f"{m.metrics.get(reserved.ALLOC_RETRIES, '-')}")
+
+    for backend, m in rows:
+        try:
+            default = run.get(backend, run.scenario.large_batch)
+        except experiment.RowNotMeasured:
+            continue
+        other = cells(m) if not isinstance(m, str) else f"{m} | | "
+        lines.append(f"| {backend} | {default.metrics.get('peak_allocated', 0) / gib:.2f} | {cells(default)} | {other} |")
+    return lines
+
+
 def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path, log=print) -> experiment.ExperimentRun:
     """results.json / .md / .png of what was measured, verdicts against the repository's
     baselines (not the updated copy)."""
@@ -244,7 +307,7 @@ def load_stored_run(name: str, directory: Path | None = None):
 # ---- the summary ------------------------------------------------------------------------
 
 def summary_markdown(records: dict[str, ScenarioRecord], runs: dict[str, experiment.ExperimentRun],
-                     environment: dict, pytest_result: str, wall: float) -> str:
+                     environment: dict, pytest_result: str, wall: float, expandable: dict | None = None) -> str:
     from kvcache_repro.runner import report
 
     lines = [f"# ./kvq device-run{' --dry-run' if environment['dry_run'] else ''}", "",
@@ -261,7 +324,11 @@ def summary_markdown(records: dict[str, ScenarioRecord], runs: dict[str, experim
         notes = sorted({n for m in run.measurements for n in m.notes.split(NOTES_SEPARATOR) if n})
         lines += [f"- {n}" for n in notes]
         lines += seed_comparison(run)
+        lines += expandable_lines(run, (expandable or {}).get(name, []))
     lines += ["", "## pytest -m gpu", "", pytest_result]
+    claims_md = Path(environment.get("outdir", "")) / "claims.md"
+    if environment.get("outdir") and claims_md.exists():  # written by the pytest step (conftest)
+        lines += ["", "## The seed's claims, decided on these rows", "", claims_md.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 
@@ -293,6 +360,28 @@ def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
             f"| {backend} | {seed:.2f} | {seed / seed_none:.3f} | "
             f"{(seed - SEED_RESERVED_BEFORE_GB) / (seed_none - SEED_RESERVED_BEFORE_GB):.3f} | {ours / gib:.2f} | "
             f"{ours / ours_none:.3f} | {growth:.3f} | {m.metrics['cache_bytes'] / none.metrics['cache_bytes']:.3f} |")
+    retries = {b: run.get(b, batch).metrics.get(reserved.ALLOC_RETRIES) for b in run.scenario.backends
+               if any(m.backend == b and m.batch == batch for m in run.measurements)}
+    total = none.metrics.get(reserved.DEVICE_TOTAL)
+    saw = [b for b, r in retries.items() if r]
+    lines += ["", "Which of these compare, and why:",
+              "- cache ratio: exact bytes of what the cache holds, no allocator and no card in it; the seed's cache "
+              "held the same at 200 x 1,008 tokens with Llama-3-8B's geometry (seed-arch: the same geometry; "
+              "seed-arch-short and gpu-small: other geometries, so other numbers).",
+              "- reserved after generate (the seed's only figure): what the caching allocator held, live tensors "
+              "plus cached free blocks and 2 MiB rounding. A cache grown one token a step leaves blocks of every "
+              "size behind until cudaMalloc fails; then the allocator frees them all and retries, so a reading "
+              "lands anywhere on a saw-tooth at the card's capacity (measure/reserved.py). The seed's 55.99 GB for "
+              "none is such a reading on an unknown card; it is comparable with ours only where both runs hit "
+              "capacity on cards of the same size.",
+              f"- here: device of {total / 2**30:.1f} GiB" if total else "- here: device size not read",
+              ("  " + (f"saw-tooth (allocation retries) in {', '.join(saw)}: reserved figures of those rows are "
+                       "capacity readings" if saw else "no allocation retries: every reserved figure here is below "
+                       "capacity, a different regime from a saw-tooth reading")),
+              "- growth ratios take the weights out (NF4 5.3 GiB there, fp16 here) but not the cached blocks: "
+              "comparable in direction, not in value.",
+              "- what this run compares is peak allocated (live bytes, transients included) against the CPU's "
+              "prediction (baselines/, runner/gpu_prediction.py)."]
     return lines
 
 
@@ -307,7 +396,7 @@ def environment_info(dry_run: bool, budget: float, env: dict) -> dict:
             "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
                        f"no CUDA device: {os.cpu_count()}-core CPU ({platform.machine()})"),
             "cuda": torch.version.cuda, "env": {k: env[k] for k in sorted(env)},
-            "pythonpath": os.environ.get("PYTHONPATH", ""),
+            "pythonpath": os.environ.get("PYTHONPATH", ""), "outdir": "",
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
 
 
@@ -329,10 +418,9 @@ def pytest_step(out: Path, clock: Clock, dry_run: bool, extra: list[str], log=pr
     if dry_run:
         # No CUDA here: the gpu-marked memory tests check the dry measurements
         # (conftest does not skip them when KVQ_STORED_RUNS holds a dry run).
+        # Their band test compares with the dry runs' predicted entries (baselines/NAME-dry.json,
+        # runner/gpu_prediction.py): entries of the same kind as the GPU run's.
         cmd.append("tests/test_memory_experiment.py")
-        # NAME-dry scenarios are never recorded in baselines/, and a missing entry fails
-        # the band test by design; the band comparison itself is covered by cpu-tiny.
-        cmd += ["-k", "not within_baseline_bands"]
     env = {**os.environ, STORED_RUNS_ENV: str(out)}
     log("$ " + " ".join(cmd) + f"   ({STORED_RUNS_ENV}={out}, timeout {left:.0f} s)")
     with open(out / "pytest-gpu.log", "w") as f:
@@ -358,6 +446,8 @@ def main(argv=None, clock: Clock | None = None) -> int:
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for everything (default 480)")
     parser.add_argument("--scenarios", default=",".join(PLAN), help=f"comma-separated, in order (default {','.join(PLAN)})")
     parser.add_argument("--no-pytest", action="store_true", help="skip the pytest -m gpu step")
+    parser.add_argument("--no-expandable", action="store_true",
+                        help="skip the large batch's second run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     parser.add_argument("--pytest-args", default="", help="extra arguments for the pytest step")
     parser.add_argument("--quanto-cuda-kernel", action="store_true",
                         help="JIT-build and use quanto_cuda's unpack (minutes) instead of quanto's Python unpack")
@@ -382,6 +472,7 @@ def main(argv=None, clock: Clock | None = None) -> int:
     os.environ.update(env)  # the pytest step inherits them
     shutil.copytree(baselines.BASELINE_DIR, out / "baselines", dirs_exist_ok=True)
     environment = environment_info(args.dry_run, args.budget, env)
+    environment["outdir"] = str(out)
     (out / ENVIRONMENT_FILE).write_text(json.dumps(environment, indent=2) + "\n")
     log(f"device-run: {environment['device']}; budget {args.budget:.0f} s; plan {', '.join(s.name for s in plan)}")
     log(f"  versions {environment['versions']}")
@@ -413,10 +504,12 @@ def main(argv=None, clock: Clock | None = None) -> int:
                 log(f"  baselines {scenario.name} NOT updated: {error}")
         archive(out, target)
 
+    expandable = {} if args.no_expandable else run_expandable(plan, records, out, clock, env, log=log)
+    archive(out, target)
     pytest_result = "not run (--no-pytest)" if args.no_pytest else pytest_step(
         out, clock, args.dry_run, args.pytest_args.split(), log)
     log(f"pytest -m gpu: {pytest_result}")
-    text = summary_markdown(records, runs, environment, pytest_result, clock.elapsed())
+    text = summary_markdown(records, runs, environment, pytest_result, clock.elapsed(), expandable)
     (out / "SUMMARY.md").write_text(text)
     (out / "summary.json").write_text(json.dumps(
         {name: {"status": r.status, "reason": r.reason, "errors": r.errors, "runs": len(r.measurements),
@@ -424,7 +517,9 @@ def main(argv=None, clock: Clock | None = None) -> int:
         indent=2) + "\n")
     log(text)
     archive(out, target)
-    ok = all(r.status == "complete" for r in records.values() if r.status != "skipped")
+    # A scenario of the plan that did not run (cut by the deadline) is not green: narrow
+    # the plan with --scenarios to leave one out on purpose.
+    ok = all(r.status == "complete" for r in records.values())
     return 0 if ok and pytest_result.startswith(("exit 0", "not run (--no-pytest)")) else 1
 
 

@@ -2,8 +2,10 @@
 ratios to the unquantized run, comparison with stored baselines, the report.
 
 ``python -m kvcache_repro.runner.experiment`` (what ``./kvq experiment`` runs) picks the
-scenario this machine can run: ``seed`` on CUDA when its checkpoint loads, else
-``gpu-small``; ``cpu`` without a GPU.
+scenario this machine can run: ``seed`` on CUDA when its checkpoint loads (and
+bitsandbytes is there for its NF4 weights), else ``gpu-small``; ``cpu`` without a GPU.
+``--model ID_OR_DIR`` runs the same protocol on your model instead, with settings of your
+choice and baselines of its own (scenarios.model_scenario).
 """
 from __future__ import annotations
 

@@ -79,6 +79,10 @@ def main(argv=None) -> int:
         sys.stdout.write(FAILED_PREFIX + json.dumps(failure.to_dict()) + "\n")
         return OOM_EXIT
     notes += getattr(model, "kvq_notes", [])  # random weights: said with every result (offline.py)
+    if scenario.device == "cuda" and "expandable_segments:true" in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower():
+        from kvcache_repro.measure.reserved import EXPANDABLE_NOTE
+
+        notes.append(EXPANDABLE_NOTE)  # reserved memory of another allocator mode: said with the result
     notes = NOTES_SEPARATOR.join(n for n in [result.notes, *notes] if n)
     result = dataclasses.replace(result, notes=notes)
     say(f"done: generate {result.generate_seconds:.1f} s")

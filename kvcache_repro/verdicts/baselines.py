@@ -438,6 +438,7 @@ class Verdict:
     release_range: str = ""  # the per-release range compared with ("" : the entry's own ratio)
 
     note: str = ""  # "reported": why the entry is not banded; banded: the spread the band was cut from
+    predicted: bool = False  # the stored value is a prediction (runner/gpu_prediction.py), not a measurement
 
     @property
     def passed(self) -> bool:
@@ -464,13 +465,17 @@ class Verdict:
         head = (f"{self.key}: measured ratio {_num(self.measured)}, stored {_num(self.stored)} "
                 f"+/- {_num(self.tolerance)}{basis}{cut} in {self.source}")
         if self.status == "ok":
-            return f"{head}: ok, within the band"
+            return f"{head}: ok, {'the prediction holds' if self.predicted else 'within the band'}"
         if self.status == "reported":
             return (f"{self.key}: measured {_num(self.measured)}; reported, not banded ({self.note}); "
                     f"stored spread in {self.source}")
         metric = self.key.rsplit("/", 1)[-1]
         above = self.measured > self.stored
         says = (_HIGHER_MEANS if above else _LOWER_MEANS).get(metric, "differs")
+        if self.predicted:
+            return (f"{head}: PREDICTION MISSED: this device {says} than the CPU predicted - the CPU model of its "
+                    f"memory is wrong here, a finding (the prediction's terms and limits are in the entry's "
+                    f"produced_by); once understood, record the measured value on this device with {UPDATE_HINT}")
         # A per-release value is not the pin's: --update-baselines would rewrite the pin's.
         if self.release_range:
             return f"{head}: {self.status}: {says} than the baseline (if intended, {RANGE_HINT})"
@@ -543,12 +548,23 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
     else:
         worse = (measured_ratio < lo) if metric in HIGHER_IS_BETTER else (measured_ratio > hi)
         status = "regression" if worse else "improvement"
+    if is_predicted(entry):
+        basis = "a prediction from CPU proxies (runner/gpu_prediction.py)"
     cut = ""
     if entry.spread is not None and not release_range:
         sp = entry.spread
         cut = f"the spread {_num(sp.low)}..{_num(sp.high)} on {len(sp.observed)} machine/path runs, margin {sp.margin:g}"
     return Verdict(key, measured_ratio, ratio, tolerance, status, source, basis=basis, release_range=release_range,
-                   note=cut)
+                   note=cut, predicted=is_predicted(entry))
+
+
+PREDICTED_KIND = "predicted"
+
+
+def is_predicted(entry: Entry) -> bool:
+    """The entry's value is a prediction (produced_by.kind), replaced by a measurement
+    only through an update on the device it predicts."""
+    return isinstance(entry.produced_by, dict) and entry.produced_by.get("kind") == PREDICTED_KIND
 
 
 def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str,
@@ -611,7 +627,10 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     for key, e in fresh.items():
         old = current.entries.get(key)
         if old is not None:
-            tolerance = e.tolerance if reset_tolerance else old.tolerance
+            # A measurement replaces a prediction whole, band included: the predicted band
+            # stands for the prediction's limits, not for the spread of measurements.
+            replaces_prediction = is_predicted(old) and not is_predicted(e)
+            tolerance = e.tolerance if reset_tolerance or replaces_prediction else old.tolerance
             given = {(rv.package, rv.releases) for rv in e.by_release}
             kept = [rv for rv in old.by_release if (rv.package, rv.releases) not in given]
             # Validated again: the new pinned release must not lie in a kept range.
@@ -622,6 +641,8 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
             e = Entry(e.backend, e.batch, e.metric, ratio, tolerance, e.produced_by,
                       _check_ranges(path, f"entry {key!r}", kept + list(e.by_release), e.produced_by), spread)
         line = f"{key}: {'new' if old is None else _num(old.ratio)} -> {_num(e.ratio)}"
+        if old is not None and is_predicted(old) and not is_predicted(e):
+            line += " (a measurement replaces the prediction)"
         if old is not None and old.tolerance != e.tolerance:
             line += f" (tolerance {_num(old.tolerance)} -> {_num(e.tolerance)})"
         if e.by_release:

@@ -71,6 +71,9 @@ class ClaimResult:
     margin: str  # what separates the verdict from "not distinguishable"
     verdict: str
     data: dict = field(default_factory=dict)
+    # A GPU setup's expectation: what the CPU's prediction of its memory implies
+    # (predicted_verdict), where EXPECTED holds nothing measured.
+    predicted: str | None = None
 
     @property
     def claim(self) -> Claim:
@@ -78,7 +81,7 @@ class ClaimResult:
 
     @property
     def expected(self) -> str | None:
-        return EXPECTED.get((self.claim_id, self.setup))
+        return EXPECTED.get((self.claim_id, self.setup), self.predicted)
 
     @property
     def status(self) -> str:
@@ -162,6 +165,38 @@ def saves_a_lot_at_large_batch(setup: str, scenario, measurements) -> ClaimResul
     return ClaimResult("saves_a_lot_at_200_prompts", setup, setting, numbers,
                        f"each peak ratio <= {A_LOT} (exact bytes)",
                        HOLDS if all(r <= A_LOT for r in ratios.values()) else FAILS, {"peak_ratios": ratios})
+
+
+def predicted_verdict(claim_id: str, setup: str) -> tuple[str | None, str]:
+    """The verdict a GPU setup's predicted baselines (runner/gpu_prediction.py) imply for a
+    memory claim at its large batch, and why; None where a predicted band straddles the
+    claim's margin (the GPU run then decides, and the claims table shows it)."""
+    from kvcache_repro.runner import experiment, scenarios
+    from kvcache_repro.verdicts import baselines
+
+    scenario = scenarios.get(setup)
+    stored = baselines.load(experiment.baseline_path(setup)).entries
+    band = {}
+    for backend in ("quanto4", "hqq4"):
+        entry = stored.get(baselines.entry_key(backend, scenario.large_batch, "peak_allocated"))
+        if entry is None or not baselines.is_predicted(entry):
+            return None, f"{setup}: no predicted peak for {backend} at batch {scenario.large_batch}"
+        band[backend] = (entry.ratio - entry.tolerance, entry.ratio + entry.tolerance)
+    text = ", ".join(f"{b} {lo:.3f}..{hi:.3f}" for b, (lo, hi) in band.items())
+    if claim_id == "saves_a_lot_at_200_prompts":
+        if all(hi <= A_LOT for lo, hi in band.values()):
+            return HOLDS, f"predicted peak ratios {text}, all <= {A_LOT}"
+        if any(lo > A_LOT for lo, hi in band.values()):
+            return FAILS, f"predicted peak ratios {text}: one above {A_LOT}"
+        return None, f"predicted peak ratios {text} straddle {A_LOT}: the CPU's prediction does not decide it"
+    if claim_id == "quanto_uses_less_memory_than_hqq":
+        (qlo, qhi), (hlo, hhi) = band["quanto4"], band["hqq4"]
+        if qhi < hlo:
+            return HOLDS, f"predicted peak ratios {text}: quanto's band below hqq's"
+        if hhi < qlo:
+            return FAILS, f"predicted peak ratios {text}: hqq's band below quanto's"
+        return None, f"predicted peak ratios {text} overlap: the CPU's prediction does not decide it"
+    raise KeyError(f"no predicted verdict for claim {claim_id!r}")
 
 
 def quanto_less_than_hqq(setup: str, scenario, measurements) -> ClaimResult:

@@ -1,0 +1,123 @@
+"""GPU baselines predicted from the CPU (kvcache_repro/runner/gpu_prediction.py): every
+scenario of the device run's plan has them, they say they are predictions and why their
+bands are as wide as they are, and a miss reads as a prediction that missed.
+
+Whether the prediction's scaling holds is measured, not assumed: the dry runs' entries are
+predicted the same way (1- and 2-layer proxies, 2 rows, other token counts), and
+tests/test_memory_experiment.py runs two dry scenarios in the default tier against them
+(exact bytes on the CPU: only the scaling can miss); ./kvq device-run --dry-run does it too.
+"""
+from __future__ import annotations
+
+import pytest
+
+from kvcache_repro.backends import offline
+from kvcache_repro.gpu import device_run
+from kvcache_repro.runner import experiment, gpu_prediction, scenarios
+from kvcache_repro.verdicts import baselines
+
+PLANNED = [*device_run.PLAN, *(n + scenarios.DRY_SUFFIX for n in device_run.PLAN)]
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_every_planned_scenario_has_predicted_entries_of_what_it_compares(name):
+    """A first GPU run must find an entry for every ratio it compares (a missing one fails
+    by design): each planned scenario's file holds predicted entries for every quantized
+    backend x batch x compared metric, each with its terms and limits."""
+    scenario = scenarios.get(name)
+    stored = baselines.load(experiment.baseline_path(name))
+    want = {baselines.entry_key(b, n, m) for b in scenario.backends if b != "none"
+            for n in scenario.batch_sizes for m in scenario.baseline_metrics}
+    assert want <= set(stored.entries), sorted(want - set(stored.entries))
+    for key in want:
+        entry = stored.entries[key]
+        assert baselines.is_predicted(entry), key
+        assert entry.produced_by["source"] == gpu_prediction.COMMAND and entry.produced_by["limits"]
+        assert "prediction" in entry.produced_by
+
+
+def test_tiny_llama_architecture_is_the_tiny_model():
+    """gpu-tiny runs models.tiny_model("llama"); its prediction builds offline.ARCHS["tiny-llama"]."""
+    import torch
+
+    from kvcache_repro.backends import models
+
+    tiny = models.tiny_model("llama")
+    meta = offline.meta_model("tiny-llama", torch.float32)
+    assert [tuple(p.shape) for p in tiny.parameters()] == [tuple(p.shape) for p in meta.parameters()]
+
+
+def test_a_narrow_proxy_keeps_what_the_cache_and_attention_depend_on():
+    for arch in ("llama3-8b", "smollm2-135m", "tiny-llama", "dry-tiny"):
+        full, narrow = offline.arch_config_kwargs(arch), offline.arch_config_kwargs(f"{arch}-narrow@2")
+        for key in ("num_attention_heads", "num_key_value_heads", "head_dim"):
+            assert narrow[key] == full[key], (arch, key)
+        assert narrow["num_hidden_layers"] == 2
+        assert all(narrow[k] <= full[k] for k in ("hidden_size", "intermediate_size", "vocab_size"))
+        assert narrow["bos_token_id"] < narrow["vocab_size"] and narrow["eos_token_id"] < narrow["vocab_size"]
+
+
+@pytest.mark.parametrize("name", PLANNED)
+def test_proxies_end_in_the_scenario_s_residual_phase(name):
+    """The same residual length at the end: a quantized cache's peak comes at the same
+    point of its flush cycle in the proxy as in the run."""
+    scenario = scenarios.get(name)
+    r = scenario.settings.residual_length
+    for n in gpu_prediction.proxy_tokens(scenario):
+        assert (n - 1) % r == (scenario.new_tokens - 1) % r and n > r
+
+
+def test_the_scaling_from_proxies_to_a_run():
+    """One layer's bytes, what each further layer adds and what the width adds, linear in
+    tokens and proportional to rows: hand-computed on made-up proxy numbers."""
+    target = scenarios.get("seed-arch")  # 32 layers, 1000 new tokens
+    runs = {"narrow1": {100: 1_000, 200: 2_000}, "narrow2": {100: 1_300, 200: 2_500}, "wide1": {100: 1_400}}
+    # at 1000 tokens: one layer 1_000 + 10 x 900 = 10_000; two layers 1_300 + 12 x 900 = 12_100, so
+    # each further layer 2_100; the width +400 (wide 1_400 - narrow 1_000 at 100 tokens)
+    expected = (10_000 + 31 * 2_100 + 400) * 200 / gpu_prediction.PROXY_ROWS
+    assert gpu_prediction.above_weights(target, runs, 32, 200) == pytest.approx(expected)
+
+
+def test_the_band_covers_hqq_s_float16_path_and_cuda_only_allocations():
+    """The same predicted bytes give a wider band on CUDA (hqq 0.5..1 x, kernels +/- 10%,
+    0..64 MiB of CUDA-only allocations) than for the CPU itself (the dry run: scaling only)."""
+    cuda, cpu = scenarios.get("gpu-small"), scenarios.get("gpu-small-dry")
+    q = gpu_prediction.Predicted("hqq4", 200, 10 * 2**30, 0, 2 * 2**30, 4 * 2**30)
+    none = gpu_prediction.Predicted("none", 200, 10 * 2**30, 0, 8 * 2**30, 1 * 2**30)
+    centre_cuda, half_cuda = gpu_prediction.ratio_band(cuda, q, none)
+    centre_cpu, half_cpu = gpu_prediction.ratio_band(cpu, q, none)
+    assert half_cuda > 3 * half_cpu
+    low = (12 * 2**30 + 0.5 * 0.9 * 4 * 2**30) / (18 * 2**30 + 1.1 * 2**30)  # hqq 0.5 x, kernels -10% / +10%
+    assert centre_cuda - half_cuda <= low + 1e-9
+    assert centre_cpu == pytest.approx(16 / 19, abs=0.01)
+
+
+def test_a_missed_prediction_says_so_and_a_measurement_replaces_it(tmp_path):
+    entry = baselines.Entry("quanto4", 200, "peak_allocated", 0.40, 0.02,
+                            {"kind": "predicted", "source": gpu_prediction.COMMAND, "versions": {}})
+    path = tmp_path / "seed-arch.json"
+    baselines.update(path, [entry], run_failed=False, scenario="seed-arch")
+    stored = baselines.load(path)
+    held = baselines.compare(stored, "quanto4", 200, "peak_allocated", 0.41)
+    missed = baselines.compare(stored, "quanto4", 200, "peak_allocated", 0.52)
+    assert held.passed and "the prediction holds" in held.message
+    assert not missed.passed and "PREDICTION MISSED" in missed.message and "prediction" in missed.basis
+    measured = baselines.Entry("quanto4", 200, "peak_allocated", 0.52, 0.05, {"device": "NVIDIA H200", "versions": {}})
+    lines = baselines.update(path, [measured], run_failed=False, scenario="seed-arch")
+    assert "replaces the prediction" in lines[0]
+    now = baselines.load(path).entries["quanto4/b200/peak_allocated"]
+    assert (now.ratio, now.tolerance, baselines.is_predicted(now)) == (0.52, 0.05, False)
+
+
+def test_the_prediction_decides_gpu_claims_only_where_its_bands_do():
+    """The GPU rows of the claims table are expected to come out as the predicted bands
+    imply (baselines/<scenario>.json): decided where a band lies wholly on one side of the
+    claim's margin, left to the GPU run where it straddles it."""
+    from kvcache_repro.verdicts import claims
+
+    assert claims.predicted_verdict("saves_a_lot_at_200_prompts", "gpu-small")[0] == claims.HOLDS
+    # 8 of 32 layers: hqq's one-layer transient outweighs a quarter of the saving
+    assert claims.predicted_verdict("saves_a_lot_at_200_prompts", "seed-arch-short")[0] == claims.FAILS
+    assert claims.predicted_verdict("quanto_uses_less_memory_than_hqq", "seed-arch-short")[0] == claims.HOLDS
+    verdict, why = claims.predicted_verdict("saves_a_lot_at_200_prompts", "seed-arch")
+    assert verdict is None and "straddle 0.75" in why, why

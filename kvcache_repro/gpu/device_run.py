@@ -214,6 +214,9 @@ def expandable_lines(run: experiment.ExperimentRun, rows: list) -> list[str]:
     """The large batch's default-allocator rows beside their expandable-segments reruns."""
     if not rows:
         return []
+    if run.scenario.device != "cuda":  # a dry run: the rows ran to test the path; CPU has no such allocator
+        return ["", f"Allocator: {len(rows)} large-batch reruns with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
+                    "ran (the code path); on the CPU the setting changes nothing"]
     gib = 2**30
     lines = ["", f"Allocator, b{run.scenario.large_batch}: default vs PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True "
                  "(peak allocated should agree; reserved shows the block rounding and cached blocks the default "

@@ -2,9 +2,9 @@
 keyed by what determines its numbers, and the errors that stop it before any worker.
 
 The end-to-end test saves a tiny Llama with SmolLM2's tokenizer to a directory (what a
-user's `save_pretrained` writes) and runs the experiment on it, in process, twice: the
-first run records a baseline file of its own, the second compares against it; every
-built-in baseline file is byte-identical before and after.
+user's `save_pretrained` writes) and runs the experiment on it, in process: the run
+records a baseline file of its own, the same rows compared again (``--resume``) pass
+against it; every built-in baseline file is byte-identical before and after.
 """
 from __future__ import annotations
 
@@ -153,7 +153,7 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     assert stored.key["model"]["name"] == "tiny-user-llama" and stored.key["device"] == "cpu"
     assert {e.metric for e in stored.entries.values()} == {"peak_allocated", "cache_bytes"}
     assert len(stored.entries) == 8  # 2 quantized backends x 2 batches x 2 metrics
-    # the second run reads that file and passes; the results say what was compared
-    assert experiment.main([*argv, "--output-dir", str(tmp_path / "b")]) == 0
-    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    # the same rows compared again (--resume: nothing re-measured) read that file and pass
+    assert experiment.main([*argv, "--output-dir", str(tmp_path / "a"), "--resume"]) == 0
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [v["status"] for v in results["verdicts"]] == ["ok"] * 8

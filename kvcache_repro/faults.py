@@ -23,6 +23,14 @@ fault patches transformers' quantized cache layers the way a regression could:
   for the values of all but its last 32 tokens: the reference loses context, as a
   sliding-window regression of the plain cache would, and every quantized cache "beats" it
 
+- ``stop_flushing_after_512``: once a layer holds 512 quantized tokens it stops flushing
+  (its residual then grows in full precision): what only a run past 512 tokens shows
+- ``dequantize_via_float32``: every dequantize builds its copy in float32 and casts it
+  back (values unchanged within an ulp of half precision; the transient doubles at fp16/bf16)
+- ``dense_at_large_batch``: from batch 64 up the quantized layers keep K/V unquantized
+  (quanto: the tensor itself; hqq: the tensor with empty metadata)
+- ``quanto_axis_ignored``: quanto quantizes along axis -1 whatever axis was asked
+
 - ``hqq3_nan_after_flush``: hqq's 3-bit dequantize returns NaN once the layer has
   re-quantized after the prompt (its first flush): one backend's logits stop being finite,
   as fp8's did on torch 2.11
@@ -49,7 +57,8 @@ ENV = "KVQ_FAULT"
 OOM_BATCH_ENV = "KVQ_FAULT_OOM_BATCH"
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
           "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "hqq_noise",
-          "unquantized_copies", "plain_cache_window", "hqq3_nan_after_flush", "oom", "hang")
+          "unquantized_copies", "plain_cache_window", "hqq3_nan_after_flush", "stop_flushing_after_512",
+          "dequantize_via_float32", "dense_at_large_batch", "quanto_axis_ignored", "oom", "hang")
 # plain_cache_window: how many of the newest tokens keep their values.
 WINDOW = 32
 
@@ -205,6 +214,38 @@ def _patch(name: str) -> None:
             del held
             return out
         hqq._quantize = hqq_with_temporaries
+    elif name == "stop_flushing_after_512":
+        def stops(original):
+            def _quantize(self, tensor, axis):
+                if tensor.shape[-2] >= 512:
+                    self.residual_length = 10**9  # from now on the residual only grows
+                return original(self, tensor, axis)
+            return _quantize
+        quanto._quantize, hqq._quantize = stops(q_quantize), stops(h_quantize)
+    elif name == "dequantize_via_float32":
+        def via_float32(original):
+            def _dequantize(self, q):
+                x = original(self, q)
+                wide = x.float()  # the copy built in float32, alive while it is cast back
+                return wide.to(x.dtype)
+            return _dequantize
+        quanto._dequantize, hqq._dequantize = via_float32(q_deq), via_float32(h_deq)
+    elif name == "dense_at_large_batch":
+        def dense_quanto(self, tensor, axis):
+            return tensor.clone() if tensor.shape[0] >= 64 else q_quantize(self, tensor, axis)
+
+        def dense_hqq(self, tensor, axis):
+            return (tensor.clone(), {}) if tensor.shape[0] >= 64 else h_quantize(self, tensor, axis)
+
+        def plain_quanto(self, q):
+            return q if type(q) is torch.Tensor else q_deq(self, q)
+
+        def plain_hqq(self, q):
+            return q[0] if not q[1] else h_deq(self, q)
+        quanto._quantize, hqq._quantize = dense_quanto, dense_hqq
+        quanto._dequantize, hqq._dequantize = plain_quanto, plain_hqq
+    elif name == "quanto_axis_ignored":
+        quanto._quantize = lambda self, tensor, axis: q_quantize(self, tensor, -1)
     else:
         raise ValueError(f"unknown KVQ_FAULT {name!r}; valid: {', '.join(FAULTS)}")
 

@@ -34,7 +34,8 @@ def test_cache_bytes_equal_the_analytic_model(backend, dtype, batch_size):
         backend, SETTINGS, accounting.CacheGeometry(g.layers, batch_size, g.kv_heads, g.head_dim, dtype),
         prompt_len=PROMPT, total_tokens=PROMPT + NEW - 1)
     measured = accounting.cache_bytes(run.cache)
-    assert measured == predicted, f"{backend.name} {dtype}: measured {measured} != predicted {predicted}"
+    assert measured == predicted, (f"{backend.name} {dtype}: measured {measured} != predicted {predicted}; "
+                                   f"{accounting.describe(run.cache)}")
 @pytest.mark.needs_backends('quanto4')
 def test_dense_nbytes_of_quanto_tensors_is_not_what_is_stored():
     """The trap the accounting avoids: quanto's tensor subclass reports the dense size."""

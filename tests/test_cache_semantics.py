@@ -158,3 +158,22 @@ def test_indivisible_prompt_gets_a_clear_error_before_generate(spec_name, monkey
     with pytest.raises(caches.GroupSizeError, match=r"q_group_size 64 does not divide .* = 224"):
         generation.generate(model, _prompt(1, 7), BACKENDS[spec_name], caches.QuantSettings(64, 16), 4)
     assert not called, "generate() ran before the shape check"
+
+
+def test_the_cache_quantizes_along_the_axis_it_was_asked(group_wise_backend):
+    """The axis the stored tensors were grouped along (quanto's ``axis``, hqq's
+    meta["axis"]) is the one asked for: a release (or quanto) ignoring it fails here by
+    name, not later as a group-size ValueError. Shapes where both axes divide G, so an
+    ignored axis cannot crash first."""
+    from transformers import LlamaConfig
+
+    from kvcache_repro.backends import offline
+
+    config = LlamaConfig(**offline.arch_config_kwargs("dry-tiny"))  # 2 KV heads x 32
+    cache = caches.build_cache(group_wise_backend, config, caches.QuantSettings(q_group_size=64, residual_length=16))
+    k = torch.randn(2, 2, 16, 32, generator=torch.Generator().manual_seed(0))
+    cache.update(k, k.clone(), 0)
+    q = caches.layer_storage(caches.cache_layers(cache)[0]).quantized_keys
+    axis = q.axis if group_wise_backend.backend == "quanto" else q[1]["axis"]
+    assert axis % k.dim() == group_wise_backend.axis % k.dim(), (
+        f"{group_wise_backend.name}: asked for axis {group_wise_backend.axis}, the cache quantized along axis {axis}")

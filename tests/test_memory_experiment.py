@@ -15,6 +15,9 @@ from kvcache_repro.runner import experiment
 
 SCENARIO_PARAMS = [
     pytest.param("cpu-tiny", id="cpu-tiny"),
+    # the seed's dtype and bf16: the half-precision paths of the quantized layers, exact bytes
+    pytest.param("cpu-tiny-fp16", id="cpu-tiny-fp16"),
+    pytest.param("cpu-tiny-bf16", id="cpu-tiny-bf16"),
     # Two dry runs of the device run's scenarios (tiny model, CPU, seconds): their entries are
     # predicted as the GPU scenarios' are (runner/gpu_prediction.py), so the band test checks
     # the prediction's scaling from its proxies, in exact bytes, on every run of the tier.
@@ -61,7 +64,8 @@ def run(request, experiment_runs) -> experiment.ExperimentRun:
 def test_cache_bytes_from_the_probe_equal_the_analytic_model(run):
     for m in run.measurements:
         assert m.metrics["cache_bytes"] == m.predicted_cache_bytes, (
-            f"{m.backend}/b{m.batch}: cache holds {m.metrics['cache_bytes']} bytes, model says {m.predicted_cache_bytes}")
+            f"{m.backend}/b{m.batch}: cache holds {m.metrics['cache_bytes']} bytes, model says {m.predicted_cache_bytes}"
+            f"{'; ' + m.notes if m.notes else ''}")
 
 
 def _saving(run, backend, batch):

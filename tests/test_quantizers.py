@@ -22,7 +22,7 @@ from kvcache_repro.backends.matrix import BACKENDS, BackendSpec
 GROUP = 32
 SETTINGS = caches.QuantSettings(q_group_size=GROUP, residual_length=16)
 GROUP_WISE = [b for b in BACKENDS.values() if b.group_wise and not b.broken]
-DTYPES = [torch.float32, torch.bfloat16]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]  # float16: the seed's dtype
 
 hypothesis_settings = hsettings(max_examples=15, deadline=None,
                                 suppress_health_check=[HealthCheck.function_scoped_fixture])

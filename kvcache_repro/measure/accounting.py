@@ -66,11 +66,37 @@ def _quantized_bytes(backend: str, qstate) -> CacheBytes:
         return CacheBytes(data, meta, 0)
     if backend == "hqq":
         codes, meta = qstate
+        if not isinstance(meta, dict) or "scale" not in meta or "zero" not in meta:
+            # values without their scales and zeros (not quantized): "other", so the byte
+            # comparison fails naming what the layer holds (describe) instead of a KeyError
+            return CacheBytes(0, 0, 0, tensor_bytes(codes))
         return CacheBytes(tensor_bytes(codes), tensor_bytes(meta["scale"]) + tensor_bytes(meta["zero"]), 0)
     if backend == "fp8":
         codes, scale = qstate
         return CacheBytes(tensor_bytes(codes), tensor_bytes(scale), 0)
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def describe(cache) -> str:
+    """What the first layer holds where quantized storage belongs, in words: the line a
+    failed byte comparison shows, so a cache that stores dense values reads as such."""
+    for i, layer in enumerate(caches.cache_layers(cache)):
+        storage = caches.layer_storage(layer)
+        q = storage.quantized_keys
+        if storage.backend in ("none", None) or q is None:
+            continue
+        if type(q) is torch.Tensor:
+            return f"layer {i} keys: a dense {q.dtype} tensor {tuple(q.shape)} where packed codes belong (not quantized)"
+        if storage.backend == "hqq":
+            codes, meta = q
+            if not isinstance(meta, dict) or "scale" not in meta:
+                return (f"layer {i} keys: a {codes.dtype} tensor {tuple(codes.shape)} without scales or zeros "
+                        f"(not quantized)")
+            return f"layer {i} keys: hqq codes {codes.dtype} {tuple(codes.shape)}, axis {meta.get('axis')}"
+        if storage.backend == "quanto":
+            return f"layer {i} keys: {type(q).__name__} {tuple(q.shape)}, axis {getattr(q, 'axis', '?')}"
+        return f"layer {i} keys: {type(q).__name__}"
+    return "no quantized storage in any layer"
 
 
 def _reachable_tensors(obj, seen: set[int]) -> list[torch.Tensor]:

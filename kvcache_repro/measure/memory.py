@@ -241,7 +241,11 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
                               keep_scores=False)
     seconds = time.perf_counter() - t0
     metrics = probe.stop()
-    metrics["cache_bytes"] = accounting.cache_bytes(run.cache).total
+    held = accounting.cache_bytes(run.cache)
+    metrics["cache_bytes"] = held.total
+    notes = list(getattr(probe, "notes", []))
+    if held.other:  # storage the model of a quantized cache has no place for: say what it is
+        notes.append(f"cache holds {held.other} bytes outside quantized storage: {accounting.describe(run.cache)}")
     metrics["weights_bytes"] = peak.storage_bytes(weights)
     g = kv_geometry(model)
     predicted = accounting.predict_cache_bytes(
@@ -249,4 +253,4 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
         accounting.CacheGeometry(g.layers, batch, g.kv_heads, g.head_dim, getattr(torch, scenario.dtype)),
         prompt_len=ids.shape[1], total_tokens=ids.shape[1] + scenario.new_tokens - 1)
     return Measurement(scenario.name, backend, batch, scenario.device, ids.shape[1], scenario.new_tokens,
-                       seconds, before, metrics, predicted.total, notes="; ".join(getattr(probe, "notes", [])))
+                       seconds, before, metrics, predicted.total, notes="; ".join(notes))

@@ -127,6 +127,15 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("cpu-tiny", "cpu", "tiny", (1, 200), 40, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=32, residual_length=16), "float32",
              notes="the probe on a tiny random llama, for the CPU tier"),
+    # cpu-tiny at the seed's dtype (fp16) and at bf16: the half-precision paths of the
+    # quantized layers (their dequantized copies, requantization temporaries) in exact
+    # bytes. 16 rows, not 200: half-precision ops on this CPU run ~8x slower than fp32.
+    Scenario("cpu-tiny-fp16", "cpu", "tiny", (1, 16), 40, ("none", "quanto4", "hqq4"),
+             QuantSettings(q_group_size=32, residual_length=16), "float16",
+             notes="cpu-tiny at the seed's dtype, float16, 16 rows"),
+    Scenario("cpu-tiny-bf16", "cpu", "tiny", (1, 16), 40, ("none", "quanto4", "hqq4"),
+             QuantSettings(q_group_size=32, residual_length=16), "bfloat16",
+             notes="cpu-tiny in bfloat16, 16 rows"),
 )}
 
 

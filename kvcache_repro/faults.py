@@ -27,6 +27,7 @@ fault patches transformers' quantized cache layers the way a regression could:
   (its residual then grows in full precision): what only a run past 512 tokens shows
 - ``dequantize_via_float32``: every dequantize builds its copy in float32 and casts it
   back (values unchanged within an ulp of half precision; the transient doubles at fp16/bf16)
+- ``dequantize_half_again``: every other dequantize is done twice (same values, 1.5x its cost)
 - ``dense_at_large_batch``: from batch 64 up the quantized layers keep K/V unquantized
   (quanto: the tensor itself; hqq: the tensor with empty metadata)
 - ``quanto_axis_ignored``: quanto quantizes along axis -1 whatever axis was asked
@@ -58,7 +59,7 @@ OOM_BATCH_ENV = "KVQ_FAULT_OOM_BATCH"
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
           "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "hqq_noise",
           "unquantized_copies", "plain_cache_window", "hqq3_nan_after_flush", "stop_flushing_after_512",
-          "dequantize_via_float32", "dense_at_large_batch", "quanto_axis_ignored", "oom", "hang")
+          "dequantize_via_float32", "dequantize_half_again", "dense_at_large_batch", "quanto_axis_ignored", "oom", "hang")
 # plain_cache_window: how many of the newest tokens keep their values.
 WINDOW = 32
 
@@ -230,6 +231,17 @@ def _patch(name: str) -> None:
                 return wide.to(x.dtype)
             return _dequantize
         quanto._dequantize, hqq._dequantize = via_float32(q_deq), via_float32(h_deq)
+    elif name == "dequantize_half_again":
+        def half_again(original):
+            calls = [0]
+
+            def _dequantize(self, q):
+                calls[0] += 1
+                if calls[0] % 2:
+                    original(self, q)  # result dropped: cost only
+                return original(self, q)
+            return _dequantize
+        quanto._dequantize, hqq._dequantize = half_again(q_deq), half_again(h_deq)
     elif name == "dense_at_large_batch":
         def dense_quanto(self, tensor, axis):
             return tensor.clone() if tensor.shape[0] >= 64 else q_quantize(self, tensor, axis)

@@ -19,7 +19,6 @@ two identical environments side by side; today it is wide (see MARGIN).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import subprocess

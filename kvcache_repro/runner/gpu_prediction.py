@@ -42,18 +42,21 @@ Reserved memory is not predicted: it depends on the card's capacity (measure/res
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import itertools
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass, replace
 
+from pathlib import Path
+
 from kvcache_repro import cli
+from kvcache_repro.backends.offline import NARROW_SUFFIX  # offline.py is torch-free at import
 from kvcache_repro.runner import scenarios
 from kvcache_repro.verdicts import baselines
+
+ROOT = Path(__file__).resolve().parents[2]
 
 PROXY_ROWS = 2
 PROXY_CYCLES = (2, 4)  # residual cycles past the scenario's phase, for the two proxy runs
@@ -116,15 +119,9 @@ def proxy_runs(target: scenarios.Scenario) -> list[tuple[str, str, int]]:
     and 2 layers at both token counts (what a layer and a token add), the full-width one
     at 1 layer at the first count (what the wide parts - logits, hidden states - add)."""
     arch, (n1, n2) = architecture(target), proxy_tokens(target)
-    narrow = f"{arch}{offline_narrow()}"
+    narrow = f"{arch}{NARROW_SUFFIX}"
     return ([("narrow1", f"{narrow}@1", n) for n in (n1, n2)] + [("narrow2", f"{narrow}@2", n) for n in (n1, n2)]
             + [("wide1", f"{arch}@1", n1)])
-
-
-def offline_narrow() -> str:
-    from kvcache_repro.backends.offline import NARROW_SUFFIX
-
-    return NARROW_SUFFIX
 
 
 def python_unpack_on_cpu(target: scenarios.Scenario) -> bool:
@@ -158,8 +155,7 @@ def measure_proxies(target: scenarios.Scenario) -> dict[str, dict[str, dict[int,
 
 def _measure_in_child(target: scenarios.Scenario) -> dict:
     proc = subprocess.run([sys.executable, "-m", "kvcache_repro.runner.gpu_prediction", "measure", target.name],
-                          capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(os.path.dirname(
-                              os.path.abspath(__file__)))))
+                          capture_output=True, text=True, cwd=ROOT)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
         raise RuntimeError(f"proxy runs of {target.name} failed (exit {proc.returncode}): "
@@ -292,7 +288,7 @@ def provenance(target: scenarios.Scenario, proxies) -> dict:
     from kvcache_repro.runner.experiment import package_versions
 
     return {"kind": KIND, "source": COMMAND, "date": datetime.date.today().isoformat(),
-            "device": (f"predicted for a CUDA device from CPU proxies" if target.device == "cuda"
+            "device": ("predicted for a CUDA device from CPU proxies" if target.device == "cuda"
                        else "predicted for this CPU from CPU proxies (the dry run checks the scaling)"),
             "versions": package_versions(), "machine": machine(),
             "settings": {"new_tokens": target.new_tokens, "q_group_size": target.settings.q_group_size,

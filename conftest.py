@@ -370,7 +370,7 @@ def _session_report(config) -> dict:
 
             lines += prediction.lines(run.scenario, run.measurements)
         lines.append("")
-        drift.append((experiment.baseline_path(run.scenario.name), run.verdicts))
+        drift.append((experiment.compared_path(run.scenario.name), run.verdicts))
     for table in getattr(config, "_kv_accuracy", {}).values():
         sections.setdefault("KV-cache accuracy (teacher-forced vs the unquantized cache)", []).extend([
             f"{table.device}, SmolLM2-135M-Instruct, {table.setup.name}: {table.setup.key()}", table.rows(), ""])

@@ -121,3 +121,28 @@ def test_the_prediction_decides_gpu_claims_only_where_its_bands_do():
     assert claims.predicted_verdict("quanto_uses_less_memory_than_hqq", "seed-arch-short")[0] == claims.HOLDS
     verdict, why = claims.predicted_verdict("saves_a_lot_at_200_prompts", "seed-arch")
     assert verdict is None and "straddle 0.75" in why, why
+
+
+def test_a_card_s_measurement_gets_a_file_of_its_own_and_the_prediction_stays(tmp_path, monkeypatch):
+    """--update-baselines on a GPU writes baselines/NAME--CARD.json; that card compares with
+    it from then on, every other card with the prediction, which stays as it was."""
+    import shutil
+
+    from kvcache_repro.measure.memory import Measurement
+
+    root = tmp_path / "baselines"
+    shutil.copytree(baselines.BASELINE_DIR, root)
+    monkeypatch.setattr(baselines, "BASELINE_DIR", root)
+    predicted = (root / "gpu-tiny.json").read_bytes()
+    monkeypatch.setattr(experiment, "device_name", lambda device: "NVIDIA H200")
+    scenario = scenarios.get("gpu-tiny")
+    ms = [Measurement("gpu-tiny", b, n, "cuda", 8, 64, 1.0, 100, {"peak_allocated": p * n, "cache_bytes": c * n}, c * n)
+          for b, p, c in (("none", 1000, 400), ("quanto4", 990, 180), ("hqq4", 1500, 180)) for n in (1, 8)]
+    monkeypatch.setattr(experiment, "provenance", lambda s, m: {"device": "NVIDIA H200", "versions": {}})
+    experiment.update_baselines(scenario, ms, experiment.ratios(ms, scenario.baseline_metrics), run_failed=False)
+    card = root / "gpu-tiny--NVIDIA-H200.json"
+    assert card.exists() and (root / "gpu-tiny.json").read_bytes() == predicted
+    assert experiment.compared_path("gpu-tiny") == card
+    assert not baselines.is_predicted(baselines.load(card).entries["quanto4/b8/peak_allocated"])
+    monkeypatch.setattr(experiment, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert experiment.compared_path("gpu-tiny") == root / "gpu-tiny.json"

@@ -14,8 +14,8 @@ Within a scenario the large batch runs first (it is what the seed's claim is abo
 Each finished run is appended to ``OUTDIR/<scenario>/measurements.jsonl`` at once, and
 the tables are rewritten, so a run killed at its deadline keeps everything before it.
 OUTDIR then holds, per scenario, ``results.json``, ``results.md``, ``memory.png`` (when
-matplotlib imports); ``baselines/`` (the repository's baseline files with the entries
-this run measured updated: copy them back to commit them); ``SUMMARY.md`` (every table
+matplotlib imports); ``baselines/`` (the repository's baseline files, and for each CUDA scenario a
+file of this card's measurements, ``NAME--CARD.json``: copy them back to commit them); ``SUMMARY.md`` (every table
 and the seed's own numbers beside ours); ``environment.json``; ``device-run.log``;
 ``pytest-gpu.log`` / ``.xml``. ``--archive FILE`` also packs OUTDIR into one .tar.gz
 after every run (for a transport that returns few files).
@@ -270,8 +270,9 @@ def update_baselines(run: experiment.ExperimentRun, record: ScenarioRecord, out:
         produced_by["notes"] = notes
     entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), experiment.default_tolerance(run.scenario.device, r.metric),
                                produced_by) for r in run.ratios]
-    return baselines.update(out / "baselines" / f"{run.scenario.name}.json", entries, run_failed=failed,
-                            scenario=run.scenario.name, description=run.scenario.notes)
+    target = out / "baselines" / experiment.recorded_path(run.scenario.name).relative_to(baselines.BASELINE_DIR)
+    return baselines.update(target, entries, run_failed=failed, scenario=run.scenario.name,
+                            description=run.scenario.notes)
 
 
 # ---- what pytest reads back -------------------------------------------------------------

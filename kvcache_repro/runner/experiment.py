@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import json
 import os
 import signal
@@ -279,8 +280,40 @@ def baseline_path(scenario: str) -> Path:
     return baselines.BASELINE_DIR / f"{stored_as}.json"
 
 
+def card_path(scenario: str, card: str) -> Path:
+    """A built-in CUDA scenario's baselines measured on one kind of card:
+    baselines/<name>--<card>.json. Its own file holds the CPU's prediction (or, for seed,
+    the seed's figures), which no card's measurement overwrites."""
+    import re
+
+    return baselines.BASELINE_DIR / f"{scenario}--{re.sub(r'[^A-Za-z0-9.]+', '-', card).strip('-')}.json"
+
+
+def _per_card(scenario: str) -> bool:
+    try:
+        s = scenarios.get(scenario)
+    except scenarios.SelectionError:
+        return False
+    return s.device == "cuda" and s.baseline_key is None  # a --model file is keyed by its device already
+
+
+def compared_path(scenario: str) -> Path:
+    """The file a run compares with: on CUDA the one measured on this kind of card when
+    there is one, else the scenario's own (the prediction)."""
+    if _per_card(scenario):
+        path = card_path(scenario, device_name("cuda"))
+        if path.exists():
+            return path
+    return baseline_path(scenario)
+
+
+def recorded_path(scenario: str) -> Path:
+    """The file an update writes: on CUDA the card's own (card_path)."""
+    return card_path(scenario, device_name("cuda")) if _per_card(scenario) else baseline_path(scenario)
+
+
 def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[baselines.Verdict]:
-    stored = baselines.load(baseline_path(scenario))
+    stored = baselines.load(compared_path(scenario))
     return [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
 
 
@@ -291,7 +324,7 @@ def unmeasured_verdicts(scenario: scenarios.Scenario, measurements: list[Measure
     unquantized reference is missing (a ratio needs both)."""
     if not scenario.baseline_metrics:
         return []
-    stored = baselines.load(baseline_path(scenario.name))
+    stored = baselines.load(compared_path(scenario.name))
     have = {(m.backend, m.batch) for m in measurements}
     large = max(scenario.batch_sizes)
     out = []
@@ -349,14 +382,14 @@ def update_baselines(scenario: scenarios.Scenario, measurements: list[Measuremen
     ``only_missing``: only those with no stored entry, every stored one left as it is."""
     produced_by = provenance(scenario, measurements)
     if only_missing:
-        stored = baselines.load(baseline_path(scenario.name)).entries
+        stored = baselines.load(recorded_path(scenario.name)).entries
         found = [r for r in found if baselines.entry_key(r.backend, r.batch, r.metric) not in stored]
         if not found:
             return []
     entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4),
                                default_tolerance(scenario.device, r.metric), produced_by)
                for r in found]
-    path = baseline_path(scenario.name)
+    path = recorded_path(scenario.name)
     path.parent.mkdir(parents=True, exist_ok=True)  # baselines/models/ for a user's first model
     return baselines.update(path, entries, run_failed=run_failed, scenario=scenario.name, description=scenario.notes,
                             reset_tolerance=reset_tolerance, key=scenario.baseline_key)
@@ -545,6 +578,7 @@ def model_scenario(args, cuda_available: bool | None = None) -> scenarios.Scenar
     return scenarios.register(scenario)
 
 
+@functools.lru_cache(maxsize=None)
 def device_name(device: str) -> str:
     """The device's name for a baseline key; CUDA's read in a child process, so this one
     holds no CUDA context (memory the workers' device would lose). CPU: "cpu" - every

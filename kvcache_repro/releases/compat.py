@@ -191,12 +191,13 @@ def matrix_table(runs: list[dict], pins: dict[str, str] | None = None) -> str:
     runs = sorted(runs, key=run_order)
     groups = sorted({c["group"] for r in runs for c in r["cases"]}
                     | {g for r in runs for g in r["groups_run"] if g != "the whole tier"})
-    lines = ["| spec | differs from the pins | verdict |" + "".join(f" {g.removeprefix('test_')} |" for g in groups),
-             "|---|---|---|" + "---|" * len(groups)]
+    lines = ["| spec | differs from the pins | verdict | decode time vs pin |"
+             + "".join(f" {g.removeprefix('test_')} |" for g in groups),
+             "|---|---|---|---|" + "---|" * len(groups)]
     for run in runs:
         if not run["installed"]:
             first = (run["install_error"].strip().splitlines() or ["?"])[-1]
-            lines.append(f"| {_label(run)} | - | cannot install: {first[:80].replace('|', '/')} |"
+            lines.append(f"| {_label(run)} | - | cannot install: {first[:80].replace('|', '/')} | - |"
                          + " |" * len(groups))
             continue
         kinds = Counter(c["kind"] for c in run["cases"] if c["kind"])
@@ -209,7 +210,8 @@ def matrix_table(runs: list[dict], pins: dict[str, str] | None = None) -> str:
         cells = [group_cell([c for c in run["cases"] if c["group"] == g])
                  if (g in run["groups_run"] or any(c["group"] == g for c in run["cases"])) else "not run"
                  for g in groups]
-        lines.append(f"| {_label(run)} | {stack_cell(run, pins)} | {verdict} |" + "".join(f" {c} |" for c in cells))
+        lines.append(f"| {_label(run)} | {stack_cell(run, pins)} | {verdict} | {speed_cell(run)} |"
+                     + "".join(f" {c} |" for c in cells))
     return "\n".join(lines) + "\n"
 
 
@@ -233,6 +235,15 @@ def release_section(run: dict) -> str:
                  + f"; {run['seconds']:.0f} s; suite {run.get('suite', '?')}; groups: "
                  + (", ".join(run["groups_run"]) or "the whole tier"))
     lines.append("")
+    speed = run.get("speed")
+    if speed and "error" not in speed:
+        lines += [f"Decode time against the pin, side by side ({speed['setup']} setup, {speed['seconds']:.0f} s; "
+                  f"verdict beyond {speed['margin']:.0%}, releases/side_by_side.py):", ""]
+        lines += [f"- {name}: {v['ratio']:.3f} (blocks {min(v['blocks']):.3f}..{max(v['blocks']):.3f}): {v['verdict']}"
+                  for name, v in speed["verdicts"].items()]
+        lines.append("")
+    elif speed:
+        lines += [f"Decode time against the pin: not measured, {speed['error'].splitlines()[0]}", ""]
     groups = sorted({c["group"] for c in run["cases"]})
     lines += ["| test group | " + " | ".join(OUTCOMES) + " |", "|---|" + "---:|" * len(OUTCOMES)]
     for g in groups:
@@ -307,8 +318,39 @@ def write_results(runs_dir: Path, out: Path, notes: str = "", probes_dir: Path |
     return text
 
 
-def run_spec(spec, groups: tuple[str, ...] | None, root: Path = ROOT, log=print) -> dict:
-    """The spec's test groups (None: the whole tier) in its environment, as a stored run."""
+def speed_side_by_side(candidate_python: str, log=print, run=None) -> dict:
+    """Decode time of the spec's environment against the pinned one (this interpreter's),
+    interleaved on this machine (side_by_side.py), as stored with the run: per backend the
+    ratio, its blocks and the verdict. A worker that fails is a result too (``error``)."""
+    from kvcache_repro.releases import side_by_side
+
+    run = run or side_by_side.run
+    started = time.perf_counter()
+    try:
+        found, pinned, candidate = run(sys.executable, candidate_python, log=lambda line: log("  side by side:" + line))
+    except RuntimeError as error:
+        return {"error": str(error)}
+    return {"setup": side_by_side.DEFAULT_SETUP, "margin": side_by_side.MARGIN, "pinned": pinned,
+            "candidate": candidate, "seconds": round(time.perf_counter() - started, 1),
+            "verdicts": {name: {"ratio": round(r.ratio, 4), "blocks": [round(b, 4) for b in r.block_ratios],
+                                "verdict": r.verdict} for name, r in found.items()}}
+
+
+def speed_cell(run: dict) -> str:
+    """The matrix's speed column: what is slower or faster than the pin, or "="."""
+    speed = run.get("speed")
+    if not speed:
+        return "not run"
+    if "error" in speed:
+        return "FAILED: " + speed["error"].splitlines()[0][:60].replace("|", "/")
+    moved = [f"{name} {v['ratio']:.2f} {v['verdict']}" for name, v in speed["verdicts"].items()
+             if v["verdict"] != "not distinguishable"]
+    return "**" + ", ".join(moved) + "**" if moved else "= (within " + f"{speed['margin']:.0%})"
+
+
+def run_spec(spec, groups: tuple[str, ...] | None, root: Path = ROOT, log=print, speed: bool = True) -> dict:
+    """The spec's test groups (None: the whole tier) in its environment, as a stored run;
+    with ``speed``, its decode time side by side with the pin's after the tests."""
     from kvcache_repro.releases import compat_envs
 
     label = spec.label
@@ -345,6 +387,9 @@ def run_spec(spec, groups: tuple[str, ...] | None, root: Path = ROOT, log=print)
                     date=date, pytest_rc=proc.returncode)
     run["spec"] = spec.to_json()
     run["suite"] = suite_commit(root)
+    if speed:
+        log(f"compat {label}: decode time side by side with the pin (a few minutes)")
+        run["speed"] = speed_side_by_side(str(env.python), log)
     return run
 
 
@@ -396,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe", action="store_true",
                         help="only probe each spec's behaviours (seconds; for bisection) into compat/probes/")
     parser.add_argument("--report-only", action="store_true", help="only rewrite compat/RESULTS.md from compat/runs/")
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the decode-time comparison with the pin (side by side, ~4 min a spec)")
     args = parser.parse_args(argv)
     runs_dir = ROOT / "compat" / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
@@ -415,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(probe)[:400])
     elif not args.report_only:
         for spec in specs:
-            run = run_spec(spec, None if args.full else groups_for(spec, chosen))
+            run = run_spec(spec, None if args.full else groups_for(spec, chosen), speed=not args.no_speed)
             (runs_dir / run_file(run)).write_text(json.dumps(run, indent=1) + "\n")
     notes = ROOT / "compat" / "notes.md"  # hand-written: what changed where (bisected)
     text = write_results(runs_dir, ROOT / "compat" / "RESULTS.md", probes_dir=probes_dir,

@@ -114,11 +114,30 @@ def test_one_short_prompt_saves_little(run):
             f"{none.predicted_cache_bytes / 2**20:.1f} MiB")
 
 
+def _is_reference(verdict) -> bool:
+    return verdict.key.startswith("none/")
+
+
 def test_ratios_within_baseline_bands(run):
     """Every compared ratio within its stored band; a ratio with no stored entry fails
     too, naming the command that records it."""
-    failing = baselines.problems(run.verdicts)
+    failing = baselines.problems([v for v in run.verdicts if not _is_reference(v)])
     assert not failing, "\n".join(failing)
+
+
+def test_the_unquantized_reference_within_its_band(run):
+    """none's own peak (MiB, exact bytes on CPU) where the scenario stores it (cpu-tiny,
+    cpu-deep): every ratio divides by it, so a regression of the plain cache or of the
+    model moves the ratios and the claims the flattering way and no ratio band says why.
+    Fails under fault ``unquantized_copies`` (docs/faults.md)."""
+    from kvcache_repro.runner.experiment import REFERENCE_METRICS
+
+    if not REFERENCE_METRICS & set(run.scenario.baseline_metrics):
+        pytest.skip(f"{run.scenario.name} stores no reference of its own (its ratios' bands only)")
+    reference = [v for v in run.verdicts if _is_reference(v)]
+    assert reference, "the scenario lists a reference metric but the run compared none"
+    failing = baselines.problems(reference)
+    assert not failing, "the unquantized reference moved:\n" + "\n".join(failing)
 
 
 def test_peak_allocated_above_weights_covers_the_cache(run):

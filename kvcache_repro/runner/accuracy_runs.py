@@ -74,6 +74,10 @@ class AccuracyTable:
         for name, q in self.finite_results.items():
             out += [(name, "kl", q.kl), (name, "top1_agreement", q.top1_agreement),
                     (name, "perplexity_ratio", q.perplexity / q.reference_perplexity)]
+        if self.results:
+            # The unquantized reference's own perplexity: every ratio above divides by it, so a
+            # regression of the model itself (every cache alike) moves none of them.
+            out.append(("none", "reference_perplexity", self.reference_perplexity))
         return out
 
     def verdicts(self) -> list[baselines.Verdict]:

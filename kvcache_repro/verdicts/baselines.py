@@ -32,17 +32,20 @@ from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
 # Memory metrics are ratios to the unquantized run; accuracy metrics are teacher-forced
 # against it (kl in nats/token, top-1 agreement, perplexity ratio); speed is the ratio of
 # decode times.
-MEMORY_METRICS = ("peak_reserved", "peak_allocated", "reserved_after", "peak_rss_growth", "cache_bytes")
-ACCURACY_METRICS = ("kl", "top1_agreement", "perplexity_ratio")
+MEMORY_METRICS = ("peak_reserved", "peak_allocated", "reserved_after", "peak_rss_growth", "cache_bytes",
+                  "reference_peak_mib")
+ACCURACY_METRICS = ("kl", "top1_agreement", "perplexity_ratio", "reference_perplexity")
 SPEED_METRICS = ("decode_time_ratio",)
 METRICS: tuple[str, ...] = MEMORY_METRICS + ACCURACY_METRICS + SPEED_METRICS
 
 # How a value above the band reads; top-1 agreement is the one metric where higher is better.
 _HIGHER_MEANS = {**{m: "uses more memory" for m in MEMORY_METRICS},
                  "kl": "is less accurate", "perplexity_ratio": "is less accurate",
+                 "reference_perplexity": "predicts the text worse (the model itself, every cache alike)",
                  "top1_agreement": "is more accurate", "decode_time_ratio": "is slower"}
 _LOWER_MEANS = {**{m: "uses less memory" for m in MEMORY_METRICS},
                 "kl": "is more accurate", "perplexity_ratio": "is more accurate",
+                "reference_perplexity": "predicts the text better (the model itself changed)",
                 "top1_agreement": "is less accurate", "decode_time_ratio": "is faster"}
 HIGHER_IS_BETTER = frozenset({"top1_agreement"})
 

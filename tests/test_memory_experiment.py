@@ -18,6 +18,8 @@ SCENARIO_PARAMS = [
     # the seed's dtype and bf16: the half-precision paths of the quantized layers, exact bytes
     pytest.param("cpu-tiny-fp16", id="cpu-tiny-fp16"),
     pytest.param("cpu-tiny-bf16", id="cpu-tiny-bf16"),
+    # cpu-tiny's layer x 16: the claims' other side ("saves a lot" holds) in the default tier
+    pytest.param("cpu-deep", id="cpu-deep"),
     # Two dry runs of the device run's scenarios (tiny model, CPU, seconds): their entries are
     # predicted as the GPU scenarios' are (runner/gpu_prediction.py), so the band test checks
     # the prediction's scaling from its proxies, in exact bytes, on every run of the tier.

@@ -17,7 +17,10 @@ def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):
     claim_verdict(claims.saves_little_for_one_short_prompt("cpu-short", run.scenario, run.measurements))
 
 
-MEMORY_CLAIM_SCENARIOS = ["cpu-tiny", pytest.param("seed-geometry", marks=pytest.mark.slow)]
+# cpu-tiny (2 layers): "saves a lot" does not hold, by a margin a regression of the
+# unquantized path crosses (fault unquantized_copies); cpu-deep (16 of the same layers):
+# it holds, by a margin a regression of the quantized path crosses (docs/faults.md).
+MEMORY_CLAIM_SCENARIOS = ["cpu-tiny", "cpu-deep", pytest.param("seed-geometry", marks=pytest.mark.slow)]
 # The GPU rows of the claims table (the device run's pytest step reads its measurements):
 # expected verdicts are what the CPU's predicted baselines imply (claims.predicted_verdict);
 # where a predicted band straddles the claim's margin the row is recorded and the test skips.

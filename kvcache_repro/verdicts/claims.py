@@ -44,6 +44,10 @@ EXPECTED: dict[tuple[str, str], str] = {
     ("saves_little_for_one_short_prompt", "cpu-short"): HOLDS,
     ("saves_a_lot_at_200_prompts", "cpu-tiny"): FAILS,
     ("quanto_uses_less_memory_than_hqq", "cpu-tiny"): HOLDS,
+    # 16 of cpu-tiny's layers: one layer's dequantized copy is a 16th of the cache, so it
+    # holds (peak quanto4 0.539, hqq4 0.720 of none), hqq4 within 0.03 of the margin.
+    ("saves_a_lot_at_200_prompts", "cpu-deep"): HOLDS,
+    ("quanto_uses_less_memory_than_hqq", "cpu-deep"): HOLDS,
     ("saves_a_lot_at_200_prompts", "seed-geometry"): HOLDS,
     ("quanto_uses_less_memory_than_hqq", "seed-geometry"): HOLDS,
     # Accuracy: at 128 decoded tokens hqq axis 0 wins at 2 bits and is not distinguishable

@@ -1,34 +1,43 @@
-"""The seed's length in the default tier: a 8-token prompt and 1,000 decoded tokens (the
-seed's 1,000 new tokens, 15 flushes at its residual 64) through every quantized backend,
-on a tiny-width Llama's cache (2 layers, 2 KV heads x 32), 2 rows, the seed's G 128 / R 64,
-driven as generate() drives it but without the model (the cache is what is measured; 1,000
-forwards of even a tiny model took 15 s a backend).
+"""The seed's length in the default tier (kvcache_repro/measure/long_run.py): an 8-token
+prompt and 1,000 decoded tokens (15 flushes at the seed's residual 64) through every
+quantized backend's cache, at the seed's dtype (float16) and G 128 / R 64, on a
+tiny-width Llama's K/V geometry, 2 rows, driven as generate() drives it but without the
+model.
 
 After every flush (and at the end) each layer's storage is checked against the analytic
 model (accounting.py): the tokens in the residual, then the exact bytes. A layer that
 stops flushing after 512 quantized tokens, which no shorter test reaches, fails here
 naming the token where its residual overflowed; a layer that keeps values dense fails
-naming what it holds. Peak live bytes of the whole run are reported per backend.
+naming what it holds. The peak live bytes of the whole run are compared too: the
+unquantized cache's with its formula (the reference every ratio divides by), each
+quantized one's with baselines/long-cache.json (the seed's quanto4 and hqq4 in the default
+tier, the other backends with --kv-run-slow: the exact tracker triples a run's time).
 """
 from __future__ import annotations
 
 import pytest
-import torch
 
-from kvcache_repro.backends import caches, offline
+from kvcache_repro.backends import caches
 from kvcache_repro.backends.matrix import BACKENDS
-from kvcache_repro.measure import accounting
+from kvcache_repro.measure import accounting, long_run
+from kvcache_repro.measure.long_run import NEW, PROMPT, ROWS, SETTINGS
+from kvcache_repro.verdicts import baselines
 
-PROMPT, NEW, ROWS = 8, 1000, 2  # the seed's 1,000 new tokens: 999 fed back
-SETTINGS = caches.QuantSettings(q_group_size=128, residual_length=64)  # the seed's
 LONG_BACKENDS = [b for b in BACKENDS.values() if b.quantized]
+SEED_BACKENDS = ("quanto4", "hqq4")
+PEAK_PARAMS = [pytest.param(b, id=b.name, marks=() if b.name in SEED_BACKENDS else pytest.mark.slow)
+               for b in LONG_BACKENDS]
 
 
-@pytest.fixture(scope="module")
-def config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(**offline.arch_config_kwargs("dry-tiny"))
+def _skip_unless_quantizable(spec):
+    if spec.broken:
+        pytest.skip(spec.broken)
+    geometry = long_run.geometry()
+    try:
+        caches.check_quantizable(spec, SETTINGS, batch=ROWS, kv_heads=geometry.kv_heads, head_dim=geometry.head_dim,
+                                 prompt_len=PROMPT, new_tokens=NEW)
+    except ValueError as error:
+        pytest.skip(f"{spec.name} cannot quantize these shapes: {error}")
 
 
 def _residual_tokens(layer) -> int:
@@ -36,42 +45,25 @@ def _residual_tokens(layer) -> int:
     return 0 if storage.residual_keys is None else storage.residual_keys.shape[-2]
 
 
-@torch.inference_mode()
-def _decode(config, spec, check):
-    """The cache as generate() drives it, without the model: each layer's update with the
-    prompt's K/V, then one token's at a time (seeded random values: the bytes, flushes and
-    transients do not depend on them), ``check(cache, tokens)`` after each step."""
-    cache = caches.build_cache(spec, config, SETTINGS)
-    g = torch.Generator().manual_seed(0)
-    shape = (ROWS, config.num_key_value_heads, 0, config.head_dim)
+@pytest.fixture(scope="module")
+def none_peak():
+    return long_run.run(BACKENDS["none"])
 
-    def step(n):
-        for layer in range(config.num_hidden_layers):
-            kv = [torch.randn(shape[:2] + (n,) + shape[3:], generator=g) for _ in range(2)]
-            cache.update(*kv, layer)
 
-    step(PROMPT)
-    tokens = PROMPT
-    check(cache, tokens)
-    for _ in range(NEW - 1):
-        step(1)
-        tokens += 1
-        check(cache, tokens)
-    return cache
+def test_the_unquantized_cache_peaks_at_its_formula(none_peak):
+    """DynamicLayer's peak over 1,008 tokens: the final cache plus one layer's values and
+    the step's inputs (long_run.none_peak_bytes). Fails when the reference grows (fault
+    ``unquantized_copies``: six more copies), which every quantized/none ratio would
+    read as the quantized caches saving more."""
+    expected = long_run.none_peak_bytes()
+    assert none_peak == expected, (f"the unquantized cache peaked at {none_peak} bytes over {PROMPT + NEW - 1} "
+                                   f"tokens, its formula says {expected} ({none_peak / expected:.3f}x)")
 
 
 @pytest.mark.parametrize("spec", LONG_BACKENDS, ids=[b.name for b in LONG_BACKENDS])
-def test_the_seed_s_length_flushes_and_stores_the_analytic_bytes_throughout(config, spec):
-    if spec.broken:
-        pytest.skip(spec.broken)
-    g = offline.arch_config_kwargs("dry-tiny")
-    try:
-        caches.check_quantizable(spec, SETTINGS, batch=ROWS, kv_heads=g["num_key_value_heads"], head_dim=g["head_dim"],
-                                 prompt_len=PROMPT, new_tokens=NEW)
-    except ValueError as error:
-        pytest.skip(f"{spec.name} cannot quantize these shapes: {error}")
-    geometry = accounting.CacheGeometry(g["num_hidden_layers"], ROWS, g["num_key_value_heads"], g["head_dim"],
-                                        torch.float32)
+def test_the_seed_s_length_flushes_and_stores_the_analytic_bytes_throughout(spec):
+    _skip_unless_quantizable(spec)
+    geometry = long_run.geometry()
     checked = []
 
     def check(cache, tokens):
@@ -91,6 +83,20 @@ def test_the_seed_s_length_flushes_and_stores_the_analytic_bytes_throughout(conf
                                        f"model says {predicted}; {accounting.describe(cache)}")
         checked.append(tokens)
 
-    _decode(config, spec, check)
+    long_run.run(spec, check, track=False)
     expected = 1 + (NEW - 1) // SETTINGS.residual_length if spec.group_wise else 1
     assert len(checked) == expected, checked  # every flush was checked (15 at the seed's settings) and the end
+
+
+@pytest.mark.parametrize("spec", PEAK_PARAMS)
+def test_the_seed_s_length_peaks_at_its_baseline(spec, none_peak):
+    """Peak live bytes over the whole run, over the unquantized cache's in the same driver,
+    against baselines/long-cache.json (exact bytes). Fails when a dequantized copy or a
+    requantization temporary grows at fp16 (fault ``dequantize_via_float32``) or the
+    residual stops being flushed (``stop_flushing_after_512``)."""
+    _skip_unless_quantizable(spec)
+    peak = long_run.run(spec)
+    verdict = baselines.compare(baselines.load(long_run.baseline_path()), spec.name, ROWS, "peak_allocated",
+                                peak / none_peak)
+    assert verdict.passed, (f"{spec.name}: peak {peak} bytes over the seed's length (none: {none_peak}); "
+                            + verdict.message)

@@ -16,6 +16,10 @@ fault patches transformers' quantized cache layers the way a regression could:
 - ``quanto_slow_as_hqq``: quanto also runs hqq's optimizer at each quantize (hqq's cost, quanto's codes)
 - ``hqq_noise``: hqq's dequantized values (only hqq's) get 30% Gaussian noise: hqq
   regresses in accuracy, quanto does not
+- ``quanto_noise``: quanto's dequantized values (only quanto's) get 30% Gaussian noise:
+  quanto regresses in accuracy, hqq does not (hqq_noise's mirror)
+- ``attention_scale_drift``: every Llama attention's softmax scale is 10% too large: a
+  regression of the model itself, every cache (the unquantized reference too) alike
 - ``unquantized_copies``: the unquantized cache (DynamicLayer, not the quantized layers)
   keeps six extra copies of its keys and values, made anew at every step: a memory and
   speed regression of the baseline that makes quantization look better than it is
@@ -58,7 +62,7 @@ ENV = "KVQ_FAULT"
 OOM_BATCH_ENV = "KVQ_FAULT_OOM_BATCH"
 FAULTS = ("full_precision", "extra_copy", "ignore_residual", "more_bits", "noise", "low_precision_scales",
           "double_dequantize", "quanto_slow_as_hqq", "keep_dequantized", "hqq_more_temporaries", "hqq_noise",
-          "unquantized_copies", "plain_cache_window", "hqq3_nan_after_flush", "stop_flushing_after_512",
+          "quanto_noise", "attention_scale_drift", "unquantized_copies", "plain_cache_window", "hqq3_nan_after_flush", "stop_flushing_after_512",
           "dequantize_via_float32", "dequantize_half_again", "dense_at_large_batch", "quanto_axis_ignored", "oom", "hang")
 # plain_cache_window: how many of the newest tokens keep their values.
 WINDOW = 32
@@ -133,7 +137,7 @@ def _patch(name: str) -> None:
             self.nbits = 8
             return h_quantize(self, tensor, axis)
         quanto._quantize, hqq._quantize = quanto_more, hqq_more
-    elif name in ("noise", "hqq_noise"):
+    elif name in ("noise", "hqq_noise", "quanto_noise"):
         def noisy(original, level):
             def _dequantize(self, q):
                 x = original(self, q)
@@ -142,8 +146,19 @@ def _patch(name: str) -> None:
             return _dequantize
         if name == "noise":
             quanto._dequantize, hqq._dequantize = noisy(q_deq, 0.03), noisy(h_deq, 0.03)
-        else:
+        elif name == "hqq_noise":
             hqq._dequantize = noisy(h_deq, 0.30)
+        else:
+            quanto._dequantize = noisy(q_deq, 0.30)
+    elif name == "attention_scale_drift":
+        from transformers.models.llama import modeling_llama
+
+        llama_init = modeling_llama.LlamaAttention.__init__
+
+        def drifted_init(self, *args, **kwargs):
+            llama_init(self, *args, **kwargs)
+            self.scaling *= 1.1
+        modeling_llama.LlamaAttention.__init__ = drifted_init
     elif name == "unquantized_copies":
         plain_update = cu.DynamicLayer.update
 

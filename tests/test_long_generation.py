@@ -30,14 +30,8 @@ PEAK_PARAMS = [pytest.param(b, id=b.name, marks=() if b.name in SEED_BACKENDS el
 
 
 def _skip_unless_quantizable(spec):
-    if spec.broken:
-        pytest.skip(spec.broken)
-    geometry = long_run.geometry()
-    try:
-        caches.check_quantizable(spec, SETTINGS, batch=ROWS, kv_heads=geometry.kv_heads, head_dim=geometry.head_dim,
-                                 prompt_len=PROMPT, new_tokens=NEW)
-    except ValueError as error:
-        pytest.skip(f"{spec.name} cannot quantize these shapes: {error}")
+    if why := long_run.cannot_run(spec):
+        pytest.skip(why)
 
 
 def _residual_tokens(layer) -> int:

@@ -91,6 +91,19 @@ def none_peak_bytes() -> int:
     return (2 * geo.layers * total + total + 1) * per_token
 
 
+def cannot_run(spec) -> str | None:
+    """Why ``spec`` cannot take this run (a broken backend, shapes it cannot quantize), or None."""
+    if spec.broken:
+        return spec.broken
+    geo = geometry()
+    try:
+        caches.check_quantizable(spec, SETTINGS, batch=ROWS, kv_heads=geo.kv_heads, head_dim=geo.head_dim,
+                                 prompt_len=PROMPT, new_tokens=NEW)
+    except ValueError as error:
+        return f"{spec.name} cannot quantize these shapes: {error}"
+    return None
+
+
 def peak_ratios(log=print) -> dict[str, float]:
     """Every quantized backend's peak over the unquantized one's, in this driver."""
     from kvcache_repro.backends.matrix import BACKENDS
@@ -98,13 +111,10 @@ def peak_ratios(log=print) -> dict[str, float]:
     none = run(BACKENDS["none"])
     out = {}
     for spec in BACKENDS.values():
-        if not spec.quantized or spec.broken:
+        if not spec.quantized:
             continue
-        try:
-            caches.check_quantizable(spec, SETTINGS, batch=ROWS, kv_heads=geometry().kv_heads,
-                                     head_dim=geometry().head_dim, prompt_len=PROMPT, new_tokens=NEW)
-        except ValueError as error:
-            log(f"{spec.name}: not measured ({error})")
+        if why := cannot_run(spec):
+            log(f"{spec.name}: not measured ({why})")
             continue
         out[spec.name] = run(spec) / none
         log(f"{spec.name}: peak {out[spec.name]:.4f} of none's")

@@ -303,6 +303,19 @@ def _speed_measured_ahead() -> dict:
         return json.load(fh)
 
 
+@pytest.fixture(autouse=True)
+def _no_dispatch_mode_outlives_a_test():
+    """A test that leaves a TorchDispatchMode on (a PeakTracker whose region raised) errors
+    here by name, and the mode is popped, so that it does not slow and wrap every later
+    test of the worker (it made the hqq long runs 6x slower after the OOM test)."""
+    yield
+    from kvcache_repro.measure import peak
+
+    if left := peak.pop_leftover_modes():
+        pytest.fail(f"the test left {', '.join(left)} active as a torch dispatch mode (a measured region that "
+                    "raised without ending it); popped so that later tests run outside it", pytrace=False)
+
+
 @pytest.fixture
 def claim_verdict(request):
     """``claim_verdict(result)``: record a claims.ClaimResult for the claims table, then

@@ -92,6 +92,12 @@ class CpuProbe:
         self._tracker.__enter__()
         return self._resident
 
+    def abandon(self) -> None:
+        """Ends the region without a result (generate raised). The tracker is a dispatch
+        mode: left on, it saw every later op of the process - the hqq long runs after the
+        OOM test took 8 s of CPU instead of 1.3, and every later peak was nested in it."""
+        self._tracker.__exit__(None, None, None)
+
     def stop(self) -> dict[str, int]:
         self._tracker.__exit__(None, None, None)
         rss_peak = _proc_status_kib("VmHWM") * 1024
@@ -114,6 +120,9 @@ class CudaProbe:
         self._retries_before = _allocator_stats(self.index)
         self._nvml_before = self._nvml()
         return torch.cuda.memory_allocated(self.index)
+
+    def abandon(self) -> None:
+        """Nothing to undo: the CUDA counters are read, not installed."""
 
     def stop(self) -> dict[str, int]:
         torch.cuda.synchronize(self.index)
@@ -237,8 +246,12 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
     weights = list(model.parameters()) + list(model.buffers())
     before = probe.start(weights + [ids, mask])
     t0 = time.perf_counter()
-    run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask,
-                              keep_scores=False)
+    try:
+        run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask,
+                                  keep_scores=False)
+    except BaseException:  # OOM, an interrupt: the caller records it; the probe must not outlive the run
+        probe.abandon()
+        raise
     seconds = time.perf_counter() - t0
     metrics = probe.stop()
     held = accounting.cache_bytes(run.cache)

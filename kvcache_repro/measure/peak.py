@@ -113,3 +113,15 @@ def _tensors(values):
             for x in v:
                 if isinstance(x, torch.Tensor):
                     yield x
+
+
+def pop_leftover_modes() -> list[str]:
+    """Pops every TorchDispatchMode still active between tests and names them. A tracker
+    left on (a region that raised without ending it) sees every later op of the process:
+    later runs get several times slower and every later peak is measured inside it."""
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode
+
+    left = [type(mode).__name__ for mode in _get_current_dispatch_mode_stack()]
+    for _ in left:
+        _pop_mode()
+    return left

@@ -20,10 +20,14 @@ def ratio(name, value, blocks):
 
 @pytest.mark.parametrize("hqq_blocks, quanto_blocks, verdict", [
     ((1.70, 1.75), (1.40, 1.45), claims.HOLDS),
-    ((1.40, 1.50), (1.45, 1.55), claims.UNDECIDED),  # overlapping blocks: inside the spread
+    ((1.40, 1.60), (1.45, 1.50), claims.UNDECIDED),  # faster in one block, slower in the other: inside the spread
     ((1.20, 1.25), (1.40, 1.45), claims.FAILS),
+    # a run on a 2-core EPYC (18 rounds): the blocks' ranges overlap, yet hqq4 is slower in
+    # each block (1.267, 1.041 of quanto4); compared across blocks it was "not distinguishable"
+    ((1.498, 1.645), (1.183, 1.580), claims.HOLDS),
+    ((1.40, 1.50), (1.45, 1.55), claims.FAILS),  # faster in each block of the same rounds
 ])
-def test_hqq_slower_than_quanto_needs_a_margin(hqq_blocks, quanto_blocks, verdict):
+def test_hqq_slower_than_quanto_needs_the_same_answer_in_every_block(hqq_blocks, quanto_blocks, verdict):
     setup = speed.SPEED_SETUPS["tiny"]
     r = {"quanto4": ratio("quanto4", sum(quanto_blocks) / 2, quanto_blocks),
          "hqq4": ratio("hqq4", sum(hqq_blocks) / 2, hqq_blocks)}

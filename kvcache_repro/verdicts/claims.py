@@ -239,9 +239,10 @@ def hqq_slower_than_quanto(setup, ratios) -> ClaimResult:
     hqq, quanto = ratios["hqq4"], ratios["quanto4"]
     word = speed.compare(hqq, quanto)
     verdict = {speed.SLOWER: HOLDS, speed.FASTER: FAILS}.get(word, UNDECIDED)
-    gap = hqq.low - quanto.high if hqq.ratio >= quanto.ratio else quanto.low - hqq.high
+    per_block = ", ".join(f"{r:.3f}" for r in speed.paired(hqq, quanto))
     return ClaimResult("hqq_slower_than_quanto", setup.name, setup.describe(), _speed_numbers(ratios),
-                       f"lowest block of the slower minus highest of the faster = {gap:+.3f} (> 0 decides)",
+                       f"hqq4/quanto4 time in each block of the same rounds: {per_block} (all above 1, or all "
+                       "below, decides)",
                        verdict, {"hqq4": asdict(hqq), "quanto4": asdict(quanto)})
 
 

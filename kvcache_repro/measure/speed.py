@@ -74,7 +74,7 @@ def compare(a: SpeedRatio, b: SpeedRatio | None = None) -> str:
     rounds, so each side carried its own block's none as noise. On a second 2-core EPYC
     it called hqq4 vs quanto4 "not distinguishable" in 2 of 6 runs of the tiny setup at
     18 rounds (hqq4 blocks 1.498, 1.645 vs quanto4 1.183, 1.580), while block by block
-    hqq4 was slower in every block of all 6 (lowest 1.035)."""
+    hqq4 was slower in every block of all 5 runs whose blocks were kept (lowest 1.035)."""
     ratios = paired(a, b)
     if min(ratios) > 1.0:
         return SLOWER

@@ -8,6 +8,7 @@ against it; every built-in baseline file is byte-identical before and after.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import shutil
@@ -144,9 +145,7 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     before = _digests(root)
     # the directory's config is read once, in its child process, as the first run reads it;
     # the second run gets the same answer (a child importing transformers again: 7 s of CPU)
-    read, real_probe = [], checkpoints.probe
-    monkeypatch.setattr(checkpoints, "probe", lambda model, env=None: read[0] if read else read.append(
-        real_probe(model, env)) or read[0])
+    monkeypatch.setattr(checkpoints, "probe", functools.cache(checkpoints.probe))
     argv = ["--model", str(saved_model), "--device", "cpu", "--backends", "none,quanto4,hqq4", "--batch-sizes", "1,2",
             "--new-tokens", "24", "--q-group-size", "32", "--residual-length", "8", "--in-process"]
     assert experiment.main([*argv, "--output-dir", str(tmp_path / "a"), "--update-baselines"]) == 0

@@ -69,7 +69,7 @@ def test_malformed_spreads_are_rejected_with_the_fix(tmp_path, field, value):
     data = json.loads(path.read_text())
     data["entries"][e.key]["spread"][field] = value
     path.write_text(json.dumps(data))
-    with pytest.raises(BaselineError, match="kvcache_repro.measure.spread"):
+    with pytest.raises(BaselineError, match="kvcache_repro.runner.spread"):
         bl.load(path)
 
 
@@ -142,7 +142,7 @@ def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
 def test_each_path_runs_with_its_own_knobs_and_none_inherited(tmp_path, monkeypatch):
     """A knob left over in the caller's environment (CI exporting ATEN_CPU_CAPABILITY,
     say) must not leak into the "own" path, or the spread would measure one path twice."""
-    from kvcache_repro.measure import spread
+    from kvcache_repro.runner import spread
 
     seen = {}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro.runner import atomic
+from kvcache_repro.core import atomic
 from kvcache_repro.verdicts import baselines as bl
 from kvcache_repro.verdicts.baselines import BaselineError, Entry
 

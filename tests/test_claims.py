@@ -8,7 +8,9 @@ import json
 import pytest
 import torch
 
-from kvcache_repro.runner import accuracy_runs, scenarios
+from kvcache_repro.runner import accuracy_runs
+
+from kvcache_repro.measure import scenarios
 from kvcache_repro.verdicts import claims
 from kvcache_repro.measure import quality, speed
 from kvcache_repro.measure.memory import Measurement
@@ -123,27 +125,28 @@ def test_hqq_more_accurate_needs_kl_and_perplexity_to_agree(hqq, quanto, verdict
 
 
 def test_claims_from_xdist_workers_reach_the_table_in_a_fixed_order(tmp_path):
-    """conftest's worker -> controller path (pytest_sessionfinish, pytest_testnodedown,
+    """The plugin's worker -> controller path (pytest_sessionfinish, pytest_testnodedown,
     pytest_terminal_summary), without processes: each worker's claims arrive, none is
     lost, and the table reads in CLAIMS order whichever worker finished first."""
     import types
 
-    import conftest
+    from kvcache_repro.plugin import state, summary
 
     speed_claim = claims.ClaimResult("hqq_slower_than_quanto", "tiny", "s", "n", "m", claims.HOLDS, {"x": 1.5})
     memory_claim = claims.ClaimResult("saves_a_lot_at_200_prompts", "cpu-tiny", "s", "n", "m", claims.FAILS)
 
     def worker(results):
-        config = types.SimpleNamespace(workerinput={}, workeroutput={}, _kv_claims=results)
-        conftest.pytest_sessionfinish(types.SimpleNamespace(config=config))
+        config = types.SimpleNamespace(workerinput={}, workeroutput={}, stash=pytest.Stash())
+        config.stash[state.CLAIMS] = results
+        summary.pytest_sessionfinish(types.SimpleNamespace(config=config))
         return config.workeroutput
 
-    controller = types.SimpleNamespace(rootpath=tmp_path, getoption=lambda name: False)
+    controller = types.SimpleNamespace(rootpath=tmp_path, getoption=lambda name: False, stash=pytest.Stash())
     for output in (worker([speed_claim]), worker([memory_claim])):  # the speed worker finished first
-        conftest.pytest_testnodedown(types.SimpleNamespace(workeroutput=output, config=controller), None)
+        summary.pytest_testnodedown(types.SimpleNamespace(workeroutput=output, config=controller), None)
     lines = []
     reporter = types.SimpleNamespace(section=lambda title: lines.append(f"== {title}"), write_line=lines.append)
-    conftest.pytest_terminal_summary(reporter, 0, controller)
+    summary.pytest_terminal_summary(reporter, 0, controller)
     written = json.loads((tmp_path / "results" / "claims.json").read_text())
     assert [c["claim_id"] for c in written["claims"]] == ["saves_a_lot_at_200_prompts", "hqq_slower_than_quanto"]
     assert written["claims"][1]["data"] == {"x": 1.5}

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-ENTRIES = ["runner.experiment", "releases.compat", "gpu.device_run", "measure.spread", "verdicts.bands",
+ENTRIES = ["runner.experiment", "releases.compat", "gpu.device_run", "runner.spread", "verdicts.bands",
            "verdicts.release_baselines", "gpu.bundle", "backends.quanto_ext"]
 
 

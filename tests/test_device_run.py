@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from kvcache_repro.gpu import bundle, device_run
-from kvcache_repro.runner import experiment, scenarios
+from kvcache_repro.runner import experiment
+from kvcache_repro.measure import scenarios
 from kvcache_repro.measure import memory
 from kvcache_repro.backends import offline, quanto_unpack
 from kvcache_repro.backends.matrix import BACKENDS, QuantSettings

@@ -147,25 +147,25 @@ def test_importing_devices_imports_no_torch():
 def test_experiment_runs_leaves_a_workers_devices_alone(monkeypatch):
     """The fixture used to overwrite CUDA_VISIBLE_DEVICES with the worker's bare index
     (gw1 -> "1"), after CUDA was initialised and over a scheduler's assignment."""
-    import conftest
+    from kvcache_repro.plugin import kinds
 
     monkeypatch.setenv("PYTEST_XDIST_WORKER", "gw1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-4b1e3c2a-0000-5c6d-8e9f-0123456789ab")
-    fixture = getattr(conftest.experiment_runs, "_get_wrapped_function", lambda: conftest.experiment_runs)()
-    get = fixture(types.SimpleNamespace(config=types.SimpleNamespace()))
+    fixture = getattr(kinds.experiment_runs, "_get_wrapped_function", lambda: kinds.experiment_runs)()
+    get = fixture(types.SimpleNamespace(config=types.SimpleNamespace(stash=pytest.Stash())))
     assert callable(get)
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "MIG-4b1e3c2a-0000-5c6d-8e9f-0123456789ab"
 
 
 def test_the_report_header_of_an_xdist_controller_has_the_plan(monkeypatch):
-    import conftest
+    from kvcache_repro.plugin import options
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    config = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=2, tx=["popen", "popen"]))
+    config = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=2, tx=["popen", "popen"]), stash=pytest.Stash())
     assert "kvq: CUDA_VISIBLE_DEVICES per xdist worker (from CUDA_VISIBLE_DEVICES=2,3): gw0=2 gw1=3" in (
-        conftest.pytest_report_header(config))
-    one_process = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=None))
-    assert not any("per xdist worker" in line for line in conftest.pytest_report_header(one_process))
+        options.pytest_report_header(config))
+    one_process = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=None), stash=pytest.Stash())
+    assert not any("per xdist worker" in line for line in options.pytest_report_header(one_process))
 
 
 def run_gpu_extras(tmp_path, *args, rc=0, system="0"):

@@ -13,8 +13,10 @@ import pytest
 
 from kvcache_repro.backends import offline
 from kvcache_repro.gpu import device_run
-from kvcache_repro.runner import experiment, gpu_prediction, scenarios
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.runner import experiment, gpu_prediction
+from kvcache_repro.measure import scenarios
+from kvcache_repro.core import provenance
+from kvcache_repro.verdicts import baselines, paths
 
 PLANNED = [*device_run.PLAN, *(n + scenarios.DRY_SUFFIX for n in device_run.PLAN)]
 
@@ -25,7 +27,7 @@ def test_every_planned_scenario_has_predicted_entries_of_what_it_compares(name):
     by design): each planned scenario's file holds predicted entries for every quantized
     backend x batch x compared metric, each with its terms and limits."""
     scenario = scenarios.get(name)
-    stored = baselines.load(experiment.baseline_path(name))
+    stored = baselines.load(paths.baseline_path(name))
     want = {baselines.entry_key(b, n, m) for b in scenario.backends if b != "none"
             for n in scenario.batch_sizes for m in scenario.baseline_metrics}
     assert want <= set(stored.entries), sorted(want - set(stored.entries))
@@ -134,7 +136,7 @@ def test_a_card_s_measurement_gets_a_file_of_its_own_and_the_prediction_stays(tm
     shutil.copytree(baselines.BASELINE_DIR, root)
     monkeypatch.setattr(baselines, "BASELINE_DIR", root)
     predicted = (root / "gpu-tiny.json").read_bytes()
-    monkeypatch.setattr(experiment, "device_name", lambda device: "NVIDIA H200")
+    monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA H200")
     scenario = scenarios.get("gpu-tiny")
     ms = [Measurement("gpu-tiny", b, n, "cuda", 8, 64, 1.0, 100, {"peak_allocated": p * n, "cache_bytes": c * n}, c * n)
           for b, p, c in (("none", 1000, 400), ("quanto4", 990, 180), ("hqq4", 1500, 180)) for n in (1, 8)]
@@ -142,7 +144,7 @@ def test_a_card_s_measurement_gets_a_file_of_its_own_and_the_prediction_stays(tm
     experiment.update_baselines(scenario, ms, experiment.ratios(ms, scenario.baseline_metrics), run_failed=False)
     card = root / "gpu-tiny--NVIDIA-H200.json"
     assert card.exists() and (root / "gpu-tiny.json").read_bytes() == predicted
-    assert experiment.compared_path("gpu-tiny") == card
+    assert paths.compared_path("gpu-tiny") == card
     assert not baselines.is_predicted(baselines.load(card).entries["quanto4/b8/peak_allocated"])
-    monkeypatch.setattr(experiment, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
-    assert experiment.compared_path("gpu-tiny") == root / "gpu-tiny.json"
+    monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
+    assert paths.compared_path("gpu-tiny") == root / "gpu-tiny.json"

@@ -26,8 +26,10 @@ from pathlib import Path
 import pytest
 
 from kvcache_repro.verdicts import baselines
-from kvcache_repro.runner import experiment, limits, scenarios
+from kvcache_repro.runner import experiment, limits
+from kvcache_repro.measure import scenarios
 from kvcache_repro import faults
+from kvcache_repro.core import metrics
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.outcomes import RowFailure
 from kvcache_repro.runner.progress import Progress
@@ -84,7 +86,7 @@ def oom_fault(monkeypatch):
 
     monkeypatch.setattr(GenerationMixin, "generate", GenerationMixin.generate)
     monkeypatch.setenv(faults.OOM_BATCH_ENV, "200")
-    faults._patch("oom")
+    faults.apply("oom")
 
 
 def test_oom_at_the_large_batch_keeps_the_other_rows_and_names_what_was_not_compared(oom_fault):
@@ -96,7 +98,7 @@ def test_oom_at_the_large_batch_keeps_the_other_rows_and_names_what_was_not_comp
                for f in run.failures)
     unmeasured = {v.key for v in run.verdicts if v.status == "unmeasured"}
     assert unmeasured == {f"{b}/b200/{m}" for b in ("quanto4", "hqq4") for m in TINY.baseline_metrics
-                          if m not in experiment.REFERENCE_METRICS}  # none's own, not a quantized row's
+                          if m not in metrics.REFERENCE_METRICS}  # none's own, not a quantized row's
     assert not any(v.passed for v in run.verdicts if v.status == "unmeasured")
     assert all(v.passed for v in run.verdicts if v.key.split("/")[1] == "b1")  # the rest still compared
     from kvcache_repro.runner import report

@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_the_record_names_the_path_torch_takes_and_the_knobs_set():
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default", "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", "import json; from kvcache_repro.measure.machine import machine; "
+    out = subprocess.run([sys.executable, "-c", "import json; from kvcache_repro.core.provenance import machine; "
                           "print(json.dumps(machine()))"], env=env, capture_output=True, text=True, check=True)
     m = json.loads(out.stdout)
     assert m["torch_capability"] == "DEFAULT"

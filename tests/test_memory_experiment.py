@@ -32,7 +32,7 @@ SCENARIO_PARAMS = [
     pytest.param("seed", id="seed", marks=pytest.mark.gpu),
     pytest.param("seed-arch-short", id="seed-arch-short", marks=pytest.mark.gpu),
     pytest.param("seed-arch", id="seed-arch", marks=pytest.mark.gpu),
-    # your model: pytest -m gpu --kv-gpu-model ID_OR_PATH (conftest.USER_MODEL); skips without it
+    # your model: pytest -m gpu --kv-gpu-model ID_OR_PATH (plugin/kinds.py USER_MODEL); skips without it
     pytest.param("model", id="model", marks=pytest.mark.gpu),
 ]
 
@@ -132,7 +132,7 @@ def test_the_unquantized_reference_within_its_band(run):
     cpu-deep): every ratio divides by it, so a regression of the plain cache or of the
     model moves the ratios and the claims the flattering way and no ratio band says why.
     Fails under fault ``unquantized_copies`` (docs/faults.md)."""
-    from kvcache_repro.runner.experiment import REFERENCE_METRICS
+    from kvcache_repro.core.metrics import REFERENCE_METRICS
 
     if not REFERENCE_METRICS & set(run.scenario.baseline_metrics):
         pytest.skip(f"{run.scenario.name} stores no reference of its own (its ratios' bands only)")

@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from kvcache_repro.verdicts import baselines
-from kvcache_repro.runner import experiment, report, scenarios
+from kvcache_repro.verdicts import baselines, paths
+from kvcache_repro.runner import experiment, report
+from kvcache_repro.measure import scenarios
 from kvcache_repro.measure import memory
 from kvcache_repro.measure.memory import Measurement
 
@@ -58,7 +59,7 @@ def test_seed_scenario_is_the_seed_s_settings():
 
 def test_seed_baseline_holds_the_seed_s_published_ratios():
     """Reserved after generation in the seed: none 55.99, quanto 18.94, HQQ 29.34 GB."""
-    stored = baselines.load(experiment.baseline_path("seed"))
+    stored = baselines.load(paths.baseline_path("seed"))
     for backend, gb in (("quanto4", 18.94), ("hqq4", 29.34)):
         entry = stored.entries[baselines.entry_key(backend, 200, "reserved_after")]
         assert entry.ratio == pytest.approx(gb / 55.99, abs=5e-4)

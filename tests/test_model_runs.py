@@ -16,7 +16,8 @@ import shutil
 import pytest
 
 from kvcache_repro.backends import checkpoints
-from kvcache_repro.runner import experiment, scenarios
+from kvcache_repro.runner import experiment
+from kvcache_repro.measure import scenarios
 from kvcache_repro.verdicts import baselines
 
 ARGS = dict(device="cpu", device_name="cpu", backends=("none", "quanto4"), batch_sizes=(1, 2), new_tokens=24,
@@ -53,7 +54,7 @@ def test_the_worker_rebuilds_a_registered_model_scenario(monkeypatch):
 
     monkeypatch.delenv(scenarios.RUNTIME_ENV, raising=False)
     s = scenarios.register(_scenario())
-    code = ("import json, sys; from kvcache_repro.runner import scenarios; "
+    code = ("import json, sys; from kvcache_repro.measure import scenarios; "
             "print(json.dumps(scenarios.to_json(scenarios.get(sys.argv[1]))))")
     out = subprocess.run([sys.executable, "-c", code, s.name], capture_output=True, text=True, check=True,
                          cwd=experiment.ROOT).stdout

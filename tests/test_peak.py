@@ -95,7 +95,9 @@ def test_scenario_peaks_are_identical_in_any_order(experiment_runs):
     run, so test order (or what ran before in the process) cannot move a baseline ratio."""
     import random
 
-    from kvcache_repro.runner import experiment, scenarios
+    from kvcache_repro.runner import experiment
+
+    from kvcache_repro.measure import scenarios
     from kvcache_repro.measure import memory
 
     scenario = scenarios.get("cpu-tiny")

@@ -16,7 +16,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
 
-from kvcache_repro.backends import caches, quantizers
+from kvcache_repro.backends import caches
+
+from kvcache_repro.measure import quantizers
 from kvcache_repro.backends.matrix import BACKENDS, BackendSpec
 
 GROUP = 32

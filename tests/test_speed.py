@@ -12,6 +12,7 @@ import pytest
 from kvcache_repro.verdicts import baselines
 from kvcache_repro.backends import generation
 from kvcache_repro.measure import speed
+from kvcache_repro.verdicts import speed as speed_verdicts
 from kvcache_repro.backends.matrix import BACKENDS
 
 pytestmark = pytest.mark.benchmark
@@ -35,7 +36,7 @@ def test_speed_within_baseline_bands(speed_ratios, setup_name):
     (baselines/spread, docs/bands.md), so a band that holds on other machines catches no
     regression worth the name; the speed claims (interleaved blocks) still decide."""
     setup = speed.SPEED_SETUPS[setup_name]
-    verdicts = speed.verdicts(setup, speed_ratios(setup_name))
+    verdicts = speed_verdicts.verdicts(setup, speed_ratios(setup_name))
     failing = baselines.problems(verdicts)
     assert not failing, "\n".join(failing)
     if verdicts and all(v.status == "reported" for v in verdicts):
@@ -43,22 +44,22 @@ def test_speed_within_baseline_bands(speed_ratios, setup_name):
 
 
 def test_under_xdist_the_speed_the_tests_use_is_measured_ahead_and_handed_over(tmp_path, monkeypatch):
-    """conftest's controller hook measures, before any test is scheduled, exactly the speed
+    """The plugin's controller hook measures, before any test is scheduled, exactly the speed
     setups the collected tests use (not the slow one without --kv-run-slow), once; the
     worker's fixture reads it back as the same ratios."""
     import types
 
-    import conftest
+    from kvcache_repro.plugin import kinds
 
     fake = {"quanto4": speed.SpeedRatio("quanto4", 1.4, (1.38, 1.42), 6000.0, 6)}
     calls = []
     monkeypatch.setattr(speed, "measure_in_fresh_process", lambda setup: calls.append(setup.name) or fake)
-    monkeypatch.setenv(conftest.SPEED_FILE_ENV, str(tmp_path / "speed.json"))
-    config = types.SimpleNamespace(getoption=lambda name: False)
+    monkeypatch.setenv(kinds.SPEED_FILE_ENV, str(tmp_path / "speed.json"))
+    config = types.SimpleNamespace(getoption=lambda name: False, stash=pytest.Stash())
     ids = ["tests/test_speed.py::test_speed_within_baseline_bands[tiny]@speed",
            "tests/test_speed.py::test_speed_within_baseline_bands[real]@speed",
            "tests/test_models.py::test_a_copy_is_complete_or_absent"]
     for _ in range(2):  # one call per worker: measured once
-        conftest.pytest_xdist_node_collection_finished(types.SimpleNamespace(config=config), ids)
+        kinds.pytest_xdist_node_collection_finished(types.SimpleNamespace(config=config), ids)
     assert calls == ["tiny"]
-    assert speed.ratios_from_json(conftest._speed_measured_ahead()["tiny"]) == fake
+    assert speed.ratios_from_json(kinds.measured_ahead()["tiny"]) == fake

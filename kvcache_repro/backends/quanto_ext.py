@@ -39,7 +39,7 @@ when a lock file exists, to ask it which mechanism it uses).
 """
 from __future__ import annotations
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 
 import argparse
 import importlib.util

@@ -1,13 +1,17 @@
-"""The machine a number was measured on: its CPU and the code path torch, oneDNN and MKL
-take in this process. Recorded in baselines' produced_by and in results.json, so that a
-number says where it came from, and a band can name the machines its spread covers."""
+"""Where a number came from: the package versions it depends on, the device, the machine
+(its CPU and the code path torch, oneDNN and MKL take in this process). Recorded in
+baselines' produced_by and in results.json, so that a number says where it came from, and
+a band can name the machines its spread covers. The one place that reads them."""
 from __future__ import annotations
 
+import functools
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
-# What steers the kernels a CPU run takes (kvcache_repro/measure/spread.py varies them).
+# What steers the kernels a CPU run takes (kvcache_repro/runner/spread.py varies them).
 KNOBS = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "KVQ_TORCH_THREADS")
 
 
@@ -36,3 +40,26 @@ def machine() -> dict:
             "torch_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": torch.get_num_threads(),
             "env": {k: os.environ[k] for k in KNOBS if k in os.environ}}
+
+
+def package_versions() -> dict[str, str]:
+    """The versions a baseline depends on, recorded with it and compared for drift."""
+    from importlib.metadata import version
+
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "optimum-quanto": version("optimum-quanto"), "hqq": version("hqq")}
+
+
+@functools.lru_cache(maxsize=None)
+def device_name(device: str) -> str:
+    """The device's name for a baseline key; CUDA's read in a child process, so this one
+    holds no CUDA context (memory the workers' device would lose). CPU: "cpu" - every
+    compared CPU quantity is an exact byte count, the same on every CPU (peak.py)."""
+    if device != "cuda":
+        return "cpu"
+    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or "unknown CUDA device"

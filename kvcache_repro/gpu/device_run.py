@@ -30,7 +30,7 @@ builds and uses the real kernel instead. Either way every result says which.
 """
 from __future__ import annotations
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 
 import argparse
 import datetime
@@ -45,15 +45,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcache_repro.verdicts import baselines
-from kvcache_repro.runner import experiment, limits, scenarios
+from kvcache_repro.core import metrics, provenance
+from kvcache_repro.verdicts import baselines, paths
+from kvcache_repro.runner import experiment, limits
+from kvcache_repro.measure import scenarios
 from kvcache_repro.backends import quanto_unpack
 from kvcache_repro.measure import reserved
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.worker import NOTES_SEPARATOR
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAN = ("seed-arch-short", "seed-arch", "gpu-small", "gpu-tiny")  # the seed's claim first
+PLAN = scenarios.DEVICE_PLAN
 DEFAULT_BUDGET_S = 480.0  # the whole script: 8 minutes
 # Kept back for the pytest step (collection ~15-20 s, then checks over stored numbers).
 PYTEST_RESERVE_S = 60.0
@@ -268,9 +270,9 @@ def update_baselines(run: experiment.ExperimentRun, record: ScenarioRecord, out:
     notes = sorted({n for m in run.measurements for n in m.notes.split(NOTES_SEPARATOR) if n})
     if notes:
         produced_by["notes"] = notes
-    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), experiment.default_tolerance(run.scenario.device, r.metric),
+    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), metrics.default_tolerance(run.scenario.device, r.metric),
                                produced_by) for r in run.ratios]
-    target = out / "baselines" / experiment.recorded_path(run.scenario.name).relative_to(baselines.BASELINE_DIR)
+    target = out / "baselines" / paths.recorded_path(run.scenario.name).relative_to(baselines.BASELINE_DIR)
     return baselines.update(target, entries, run_failed=failed, scenario=run.scenario.name,
                             description=run.scenario.notes)
 
@@ -331,7 +333,7 @@ def summary_markdown(records: dict[str, ScenarioRecord], runs: dict[str, experim
         lines += expandable_lines(run, (expandable or {}).get(name, []))
     lines += ["", "## pytest -m gpu", "", pytest_result]
     claims_md = Path(environment.get("outdir", "")) / "claims.md"
-    if environment.get("outdir") and claims_md.exists():  # written by the pytest step (conftest)
+    if environment.get("outdir") and claims_md.exists():  # written by the pytest step (the plugin's summary)
         lines += ["", "## The seed's claims, decided on these rows", "", claims_md.read_text().strip()]
     return "\n".join(lines) + "\n"
 
@@ -394,7 +396,7 @@ def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
 def environment_info(dry_run: bool, budget: float, env: dict) -> dict:
     import torch
 
-    versions = experiment.package_versions()
+    versions = provenance.package_versions()
     return {"dry_run": dry_run, "budget_s": budget, "python": sys.version.split()[0], "executable": sys.executable,
             "platform": platform.platform(), "versions": versions,
             "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
@@ -421,7 +423,7 @@ def pytest_step(out: Path, clock: Clock, dry_run: bool, extra: list[str], log=pr
            f"--junitxml={out / 'pytest-gpu.xml'}", *extra]
     if dry_run:
         # No CUDA here: the gpu-marked memory tests check the dry measurements
-        # (conftest does not skip them when KVQ_STORED_RUNS holds a dry run).
+        # (the plugin does not skip them when KVQ_STORED_RUNS holds a dry run).
         # Their band test compares with the dry runs' predicted entries (baselines/NAME-dry.json,
         # runner/gpu_prediction.py): entries of the same kind as the GPU run's.
         cmd.append("tests/test_memory_experiment.py")

@@ -1,7 +1,7 @@
 """CUDA_VISIBLE_DEVICES for each pytest-xdist worker, chosen before CUDA initialises.
 
 The CUDA runtime reads CUDA_VISIBLE_DEVICES once, when the process first touches CUDA
-(``torch.cuda.is_available()``; ``import torch`` alone does not), so conftest.py calls
+(``torch.cuda.is_available()``; ``import torch`` alone does not), so the pytest plugin (kvcache_repro/plugin) calls
 apply_for_xdist_worker() when it is imported, before any hook or test can. An existing
 value (a scheduler's "2,3", GPU-/MIG- UUIDs) is split among the workers, never replaced
 by bare indices; with more workers than devices they share them (worker i takes i % n).

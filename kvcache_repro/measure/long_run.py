@@ -119,37 +119,3 @@ def peak_ratios(log=print) -> dict[str, float]:
         out[spec.name] = run(spec) / none
         log(f"{spec.name}: peak {out[spec.name]:.4f} of none's")
     return out
-
-
-def baseline_path():
-    from kvcache_repro.verdicts.baselines import BASELINE_DIR
-
-    return BASELINE_DIR / f"{NAME}.json"
-
-
-def record() -> list[str]:
-    import datetime
-
-    from kvcache_repro.measure.machine import machine
-    from kvcache_repro.runner.experiment import default_tolerance, package_versions
-    from kvcache_repro.verdicts import baselines
-
-    produced_by = {"versions": package_versions(), "machine": machine(), "device": "cpu",
-                   "date": datetime.date.today().isoformat(), "source": "python -m kvcache_repro.measure.long_run record",
-                   "settings": {"arch": ARCH, "rows": ROWS, "prompt": PROMPT, "new_tokens": NEW, "dtype": str(DTYPE),
-                                "q_group_size": SETTINGS.q_group_size, "residual_length": SETTINGS.residual_length}}
-    entries = [baselines.Entry(name, ROWS, "peak_allocated", round(ratio, 6), default_tolerance("cpu", "peak_allocated"),
-                               produced_by) for name, ratio in peak_ratios().items()]
-    return baselines.update(baseline_path(), entries, run_failed=False, scenario=NAME,
-                            description="peak live tensor bytes of the cache driven through the seed's 1,008 tokens "
-                                        "(fp16, G 128, R 64, dry-tiny geometry, 2 rows), over the unquantized cache's")
-
-
-if __name__ == "__main__":
-    if sys.argv[1:] != ["record"]:
-        sys.exit("usage: python -m kvcache_repro.measure.long_run record")
-    from kvcache_repro.measure import threads
-
-    threads.pin()
-    for line in record():
-        print(line)

@@ -74,6 +74,9 @@ class Scenario:
         return [SEED_PROMPTS[i % len(SEED_PROMPTS)] for i in range(batch)]
 
 
+# What ./kvq device-run measures on a CUDA box, in this order: the seed's claim first.
+DEVICE_PLAN = ("seed-arch-short", "seed-arch", "gpu-small", "gpu-tiny")
+
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     Scenario("seed", "cuda", "checkpoint", (1, 200), 1000, ("none", "quanto4", "hqq4"),
              QuantSettings(q_group_size=128, residual_length=64), "float16",

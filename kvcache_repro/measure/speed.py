@@ -264,42 +264,6 @@ def ratios_from_json(data: dict) -> dict[str, SpeedRatio]:
 RESULT_PREFIX = "KVQ-SPEED "
 
 
-def baseline_path(setup: SpeedSetup):
-    from kvcache_repro.verdicts.baselines import BASELINE_DIR
-
-    return BASELINE_DIR / f"speed-cpu-{setup.name}.json"
-
-
-def verdicts(setup: SpeedSetup, ratios: dict[str, SpeedRatio]):
-    from kvcache_repro.verdicts import baselines
-
-    stored = baselines.load(baseline_path(setup))
-    return [baselines.compare(stored, r.backend, setup.batch, "decode_time_ratio", r.ratio) for r in ratios.values()]
-
-
-def update_baselines(setup: SpeedSetup, ratios: dict[str, SpeedRatio], run_failed: bool) -> list[str]:
-    import datetime
-    import os
-
-    from kvcache_repro.verdicts import baselines
-    from kvcache_repro.runner.experiment import package_versions
-    from kvcache_repro.measure.machine import machine
-
-    produced_by = {"versions": package_versions(), "machine": machine(),
-                   "device": f"{os.cpu_count()}-core CPU", "date": datetime.date.today().isoformat(),
-                   "settings": {"batch": setup.batch, "prompt": setup.prompt, "new_tokens": setup.new_tokens,
-                                "q_group_size": setup.settings.q_group_size,
-                                "residual_length": setup.settings.residual_length, "rounds": setup.rounds,
-                                "timer": "thread CPU time, 1 thread, sum of per-step minima"},
-                   "source": "pytest --kv-update-baselines"}
-    entries = [baselines.Entry(r.backend, setup.batch, "decode_time_ratio", round(r.ratio, 3), band(r),
-                               {**produced_by, "blocks": [round(b, 3) for b in r.blocks]})
-               for r in ratios.values()]
-    return baselines.update(baseline_path(setup), entries, run_failed=run_failed, scenario=f"speed-cpu-{setup.name}",
-                            description="decode CPU time of each backend / none (sum over steps of the fastest "
-                                        "interleaved round)")
-
-
 def rows(setup: SpeedSetup, ratios: dict[str, SpeedRatio]) -> str:
     lines = [f"{'backend':>8} {'time/none':>9} {'blocks':>13} {'vs none':>20} {'tokens/CPU s':>12}"]
     for r in ratios.values():

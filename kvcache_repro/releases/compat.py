@@ -31,14 +31,14 @@ from pathlib import Path
 from packaging.version import Version
 
 # The prefixes the suite's messages start with; the classifier reads them back from junit.
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 KINDS = ("behaviour", "harness", "band", "unclassified")
 
-# Tests that compare a measurement with a stored baseline band (conftest.BAND_TESTS).
+# Tests that compare a measurement with a stored baseline band (plugin/summary.py BAND_TESTS).
 BAND_TESTS = ("test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
               "test_speed_within_baseline_bands")
 

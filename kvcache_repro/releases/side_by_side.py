@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOWER, FASTER, NOT_DISTINGUISHABLE = "slower", "faster", "not distinguishable"

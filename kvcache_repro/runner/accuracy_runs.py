@@ -87,7 +87,7 @@ class AccuracyTable:
 
     def update_baselines(self, run_failed: bool) -> list[str]:
         positions = self.setup.rows * self.setup.decode
-        from kvcache_repro.measure.machine import machine
+        from kvcache_repro.core.provenance import machine
 
         produced_by = {"versions": self.versions, "device": self.device, "machine": machine(),
                        "settings": {"protocol": self.setup.key(), "tokens_per_forward": self.step, "text": "pydoc_data.topics",
@@ -110,7 +110,7 @@ class AccuracyTable:
 
 
 def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
-    from kvcache_repro.runner.experiment import package_versions
+    from kvcache_repro.core.provenance import package_versions
 
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")

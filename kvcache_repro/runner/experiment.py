@@ -23,9 +23,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcache_repro import cli
-from kvcache_repro.verdicts import baselines
-from kvcache_repro.runner import limits, outcomes, scenarios
+from kvcache_repro.core import cli
+from kvcache_repro.core.provenance import device_name, package_versions
+from kvcache_repro.core.metrics import LARGE_BATCH_ONLY, REFERENCE_METRICS, default_tolerance
+from kvcache_repro.verdicts import baselines, paths
+from kvcache_repro.runner import limits, outcomes
+from kvcache_repro.measure import scenarios
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.outcomes import RowFailure
 from kvcache_repro.runner.progress import Progress
@@ -34,26 +37,7 @@ from kvcache_repro.runner.worker import FAILED_PREFIX, RESULT_PREFIX
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Bands written with new baseline entries. cache_bytes is exact (the ratio of two
-# analytic byte counts), and so is peak_allocated on CPU (peak.py: identical bytes in
-# repeated runs and at 1 or 2 threads, tests/test_peak.py): 0.1% there is room for
-# rounding of the stored ratio, not for noise. On CUDA the peaks carry the allocator's
-# block rounding and kernel choices.
-DEFAULT_TOLERANCE = {"cache_bytes": 0.001, "peak_rss_growth": 0.15, "reserved_after": 0.05,
-                     "peak_reserved": 0.05, "peak_allocated": 0.05}
-EXACT_ON_CPU = frozenset({"cache_bytes", "peak_allocated", "reference_peak_mib"})
-DEFAULT_TOLERANCE["reference_peak_mib"] = 0.05  # off CPU only (an allocator's rounding); exact bytes on CPU
-
-# The unquantized reference itself, not a ratio: every ratio divides by none's peak, so a
-# regression of the plain cache or of the model (both sides alike) moves no ratio the way
-# it moves the claims. Stored as none's peak allocated in MiB (exact bytes on CPU, to 4
-# decimals: 105 bytes) for the scenarios that list it among their baseline metrics.
-REFERENCE_METRICS = frozenset({"reference_peak_mib"})
 MIB = 2**20
-
-
-def default_tolerance(device: str, metric: str) -> float:
-    return DEFAULT_TOLERANCE["cache_bytes"] if device == "cpu" and metric in EXACT_ON_CPU else DEFAULT_TOLERANCE[metric]
 
 
 class RunFailed(RuntimeError):
@@ -259,7 +243,6 @@ class Ratio:
 
 # Peak RSS growth at batch 1 is a few MiB of allocator noise (measured 8-10 MiB on the
 # cpu scenario, ratios 1.08-1.21): only the large batch's ratio is worth a baseline.
-LARGE_BATCH_ONLY = frozenset({"peak_rss_growth"})
 
 
 def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ratio]:
@@ -285,50 +268,8 @@ def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ra
     return out
 
 
-def baseline_path(scenario: str) -> Path:
-    """baselines/<name>.json; a user's model: baselines/models/<name>.json, named by a
-    digest of what its numbers depend on (scenarios.model_scenario)."""
-    try:
-        stored_as = scenarios.get(scenario).baseline_name or scenario
-    except scenarios.SelectionError:  # a name no scenario has: its (absent) file says "missing"
-        stored_as = scenario
-    return baselines.BASELINE_DIR / f"{stored_as}.json"
-
-
-def card_path(scenario: str, card: str) -> Path:
-    """A built-in CUDA scenario's baselines measured on one kind of card:
-    baselines/<name>--<card>.json. Its own file holds the CPU's prediction (or, for seed,
-    the seed's figures), which no card's measurement overwrites."""
-    import re
-
-    return baselines.BASELINE_DIR / f"{scenario}--{re.sub(r'[^A-Za-z0-9.]+', '-', card).strip('-')}.json"
-
-
-def _per_card(scenario: str) -> bool:
-    try:
-        s = scenarios.get(scenario)
-    except scenarios.SelectionError:
-        return False
-    return s.device == "cuda" and s.baseline_key is None  # a --model file is keyed by its device already
-
-
-def compared_path(scenario: str) -> Path:
-    """The file a run compares with: on CUDA the one measured on this kind of card when
-    there is one, else the scenario's own (the prediction)."""
-    if _per_card(scenario):
-        path = card_path(scenario, device_name("cuda"))
-        if path.exists():
-            return path
-    return baseline_path(scenario)
-
-
-def recorded_path(scenario: str) -> Path:
-    """The file an update writes: on CUDA the card's own (card_path)."""
-    return card_path(scenario, device_name("cuda")) if _per_card(scenario) else baseline_path(scenario)
-
-
 def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[baselines.Verdict]:
-    stored = baselines.load(compared_path(scenario))
+    stored = baselines.load(paths.compared_path(scenario))
     return [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
 
 
@@ -339,7 +280,7 @@ def unmeasured_verdicts(scenario: scenarios.Scenario, measurements: list[Measure
     unquantized reference is missing (a ratio needs both)."""
     if not scenario.baseline_metrics:
         return []
-    stored = baselines.load(compared_path(scenario.name))
+    stored = baselines.load(paths.compared_path(scenario.name))
     have = {(m.backend, m.batch) for m in measurements}
     large = max(scenario.batch_sizes)
     out = []
@@ -356,17 +297,6 @@ def unmeasured_verdicts(scenario: scenarios.Scenario, measurements: list[Measure
     return out
 
 
-def package_versions() -> dict[str, str]:
-    """The versions a baseline depends on, recorded with it and compared for drift."""
-    from importlib.metadata import version
-
-    import torch
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "optimum-quanto": version("optimum-quanto"), "hqq": version("hqq")}
-
-
 def provenance(scenario: scenarios.Scenario, measurements: list[Measurement]) -> dict:
     import platform
 
@@ -374,7 +304,7 @@ def provenance(scenario: scenarios.Scenario, measurements: list[Measurement]) ->
 
     device = (torch.cuda.get_device_name(0) if scenario.device == "cuda"
               else f"{os.cpu_count()}-core CPU ({platform.machine()})")
-    from kvcache_repro.measure.machine import machine
+    from kvcache_repro.core.provenance import machine
 
     return {
         "versions": package_versions(),
@@ -397,14 +327,14 @@ def update_baselines(scenario: scenarios.Scenario, measurements: list[Measuremen
     ``only_missing``: only those with no stored entry, every stored one left as it is."""
     produced_by = provenance(scenario, measurements)
     if only_missing:
-        stored = baselines.load(recorded_path(scenario.name)).entries
+        stored = baselines.load(paths.recorded_path(scenario.name)).entries
         found = [r for r in found if baselines.entry_key(r.backend, r.batch, r.metric) not in stored]
         if not found:
             return []
     entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4),
                                default_tolerance(scenario.device, r.metric), produced_by)
                for r in found]
-    path = recorded_path(scenario.name)
+    path = paths.recorded_path(scenario.name)
     path.parent.mkdir(parents=True, exist_ok=True)  # baselines/models/ for a user's first model
     return baselines.update(path, entries, run_failed=run_failed, scenario=scenario.name, description=scenario.notes,
                             reset_tolerance=reset_tolerance, key=scenario.baseline_key)
@@ -593,18 +523,6 @@ def model_scenario(args, cuda_available: bool | None = None) -> scenarios.Scenar
     return scenarios.register(scenario)
 
 
-@functools.lru_cache(maxsize=None)
-def device_name(device: str) -> str:
-    """The device's name for a baseline key; CUDA's read in a child process, so this one
-    holds no CUDA context (memory the workers' device would lose). CPU: "cpu" - every
-    compared CPU quantity is an exact byte count, the same on every CPU (peak.py)."""
-    if device != "cuda":
-        return "cpu"
-    proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
-                          capture_output=True, text=True)
-    return proc.stdout.strip() or "unknown CUDA device"
-
-
 def seed_checkpoint_problem(checkpoint: str) -> str:
     """Why ``checkpoint`` cannot stand in for the seed's model ("" when it can)."""
     from kvcache_repro.backends import checkpoints
@@ -691,7 +609,7 @@ def main(argv=None) -> int:
     print()
     print(report.table(scenario, run.measurements, run.ratios, run.verdicts, run.failures))
     if scenario.arch == "seed-geometry":
-        from kvcache_repro.runner import prediction
+        from kvcache_repro.measure import prediction
 
         print("\n".join(["", *prediction.lines(scenario, run.measurements)]))
     for path in report.write_outputs(out_dir, scenario, run.measurements, run.ratios, run.verdicts, run.failures):

@@ -51,9 +51,9 @@ from dataclasses import dataclass, replace
 
 from pathlib import Path
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 from kvcache_repro.backends.offline import NARROW_SUFFIX  # offline.py is torch-free at import
-from kvcache_repro.runner import scenarios
+from kvcache_repro.measure import scenarios
 from kvcache_repro.verdicts import baselines
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,9 +83,8 @@ LIMITS = [
 
 def plan_targets() -> list[scenarios.Scenario]:
     """Every scenario ./kvq device-run plans, and each one's dry run."""
-    from kvcache_repro.gpu.device_run import PLAN
-
-    return [scenarios.get(n) for n in PLAN] + [scenarios.get(n + scenarios.DRY_SUFFIX) for n in PLAN]
+    plan = scenarios.DEVICE_PLAN
+    return [scenarios.get(n) for n in plan] + [scenarios.get(n + scenarios.DRY_SUFFIX) for n in plan]
 
 
 def architecture(target: scenarios.Scenario) -> str:
@@ -284,8 +283,8 @@ def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[basel
 
 
 def provenance(target: scenarios.Scenario, proxies) -> dict:
-    from kvcache_repro.measure.machine import machine
-    from kvcache_repro.runner.experiment import package_versions
+    from kvcache_repro.core.provenance import machine
+    from kvcache_repro.core.provenance import package_versions
 
     return {"kind": KIND, "source": COMMAND, "date": datetime.date.today().isoformat(),
             "device": ("predicted for a CUDA device from CPU proxies" if target.device == "cuda"

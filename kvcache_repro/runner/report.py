@@ -15,7 +15,7 @@ from pathlib import Path
 
 from kvcache_repro.measure import reserved
 from kvcache_repro.measure.memory import Measurement
-from kvcache_repro.runner.scenarios import command_args
+from kvcache_repro.measure.scenarios import command_args
 
 MIB = 2**20
 
@@ -100,10 +100,10 @@ def table(scenario, measurements, found, verdicts, failures=(), missing=()) -> s
 def write_outputs(directory: Path, scenario, measurements, found, verdicts, failures=(), missing=()) -> list[Path]:
     """results.json, results.md, memory.png; each written to a temp file and renamed, so
     an interrupt never leaves half a file."""
-    from kvcache_repro.runner.atomic import write_atomic
+    from kvcache_repro.core.atomic import write_atomic
 
     directory.mkdir(parents=True, exist_ok=True)
-    from kvcache_repro.measure.machine import machine
+    from kvcache_repro.core.provenance import machine
 
     # The running machine's CPU and code path: a verdict read elsewhere says where it was measured.
     data = {"scenario": scenario.name, "notes": scenario.notes, "machine": machine(),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kvcache_repro.runner.atomic import write_atomic
+from kvcache_repro.core.atomic import write_atomic
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.outcomes import RowFailure
 

@@ -2,7 +2,7 @@
 
 `./kvq test` runs two xdist workers; the session-wide measurements (a memory scenario, an
 accuracy table) are cached per process, and their tests are grouped to one worker
-(conftest.SHARED_FIXTURE_GROUPS) - but xdist's loadgroup scheduling still sent a test of
+(each measured kind's xdist_group, plugin/kinds.py) - but xdist's loadgroup scheduling still sent a test of
 the accuracy group to the other worker, which then computed the 55 s table a second
 time (measured 2026-12-02: two 55-57 s setups of ``table``), and cpu-deep's scenario ran
 in two workers (80 s and 44 s). Here the first worker to ask computes under a file lock

@@ -7,10 +7,10 @@ choice: torch's own vector code (``ATEN_CPU_CAPABILITY=default|avx2|avx512``), o
 (``ONEDNN_MAX_CPU_ISA``), MKL's (``MKL_ENABLE_INSTRUCTIONS``), and the thread count
 (``KVQ_TORCH_THREADS``: reductions split differently). ``PATHS`` lists those measured.
 
-    python -m kvcache_repro.measure.spread measure OUT.json      # this process's path, one file
-    python -m kvcache_repro.measure.spread run DIR [--paths ...] # each path in a fresh process, one after
+    python -m kvcache_repro.runner.spread measure OUT.json      # this process's path, one file
+    python -m kvcache_repro.runner.spread run DIR [--paths ...] # each path in a fresh process, one after
                                                          # another (never two heavy runs at once)
-    python -m kvcache_repro.measure.spread table DIR ...         # per quantity: min, max, which knobs move it
+    python -m kvcache_repro.runner.spread table DIR ...         # per quantity: min, max, which knobs move it
 
 What is measured (the quantities the suite stores or asserts with a numeric margin): the
 `core` accuracy table (KL, top-1, perplexity ratio per backend; the reference
@@ -19,7 +19,7 @@ the tiny speed setup's decode-time ratios.
 """
 from __future__ import annotations
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 
 import argparse
 import json
@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from kvcache_repro.measure.machine import KNOBS, machine
+from kvcache_repro.core.provenance import KNOBS, machine
 
 # The paths measured: the knobs (machine.KNOBS) each sets. "own": nothing set (the machine's best path).
 PATHS: dict[str, dict[str, str]] = {
@@ -55,7 +55,8 @@ def _accuracy(setup: str = "core") -> dict[str, float]:
 
 
 def _memory() -> dict[str, float]:
-    from kvcache_repro.runner import experiment, scenarios
+    from kvcache_repro.runner import experiment
+    from kvcache_repro.measure import scenarios
 
     run = experiment.run_experiment(scenarios.get("cpu-tiny"), log=lambda line: None, in_process=True)
     out = {f"cpu-tiny/{r.backend}/b{r.batch}/{r.metric}": r.value for r in run.ratios}
@@ -82,7 +83,7 @@ DEFAULT_PARTS = ("accuracy", "memory", "speed")
 
 def measure(parts=DEFAULT_PARTS) -> dict:
     from kvcache_repro.measure import threads
-    from kvcache_repro.runner.experiment import package_versions
+    from kvcache_repro.core.provenance import package_versions
 
     threads.pin()
     values, seconds = {}, {}
@@ -105,7 +106,7 @@ def run_paths(out_dir: Path, paths: list[str], parts: list[str], timeout: float 
         target = out_dir / f"{name}.json"
         t0 = time.time()
         try:
-            rc = subprocess.call([sys.executable, "-m", "kvcache_repro.measure.spread", "measure", str(target),
+            rc = subprocess.call([sys.executable, "-m", "kvcache_repro.runner.spread", "measure", str(target),
                                   "--parts", *parts], env=env, timeout=timeout)
         except subprocess.TimeoutExpired:  # the child is killed; the paths before it are kept
             rc = f"killed after the {timeout:.0f} s limit"
@@ -130,9 +131,9 @@ def table(runs: dict[str, dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = cli.parser("python -m kvcache_repro.measure.spread", __doc__, [
+    p = cli.parser("python -m kvcache_repro.runner.spread", __doc__, [
         "./kvq spread baselines/spread/my-machine         # every path, one after another (~2.5 min each)",
-        "python -m kvcache_repro.measure.spread table baselines/spread/*/*.json"],
+        "python -m kvcache_repro.runner.spread table baselines/spread/*/*.json"],
         "0 every path measured (or the table printed); 1 a path failed or hit its time limit (its file "
         "says so; the others are kept); 2 bad arguments")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -148,7 +149,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     if a.cmd == "measure":
         data = measure(a.parts)
-        from kvcache_repro.runner.atomic import write_atomic
+        from kvcache_repro.core.atomic import write_atomic
         a.out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(a.out, json.dumps(data, indent=1, sort_keys=True) + "\n")
         return 0

@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _terminate)
     from kvcache_repro import faults
-    from kvcache_repro.runner import scenarios  # torch-free: the hub setting below must precede transformers' import
+    from kvcache_repro.measure import scenarios  # torch-free: the hub setting below must precede transformers' import
 
     scenario = scenarios.get(args.scenario)
     if scenario.model != "checkpoint":

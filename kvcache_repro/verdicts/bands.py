@@ -1,4 +1,4 @@
-"""Bands cut from the spread between machines (kvcache_repro/measure/spread.py's runs), written
+"""Bands cut from the spread between machines (kvcache_repro/runner/spread.py's runs), written
 into the baseline entries with that spread, and what each band catches.
 
     python -m kvcache_repro.verdicts.bands apply RUN.json ... [--write]
@@ -13,7 +13,7 @@ compared (``banded`` false): a band that wide catches nothing.
 """
 from __future__ import annotations
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli, metrics
 
 import argparse
 import json
@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 
 from kvcache_repro.verdicts import baselines
-from kvcache_repro.runner.atomic import write_atomic
+from kvcache_repro.core.atomic import write_atomic
 
 # The paths one machine reaches are not every machine: the AVX512 machine of issue 17 moved
 # hqq2's perplexity ratio twice as far from this machine's value as ATen's default path
@@ -46,7 +46,6 @@ MARGIN = 2.0
 # - exact quantities (cache bytes, peak allocated on CPU): 0.1%, the stored ratio's rounding
 #   (the same bytes on every path measured).
 # - speed: speed.band's rule for one machine's run-to-run noise (35% of the overhead, >= 0.2).
-EXACT = frozenset({"cache_bytes", "peak_allocated", "reference_peak_mib"})  # exact bytes on CPU (peak.py)
 
 
 def floor(metric: str, value: float, positions: int) -> float:
@@ -56,7 +55,7 @@ def floor(metric: str, value: float, positions: int) -> float:
         return 0.03 * abs(value)
     if metric in ("perplexity_ratio", "reference_perplexity"):
         return 0.002 * abs(value)
-    if metric in EXACT:
+    if metric in metrics.EXACT_ON_CPU:
         return 0.001
     if metric == "decode_time_ratio":
         from kvcache_repro.measure.speed import OVERHEAD_SHARE, REPEATABILITY
@@ -141,7 +140,7 @@ def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float =
     # of the machine that recorded it (labelled by its produced_by).
     if entry.spread is not None:
         seen = dict(entry.spread.observed)
-    elif entry.metric in EXACT:
+    elif entry.metric in metrics.EXACT_ON_CPU:
         seen = {}  # the stored ratio is the recording's value rounded to 4 decimals, not another observation
     else:
         seen = {baselines.machine_label(entry.produced_by): entry.ratio}
@@ -149,7 +148,7 @@ def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float =
     lo, hi = min(seen.values()), max(seen.values())
     fl = float(f"{floor(entry.metric, (lo + hi) / 2, positions):.6g}")  # of the observations, not of what was stored
     centre, tol = baselines.band(seen, margin, fl)
-    banded = tol <= UNBANDED_SHARE * moved(entry.metric, centre) or entry.metric in EXACT
+    banded = tol <= UNBANDED_SHARE * moved(entry.metric, centre) or entry.metric in metrics.EXACT_ON_CPU
     if banded:
         note = f"catches {catches(entry.metric, centre, tol, positions)}; spread {lo:.6g}..{hi:.6g} on {len(seen)} runs"
     else:
@@ -166,7 +165,7 @@ def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float =
 
 def recording_machine(runs: dict[str, dict]) -> dict | None:
     """The machine of the runs on this machine's own path (no knob set): where the bands were cut."""
-    from kvcache_repro.measure.machine import cpu_model
+    from kvcache_repro.core.provenance import cpu_model
 
     here = cpu_model()
     return next((r["machine"] for r in runs.values()

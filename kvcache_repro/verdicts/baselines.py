@@ -26,30 +26,15 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-from kvcache_repro.runner.atomic import write_atomic
+from kvcache_repro.core import metrics
+from kvcache_repro.core.atomic import write_atomic
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
 
-# Memory metrics are ratios to the unquantized run; accuracy metrics are teacher-forced
-# against it (kl in nats/token, top-1 agreement, perplexity ratio); speed is the ratio of
-# decode times.
-MEMORY_METRICS = ("peak_reserved", "peak_allocated", "reserved_after", "peak_rss_growth", "cache_bytes",
-                  "reference_peak_mib")
-ACCURACY_METRICS = ("kl", "top1_agreement", "perplexity_ratio", "reference_perplexity")
-SPEED_METRICS = ("decode_time_ratio",)
-METRICS: tuple[str, ...] = MEMORY_METRICS + ACCURACY_METRICS + SPEED_METRICS
-
-# How a value above the band reads; top-1 agreement is the one metric where higher is better.
-_HIGHER_MEANS = {**{m: "uses more memory" for m in MEMORY_METRICS},
-                 "kl": "is less accurate", "perplexity_ratio": "is less accurate",
-                 "reference_perplexity": "predicts the text worse (the model itself, every cache alike)",
-                 "top1_agreement": "is more accurate", "decode_time_ratio": "is slower"}
-_LOWER_MEANS = {**{m: "uses less memory" for m in MEMORY_METRICS},
-                "kl": "is more accurate", "perplexity_ratio": "is more accurate",
-                "reference_perplexity": "predicts the text better (the model itself changed)",
-                "top1_agreement": "is less accurate", "decode_time_ratio": "is faster"}
-HIGHER_IS_BETTER = frozenset({"top1_agreement"})
-# The unquantized reference's own values are not ratios: what a message calls them.
-VALUE_WORDS = {"reference_peak_mib": "MiB (none's peak)", "reference_perplexity": "perplexity (the unquantized model's)"}
+# The metrics' table (names, what a move reads as, which is better): core/metrics.py.
+MEMORY_METRICS, ACCURACY_METRICS, SPEED_METRICS = (metrics.of_kind(k) for k in (metrics.MEMORY, metrics.ACCURACY,
+                                                                                   metrics.SPEED))
+METRICS: tuple[str, ...] = tuple(metrics.METRICS)
+HIGHER_IS_BETTER = metrics.HIGHER_IS_BETTER
 
 # Where every baseline file lives: baselines/ at the repository's top level.
 BASELINE_DIR = Path(__file__).resolve().parents[2] / "baselines"
@@ -150,7 +135,7 @@ def installed_versions() -> dict[str, str]:
 @dataclass(frozen=True)
 class Spread:
     """What an entry's band is cut from: the value measured on each machine and CPU code
-    path (``observed``: label -> value, kvcache_repro/measure/spread.py), and the rule that turns
+    path (``observed``: label -> value, kvcache_repro/runner/spread.py), and the rule that turns
     it into the band (``bands.band``): centre the middle of the observed range, half-width
     ``margin`` x half the range and never below ``floor``. ``banded`` False: the spread
     is so wide that a band would catch nothing; the value is reported, not compared
@@ -292,7 +277,7 @@ def _entry_from_json(path, key, raw) -> Entry:
     return entry
 
 
-SPREAD_FIX = ("re-measure the spread (`python -m kvcache_repro.measure.spread run DIR`) and rewrite the band from it "
+SPREAD_FIX = ("re-measure the spread (`python -m kvcache_repro.runner.spread run DIR`) and rewrite the band from it "
               "(`python -m kvcache_repro.verdicts.bands apply`), or restore the file from git")
 
 
@@ -467,7 +452,7 @@ class Verdict:
                       else f"stored {_num(self.stored)} +/- {_num(self.tolerance)}{basis}")
             return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
         cut = f" (band cut from {self.note})" if self.note else ""
-        what = VALUE_WORDS.get(self.key.rsplit("/", 1)[-1], "ratio")
+        what = metrics.METRICS[m].unit if (m := self.key.rsplit("/", 1)[-1]) in metrics.REFERENCE_METRICS else "ratio"
         head = (f"{self.key}: measured {what} {_num(self.measured)}, stored {_num(self.stored)} "
                 f"+/- {_num(self.tolerance)}{basis}{cut} in {self.source}")
         if self.status == "ok":
@@ -477,7 +462,8 @@ class Verdict:
                     f"stored spread in {self.source}")
         metric = self.key.rsplit("/", 1)[-1]
         above = self.measured > self.stored
-        says = (_HIGHER_MEANS if above else _LOWER_MEANS).get(metric, "differs")
+        says = ((metrics.METRICS[metric].above if above else metrics.METRICS[metric].below)
+                if metric in metrics.METRICS else "differs")
         if self.predicted:
             return (f"{head}: PREDICTION MISSED: this device {says} than the CPU predicted - the CPU model of its "
                     f"memory is wrong here, a finding (the prediction's terms and limits are in the entry's "
@@ -696,7 +682,7 @@ def merge_spread(old: Entry, new: Entry, keep_width: bool = True) -> tuple[float
     again from all of it and never comes out narrower than the stored one. A run on
     other package versions starts the observations anew (the old ones describe other
     code) but keeps the stored width: the spread between machines is re-measured with
-    `python -m kvcache_repro.measure.spread`, not guessed from one machine. ``keep_width`` False
+    `python -m kvcache_repro.runner.spread`, not guessed from one machine. ``keep_width`` False
     (--reset-tolerances): the band is what the observations give, the stored width aside."""
     same_versions = old.produced_by.get("versions") == new.produced_by.get("versions")
     observed = dict(old.spread.observed) if same_versions else {}

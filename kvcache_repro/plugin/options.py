@@ -1,0 +1,161 @@
+"""Command-line options that narrow the matrix, the validated selection, the checks made
+before any test (threads, quanto's build lock, a supported transformers), and the gates:
+gpu, slow, and backends the installed releases refuse."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from kvcache_repro.backends import matrix
+from kvcache_repro.plugin import state
+
+
+def pytest_addoption(parser):
+    group = parser.getgroup("kv-cache matrix")
+    group.addoption("--kv-models", default=None,
+                    help=f"comma-separated model families (default all: {','.join(matrix.FAMILIES)})")
+    group.addoption("--kv-backends", default=None,
+                    help=f"comma-separated backends (default all available: {','.join(matrix.BACKENDS)})")
+    group.addoption("--kv-batch-sizes", default=None,
+                    help="comma-separated batch sizes for the tiny-model tests (default "
+                         f"{','.join(map(str, matrix.DEFAULT_BATCH_SIZES))})")
+    group.addoption("--kv-gpu-model", default=None,
+                    help="your model (hub id or local directory) for the gpu-marked `model` scenario: the seed's "
+                         "protocol on it, baselines of its own in baselines/models/ (./kvq experiment --model)")
+    group.addoption("--kv-gpu-weights", default="native", choices=("native", "nf4"),
+                    help="with --kv-gpu-model: native (default) or nf4 weights (bitsandbytes)")
+    group.addoption("--kv-gpu-dtype", default="fp16", choices=("fp16", "bf16", "fp32"),
+                    help="with --kv-gpu-model: the compute dtype (default fp16, the seed's)")
+    group.addoption("--kv-gpu-new-tokens", default=1000, type=int,
+                    help="with --kv-gpu-model: new tokens per prompt (default 1000, the seed's)")
+    group.addoption("--kv-gpu-batch-sizes", default="1,200",
+                    help="with --kv-gpu-model: comma-separated batch sizes (default 1,200, the seed's)")
+    group.addoption("--kv-update-baselines", action="store_true",
+                    help="rewrite the baseline entries this run measured (refused for a failed run); "
+                         "stored bands are kept")
+    group.addoption("--kv-reset-tolerances", action="store_true",
+                    help="with --kv-update-baselines: write default bands even where an entry has one")
+    group.addoption("--kv-run-slow", action="store_true",
+                    help="run tests marked slow (the full CPU memory scenario ~9 min, the full accuracy table ~3 min)")
+
+
+def selection(config) -> tuple:
+    """(families, backends, batch sizes) as the options narrow them, validated once per
+    session; a bad value is a usage error naming the valid ones."""
+    if state.SELECTION not in config.stash:
+        from kvcache_repro.backends import caches
+
+        try:
+            config.stash[state.SELECTION] = (
+                matrix.select_families(config.getoption("--kv-models")),
+                matrix.select_backends(config.getoption("--kv-backends"), caches.available_backends()),
+                matrix.select_batch_sizes(config.getoption("--kv-batch-sizes")),
+            )
+        except matrix.SelectionError as error:
+            raise pytest.UsageError(str(error)) from None
+    return config.stash[state.SELECTION]
+
+
+def pytest_configure(config):
+    from kvcache_repro.backends import quanto_ext, quanto_unpack
+    from kvcache_repro.measure import threads
+    from kvcache_repro.verdicts import expectations
+
+    try:
+        threads.pin()
+    except ValueError as error:
+        raise pytest.UsageError(str(error)) from None
+    # ... and every torch subprocess a test starts (scripts, workers, pytest-in-pytest)
+    # computes with as many: unpinned, OpenMP took both cores beside the other xdist worker,
+    # and a 3-generate script of the tiny model took 47 s (test_device_run's closure test).
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads.configured()))
+    try:
+        # before any test: a stale build lock stops the session with its fix instead of
+        # hanging the first quanto test; a finished build is loaded without the lock
+        quanto_ext.prepare()
+    except quanto_ext.StaleLockError as error:
+        raise pytest.UsageError(str(error)) from None
+    config.stash[state.QUANTO_NOTE] = quanto_unpack.install_if_requested()  # opt-in, KVQ_QUANTO_PY_UNPACK=1
+    try:
+        expectations.current_range()
+    except expectations.UnsupportedVersion as error:
+        raise pytest.UsageError(str(error)) from None
+    selection(config)
+    if config.getoption("--kv-update-baselines") and state.xdist_controller(config):
+        raise pytest.UsageError("--kv-update-baselines needs every measurement and test outcome in one "
+                                "process: run it without xdist (add -n 0)")
+
+
+def pytest_report_header(config):
+    from kvcache_repro.gpu import devices
+    from kvcache_repro.plugin import DEVICE_NOTE
+
+    notes = [config.stash.get(state.QUANTO_NOTE, None), DEVICE_NOTE]
+    if state.xdist_controller(config):  # a worker's header is never printed: say what each one takes
+        workers = len(getattr(config.option, "tx", None) or ())  # xdist sets it to -n's popen specs
+        notes.append(devices.plan_note(workers, os.environ.get("CUDA_VISIBLE_DEVICES")))
+    return [note for note in notes if note]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks added here
+def pytest_runtest_setup(item):
+    """A test of a backend whose cache transformers refuses to build with the installed
+    quantizer release (caches.refused_backends: optimum-quanto 0.2.5 under 5.x) skips,
+    pointing at the one test that names the refusal as a [harness] finding."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    specs = [v if isinstance(v, matrix.BackendSpec) else matrix.BACKENDS.get(v) if isinstance(v, str) else None
+             for v in params.values()]
+    specs += [matrix.BACKENDS[name] for mark in item.iter_markers("needs_backends") for name in mark.args]
+    specs = [s for s in specs if s is not None and s.quantized]
+    if not specs:
+        return
+    from kvcache_repro.backends import caches
+
+    refused = caches.refused_backends()
+    for spec in specs:
+        if spec.backend in refused:
+            pytest.skip(f"{spec.name}: transformers refuses the installed {spec.backend} release "
+                        "(test_version_expectations.py::test_transformers_builds_a_cache_with_the_installed_quantizer)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the xdist_group marks added here into
+def pytest_collection_modifyitems(config, items):  # nodeid suffixes: after it, every test was its own group
+    import torch
+
+    from kvcache_repro.gpu import device_run
+    from kvcache_repro.plugin.kinds import KINDS
+
+    skip_slow = pytest.mark.skip(reason="slow (minutes): run with --kv-run-slow")
+    skip_gpu = pytest.mark.skip(reason="no CUDA device")
+    groups = {kind.fixture: kind.xdist_group for kind in KINDS}
+    # ./kvq device-run --dry-run: the gpu memory tests check its stored CPU measurements
+    stored_dry = device_run.stored_dry_run()
+    for item in items:
+        group = next((g for f, g in groups.items() if f in getattr(item, "fixturenames", ())), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+        if "slow" in item.keywords and not config.getoption("--kv-run-slow"):
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available() and not stored_dry:
+            item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if outcome.get_result().failed:
+        item.config.stash.setdefault(state.FAILED, set()).add(getattr(item, "originalname", item.name))
+
+
+@pytest.fixture(autouse=True)
+def _no_dispatch_mode_outlives_a_test():
+    """A test that leaves a TorchDispatchMode on (a PeakTracker whose region raised) errors
+    here by name, and the mode is popped, so that it does not slow and wrap every later
+    test of the worker (it made the hqq long runs 6x slower after the OOM test)."""
+    yield
+    from kvcache_repro.measure import peak
+
+    if left := peak.pop_leftover_modes():
+        pytest.fail(f"the test left {', '.join(left)} active as a torch dispatch mode (a measured region that "
+                    "raised without ending it); popped so that later tests run outside it", pytrace=False)

@@ -1,0 +1,21 @@
+"""The plugin's session state, in ``config.stash``: one key per thing a hook keeps."""
+from __future__ import annotations
+
+import pytest
+
+SELECTION = pytest.StashKey[tuple]()  # (families, backends, batch sizes), validated once
+RESULTS = pytest.StashKey[dict]()  # kind name -> {key: what that kind measured}
+CLAIMS = pytest.StashKey[list]()  # claims.ClaimResult recorded by claim_verdict
+FAILED = pytest.StashKey[set]()  # names of the tests that failed
+WORKER_REPORTS = pytest.StashKey[list]()  # xdist controller: each worker's report
+QUANTO_NOTE = pytest.StashKey[str]()
+SPEED_DIR = pytest.StashKey[str]()  # xdist controller: where the speed measured ahead is handed over
+SPEED_PREMEASURED = pytest.StashKey[bool]()
+
+
+def results(config, kind: str) -> dict:
+    return config.stash.setdefault(RESULTS, {}).setdefault(kind, {})
+
+
+def xdist_controller(config) -> bool:
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")

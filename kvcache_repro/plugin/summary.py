@@ -1,0 +1,124 @@
+"""The end-of-run summary: each measured kind's tables, drift against baselines recorded
+with other package versions, the seed's claims table (and its file), and the baseline
+update of --kv-update-baselines - all by looping over kinds.KINDS. Under xdist each
+worker builds its report where its data is and hands it to the controller, which prints."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+
+import pytest
+
+from kvcache_repro.plugin import state
+from kvcache_repro.plugin.kinds import KINDS
+
+# Tests that compare with stored baselines: their failure is what --kv-update-baselines
+# is for, so it does not block an update; any other failure does.
+BAND_TESTS = {"test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
+              "test_speed_within_baseline_bands"}
+
+
+@pytest.fixture
+def claim_verdict(request):
+    """``claim_verdict(result)``: record a claims.ClaimResult for the claims table, then
+    fail unless its verdict is the one expected on this setup."""
+
+    def check(result):
+        record_claim(request.config, result)
+        assert result.verdict == result.expected, result.message()
+
+    return check
+
+
+def record_claim(config, result) -> None:
+    """Keep a claims.ClaimResult for the claims table (claim_verdict does, and asserts)."""
+    config.stash.setdefault(state.CLAIMS, []).append(result)
+
+
+def session_report(config) -> dict:
+    """What this process measured, as text: sections of the summary and the claim results."""
+    from kvcache_repro.core import provenance
+    from kvcache_repro.verdicts import baselines
+
+    sections: dict[str, list[str]] = {}
+    drift = []  # (baseline file, verdicts) of everything compared this session
+    for kind in KINDS:
+        for key, result in state.results(config, kind.name).items():
+            sections.setdefault(kind.title, []).extend(kind.report(key, result))
+            drift.append(kind.compared(key, result))
+    versions = provenance.package_versions()
+    lines = [line for path, verdicts in drift for line in baselines.drift_lines(path, verdicts, versions)]
+    if lines:
+        sections["Drift against baselines recorded with other package versions"] = lines
+    return {"sections": sections, "claims": [asdict(r) for r in config.stash.get(state.CLAIMS, [])]}
+
+
+def pytest_sessionfinish(session):
+    config = session.config
+    if hasattr(config, "workerinput"):  # an xdist worker: the controller prints and writes
+        config.workeroutput["kvq_report"] = json.dumps(session_report(config), default=str)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: keep each worker's report for the terminal summary."""
+    text = getattr(node, "workeroutput", {}).get("kvq_report")
+    if text:
+        node.config.stash.setdefault(state.WORKER_REPORTS, []).append(json.loads(text))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """The tables of every kind this session measured (in every worker); the claims table
+    file; baseline updates."""
+    from kvcache_repro.verdicts import claims
+
+    reports = config.stash.get(state.WORKER_REPORTS, None) or [session_report(config)]
+    titles = list(dict.fromkeys(t for r in reports for t in r["sections"]))
+    for title in titles:
+        terminalreporter.section(title)
+        for r in reports:
+            for line in r["sections"].get(title, []):
+                terminalreporter.write_line(line)
+    claim_results = claims.in_table_order([claims.ClaimResult(**d) for r in reports for d in r["claims"]])
+    if claim_results:
+        _write_claims(terminalreporter, config, claims, claim_results)
+    if config.getoption("--kv-update-baselines"):
+        update_baselines(terminalreporter, config)
+
+
+def _write_claims(terminalreporter, config, claims, claim_results):
+    import datetime
+    import platform
+
+    import torch
+
+    from kvcache_repro.core import provenance
+    from kvcache_repro.gpu import device_run
+
+    terminalreporter.section("The seed's claims on this setup")
+    terminalreporter.write_line(claims.table(claim_results))
+    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
+              else f"{os.cpu_count()}-core CPU ({platform.machine()})")
+    produced = {"versions": provenance.package_versions(), "date": datetime.date.today().isoformat(), "device": device}
+    # ./kvq device-run's pytest step: beside its results (SUMMARY.md shows it), not in the checkout
+    out = claims.write(device_run.stored_runs_dir() or config.rootpath / "results", claim_results, produced)
+    terminalreporter.write_line(f"claims table written to {', '.join(str(p) for p in out)}")
+
+
+def update_baselines(terminalreporter, config):
+    """One process only (options.pytest_configure refuses --kv-update-baselines with xdist):
+    the measurements and every test's outcome are here. A band miss is what an update is
+    for; any other failure means the run is not trustworthy enough to become a baseline."""
+    failed = bool(config.stash.get(state.FAILED, set()) - BAND_TESTS)
+    reset = config.getoption("--kv-reset-tolerances")
+    for kind in KINDS:
+        for key, result in state.results(config, kind.name).items():
+            what = f"{kind.name} {'-'.join(map(str, key))}"
+            try:
+                lines = kind.update(key, result, failed, reset)
+            except ValueError as error:  # BaselineError: refused, the file is untouched
+                terminalreporter.write_line(f"baselines {what} NOT updated: {error}")
+                continue
+            for line in lines:
+                terminalreporter.write_line(f"baseline {what}: {line}")

@@ -15,4 +15,4 @@ nox.options.sessions = ["compat"]
 def compat(session: nox.Session) -> None:
     # the environments are cached per release by the runner itself (nox's one reusable
     # venv per session would reinstall transformers on every switch of release)
-    session.run("python", "-m", "kvcache_repro.releases.compat", *session.posargs)
+    session.run("python", "-m", "kvcache_repro", "compat", *session.posargs)

@@ -15,3 +15,9 @@ def parser(prog: str, doc: str, examples: list[str], exit_codes: str, **kwargs) 
               + "\nexit codes:\n" + textwrap.indent(textwrap.fill(" ".join(exit_codes.split()), 88, **wrap), "  "))
     return argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                    formatter_class=argparse.RawDescriptionHelpFormatter, **kwargs)
+
+
+class UsageError(Exception):
+    """Arguments argparse accepted that turn out not to fit together, or a name known only
+    once the libraries are imported (a scenario's device, a setup of speed.py): the command
+    line (kvcache_repro.commands) turns it into ``parser.error``: the usage, the message, exit 2."""

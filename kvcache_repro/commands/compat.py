@@ -1,0 +1,47 @@
+"""the version-sensitive tests against other releases, into compat/RESULTS.md (./kvq compat)"""
+from __future__ import annotations
+
+from kvcache_repro.commands import library_doc
+from kvcache_repro.core import cli
+
+LIBRARY = "releases/compat.py"
+
+
+def build_parser():
+    from kvcache_repro.releases import compat  # torch- and packaging-free at import: the groups --help lists
+
+    parser = cli.parser("./kvq compat", library_doc(LIBRARY), [
+        "./kvq compat 5.17.0 5.20.2                        # transformers releases",
+        "./kvq compat torch==2.14.1 hqq==0.2.7.post1       # other packages, the rest pinned",
+        "./kvq compat transformers==5.17.0,torch==2.11.0   # a combination",
+        "./kvq compat 'transformers @ file:///src/transformers'   # an unreleased build"],
+        "0 the runs were written (failures are rows of compat/RESULTS.md, not exit codes); 2 a spec "
+        "cannot be read (the message lists the forms)")
+    parser.add_argument("specs", nargs="*", metavar="SPEC",
+                        help="a transformers version, or PACKAGE==VERSION / 'PACKAGE @ file:///path' / a wheel, "
+                             "comma-joined for combinations (default: the pinned transformers)")
+    parser.add_argument("--full", action="store_true",
+                        help=f"the whole tier ({compat.MARKERS}), not only the version-sensitive groups")
+    parser.add_argument("--groups", default=None,
+                        help=f"comma-separated test files (default {','.join(compat.DEFAULT_GROUPS)}, plus per "
+                             f"swapped package: "
+                             + "; ".join(f"{k}: {','.join(v)}" for k, v in compat.PACKAGE_GROUPS.items()) + ")")
+    parser.add_argument("--probe", action="store_true",
+                        help="only probe each spec's behaviours (seconds; for bisection) into compat/probes/")
+    parser.add_argument("--report-only", action="store_true", help="only rewrite compat/RESULTS.md from compat/runs/")
+    parser.add_argument("--no-speed", action="store_true",
+                        help="skip the decode-time comparison with the pin (side by side, ~4 min a spec)")
+    return parser
+
+
+def run(args) -> int:
+    from kvcache_repro.releases import compat
+
+    return compat.command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``kvq-compat`` script of an installed suite (and nox -s compat)."""
+    from kvcache_repro import commands
+
+    return commands.call("compat", argv)

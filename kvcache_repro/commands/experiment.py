@@ -1,0 +1,105 @@
+"""the memory experiment on what this machine has, or on your model (./kvq experiment)"""
+from __future__ import annotations
+
+from kvcache_repro.commands import library_doc
+from kvcache_repro.core import cli
+
+LIBRARY = "runner/experiment.py"
+# --model's own options and their defaults: given without --model they are an error
+MODEL_DEFAULTS = {"device": None, "backends": None, "batch_sizes": None, "new_tokens": None, "dtype": None,
+                  "weights": "native", "q_group_size": 128, "residual_length": 64}
+
+
+def build_parser():
+    from kvcache_repro.measure import scenarios  # torch-free at import: the names --help lists
+
+    parser = cli.parser("./kvq experiment", library_doc(LIBRARY), [
+        "./kvq experiment                              # the scenario this machine can run (CPU: cpu)",
+        "./kvq experiment --resume                     # after an interruption: only the missing rows",
+        "./kvq experiment --scenario cpu-tiny --output-dir /tmp/tiny",
+        "./kvq experiment --scenario seed --checkpoint DIR   # a local copy of the seed's model (CUDA, NF4)",
+        "./kvq experiment --model DIR_OR_ID --backends none,quanto4,hqq4 --batch-sizes 1,8 --new-tokens 64",
+        "                                              # your model (CUDA if present, else CPU); its own baselines",
+        "./kvq experiment --update-baselines           # record this run as the baselines"],
+        "0 every verdict passed and every row was measured; 1 a verdict failed or a row was not "
+        "measured (out of memory, time limit, error: the table says which); 2 bad arguments, or "
+        "--resume of another setup; 3 a stale quanto build lock (the message names the fix); 128+N "
+        "killed by signal N (the rows measured so far are kept). Outputs: OUTPUT_DIR/rows.json (as rows "
+        "finish), results.json, results.md, memory.png")
+    parser.add_argument("--scenario", choices=list(scenarios.SCENARIOS), default=None,
+                        help="default: the one this machine can run (seed / gpu-small / cpu)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a local copy (or another hub id) of the seed's model for `--scenario seed`; a model of "
+                             "another architecture is refused (use --model)")
+    model = parser.add_argument_group(
+        "your own model (--model): the seed's protocol on any causal LM, baselines in baselines/models/ keyed by "
+        "model, dtype, weights, device and settings")
+    model.add_argument("--model", default=None, help="a hub id or a local directory (config, weights, tokenizer)")
+    model.add_argument("--device", choices=("cuda", "cpu"), default=MODEL_DEFAULTS["device"],
+                       help="default: cuda when present, else cpu")
+    model.add_argument("--backends", default=MODEL_DEFAULTS["backends"],
+                       help="comma-separated (default none,quanto4,hqq4)")
+    model.add_argument("--batch-sizes", default=MODEL_DEFAULTS["batch_sizes"],
+                       help="comma-separated (default: CUDA 1,200 as the seed; CPU 1,8)")
+    model.add_argument("--new-tokens", type=int, default=MODEL_DEFAULTS["new_tokens"],
+                       help="default: CUDA 1000 as the seed; CPU 64")
+    model.add_argument("--dtype", choices=tuple(scenarios.DTYPES), default=MODEL_DEFAULTS["dtype"],
+                       help="default: CUDA fp16; CPU fp32")
+    model.add_argument("--weights", choices=scenarios.WEIGHTS, default=MODEL_DEFAULTS["weights"],
+                       help="native (default) or nf4 (bitsandbytes, CUDA, as the seed)")
+    model.add_argument("--q-group-size", type=int, default=MODEL_DEFAULTS["q_group_size"],
+                       help="default 128 (the seed's)")
+    model.add_argument("--residual-length", type=int, default=MODEL_DEFAULTS["residual_length"],
+                       help="default 64 (the seed's)")
+    parser.add_argument("--reset-tolerances", action="store_true",
+                        help="with --update-baselines: write default bands even where an entry has one")
+    parser.add_argument("--update-baselines", action="store_true",
+                        help="rewrite the baseline entries this run measured (refused if a row failed)")
+    parser.add_argument("--record-missing-baselines", action="store_true",
+                        help="record only the entries with no stored value (a new scenario or metric); "
+                             "stored entries are left as they are")
+    parser.add_argument("--output-dir", default=None,
+                        help="write rows.json (as rows finish), results.json, results.md and memory.png here "
+                             "(default results/<scenario>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows an earlier, interrupted run of the same setup left in --output-dir "
+                             "and measure only the rest (failed rows are tried again)")
+    parser.add_argument("--worker-timeout", type=float, default=None,
+                        help="seconds one (backend, batch) worker may run (default: from the scenario, limits.py)")
+    parser.add_argument("--in-process", action="store_true",
+                        help="CPU scenarios: every row in this process, as pytest does (no fresh process per row)")
+    return parser
+
+
+def check(args) -> None:
+    """The combinations argparse cannot express (cli.UsageError names the one found)."""
+    if args.reset_tolerances and not args.update_baselines:
+        raise cli.UsageError("--reset-tolerances applies only with --update-baselines")
+    if args.update_baselines and args.record_missing_baselines:
+        raise cli.UsageError("--update-baselines already records missing entries; give one of the two")
+    if args.worker_timeout is not None and not args.worker_timeout > 0:
+        raise cli.UsageError("--worker-timeout: give a positive number of seconds")
+    if args.model and (args.scenario or args.checkpoint):
+        raise cli.UsageError("--model runs your model as a scenario of its own: drop --scenario/--checkpoint")
+    given = [f"--{name.replace('_', '-')}" for name, default in MODEL_DEFAULTS.items()
+             if getattr(args, name) != default]
+    if given and not args.model:
+        raise cli.UsageError(f"{', '.join(given)} apply with --model; the built-in scenarios have fixed settings, "
+                             f"which their baseline files belong to")
+    for name in ("new_tokens", "q_group_size", "residual_length"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise cli.UsageError(f"--{name.replace('_', '-')}: give a positive integer")
+
+
+def run(args) -> int:
+    check(args)
+    from kvcache_repro.runner import experiment
+
+    return experiment.command(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``kvq-experiment`` script of an installed suite."""
+    from kvcache_repro import commands
+
+    return commands.call("experiment", argv)

@@ -1,0 +1,30 @@
+"""per-release baseline values from experiment runs on other releases of one package"""
+from __future__ import annotations
+
+from kvcache_repro.commands import library_doc
+from kvcache_repro.core import cli
+
+LIBRARY = "verdicts/release_baselines.py"
+
+
+def build_parser():
+    from kvcache_repro.core.provenance import PACKAGES  # stdlib only at import
+
+    parser = cli.parser("python -m kvcache_repro release-baselines", library_doc(LIBRARY), [
+        "python -m kvcache_repro release-baselines cpu-tiny 5.0.0=DIR 5.17.0=DIR",
+        "python -m kvcache_repro release-baselines cpu-tiny --package torch 2.11.0=DIR --write"],
+        "0 done; 2 bad arguments; a run that is incomplete, or ranges that cannot be cut (the newest "
+        "releases differ from the pin and nothing newer was measured), stop with the reason")
+    parser.add_argument("scenario")
+    parser.add_argument("runs", nargs="+", metavar="RELEASE=DIR")
+    parser.add_argument("--write", action="store_true", help="store the ranges in baselines/SCENARIO.json")
+    parser.add_argument("--suite", default="?", help="the suite commit that measured (recorded in provenance)")
+    parser.add_argument("--package", default="transformers", choices=PACKAGES,
+                        help="whose releases RELEASE names (the others pinned; default transformers)")
+    return parser
+
+
+def run(args) -> int:
+    from kvcache_repro.verdicts import release_baselines
+
+    return release_baselines.command(args)

@@ -1,9 +1,9 @@
-"""The only module that knows transformers' quantized-cache API.
+"""The only module, with the backend kinds (kinds/), that knows transformers' quantized-cache API.
 
 Tests and experiments ask this module for a cache, for ``generate()`` keyword
 arguments, or for the storage a cache layer holds; they never import
 transformers' cache classes themselves. When a transformers release moves the API,
-this file is the one to change.
+this file (or a kind's module) is the one to change.
 """
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import transformers
-from transformers import DynamicCache
 
-from kvcache_repro.backends.matrix import BACKENDS, BackendSpec, QuantSettings  # noqa: F401  (QuantSettings re-exported)
+from kvcache_repro.backends.kinds import KINDS
+from kvcache_repro.backends.matrix import BACKENDS, BackendSpec, QuantSettings  # noqa: F401  (re-exported)
 
-# The seed's settings (FACTS.md): nbits 4, q_group_size 128, residual_length 64.
+# The seed's settings (docs/facts.md): nbits 4, q_group_size 128, residual_length 64.
 SEED_Q_GROUP_SIZE = 128
 SEED_RESIDUAL_LENGTH = 64
 
@@ -52,26 +51,13 @@ class LayerStorage:
 
 
 @functools.lru_cache(maxsize=None)
-def transformers_major() -> int:
-    return int(transformers.__version__.split(".")[0])
-
-
-@functools.lru_cache(maxsize=None)
 def available_backends() -> tuple[str, ...]:
-    """Backend names this transformers can build with the installed quantizers (fp8
-    exists from 5.21 on; a backend transformers refuses to build, refused_backends, is
-    left out and named by tests/test_version_expectations.py)."""
-    import transformers.cache_utils as cu
-
+    """Backend names this transformers can build with the installed quantizers: their
+    kind's layer class exists (fp8's from 5.21 on) and transformers does not refuse its
+    package (refused_backends; named by tests/test_version_expectations.py)."""
     refused = refused_backends()
-    names = []
-    for name, spec in BACKENDS.items():
-        if spec.backend == "fp8" and not hasattr(cu, "Fp8QuantizedLayer"):
-            continue
-        if spec.backend in refused:
-            continue
-        names.append(name)
-    return tuple(names)
+    return tuple(name for name, spec in BACKENDS.items()
+                 if spec.kind.layer_class() is not None and spec.backend not in refused)
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,7 +73,7 @@ def refused_backends() -> dict[str, str]:
                          num_attention_heads=2, num_key_value_heads=1)
     settings = QuantSettings(q_group_size=8, residual_length=4)
     out = {}
-    for spec in {s.backend: s for s in BACKENDS.values() if s.quantized and s.group_wise}.values():
+    for spec in {s.backend: s for s in BACKENDS.values() if s.kind.package}.values():
         try:
             build_cache(spec, config, settings)
         except ImportError as error:
@@ -95,24 +81,12 @@ def refused_backends() -> dict[str, str]:
     return out
 
 
-def _backend_kwargs(spec: BackendSpec, settings: QuantSettings) -> dict[str, Any]:
-    if not spec.group_wise:
-        return {}
-    return {
-        "nbits": spec.nbits,
-        "axis_key": spec.axis,
-        "axis_value": spec.axis,
-        "q_group_size": settings.q_group_size,
-        "residual_length": settings.residual_length,
-    }
-
-
 def cache_config(spec: BackendSpec, settings: QuantSettings) -> dict[str, Any]:
     """A new ``cache_config`` dict for ``generate()``. Always a fresh dict: some
     transformers releases pop keys out of the caller's dict (transformers #48700)."""
     if not spec.quantized:
         raise ValueError("the unquantized backend takes no cache_config")
-    return {"backend": spec.backend, **_backend_kwargs(spec, settings)}
+    return {"backend": spec.backend, **spec.kind.cache_kwargs(spec, settings)}
 
 
 def generate_kwargs(spec: BackendSpec, settings: QuantSettings) -> dict[str, Any]:
@@ -134,12 +108,7 @@ def build_cache(spec: BackendSpec, model_config, settings: QuantSettings):
     Inside ``recording_caches()`` every cache built is also appended to its list, so a
     caller can inspect the cache a helper used (diagnosis.py, teacher-forced path).
     """
-    if not spec.quantized:
-        cache = DynamicCache(config=model_config)
-    else:
-        from transformers import QuantizedCache
-
-        cache = QuantizedCache(spec.backend, model_config, **_backend_kwargs(spec, settings))
+    cache = spec.kind.build_cache(spec, model_config, settings)
     if _RECORDERS:
         _RECORDERS[-1].append(cache)
     return cache
@@ -193,32 +162,13 @@ def is_rejection(error: BaseException) -> bool:
 
 
 def layer_storage(layer) -> LayerStorage:
-    """The tensors one cache layer holds, whatever its class."""
-    from transformers import cache_utils as cu
-
-    def residual(t):
-        return t if isinstance(t, torch.Tensor) and t.numel() > 0 else None
-
-    if isinstance(layer, cu.QuantoQuantizedLayer):
-        backend = "quanto"
-    elif isinstance(layer, cu.HQQQuantizedLayer):
-        backend = "hqq"
-    elif hasattr(cu, "Fp8QuantizedLayer") and isinstance(layer, cu.Fp8QuantizedLayer):
-        # fp8 keeps ``keys``/``values`` only as empty placeholders; everything is quantized.
-        return LayerStorage("fp8", layer._quantized_keys, layer._quantized_values, None, None)
-    elif isinstance(layer, cu.DynamicLayer):  # after the quantized classes, which subclass it
-        return LayerStorage("none", None, None, residual(layer.keys), residual(layer.values))
-    else:
-        raise TypeError(f"no storage model for cache layer {type(layer).__name__}")
-    # getattr: 4.57 creates the quantized attributes only on the first update, and a
-    # model that never calls update() (RecurrentGemma on 4.57) leaves them unset.
-    return LayerStorage(
-        backend,
-        getattr(layer, "_quantized_keys", None),
-        getattr(layer, "_quantized_values", None),
-        residual(getattr(layer, "keys", None)),
-        residual(getattr(layer, "values", None)),
-    )
+    """The tensors one cache layer holds, as the kind whose layer class it is reads them
+    (quantized kinds first: their classes subclass DynamicLayer)."""
+    for kind in sorted(KINDS.values(), key=lambda k: k.quantized, reverse=True):
+        layer_class = kind.layer_class()
+        if layer_class is not None and isinstance(layer, layer_class):
+            return LayerStorage(kind.name, *kind.storage(layer))
+    raise TypeError(f"no storage model for cache layer {type(layer).__name__}")
 
 
 def update_layer(cache, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
@@ -289,42 +239,28 @@ def check_quantizable(
     prompt_len: int,
     new_tokens: int,
 ) -> None:
-    """Raise GroupSizeError/UnsupportedCombination if a run would fail inside the backend.
-
-    Rules, read from optimum-quanto 0.2.7 ``tensor/grouped.py`` and hqq 0.2.8
-    ``core/quantize.py`` + ``core/bitpack.py``:
-    - quanto axis 0: G divides H*S*D (one row per batch element); axis -1: G divides B*H*S.
-    - hqq: G divides B*H*S*D. With axis 1 the grouped tensor has B*H*S*D/G rows, and the
-      bit packer needs them to be a multiple of 8/nbits (else a shape error at dequantize).
-    - hqq 3-bit with axis 1 cannot dequantize at all (hqq trims rows as for a 2-D weight).
-    """
+    """Raise GroupSizeError/UnsupportedCombination if a run would fail inside the backend:
+    the kind says what q_group_size must divide (``grouped``), what it cannot pack
+    (``packing_problem``) and what cannot work at all (``broken``)."""
     if not spec.group_wise:
         return
     G = settings.q_group_size
     if spec.broken:
         raise UnsupportedCombination(spec.broken)
-    for seq in quantized_lengths(prompt_len, new_tokens, settings.residual_length):
+    lengths = quantized_lengths(prompt_len, new_tokens, settings.residual_length)
+    for seq in lengths:
         numel = batch * kv_heads * seq * head_dim
-        if spec.backend == "quanto":
-            per_group_dim = numel // batch if spec.axis == 0 else numel // head_dim
-            what = "H*S*D per batch row" if spec.axis == 0 else "B*H*S"
-        else:
-            per_group_dim, what = numel, "B*H*S*D"
+        per_group_dim, what = spec.kind.grouped(spec, numel, batch, head_dim)
         if per_group_dim % G:
             raise GroupSizeError(
                 f"{spec.name}: q_group_size {G} does not divide {what} = {per_group_dim} "
                 f"(batch {batch}, kv heads {kv_heads}, sequence {seq}, head_dim {head_dim}); "
-                f"the cache quantizes at lengths {quantized_lengths(prompt_len, new_tokens, settings.residual_length)}. "
+                f"the cache quantizes at lengths {lengths}. "
                 f"Pad the prompt to a length that makes it divisible or pick a q_group_size dividing it."
             )
-        if spec.backend == "hqq" and spec.axis == 1 and spec.nbits in (1, 2, 4):
-            rows, per_byte = numel // G, 8 // spec.nbits
-            if rows % per_byte:
-                raise GroupSizeError(
-                    f"{spec.name}: hqq packs {per_byte} groups per byte along axis 1 but the "
-                    f"tensor at sequence {seq} has {rows} groups (B*H*S*D/G); "
-                    f"choose a batch/prompt length making it a multiple of {per_byte}"
-                )
+        problem = spec.kind.packing_problem(spec, numel // G, seq)
+        if problem:
+            raise GroupSizeError(f"{spec.name}: {problem}")
 
 
 def quantize_once(spec: BackendSpec, settings: QuantSettings, tensor: torch.Tensor):
@@ -336,14 +272,7 @@ def quantize_once(spec: BackendSpec, settings: QuantSettings, tensor: torch.Tens
     """
     if not spec.quantized:
         raise ValueError("the unquantized backend has nothing to quantize")
-    from transformers import cache_utils as cu
-
-    layer_class = {"quanto": cu.QuantoQuantizedLayer, "hqq": cu.HQQQuantizedLayer}.get(spec.backend)
-    if layer_class is None:
-        layer_class = cu.Fp8QuantizedLayer
-        layer = layer_class()
-    else:
-        layer = layer_class(**{k: v for k, v in _backend_kwargs(spec, settings).items()})
+    layer = spec.kind.layer_class()(**spec.kind.cache_kwargs(spec, settings))
     layer.update(tensor, tensor.clone())
     qstate = layer._quantized_keys
     return qstate, layer._dequantize(qstate)

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable
 
+from kvcache_repro.backends.kinds import KINDS, BackendKind
+
 
 class SelectionError(ValueError):
     """A user asked for a matrix value that does not exist."""
@@ -16,11 +18,9 @@ class SelectionError(ValueError):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """One KV-cache configuration: a transformers backend, its bit width and axis.
-
-    ``backend`` is transformers' spelling (``"quanto"``, ``"hqq"``, ``"fp8"``) or
-    ``"none"`` for the unquantized DynamicCache.
-    """
+    """One KV-cache configuration: a backend kind (``backend``, transformers' spelling, or
+    ``"none"`` for the unquantized DynamicCache), its bit width and axis. What differs
+    between kinds, the kind says (kinds/)."""
 
     name: str
     backend: str
@@ -28,21 +28,22 @@ class BackendSpec:
     axis: int | None = None
 
     @property
+    def kind(self) -> BackendKind:
+        return KINDS[self.backend]
+
+    @property
     def quantized(self) -> bool:
-        return self.backend != "none"
+        return self.kind.quantized
 
     @property
     def broken(self) -> str | None:
-        """Why this combination cannot run at all, or None. The one place that says so."""
-        if self.backend == "hqq" and self.nbits == 3 and self.axis == 1:
-            return ("hqq 3-bit with axis 1 fails at the first dequantize (hqq/core/quantize.py trims "
-                    "rows as for a 2-D weight); use axis 0 or another nbits")
-        return None
+        """Why this combination cannot run at all, or None (its kind's ``broken``)."""
+        return self.kind.broken(self)
 
     @property
     def group_wise(self) -> bool:
         """quanto and hqq quantize in groups with a full-precision residual; fp8 does neither."""
-        return self.backend in ("quanto", "hqq")
+        return self.kind.group_wise
 
 
 @dataclass(frozen=True)
@@ -53,30 +54,21 @@ class QuantSettings:
     residual_length: int = 128
 
 
-# Which (nbits, axis) each backend accepts, from transformers 5.24's cache_utils.py
-# (QuantoQuantizedLayer / HQQQuantizedLayer constructors). quanto's axis -1 is left out of
-# the default matrix: it fails mid-generation on tiny configs (FACTS.md).
-QUANTO_NBITS = (2, 4)
-QUANTO_AXES = (0, -1)
-HQQ_NBITS = (1, 2, 3, 4, 8)
-HQQ_AXES = (0, 1)
-
-
 def _build_backends() -> dict[str, BackendSpec]:
-    specs = [BackendSpec("none", "none")]
-    specs += [BackendSpec(f"quanto{n}", "quanto", n, 0) for n in QUANTO_NBITS]
-    for axis in HQQ_AXES:
-        for n in HQQ_NBITS:
-            # axis 0 is transformers' default and the seed's setting: give it the short name.
-            name = f"hqq{n}" if axis == 0 else f"hqq{n}-axis1"
-            specs.append(BackendSpec(name, "hqq", n, axis))
-    specs.append(BackendSpec("fp8", "fp8"))
-    return {s.name: s for s in specs}
+    """Every kind's rows (its nbits x axes grid), in kinds.KINDS order."""
+    return {name: BackendSpec(name, kind.name, n, axis) for kind in KINDS.values() for name, n, axis in kind.rows()}
 
 
 BACKENDS: dict[str, BackendSpec] = _build_backends()
 
-# The seed's seven families (seed/000_*.txt, "Models support"), plus Mistral with its
+
+def rebuild() -> None:
+    """BACKENDS again, in place, after kinds.register/unregister."""
+    BACKENDS.clear()
+    BACKENDS.update(_build_backends())
+
+
+# The seed's seven families (docs/seed.md, "Models support"), plus Mistral with its
 # sliding window: transformers treats sliding-window models differently across versions.
 SEED_FAMILIES: tuple[str, ...] = (
     "llama", "gemma", "recurrentgemma", "stablelm", "dbrx", "cohere", "olmo",
@@ -95,11 +87,9 @@ def _split(raw: str | None) -> list[str]:
 
 def _explain_backend(value: str) -> str:
     """A hint for a near miss such as ``quanto8`` (quanto takes 2 or 4 bits)."""
-    lowered = value.lower()
-    for family, nbits in (("quanto", QUANTO_NBITS), ("hqq", HQQ_NBITS)):
-        if lowered.startswith(family):
-            allowed = " or ".join(str(n) for n in nbits)
-            return f" ({family} takes {allowed} bits)"
+    for kind in KINDS.values():
+        if kind.nbits and value.lower().startswith(kind.name):
+            return f" ({kind.name} takes {' or '.join(str(n) for n in kind.nbits)} bits)"
     return ""
 
 

@@ -31,7 +31,7 @@ def _tiny_config(family: str):
     if family == "llama":
         return tf.LlamaConfig(**common)
     if family == "gemma":
-        # Gemma needs head_dim explicit (FACTS.md) - already in TINY.
+        # Gemma needs head_dim explicit (docs/facts.md) - already in TINY.
         return tf.GemmaConfig(**common)
     if family == "stablelm":
         common.pop("head_dim")  # StableLM derives it from hidden/heads = 16
@@ -43,7 +43,7 @@ def _tiny_config(family: str):
         common.pop("head_dim")
         return tf.OlmoConfig(**common)
     if family == "dbrx":
-        # DBRX nests attention/FFN settings; attn_config needs rope_theta (FACTS.md).
+        # DBRX nests attention/FFN settings; attn_config needs rope_theta (docs/facts.md).
         return tf.DbrxConfig(
             vocab_size=TINY["vocab_size"], d_model=TINY["hidden_size"], n_heads=TINY["num_attention_heads"],
             n_layers=TINY["num_hidden_layers"], max_seq_len=TINY["max_position_embeddings"],

@@ -19,7 +19,7 @@ from __future__ import annotations
 # Architectures, as LlamaConfig keyword arguments.
 ARCHS: dict[str, dict] = {
     # The seed's model, gradientai/Llama-3-8B-Instruct-Gradient-1048k: Llama-3-8B's
-    # architecture (FACTS.md, "The GPU box"; Meta's Llama-3-8B config.json: hidden 4096,
+    # architecture (docs/facts.md, "The seed's model and settings"; Meta's Llama-3-8B config.json: hidden 4096,
     # 32 layers, 32 heads, 8 KV heads, head_dim 128, intermediate 14336, vocab 128256,
     # rope_theta 500000). The Gradient fine-tune raised rope_theta for its 1M context;
     # rope_theta changes no tensor shape, so memory is the same either way.
@@ -27,7 +27,7 @@ ARCHS: dict[str, dict] = {
                       head_dim=128, intermediate_size=14336, vocab_size=128256, rope_theta=500000.0,
                       max_position_embeddings=8192, rms_norm_eps=1e-5, tie_word_embeddings=False,
                       bos_token_id=128000, eos_token_id=128001),
-    # SmolLM2-135M-Instruct (FACTS.md, "A real trained model that loads offline": Llama
+    # SmolLM2-135M-Instruct (docs/facts.md, "The small real model": Llama
     # architecture, 30 layers, 9 heads, 3 KV heads, head_dim 64; hidden 576, intermediate
     # 1536, vocab 49152, tied embeddings - HuggingFaceTB/SmolLM2-135M-Instruct config.json).
     "smollm2-135m": dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,

@@ -2,39 +2,29 @@
 fresh subprocess; cache bytes, peak memory and ratios to the unquantized run are
 checked against the analytic model and the stored baselines.
 
-Scenarios: cpu-tiny (always, fast), cpu (slow: --kv-run-slow), gpu-tiny, gpu-small,
-seed-arch(-short), seed and your model (``--kv-gpu-model``) (gpu marker). On GPU, ``pytest -m gpu -n <gpus>`` gives each xdist worker its own
-device through CUDA_VISIBLE_DEVICES.
+Scenarios: those kvcache_repro/measure/scenarios.toml marks for it (slow ones with
+--kv-run-slow, CUDA ones and your model, ``--kv-gpu-model``, under the gpu marker). On GPU,
+``pytest -m gpu -n <gpus>`` gives each xdist worker its own device through CUDA_VISIBLE_DEVICES.
 """
 from __future__ import annotations
 
 import pytest
 
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.measure import scenarios
+from kvcache_repro.verdicts import comparison
 from kvcache_repro.runner import experiment
 
-SCENARIO_PARAMS = [
-    pytest.param("cpu-tiny", id="cpu-tiny"),
-    # the seed's dtype and bf16: the half-precision paths of the quantized layers, exact bytes
-    pytest.param("cpu-tiny-fp16", id="cpu-tiny-fp16"),
-    pytest.param("cpu-tiny-bf16", id="cpu-tiny-bf16"),
-    # cpu-tiny's layer x 16: the claims' other side ("saves a lot" holds) in the default tier
-    pytest.param("cpu-deep", id="cpu-deep"),
-    # Two dry runs of the device run's scenarios (tiny model, CPU, seconds): their entries are
-    # predicted as the GPU scenarios' are (runner/gpu_prediction.py), so the band test checks
-    # the prediction's scaling from its proxies, in exact bytes, on every run of the tier.
-    pytest.param("seed-arch-short-dry", id="seed-arch-short-dry"),
-    pytest.param("gpu-tiny-dry", id="gpu-tiny-dry"),
-    pytest.param("cpu", id="cpu", marks=pytest.mark.slow),
-    pytest.param("seed-geometry", id="seed-geometry", marks=pytest.mark.slow),
-    pytest.param("gpu-tiny", id="gpu-tiny", marks=pytest.mark.gpu),
-    pytest.param("gpu-small", id="gpu-small", marks=pytest.mark.gpu),
-    pytest.param("seed", id="seed", marks=pytest.mark.gpu),
-    pytest.param("seed-arch-short", id="seed-arch-short", marks=pytest.mark.gpu),
-    pytest.param("seed-arch", id="seed-arch", marks=pytest.mark.gpu),
+# The scenarios measure/scenarios.toml (or a KVQ_SCENARIOS file) tags "experiment": the default
+# tier, then the dry runs of those tagged "experiment-dry", in the device run's order (tiny
+# model, CPU, seconds: their entries are predicted as the GPU scenarios' are,
+# runner/gpu_prediction.py, so the band test checks the prediction's scaling from its
+# proxies, in exact bytes, on every run of the tier), then slow, then gpu.
+_DRY = sorted((n for n, _ in scenarios.for_tests("experiment-dry")), key=lambda n: (*scenarios.DEVICE_PLAN, n).index(n))
+_RUNS = scenarios.for_tests("experiment") + [(n + scenarios.DRY_SUFFIX, ()) for n in _DRY]
+SCENARIO_PARAMS = [pytest.param(n, id=n, marks=[getattr(pytest.mark, m) for m in ms])
+                   for n, ms in sorted(_RUNS, key=lambda run: ("gpu" in run[1], "slow" in run[1]))] + [
     # your model: pytest -m gpu --kv-gpu-model ID_OR_PATH (plugin/kinds.py USER_MODEL); skips without it
-    pytest.param("model", id="model", marks=pytest.mark.gpu),
-]
+    pytest.param("model", id="model", marks=pytest.mark.gpu)]
 
 # PyTorch's CUDA caching allocator reserves memory in blocks, not bytes (constants in
 # torch/include/c10/core/AllocatorConfig.h, and kLargeBuffer in
@@ -50,7 +40,7 @@ MIN_SAVING_VISIBLE_IN_RESERVED = 256 * 2 * 2**20
 # Scenarios whose peak is not the full model's: seed-arch-short has 8 of the seed model's 32
 # layers, a quarter of the cache saving, but the same per-step transient - hqq requantizes
 # one layer's whole history, about 5 layers' worth of full-precision cache at the peak
-# (FACTS.md, 4-layer CPU run: hqq peak 99.2 MiB for 14.9 MiB of cache, none 72.4 for
+# (docs/facts.md, 4-layer CPU run: hqq peak 99.2 MiB for 14.9 MiB of cache, none 72.4 for
 # 63.9), which at 8 layers can exceed half the saving. Its exact bytes are still checked.
 PEAK_NOT_THE_FULL_MODEL = frozenset({"seed-arch-short"})
 # One large-pool segment (kLargeBuffer): how far two runs' peaks can differ by segment
@@ -101,7 +91,7 @@ def test_quantized_cache_uses_clearly_less_at_the_large_batch(run):
 def test_one_short_prompt_saves_little(run):
     """The seed: one prompt, few tokens, little saved. Derived bound: quantizing can save
     at most the unquantized cache (plus as much again in DynamicCache's per-step
-    concatenation transient, FACTS.md), so the quantized run's peak must be within
+    concatenation transient, docs/facts.md), so the quantized run's peak must be within
     2 x cache_none (+ one 20 MiB allocator segment, ALLOCATOR_SEGMENT) of the unquantized peak."""
     if 1 not in run.scenario.batch_sizes:
         pytest.skip(f"{run.scenario.name} has no batch 1")
@@ -123,7 +113,7 @@ def _is_reference(verdict) -> bool:
 def test_ratios_within_baseline_bands(run):
     """Every compared ratio within its stored band; a ratio with no stored entry fails
     too, naming the command that records it."""
-    failing = baselines.problems([v for v in run.verdicts if not _is_reference(v)])
+    failing = comparison.problems([v for v in run.verdicts if not _is_reference(v)])
     assert not failing, "\n".join(failing)
 
 
@@ -138,7 +128,7 @@ def test_the_unquantized_reference_within_its_band(run):
         pytest.skip(f"{run.scenario.name} stores no reference of its own (its ratios' bands only)")
     reference = [v for v in run.verdicts if _is_reference(v)]
     assert reference, "the scenario lists a reference metric but the run compared none"
-    failing = baselines.problems(reference)
+    failing = comparison.problems(reference)
     assert not failing, "the unquantized reference moved:\n" + "\n".join(failing)
 
 

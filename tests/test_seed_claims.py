@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from kvcache_repro.measure import scenarios
 from kvcache_repro.plugin import summary
 from kvcache_repro.verdicts import claims
 from kvcache_repro.measure import speed
@@ -21,11 +22,13 @@ def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):
 # cpu-tiny (2 layers): "saves a lot" does not hold, by a margin a regression of the
 # unquantized path crosses (fault unquantized_copies); cpu-deep (16 of the same layers):
 # it holds, by a margin a regression of the quantized path crosses (docs/faults.md).
-MEMORY_CLAIM_SCENARIOS = ["cpu-tiny", "cpu-deep", pytest.param("seed-geometry", marks=pytest.mark.slow)]
+# Both are the scenarios kvcache_repro/measure/scenarios.toml tags "claims", in its order.
+_CLAIMS = [pytest.param(n, marks=[getattr(pytest.mark, m) for m in ms]) for n, ms in scenarios.for_tests("claims")]
+MEMORY_CLAIM_SCENARIOS = [p for p in _CLAIMS if scenarios.get(p.values[0]).device == "cpu"]
 # The GPU rows of the claims table (the device run's pytest step reads its measurements):
 # expected verdicts are what the CPU's predicted baselines imply (claims.predicted_verdict);
 # where a predicted band straddles the claim's margin the row is recorded and the test skips.
-GPU_CLAIM_SCENARIOS = [pytest.param(name, marks=pytest.mark.gpu) for name in ("seed-arch", "seed-arch-short", "gpu-small")]
+GPU_CLAIM_SCENARIOS = [p for p in _CLAIMS if scenarios.get(p.values[0]).device == "cuda"]
 
 
 def _expect_from_prediction(result):

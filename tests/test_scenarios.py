@@ -1,0 +1,114 @@
+"""The scenarios as data (kvcache_repro/measure/scenarios.toml): what the file gives, how a
+scenario file is validated, and a user's own file (KVQ_SCENARIOS)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kvcache_repro.measure import scenarios
+
+# sha256 of every built-in scenario and its dry run (to_json, keys sorted) as the Python
+# defined them before they moved to scenarios.toml. If a change is meant, it changes the
+# measurements too: re-record the scenario's baselines and update this.
+DIGEST = "8292de1f140c954884a809af3420395ae1253bb7c50a57cb1d323a59ab297d35"
+
+VALID = """[mine]
+device = "cpu"
+model = "tiny"
+batch_sizes = [1, 4]
+new_tokens = 8
+settings = {q_group_size = 32, residual_length = 16}
+dtype = "float32"
+"""
+
+
+def test_the_shipped_file_gives_the_scenarios_as_they_were():
+    names = list(scenarios.load(scenarios.DATA))
+    names += [n + scenarios.DRY_SUFFIX for n in names]
+    data = json.dumps({n: scenarios.to_json(scenarios.get(n)) for n in names}, sort_keys=True)
+    assert hashlib.sha256(data.encode()).hexdigest() == DIGEST
+
+
+def _write(tmp_path, text):
+    path = tmp_path / "mine.toml"
+    path.write_text(text)
+    return path
+
+
+D, M, B, N = 'dtype = "float32"', 'model = "tiny"', "batch_sizes = [1, 4]", "new_tokens = 8"
+
+
+@pytest.mark.parametrize("old, new, message", [
+    pytest.param(D, D + '\ncolour = "red"', "field 'colour': unknown field; allowed: device, model",
+                 id="unknown-field"),
+    pytest.param(D, "", r"field 'dtype': missing; allowed: .*required: .*dtype\)", id="missing-field"),
+    pytest.param(N, 'new_tokens = "8"', "field 'new_tokens': '8' is the wrong type; allowed: int", id="wrong-type"),
+    pytest.param(N, "new_tokens = 0", "field 'new_tokens': 0 is not positive", id="new-tokens-zero"),
+    pytest.param(D, 'dtype = "float64"', "field 'dtype': unknown 'float64'; allowed: float16, bfloat16",
+                 id="unknown-dtype"),
+    pytest.param(M, M + '\nbackends = ["none", "quanto3"]', "field 'backends': unknown 'quanto3'; allowed: none,",
+                 id="unknown-backend"),
+    pytest.param(M, 'model = "random"\narch = "llama9"', "field 'arch': unknown architecture 'llama9'; allowed: NAME",
+                 id="unknown-arch"),
+    pytest.param(M, 'model = "random"', "field 'arch': missing", id="random-without-arch"),
+    pytest.param(B, "batch_sizes = [1, 0]", r"field 'batch_sizes': \[1, 0\] is not positive; allowed: positive",
+                 id="batch-zero"),
+    pytest.param(B, "batch_sizes = [1, 2.5]", "field 'batch_sizes': .* wrong type; allowed: list of int",
+                 id="batch-float"),
+    pytest.param(B, "batch_sizes = [true]", "field 'batch_sizes': .* wrong type; allowed: list of int",
+                 id="batch-bool"),
+    pytest.param(B, "batch_sizes = []", "field 'batch_sizes': .* not positive; allowed: .*at least one",
+                 id="batch-empty"),
+    pytest.param(B, "batch_sizes = 4", "field 'batch_sizes': 4 is the wrong type", id="batch-not-list"),
+    pytest.param("q_group_size = 32", "q_group = 32", "field 'settings': unknown 'q_group'; allowed: q_group_size",
+                 id="unknown-setting"),
+    pytest.param(D, D + '\ntests = ["experimnet"]', "field 'tests': unknown 'experimnet'; allowed: experiment",
+                 id="unknown-test"),
+])
+def test_an_invalid_entry_names_the_file_scenario_and_field(tmp_path, old, new, message):
+    path = _write(tmp_path, VALID.replace(old, new, 1))
+    with pytest.raises(scenarios.ScenarioError, match=message) as raised:
+        scenarios.load(path, scenarios.SCENARIOS)
+    assert str(raised.value).startswith(f"{path}: scenario 'mine', field ")
+
+
+def test_a_file_never_redefines_a_built_in_scenario(tmp_path):
+    path = _write(tmp_path, VALID.replace("[mine]", "[cpu-tiny]"))
+    with pytest.raises(scenarios.ScenarioError, match="scenario 'cpu-tiny' is already defined .*built in"):
+        scenarios.load(path, scenarios.SCENARIOS)
+
+
+def test_a_file_that_is_no_toml_names_itself(tmp_path):
+    path = _write(tmp_path, "[mine\n")
+    with pytest.raises(scenarios.ScenarioError, match=f"{path}: not a readable TOML scenario file"):
+        scenarios.load(path)
+
+
+def _in_child(env_value, code):
+    env = {**os.environ, scenarios.USER_ENV: str(env_value)}
+    return subprocess.run([sys.executable, "-c", "from kvcache_repro.measure import scenarios\n" + code],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_a_user_file_adds_scenarios_that_get_returns(tmp_path):
+    """In a fresh process, as ./kvq experiment and every worker read it; still torch-free."""
+    path = _write(tmp_path, VALID + 'tests = ["experiment"]\nnotes = "mine"\n')
+    child = _in_child(path, "import json, sys; s = scenarios.get('mine')\n"
+                            "print(json.dumps([scenarios.to_json(s), scenarios.get('mine-dry').name,"
+                            " scenarios.for_tests('experiment')[-1], 'torch' in sys.modules]))")
+    assert child.returncode == 0, child.stderr
+    data, dry, tested, torch_loaded = json.loads(child.stdout)
+    assert data == {**data, "name": "mine", "device": "cpu", "batch_sizes": [1, 4], "new_tokens": 8, "notes": "mine",
+                    "backends": list(scenarios.SEED_BACKENDS), "settings": {"q_group_size": 32, "residual_length": 16}}
+    assert (dry, tested, torch_loaded) == ("mine-dry", ["mine", []], False)
+
+
+def test_an_invalid_user_file_stops_the_import_naming_it(tmp_path):
+    path = _write(tmp_path, VALID.replace("[1, 4]", "[1, -4]"))
+    child = _in_child(path, "")
+    assert child.returncode != 0 and f"ScenarioError: {path}: scenario 'mine', field 'batch_sizes'" in child.stderr

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 from kvcache_repro.runner import accuracy_runs
-from kvcache_repro.verdicts import baselines, claims
+from kvcache_repro.verdicts import claims, comparison
 from kvcache_repro.measure import quality
 
 TABLES = [
@@ -76,7 +76,7 @@ def test_quantized_cache_never_beats_the_reference_beyond_noise(table):
 
 
 def test_reference_perplexity_is_that_of_a_trained_model(table):
-    """FACTS.md measured ~13.4 on 1,024 tokens of this text; a broken load (random or
+    """docs/facts.md measured ~13.4 on 1,024 tokens of this text; a broken load (random or
     garbled weights) gives hundreds to tens of thousands (vocabulary 49,152)."""
     assert 3 < table.reference_perplexity < 40
 
@@ -88,14 +88,14 @@ def test_reference_perplexity_within_its_band(table):
     them all: fault ``attention_scale_drift`` (docs/faults.md)."""
     reference = [v for v in table.verdicts() if v.key.startswith("none/")]
     assert [v.key for v in reference] == [f"none/b{table.setup.rows}/reference_perplexity"]
-    failing = baselines.problems(reference)
+    failing = comparison.problems(reference)
     assert not failing, "\n".join(failing)
 
 
 def test_accuracy_within_baseline_bands(table):
     """Every finite backend's entries against their bands; a backend with non-finite logits
     is left out here (test_logits_are_finite names it), so the others are still compared."""
-    failing = baselines.problems([v for v in table.verdicts() if not v.key.startswith("none/")])
+    failing = comparison.problems([v for v in table.verdicts() if not v.key.startswith("none/")])
     assert not failing, "\n".join(failing)
 
 

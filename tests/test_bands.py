@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from kvcache_repro.verdicts import bands, baselines as bl
-from kvcache_repro.verdicts.baselines import BaselineError, Entry, Spread
+from kvcache_repro.verdicts import bands, baseline_file, baseline_update, comparison
+from kvcache_repro.verdicts.baseline_file import BaselineError, Entry, Spread
 
 MACHINE_A = {"cpu": "AMD EPYC (avx2)", "torch_capability": "AVX2", "threads": 1, "env": {}}
 MACHINE_B = {"cpu": "Intel Xeon (avx512f)", "torch_capability": "AVX512", "threads": 1, "env": {}}
@@ -21,33 +21,33 @@ def prov(machine=MACHINE_A, versions=VERSIONS):
 
 
 def spread_entry(observed, margin=2.0, floor=0.0, banded=True, metric="perplexity_ratio"):
-    centre, tol = bl.band(observed, margin, floor)
+    centre, tol = bands.band(observed, margin, floor)
     return Entry("hqq2", 2, metric, centre, tol, prov(), (), Spread(observed, margin, floor, banded, "n"))
 
 
 def stored_file(tmp_path, e):
     path = tmp_path / "acc.json"
-    path.write_text(bl.dumps(bl.BaselineFile(path, "accuracy", "d", {e.key: e})))
+    path.write_text(baseline_file.dumps(baseline_file.BaselineFile(path, "accuracy", "d", {e.key: e})))
     return path
 
 
 def test_band_holds_every_observed_value_with_its_margin():
     observed = {"a": 9.399, "b": 9.468, "c": 9.41}
-    centre, tol = bl.band(observed, 2.0, 0.0)
+    centre, tol = bands.band(observed, 2.0, 0.0)
     assert centre == pytest.approx(9.4335)
     assert tol >= 2 * (9.468 - 9.399) / 2 - 1e-9  # margin x half the range
     assert all(centre - tol <= v <= centre + tol for v in observed.values())
-    assert bl.band({"a": 1.0}, 2.0, 0.01) == (1.0, 0.01)  # no spread: the floor
+    assert bands.band({"a": 1.0}, 2.0, 0.01) == (1.0, 0.01)  # no spread: the floor
 
 
 @pytest.mark.parametrize("x", [0.0197, 0.00781, 1.23456, 0.000123401])
 def test_round_up_never_narrows(x):
-    assert x <= bl.round_up(x) <= x * 1.01
+    assert x <= bands.round_up(x) <= x * 1.01
 
 
 def test_spread_round_trips_through_the_file(tmp_path):
     e = spread_entry({"AMD AVX2 1t": 9.399, "Intel AVX512 1t": 9.468})
-    back = bl.load(stored_file(tmp_path, e)).entries[e.key]
+    back = baseline_file.load(stored_file(tmp_path, e)).entries[e.key]
     assert back == e
 
 
@@ -58,7 +58,7 @@ def test_a_band_narrower_than_its_spread_is_a_corrupt_file(tmp_path):
     data["entries"][e.key]["tolerance"] = 0.01  # what a cut to one machine's repeatability looks like
     path.write_text(json.dumps(data))
     with pytest.raises(BaselineError, match="does not hold the spread"):
-        bl.load(path)
+        baseline_file.load(path)
 
 
 @pytest.mark.parametrize("field, value", [("margin", 0.5), ("observed", {}), ("observed", {"a": "x"}),
@@ -70,7 +70,7 @@ def test_malformed_spreads_are_rejected_with_the_fix(tmp_path, field, value):
     data["entries"][e.key]["spread"][field] = value
     path.write_text(json.dumps(data))
     with pytest.raises(BaselineError, match="kvcache_repro.runner.spread"):
-        bl.load(path)
+        baseline_file.load(path)
 
 
 def test_a_value_from_another_machine_inside_the_spread_passes(tmp_path):
@@ -78,16 +78,16 @@ def test_a_value_from_another_machine_inside_the_spread_passes(tmp_path):
     9.399 +/- 0.019 cut on one machine. With both machines in the spread it passes, and a
     real regression beyond the margin still fails."""
     e = spread_entry({"a": 9.399, "b": 9.468})
-    stored = bl.load(stored_file(tmp_path, e))
-    assert bl.compare(stored, "hqq2", 2, "perplexity_ratio", 9.468).passed
-    assert bl.compare(stored, "hqq2", 2, "perplexity_ratio", 9.399).passed
-    miss = bl.compare(stored, "hqq2", 2, "perplexity_ratio", 9.60)
+    stored = baseline_file.load(stored_file(tmp_path, e))
+    assert comparison.compare(stored, "hqq2", 2, "perplexity_ratio", 9.468).passed
+    assert comparison.compare(stored, "hqq2", 2, "perplexity_ratio", 9.399).passed
+    miss = comparison.compare(stored, "hqq2", 2, "perplexity_ratio", 9.60)
     assert miss.status == "regression" and "band cut from the spread 9.399..9.468 on 2" in miss.message
 
 
 def test_an_unbanded_metric_is_reported_not_compared(tmp_path):
     e = spread_entry({"a": 40.0, "b": 55.0}, banded=False)
-    v = bl.compare(bl.load(stored_file(tmp_path, e)), "hqq2", 2, "perplexity_ratio", 80.0)
+    v = comparison.compare(baseline_file.load(stored_file(tmp_path, e)), "hqq2", 2, "perplexity_ratio", 80.0)
     assert v.status == "reported" and v.passed and "not banded" in v.message
 
 
@@ -96,20 +96,21 @@ def test_update_on_one_machine_keeps_the_stored_spread(tmp_path):
     A's value: B's value, stored in the spread, still lies inside."""
     e = spread_entry({"A old": 9.399, "B": 9.468})
     path = stored_file(tmp_path, e)
-    bl.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.40, 0.0188, prov())], run_failed=False,
-              scenario="accuracy")
-    back = bl.load(path).entries[e.key]
+    baseline_update.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.40, 0.0188, prov())], run_failed=False,
+                           scenario="accuracy")
+    back = baseline_file.load(path).entries[e.key]
     assert back.tolerance >= e.tolerance
     assert back.ratio - back.tolerance <= 9.468 <= back.ratio + back.tolerance
-    assert bl.machine_label(prov()) in back.spread.observed and "B" in back.spread.observed
+    assert bands.machine_label(prov()) in back.spread.observed and "B" in back.spread.observed
 
 
 def test_update_on_new_versions_restarts_the_observations_but_keeps_the_width(tmp_path):
     e = spread_entry({"A old": 9.399, "B": 9.468})
     path = stored_file(tmp_path, e)
-    bl.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.1, 0.0188, prov(versions={**VERSIONS, "torch": "2.14.1"}))],
-              run_failed=False, scenario="accuracy")
-    back = bl.load(path).entries[e.key]
+    newer = prov(versions={**VERSIONS, "torch": "2.14.1"})
+    baseline_update.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.1, 0.0188, newer)], run_failed=False,
+                           scenario="accuracy")
+    back = baseline_file.load(path).entries[e.key]
     assert list(back.spread.observed.values()) == [9.1]
     assert (back.ratio, back.tolerance) == (9.1, e.tolerance)
 
@@ -123,9 +124,9 @@ def test_rebanding_adds_the_runs_to_the_recording_machines_value():
     observed = bands.observed_for("accuracy-core", entry, {
         "B": run(MACHINE_B, {"accuracy-core/hqq2/top1_agreement": 0.375})})
     new = bands.rebanded(entry, observed)
-    assert set(new.spread.observed) == {bl.machine_label(prov()), "B"}
+    assert set(new.spread.observed) == {bands.machine_label(prov()), "B"}
     # half-range 0.0039 x 2 = 0.0078 < the 2-position floor 2/256: the floor rules
-    assert new.tolerance == pytest.approx(bl.round_up(max(2 / 256, 0.375 - new.ratio)), rel=1e-3)
+    assert new.tolerance == pytest.approx(bands.round_up(max(2 / 256, 0.375 - new.ratio)), rel=1e-3)
     assert new.spread.banded and "positions" in new.spread.note
 
 
@@ -159,16 +160,17 @@ def test_each_path_runs_with_its_own_knobs_and_none_inherited(tmp_path, monkeypa
 
 
 def test_apply_stores_the_spread_and_a_second_apply_changes_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(bl, "BASELINE_DIR", tmp_path)
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", tmp_path)
     name = "acc.json"
     e = Entry("hqq2", 2, "perplexity_ratio", 9.39915, 0.0188, prov())
-    (tmp_path / name).write_text(bl.dumps(bl.BaselineFile(tmp_path / name, "accuracy", "d", {e.key: e})))
+    stored = baseline_file.BaselineFile(tmp_path / name, "accuracy", "d", {e.key: e})
+    (tmp_path / name).write_text(baseline_file.dumps(stored))
     runs = {"B": run(MACHINE_B, {"acc/hqq2/perplexity_ratio": 9.468}),
             "A-default": run(MACHINE_A, {"acc/hqq2/perplexity_ratio": 9.43326})}
     bands.apply(runs, write=True, files={name: "acc"})
     first = (tmp_path / name).read_text()
-    stored = bl.load(tmp_path / name).entries[e.key]
-    assert set(stored.spread.observed) == {bl.machine_label(prov()), "B", "A-default"}
+    stored = baseline_file.load(tmp_path / name).entries[e.key]
+    assert set(stored.spread.observed) == {bands.machine_label(prov()), "B", "A-default"}
     assert stored.ratio - stored.tolerance <= 9.39915 and 9.468 <= stored.ratio + stored.tolerance
     bands.apply(runs, write=True, files={name: "acc"})
     assert (tmp_path / name).read_text() == first
@@ -180,17 +182,17 @@ def test_runs_of_one_machine_and_path_measured_apart_are_one_run(tmp_path):
     for name, values in (("core", {"accuracy-core/hqq4/kl": 0.06}), ("slow", {"accuracy-seed/hqq4/kl": 0.19})):
         (tmp_path / f"{name}.json").write_text(json.dumps(run(MACHINE_A, values)))
     runs = bands.load_runs(sorted(tmp_path.glob("*.json")))
-    assert list(runs) == [bl.machine_label({"machine": MACHINE_A})]
-    assert runs[bl.machine_label({"machine": MACHINE_A})]["values"] == {"accuracy-core/hqq4/kl": 0.06,
-                                                                        "accuracy-seed/hqq4/kl": 0.19}
+    assert list(runs) == [bands.machine_label({"machine": MACHINE_A})]
+    assert runs[bands.machine_label({"machine": MACHINE_A})]["values"] == {"accuracy-core/hqq4/kl": 0.06,
+                                                                           "accuracy-seed/hqq4/kl": 0.19}
 
 
 def test_reset_tolerances_recuts_from_the_spread_and_keeps_it(tmp_path):
     """--reset-tolerances must not throw the stored spread away for one machine's floor."""
     e = spread_entry({"A old": 9.399, "B": 9.468})
     path = stored_file(tmp_path, e)
-    bl.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.40, 0.0188, prov())], run_failed=False,
-              scenario="accuracy", reset_tolerance=True)
-    back = bl.load(path).entries[e.key]
+    baseline_update.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.40, 0.0188, prov())], run_failed=False,
+                           scenario="accuracy", reset_tolerance=True)
+    back = baseline_file.load(path).entries[e.key]
     assert "B" in back.spread.observed
     assert back.ratio - back.tolerance <= 9.399 and 9.468 <= back.ratio + back.tolerance

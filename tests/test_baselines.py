@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from kvcache_repro.core import atomic
-from kvcache_repro.verdicts import baselines as bl
-from kvcache_repro.verdicts.baselines import BaselineError, Entry
+from kvcache_repro.verdicts import baseline_file, baseline_update, comparison
+from kvcache_repro.verdicts.baseline_file import BaselineError, Entry
 
 PROV = {"versions": {"torch": "2.13.0", "transformers": "5.24.0"}, "device": "2-core CPU",
         "settings": {"new_tokens": 64}, "date": "2026-11-29", "source": "./kvq experiment"}
@@ -38,21 +38,22 @@ def cpu(tmp_path):
 
 def test_torch_not_imported_by_module():
     # A fresh interpreter, since other tests in the session may have imported torch.
-    code = "import sys; import kvcache_repro.verdicts.baselines; print('torch' in sys.modules)"
+    code = ("import sys; import kvcache_repro.verdicts.baseline_update, kvcache_repro.verdicts.comparison; "
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          cwd=str(Path(__file__).parents[1]), check=True)
     assert out.stdout.strip() == "False"
 
 
 def test_entry_key():
-    assert bl.entry_key("quanto4", 200, "peak_rss_growth") == "quanto4/b200/peak_rss_growth"
+    assert baseline_file.entry_key("quanto4", 200, "peak_rss_growth") == "quanto4/b200/peak_rss_growth"
     assert entry().key == "quanto4/b200/peak_rss_growth"
 
 
 def test_round_trip_and_format(cpu):
     e1, e2 = entry(), entry(backend="hqq2", batch=8, metric="cache_bytes", ratio=0.3, tolerance=0.0)
-    bl.update(cpu, [e1, e2], run_failed=False, scenario="cpu", description="two-core box")
-    loaded = bl.load(cpu)
+    baseline_update.update(cpu, [e1, e2], run_failed=False, scenario="cpu", description="two-core box")
+    loaded = baseline_file.load(cpu)
     assert loaded.scenario == "cpu"
     assert loaded.description == "two-core box"
     assert loaded.entries == {e1.key: e1, e2.key: e2}
@@ -62,7 +63,7 @@ def test_round_trip_and_format(cpu):
 
 
 def test_missing_file_is_empty(tmp_path):
-    b = bl.load(tmp_path / "gpu-small.json")
+    b = baseline_file.load(tmp_path / "gpu-small.json")
     assert (b.scenario, b.description, b.entries) == ("gpu-small", "", {})
 
 
@@ -76,7 +77,7 @@ def test_corrupt_or_wrong_shape_names_file_and_fix(cpu, content, fragment):
     cpu.parent.mkdir()
     cpu.write_text(content)
     with pytest.raises(BaselineError) as exc:
-        bl.load(cpu)
+        baseline_file.load(cpu)
     msg = str(exc.value)
     assert str(cpu) in msg
     assert fragment in msg
@@ -98,7 +99,7 @@ def test_bad_entry_names_file_and_entry(cpu, overrides, fragment):
     data = raw_file(**overrides)
     write_raw(cpu, data)
     with pytest.raises(BaselineError) as exc:
-        bl.load(cpu)
+        baseline_file.load(cpu)
     msg = str(exc.value)
     assert str(cpu) in msg
     assert repr(next(iter(data["entries"]))) in msg
@@ -111,18 +112,18 @@ def test_missing_entry_field(cpu):
     del data["entries"][entry().key]["produced_by"]
     write_raw(cpu, data)
     with pytest.raises(BaselineError, match="missing field.*produced_by"):
-        bl.load(cpu)
+        baseline_file.load(cpu)
 
 
 @pytest.fixture
 def stored(cpu):
-    bl.update(cpu, [entry(ratio=0.64, tolerance=0.1)], run_failed=False, scenario="cpu")
-    return bl.load(cpu)
+    baseline_update.update(cpu, [entry(ratio=0.64, tolerance=0.1)], run_failed=False, scenario="cpu")
+    return baseline_file.load(cpu)
 
 
 @pytest.mark.parametrize("measured", [0.54, 0.64, 0.74])
 def test_compare_ok_inside_band_including_edges(stored, measured):
-    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", measured)
+    v = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", measured)
     assert v.status == "ok" and v.passed
     assert (v.stored, v.tolerance) == (0.64, 0.1)
 
@@ -130,21 +131,21 @@ def test_compare_ok_inside_band_including_edges(stored, measured):
 @pytest.mark.parametrize("measured, status", [(0.74 + 1e-6, "regression"),
                                                (0.54 - 1e-6, "improvement")])
 def test_compare_just_outside_edges(stored, measured, status):
-    assert bl.compare(stored, "quanto4", 200, "peak_rss_growth", measured).status == status
+    assert comparison.compare(stored, "quanto4", 200, "peak_rss_growth", measured).status == status
 
 
 def test_compare_regression_above(stored):
-    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.75)
+    v = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", 0.75)
     assert v.status == "regression" and not v.passed
 
 
 def test_compare_improvement_below(stored):
-    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.53)
+    v = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", 0.53)
     assert v.status == "improvement" and not v.passed
 
 
 def test_compare_missing_entry(stored):
-    v = bl.compare(stored, "quanto4", 8, "peak_rss_growth", 0.5)
+    v = comparison.compare(stored, "quanto4", 8, "peak_rss_growth", 0.5)
     assert v.status == "missing" and not v.passed
     assert (v.stored, v.tolerance) == (None, None)
 
@@ -154,19 +155,19 @@ def test_a_non_finite_measurement_fails_as_a_finding_not_a_crash(stored, value):
     """NaN compares false both ways (it would pass as an "improvement"); it fails its own
     verdict, tagged [behaviour] for the release matrix, and the others are still compared
     (issue 18: torch 2.11's NaN fp8 KL crashed the band test with a ValueError)."""
-    v = bl.compare(stored, "quanto4", 200, "peak_rss_growth", value)
+    v = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", value)
     assert v.status == "nonfinite" and not v.passed
     assert v.message.startswith("[behaviour] quanto4/b200/peak_rss_growth") and "not compared" in v.message
     assert "not a finite number" in v.message and v.stored is not None
-    assert bl.problems([v, bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.64)]) == [v.message]
+    assert comparison.problems([v, comparison.compare(stored, "quanto4", 200, "peak_rss_growth", 0.64)]) == [v.message]
     with pytest.raises(ValueError, match="must be a number"):
-        bl.compare(stored, "quanto4", 200, "peak_rss_growth", "0.5")
+        comparison.compare(stored, "quanto4", 200, "peak_rss_growth", "0.5")
 
 
 def test_messages(stored, cpu):
-    reg = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.812).message
-    imp = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.321).message
-    miss = bl.compare(stored, "hqq2", 200, "peak_rss_growth", 0.5).message
+    reg = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", 0.812).message
+    imp = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", 0.321).message
+    miss = comparison.compare(stored, "hqq2", 200, "peak_rss_growth", 0.5).message
     for msg in (reg, imp, miss):
         assert "\n" not in msg
         assert "./kvq experiment --update-baselines" in msg
@@ -182,44 +183,45 @@ def test_messages(stored, cpu):
 def test_update_replaces_only_given_entries(cpu):
     keep = entry(backend="hqq4", ratio=0.5, tolerance=0.05)
     old = entry(ratio=0.7)
-    bl.update(cpu, [keep, old], run_failed=False, scenario="cpu", description="keep me")
+    baseline_update.update(cpu, [keep, old], run_failed=False, scenario="cpu", description="keep me")
     keep_before = json.loads(cpu.read_text())["entries"][keep.key]
 
     new = entry(ratio=0.64)
     added = entry(metric="cache_bytes", ratio=0.25)
-    lines = bl.update(cpu, [new, added], run_failed=False, scenario="cpu")
+    lines = baseline_update.update(cpu, [new, added], run_failed=False, scenario="cpu")
 
     assert lines == ["quanto4/b200/peak_rss_growth: 0.700 -> 0.640",
                      "quanto4/b200/cache_bytes: new -> 0.250"]
     data = json.loads(cpu.read_text())
     assert data["entries"][keep.key] == keep_before
     assert data["description"] == "keep me"
-    loaded = bl.load(cpu)
+    loaded = baseline_file.load(cpu)
     assert loaded.entries == {keep.key: keep, new.key: new, added.key: added}
 
 
 def test_update_keeps_a_stored_tolerance_unless_told_to_reset_it(cpu):
-    bl.update(cpu, [entry(ratio=0.7, tolerance=0.02)], run_failed=False, scenario="cpu")
-    lines = bl.update(cpu, [entry(ratio=0.64, tolerance=0.3)], run_failed=False, scenario="cpu")
+    baseline_update.update(cpu, [entry(ratio=0.7, tolerance=0.02)], run_failed=False, scenario="cpu")
+    lines = baseline_update.update(cpu, [entry(ratio=0.64, tolerance=0.3)], run_failed=False, scenario="cpu")
     assert lines == ["quanto4/b200/peak_rss_growth: 0.700 -> 0.640"]
-    assert bl.load(cpu).entries[entry().key].tolerance == 0.02
-    lines = bl.update(cpu, [entry(ratio=0.64, tolerance=0.3)], run_failed=False, scenario="cpu", reset_tolerance=True)
+    assert baseline_file.load(cpu).entries[entry().key].tolerance == 0.02
+    lines = baseline_update.update(cpu, [entry(ratio=0.64, tolerance=0.3)], run_failed=False, scenario="cpu",
+                                   reset_tolerance=True)
     assert lines == ["quanto4/b200/peak_rss_growth: 0.640 -> 0.640 (tolerance 0.020 -> 0.300)"]
-    assert bl.load(cpu).entries[entry().key].tolerance == 0.3
+    assert baseline_file.load(cpu).entries[entry().key].tolerance == 0.3
 
 
 def test_a_missing_entry_is_a_problem_that_names_the_recording_command(stored):
-    ok = bl.compare(stored, "quanto4", 200, "peak_rss_growth", 0.64)
-    missing = bl.compare(stored, "hqq4", 200, "peak_rss_growth", 0.5)
-    assert bl.problems([ok]) == []
-    (message,) = bl.problems([ok, missing])
+    ok = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", 0.64)
+    missing = comparison.compare(stored, "hqq4", 200, "peak_rss_growth", 0.5)
+    assert comparison.problems([ok]) == []
+    (message,) = comparison.problems([ok, missing])
     assert "no stored entry" in message and "--update-baselines" in message
 
 
 def test_update_refuses_failed_run_and_leaves_file(stored, cpu):
     before = cpu.read_bytes()
     with pytest.raises(BaselineError, match="failed run"):
-        bl.update(cpu, [entry(ratio=0.9)], run_failed=True, scenario="cpu")
+        baseline_update.update(cpu, [entry(ratio=0.9)], run_failed=True, scenario="cpu")
     assert cpu.read_bytes() == before
 
 
@@ -228,7 +230,7 @@ def test_update_refuses_failed_run_and_leaves_file(stored, cpu):
 def test_update_refuses_bad_entries_and_leaves_file(stored, cpu, entries):
     before = cpu.read_bytes()
     with pytest.raises(BaselineError):
-        bl.update(cpu, entries, run_failed=False, scenario="cpu")
+        baseline_update.update(cpu, entries, run_failed=False, scenario="cpu")
     assert cpu.read_bytes() == before
 
 
@@ -237,20 +239,20 @@ def test_update_refuses_to_overwrite_corrupt_file(cpu):
     cpu.write_text('{"scenario": "cpu", "entries": {"x": ')
     before = cpu.read_bytes()
     with pytest.raises(BaselineError, match="not valid JSON"):
-        bl.update(cpu, [entry()], run_failed=False, scenario="cpu")
+        baseline_update.update(cpu, [entry()], run_failed=False, scenario="cpu")
     assert cpu.read_bytes() == before
 
 
 def test_update_refuses_other_scenarios_file(stored, cpu):
     before = cpu.read_bytes()
     with pytest.raises(BaselineError, match="scenario 'cpu'"):
-        bl.update(cpu, [entry()], run_failed=False, scenario="gpu-small")
+        baseline_update.update(cpu, [entry()], run_failed=False, scenario="gpu-small")
     assert cpu.read_bytes() == before
 
 
 def test_update_leaves_no_temp_files(cpu):
-    bl.update(cpu, [entry()], run_failed=False, scenario="cpu")
-    bl.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
+    baseline_update.update(cpu, [entry()], run_failed=False, scenario="cpu")
+    baseline_update.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
     assert sorted(p.name for p in cpu.parent.iterdir()) == ["cpu.json"]
 
 
@@ -262,25 +264,25 @@ def test_failed_write_keeps_old_file_and_no_temp(stored, cpu, monkeypatch):
 
     monkeypatch.setattr(atomic.os, "replace", boom)
     with pytest.raises(OSError, match="disk full"):
-        bl.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
+        baseline_update.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
     assert cpu.read_bytes() == before
     assert sorted(p.name for p in cpu.parent.iterdir()) == ["cpu.json"]
 
 
 def test_direction_follows_the_metric(tmp_path):
     """Above the band is a regression for memory, KL and time, an improvement for top-1."""
-    stored = bl.BaselineFile(tmp_path / "a.json", "accuracy", "", {
+    stored = baseline_file.BaselineFile(tmp_path / "a.json", "accuracy", "", {
         e.key: e for e in (
-            bl.Entry("hqq4", 2, "top1_agreement", 0.9, 0.02, {}),
-            bl.Entry("hqq4", 2, "kl", 0.01, 0.002, {}),
-            bl.Entry("hqq4", 1, "decode_time_ratio", 1.5, 0.3, {}),
+            baseline_file.Entry("hqq4", 2, "top1_agreement", 0.9, 0.02, {}),
+            baseline_file.Entry("hqq4", 2, "kl", 0.01, 0.002, {}),
+            baseline_file.Entry("hqq4", 1, "decode_time_ratio", 1.5, 0.3, {}),
         )})
-    up = bl.compare(stored, "hqq4", 2, "top1_agreement", 0.95)
-    down = bl.compare(stored, "hqq4", 2, "top1_agreement", 0.85)
+    up = comparison.compare(stored, "hqq4", 2, "top1_agreement", 0.95)
+    down = comparison.compare(stored, "hqq4", 2, "top1_agreement", 0.85)
     assert (up.status, down.status) == ("improvement", "regression")
     assert "is less accurate" in down.message and "is more accurate" in up.message
-    assert bl.compare(stored, "hqq4", 2, "kl", 0.02).status == "regression"
-    slow = bl.compare(stored, "hqq4", 1, "decode_time_ratio", 2.0)
+    assert comparison.compare(stored, "hqq4", 2, "kl", 0.02).status == "regression"
+    slow = comparison.compare(stored, "hqq4", 1, "decode_time_ratio", 2.0)
     assert slow.status == "regression" and "is slower" in slow.message
 
 
@@ -288,9 +290,9 @@ def test_drift_lists_entries_recorded_with_other_versions(tmp_path):
     path = tmp_path / "cpu.json"
     old = {"versions": {"transformers": "4.57.6", "torch": "2.13.0"}}
     same = {"versions": {"transformers": "5.24.0", "torch": "2.13.0"}}
-    bl.update(path, [bl.Entry("hqq4", 200, "cache_bytes", 0.35, 0.001, old),
-                     bl.Entry("quanto4", 200, "cache_bytes", 0.35, 0.001, same)], run_failed=False, scenario="cpu")
-    stored = bl.load(path)
-    verdicts = [bl.compare(stored, b, 200, "cache_bytes", 0.357) for b in ("hqq4", "quanto4")]
-    lines = bl.drift_lines(path, verdicts, {"transformers": "5.24.0", "torch": "2.13.0"})
+    baseline_update.update(path, [Entry("hqq4", 200, "cache_bytes", 0.35, 0.001, old),
+                                  Entry("quanto4", 200, "cache_bytes", 0.35, 0.001, same)], run_failed=False, scenario="cpu")
+    stored = baseline_file.load(path)
+    verdicts = [comparison.compare(stored, b, 200, "cache_bytes", 0.357) for b in ("hqq4", "quanto4")]
+    lines = comparison.drift_lines(path, verdicts, {"transformers": "5.24.0", "torch": "2.13.0"})
     assert lines == ["hqq4/b200/cache_bytes: stored 0.35, measured 0.357 (+2.0%) [transformers 4.57.6 -> 5.24.0]"]

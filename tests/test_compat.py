@@ -16,7 +16,7 @@ def test_requirements_swap_transformers_and_keep_the_rest():
 
 
 def test_old_transformers_gets_the_quanto_it_needs():
-    """FACTS.md: transformers 4.46 needs optimum-quanto 0.2.4."""
+    """docs/facts.md: transformers 4.46 needs optimum-quanto 0.2.4."""
     assert "optimum-quanto==0.2.4" in package_specs.requirements_for("4.46.3", PINNED)
 
 

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # ---- scenarios and random-architecture models -------------------------------------------
 
 def test_seed_arch_is_the_seed_s_run_on_llama3_8b_shapes():
-    """Everything but the weights is the seed's (FACTS.md): batches 1 and 200, 1000 new
+    """Everything but the weights is the seed's (docs/facts.md): batches 1 and 200, 1000 new
     tokens, none/quanto4/hqq4, G 128, residual 64, fp16, the seed's prompts."""
     seed, arch, short = scenarios.get("seed"), scenarios.get("seed-arch"), scenarios.get("seed-arch-short")
     for s in (arch, short):
@@ -43,7 +43,7 @@ def test_seed_arch_is_the_seed_s_run_on_llama3_8b_shapes():
 
 def test_llama3_8b_architecture_has_the_published_shapes():
     """Llama-3-8B: 8,030,261,248 parameters (Meta's model card: 8.03B), 32 layers, 8 KV
-    heads x head_dim 128, so 128 KiB of fp16 K/V per token per sequence (FACTS.md).
+    heads x head_dim 128, so 128 KiB of fp16 K/V per token per sequence (docs/facts.md).
     Built on the meta device: no memory is touched."""
     model = offline.meta_model("llama3-8b", torch.float16)
     assert sum(p.numel() for p in model.parameters()) == 8_030_261_248
@@ -77,7 +77,7 @@ def test_random_model_is_seeded_and_rebuilds_what_to_empty_leaves_uninitialized(
 
 
 def test_gpu_small_falls_back_to_random_smollm2_weights_and_says_so(monkeypatch):
-    """SmolLM2-135M: 134,515,008 parameters with tied embeddings (FACTS.md: 134.5M), 30
+    """SmolLM2-135M: 134,515,008 parameters with tied embeddings (docs/facts.md: 134.5M), 30
     layers, 3 KV heads x 64."""
     def absent(*args, **kwargs):
         raise ModelUnavailable("the small real model is not installed")
@@ -369,7 +369,7 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != device_run.STORED_RUNS_ENV}
     name = "seed-arch-short-dry"
     repository_file = (ROOT / "baselines" / f"{name}.json").read_bytes()
-    proc = subprocess.run([sys.executable, "-m", "kvcache_repro.gpu.device_run", str(out), "--dry-run",
+    proc = subprocess.run([sys.executable, "-m", "kvcache_repro", "device-run", str(out), "--dry-run",
                            "--scenarios", "seed-arch-short", "--archive", str(archive),
                            "--no-expandable"],  # its reruns: test_the_large_batch_runs_again_with_expandable...
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)

@@ -27,11 +27,25 @@ def test_readme_is_a_quickstart():
 OUTSIDE = re.compile(r"(?<![.\w])\.\./|FACTS\.md|seed/000_|/work/|loaded-run|other-cpus")
 
 
+# The code, tests, pins and baselines cite docs/ (facts.md, seed.md) instead; a path that
+# starts with ../ is the project's own place beside the checkout there (../.compat-envs).
+OUTSIDE_IN_CODE = re.compile(r"FACTS\.md|seed/000_|shared/(tools|seed|hooks)|/work/|loaded-run|other-cpus")
+CODE = [p for pattern in ("kvcache_repro/**/*.py", "tests/*.py", "baselines/*.json", "requirements*.txt", "conftest.py",
+                          "pyproject.toml", "kvq", ".ci/run")
+        for p in sorted(ROOT.glob(pattern)) if p.name != "test_docs.py"]
+
+
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_nothing_refers_outside_the_repository(page):
     hits = [f"{page.name}:{n}: {line.strip()[:100]}" for n, line in enumerate(page.read_text().splitlines(), 1)
             if OUTSIDE.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_no_code_test_or_baseline_cites_a_file_outside_the_repository():
+    hits = [f"{p.relative_to(ROOT)}:{n}: {line.strip()[:100]}" for p in CODE
+            for n, line in enumerate(p.read_text().splitlines(), 1) if OUTSIDE_IN_CODE.search(line)]
+    assert len(CODE) > 100 and not hits, "\n".join(hits)
 
 
 def slug(heading: str) -> str:

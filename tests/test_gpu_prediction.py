@@ -16,7 +16,7 @@ from kvcache_repro.gpu import device_run
 from kvcache_repro.runner import experiment, gpu_prediction
 from kvcache_repro.measure import scenarios
 from kvcache_repro.core import provenance
-from kvcache_repro.verdicts import baselines, paths
+from kvcache_repro.verdicts import baseline_file, baseline_update, comparison, paths
 
 PLANNED = [*device_run.PLAN, *(n + scenarios.DRY_SUFFIX for n in device_run.PLAN)]
 
@@ -27,13 +27,13 @@ def test_every_planned_scenario_has_predicted_entries_of_what_it_compares(name):
     by design): each planned scenario's file holds predicted entries for every quantized
     backend x batch x compared metric, each with its terms and limits."""
     scenario = scenarios.get(name)
-    stored = baselines.load(paths.baseline_path(name))
-    want = {baselines.entry_key(b, n, m) for b in scenario.backends if b != "none"
+    stored = baseline_file.load(paths.baseline_path(name))
+    want = {baseline_file.entry_key(b, n, m) for b in scenario.backends if b != "none"
             for n in scenario.batch_sizes for m in scenario.baseline_metrics}
     assert want <= set(stored.entries), sorted(want - set(stored.entries))
     for key in want:
         entry = stored.entries[key]
-        assert baselines.is_predicted(entry), key
+        assert baseline_file.is_predicted(entry), key
         assert entry.produced_by["source"] == gpu_prediction.COMMAND and entry.produced_by["limits"]
         assert "prediction" in entry.produced_by
 
@@ -95,20 +95,21 @@ def test_the_band_covers_hqq_s_float16_path_and_cuda_only_allocations():
 
 
 def test_a_missed_prediction_says_so_and_a_measurement_replaces_it(tmp_path):
-    entry = baselines.Entry("quanto4", 200, "peak_allocated", 0.40, 0.02,
-                            {"kind": "predicted", "source": gpu_prediction.COMMAND, "versions": {}})
+    entry = baseline_file.Entry("quanto4", 200, "peak_allocated", 0.40, 0.02,
+                                {"kind": "predicted", "source": gpu_prediction.COMMAND, "versions": {}})
     path = tmp_path / "seed-arch.json"
-    baselines.update(path, [entry], run_failed=False, scenario="seed-arch")
-    stored = baselines.load(path)
-    held = baselines.compare(stored, "quanto4", 200, "peak_allocated", 0.41)
-    missed = baselines.compare(stored, "quanto4", 200, "peak_allocated", 0.52)
+    baseline_update.update(path, [entry], run_failed=False, scenario="seed-arch")
+    stored = baseline_file.load(path)
+    held = comparison.compare(stored, "quanto4", 200, "peak_allocated", 0.41)
+    missed = comparison.compare(stored, "quanto4", 200, "peak_allocated", 0.52)
     assert held.passed and "the prediction holds" in held.message
     assert not missed.passed and "PREDICTION MISSED" in missed.message and "prediction" in missed.basis
-    measured = baselines.Entry("quanto4", 200, "peak_allocated", 0.52, 0.05, {"device": "NVIDIA H200", "versions": {}})
-    lines = baselines.update(path, [measured], run_failed=False, scenario="seed-arch")
+    measured = baseline_file.Entry("quanto4", 200, "peak_allocated", 0.52, 0.05,
+                                   {"device": "NVIDIA H200", "versions": {}})
+    lines = baseline_update.update(path, [measured], run_failed=False, scenario="seed-arch")
     assert "replaces the prediction" in lines[0]
-    now = baselines.load(path).entries["quanto4/b200/peak_allocated"]
-    assert (now.ratio, now.tolerance, baselines.is_predicted(now)) == (0.52, 0.05, False)
+    now = baseline_file.load(path).entries["quanto4/b200/peak_allocated"]
+    assert (now.ratio, now.tolerance, baseline_file.is_predicted(now)) == (0.52, 0.05, False)
 
 
 def test_the_prediction_decides_gpu_claims_only_where_its_bands_do():
@@ -133,8 +134,8 @@ def test_a_card_s_measurement_gets_a_file_of_its_own_and_the_prediction_stays(tm
     from kvcache_repro.measure.memory import Measurement
 
     root = tmp_path / "baselines"
-    shutil.copytree(baselines.BASELINE_DIR, root)
-    monkeypatch.setattr(baselines, "BASELINE_DIR", root)
+    shutil.copytree(baseline_file.BASELINE_DIR, root)
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", root)
     predicted = (root / "gpu-tiny.json").read_bytes()
     monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA H200")
     scenario = scenarios.get("gpu-tiny")
@@ -145,6 +146,6 @@ def test_a_card_s_measurement_gets_a_file_of_its_own_and_the_prediction_stays(tm
     card = root / "gpu-tiny--NVIDIA-H200.json"
     assert card.exists() and (root / "gpu-tiny.json").read_bytes() == predicted
     assert paths.compared_path("gpu-tiny") == card
-    assert not baselines.is_predicted(baselines.load(card).entries["quanto4/b8/peak_allocated"])
+    assert not baseline_file.is_predicted(baseline_file.load(card).entries["quanto4/b8/peak_allocated"])
     monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
     assert paths.compared_path("gpu-tiny") == root / "gpu-tiny.json"

@@ -10,7 +10,7 @@
 - progress lines with the time left.
 
 Fast: workers that hang start hanging before importing torch (fault ``hang``); the
-interrupt/resume logic runs ``main()`` with a fake ``run_one``.
+interrupt/resume logic runs the command (``commands.call("experiment", ...)``) with a fake ``run_one``.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.verdicts import baseline_file, comparison
 from kvcache_repro.runner import experiment, limits
 from kvcache_repro.measure import scenarios
-from kvcache_repro import faults
+from kvcache_repro import commands, faults
 from kvcache_repro.core import metrics
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.outcomes import RowFailure
@@ -142,7 +142,7 @@ class FakeWorkers:
 @pytest.fixture
 def baseline_dir(tmp_path, monkeypatch):
     """A copy of cpu-tiny's baseline file in tmp_path: what an interrupt must not touch."""
-    monkeypatch.setattr(baselines, "BASELINE_DIR", tmp_path / "baselines")
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", tmp_path / "baselines")
     (tmp_path / "baselines").mkdir()
     path = tmp_path / "baselines" / "cpu-tiny.json"
     path.write_bytes((ROOT / "baselines" / "cpu-tiny.json").read_bytes())
@@ -154,7 +154,7 @@ def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_pat
     before = baseline_dir.read_bytes()
     first = FakeWorkers(interrupt_at=4)
     monkeypatch.setattr(experiment, "run_one", first)
-    code = experiment.main(["--scenario", "cpu-tiny", "--output-dir", str(out), "--update-baselines"])
+    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--update-baselines"])
     said = capsys.readouterr().out
     assert code == 128 + signal.SIGINT
     assert baseline_dir.read_bytes() == before  # never a baseline from a partial run
@@ -166,7 +166,7 @@ def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_pat
 
     second = FakeWorkers()
     monkeypatch.setattr(experiment, "run_one", second)
-    code = experiment.main(["--scenario", "cpu-tiny", "--output-dir", str(out), "--resume"])
+    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--resume"])
     said = capsys.readouterr().out
     assert second.calls == [("none", 200), ("quanto4", 200), ("hqq4", 200)]  # only what was missing
     assert "resuming: 3 of 6 rows already measured" in said
@@ -209,7 +209,7 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     env = {**os.environ, faults.ENV: "hang", "PYTHONUNBUFFERED": "1"}
     # As from a terminal: a shell's background job (CI, `cmd &`) starts with SIGINT
     # ignored, the child inherits that, and Python then installs no KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro.runner.experiment", "--scenario", "cpu-tiny",
+    proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro", "experiment", "--scenario", "cpu-tiny",
                              "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -248,16 +248,16 @@ def test_options_that_do_not_apply_are_an_error(argv, fragment, monkeypatch, cap
 
     monkeypatch.setattr(experiment, "run_experiment", ran)
     with pytest.raises(SystemExit) as exited:
-        experiment.main(argv)
+        commands.call("experiment", argv)
     assert exited.value.code == 2 and fragment in capsys.readouterr().err
 
 
 def test_missing_baseline_file_names_the_recording_command(tmp_path):
-    stored = baselines.load(tmp_path / "new-scenario.json")
-    verdict = baselines.compare(stored, "quanto4", 200, "cache_bytes", 0.3)
+    stored = baseline_file.load(tmp_path / "new-scenario.json")
+    verdict = comparison.compare(stored, "quanto4", 200, "cache_bytes", 0.3)
     assert not verdict.passed
     assert f"the baseline file {tmp_path / 'new-scenario.json'} does not exist" in verdict.message
-    assert baselines.RECORD_COMMAND in verdict.message
+    assert baseline_file.RECORD_COMMAND in verdict.message
 
 
 def test_record_missing_writes_only_entries_with_no_stored_value(baseline_dir):
@@ -267,9 +267,9 @@ def test_record_missing_writes_only_entries_with_no_stored_value(baseline_dir):
     baseline_dir.write_text(json.dumps(data))
     ms = [_fake(b, n) for b, n in experiment.planned_rows(TINY)]  # ratios unlike the stored ones
     found = experiment.ratios(ms, TINY.baseline_metrics)
-    before = baselines.load(baseline_dir).entries
+    before = baseline_file.load(baseline_dir).entries
     lines = experiment.update_baselines(TINY, ms, found, run_failed=False, only_missing=True)
-    after = baselines.load(baseline_dir).entries
+    after = baseline_file.load(baseline_dir).entries
     assert {k: after[k] for k in before} == before  # stored entries untouched
     assert set(after) - set(before) == {removed} and lines == [f"{removed}: new -> 0.250"]
 

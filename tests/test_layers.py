@@ -9,7 +9,8 @@ it, at the top of a file or inside a function alike. From the bottom up:
     runner    the memory experiment, its workers, reports, the accuracy runs
     releases, gpu   other releases; the CUDA box (neither imports the other)
     plugin    the pytest plugin
-    commands  the command line
+    commands  the command line: one module per verb
+    __main__  ``python -m kvcache_repro``: hands the verb to commands
 
 A pair of subpackages that import each other is therefore impossible too."""
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "kvcache_repro"
 LAYERS = [("core",), ("faults",), ("backends",), ("measure",), ("verdicts",), ("runner",), ("releases", "gpu"),
-          ("plugin",), ("commands", "__main__")]
+          ("plugin",), ("commands",), ("__main__",)]
 RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 

@@ -21,7 +21,7 @@ from kvcache_repro.backends import caches
 from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.measure import accounting, long_run
 from kvcache_repro.measure.long_run import NEW, PROMPT, ROWS, SETTINGS
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.verdicts import baseline_file, comparison
 from kvcache_repro.verdicts import long_run as long_run_verdicts
 
 LONG_BACKENDS = [b for b in BACKENDS.values() if b.quantized]
@@ -91,7 +91,7 @@ def test_the_seed_s_length_peaks_at_its_baseline(spec, none_peak):
     residual stops being flushed (``stop_flushing_after_512``)."""
     _skip_unless_quantizable(spec)
     peak = long_run.run(spec)
-    verdict = baselines.compare(baselines.load(long_run_verdicts.baseline_path()), spec.name, ROWS, "peak_allocated",
-                                peak / none_peak)
+    stored = baseline_file.load(long_run_verdicts.baseline_path())
+    verdict = comparison.compare(stored, spec.name, ROWS, "peak_allocated", peak / none_peak)
     assert verdict.passed, (f"{spec.name}: peak {peak} bytes over the seed's length (none: {none_peak}); "
                             + verdict.message)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from kvcache_repro.verdicts import baselines, paths
+from kvcache_repro.verdicts import baseline_file, comparison, paths
 from kvcache_repro.runner import experiment, report
 from kvcache_repro.measure import scenarios
 from kvcache_repro.measure import memory
@@ -44,7 +44,7 @@ def test_cuda_probe_without_a_gpu_says_so():
 
 
 def test_seed_scenario_is_the_seed_s_settings():
-    """FACTS.md / seed: 10 prompts x 20 = 200, 1000 new tokens, nbits 4, G 128, residual
+    """docs/seed.md: 10 prompts x 20 = 200, 1000 new tokens, nbits 4, G 128, residual
     64, hqq axis 0, none/quanto/HQQ, fp16, NF4 weights, batch 1 and 200."""
     seed = scenarios.get("seed")
     assert seed.batch_sizes == (1, 200) and seed.new_tokens == 1000
@@ -59,15 +59,15 @@ def test_seed_scenario_is_the_seed_s_settings():
 
 def test_seed_baseline_holds_the_seed_s_published_ratios():
     """Reserved after generation in the seed: none 55.99, quanto 18.94, HQQ 29.34 GB."""
-    stored = baselines.load(paths.baseline_path("seed"))
+    stored = baseline_file.load(paths.baseline_path("seed"))
     for backend, gb in (("quanto4", 18.94), ("hqq4", 29.34)):
-        entry = stored.entries[baselines.entry_key(backend, 200, "reserved_after")]
+        entry = stored.entries[baseline_file.entry_key(backend, 200, "reserved_after")]
         assert entry.ratio == pytest.approx(gb / 55.99, abs=5e-4)
         assert "seed" in entry.produced_by["source"]
 
 
 def test_unknown_scenario_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="valid: seed, gpu-small"):
+    with pytest.raises(ValueError, match="valid: cpu-tiny, .*, gpu-small, seed, "):
         scenarios.get("gpu-large")
 
 
@@ -94,8 +94,8 @@ def test_report_table_and_outputs(tmp_path):
           _m("quanto4", 1, cache_bytes=100, peak_allocated=3 * 2**20, peak_rss=9 * 2**20),
           _m("hqq4", 1, cache_bytes=100, peak_allocated=2 * 2**20, peak_rss=9 * 2**20)]
     found = experiment.ratios(ms, ("peak_allocated", "cache_bytes"))
-    stored = baselines.BaselineFile(tmp_path / "x.json", "cpu-tiny", "", {})
-    verdicts = [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
+    stored = baseline_file.BaselineFile(tmp_path / "x.json", "cpu-tiny", "", {})
+    verdicts = [comparison.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
     text = report.table(scenario, ms, found, verdicts)
     assert "quanto4" in text and " 0.750 " in text and " 0.500 " in text and "0.250" in text
     assert "no baseline yet" in text
@@ -109,16 +109,16 @@ def test_report_table_and_outputs(tmp_path):
 
 
 def test_update_writes_provenance_and_only_measured_entries(tmp_path, monkeypatch):
-    monkeypatch.setattr(baselines, "BASELINE_DIR", tmp_path)
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", tmp_path)
     scenario = scenarios.get("cpu-tiny")
     ms = [_m("none", 1, cache_bytes=400), _m("quanto4", 1, cache_bytes=100)]
     found = experiment.ratios(ms, ("cache_bytes",))
     lines = experiment.update_baselines(scenario, ms, found, run_failed=False)
     assert lines == ["quanto4/b1/cache_bytes: new -> 0.250"]
-    entry = baselines.load(tmp_path / "cpu-tiny.json").entries["quanto4/b1/cache_bytes"]
+    entry = baseline_file.load(tmp_path / "cpu-tiny.json").entries["quanto4/b1/cache_bytes"]
     assert set(entry.produced_by) >= {"versions", "device", "settings", "date", "source"}
     assert entry.produced_by["versions"]["transformers"] == __import__("transformers").__version__
-    with pytest.raises(baselines.BaselineError):
+    with pytest.raises(baseline_file.BaselineError):
         experiment.update_baselines(scenario, ms, found, run_failed=True)
 
 

@@ -15,10 +15,11 @@ import shutil
 
 import pytest
 
+from kvcache_repro import commands
 from kvcache_repro.backends import checkpoints
 from kvcache_repro.runner import experiment
 from kvcache_repro.measure import scenarios
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.verdicts import baseline_file, baseline_update
 
 ARGS = dict(device="cpu", device_name="cpu", backends=("none", "quanto4"), batch_sizes=(1, 2), new_tokens=24,
             dtype="float32", weights="native", q_group_size=32, residual_length=8)
@@ -70,14 +71,14 @@ def test_bad_settings_stop_with_the_reason():
 
 def test_a_file_of_another_setup_is_never_overwritten(tmp_path):
     s = _scenario()
-    entry = baselines.Entry("quanto4", 1, "cache_bytes", 0.5, 0.001, {"versions": {}})
+    entry = baseline_file.Entry("quanto4", 1, "cache_bytes", 0.5, 0.001, {"versions": {}})
     path = tmp_path / "f.json"
-    baselines.update(path, [entry], run_failed=False, scenario=s.name, key=s.baseline_key)
+    baseline_update.update(path, [entry], run_failed=False, scenario=s.name, key=s.baseline_key)
     before = path.read_bytes()
-    with pytest.raises(baselines.BaselineError, match="another setup"):
-        baselines.update(path, [entry], run_failed=False, scenario=s.name, key={**s.baseline_key, "dtype": "x"})
+    with pytest.raises(baseline_file.BaselineError, match="another setup"):
+        baseline_update.update(path, [entry], run_failed=False, scenario=s.name, key={**s.baseline_key, "dtype": "x"})
     assert path.read_bytes() == before
-    assert baselines.load(path).key == s.baseline_key
+    assert baseline_file.load(path).key == s.baseline_key
 
 
 def test_another_model_is_refused_as_the_seed():
@@ -140,8 +141,8 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     """./kvq experiment --model DIR ... --update-baselines writes baselines/models/<name>.json
     and nothing else; a second run compares against it and passes."""
     root = tmp_path / "baselines"
-    shutil.copytree(baselines.BASELINE_DIR, root)
-    monkeypatch.setattr(baselines, "BASELINE_DIR", root)
+    shutil.copytree(baseline_file.BASELINE_DIR, root)
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", root)
     monkeypatch.delenv(scenarios.RUNTIME_ENV, raising=False)
     before = _digests(root)
     # the directory's config is read once, in its child process, as the first run reads it;
@@ -149,16 +150,16 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     monkeypatch.setattr(checkpoints, "probe", functools.cache(checkpoints.probe))
     argv = ["--model", str(saved_model), "--device", "cpu", "--backends", "none,quanto4,hqq4", "--batch-sizes", "1,2",
             "--new-tokens", "24", "--q-group-size", "32", "--residual-length", "8", "--in-process"]
-    assert experiment.main([*argv, "--output-dir", str(tmp_path / "a"), "--update-baselines"]) == 0
+    assert commands.call("experiment", [*argv, "--output-dir", str(tmp_path / "a"), "--update-baselines"]) == 0
     after = _digests(root)
     new = sorted(set(after) - set(before))
     assert len(new) == 1 and new[0].startswith("models/model-tiny-user-llama-"), new
     assert {k: after[k] for k in before} == before  # every built-in file byte-identical
-    stored = baselines.load(root / new[0])
+    stored = baseline_file.load(root / new[0])
     assert stored.key["model"]["name"] == "tiny-user-llama" and stored.key["device"] == "cpu"
     assert {e.metric for e in stored.entries.values()} == {"peak_allocated", "cache_bytes"}
     assert len(stored.entries) == 8  # 2 quantized backends x 2 batches x 2 metrics
     # the same rows compared again (--resume: nothing re-measured) read that file and pass
-    assert experiment.main([*argv, "--output-dir", str(tmp_path / "a"), "--resume"]) == 0
+    assert commands.call("experiment", [*argv, "--output-dir", str(tmp_path / "a"), "--resume"]) == 0
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [v["status"] for v in results["verdicts"]] == ["ok"] * 8

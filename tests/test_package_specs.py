@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kvcache_repro import commands
 from kvcache_repro.releases import compat, compat_envs, package_specs as ps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,5 +133,5 @@ def test_each_swapped_package_adds_the_groups_its_numbers_move():
 
 
 def test_an_unreadable_spec_stops_compat_with_exit_2(capsys):
-    assert compat.main(["numpy==2.0"]) == 2
+    assert commands.call("compat", ["numpy==2.0"]) == 2
     assert "unknown package 'numpy'" in capsys.readouterr().err

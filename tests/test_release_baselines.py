@@ -6,8 +6,10 @@ import json
 
 import pytest
 
-from kvcache_repro.verdicts import baselines as bl
-from kvcache_repro.verdicts.baselines import BaselineError, Entry, ReleaseValue
+from kvcache_repro.core import provenance
+from kvcache_repro.verdicts import baseline_file, baseline_update, comparison, release_ranges
+from kvcache_repro.verdicts.baseline_file import BaselineError, Entry
+from kvcache_repro.verdicts.release_ranges import ReleaseValue
 
 PIN = {"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}, "device": "2-core CPU (x86_64)",
        "date": "2026-11-30", "source": "./kvq experiment --update-baselines"}
@@ -31,8 +33,8 @@ def path(tmp_path):
 
 @pytest.fixture
 def stored(path):
-    bl.update(path, [pinned(by_release=[early()])], run_failed=False, scenario="cpu-tiny")
-    return bl.load(path)
+    baseline_update.update(path, [pinned(by_release=[early()])], run_failed=False, scenario="cpu-tiny")
+    return baseline_file.load(path)
 
 
 def test_round_trip_keeps_ranges(stored, path):
@@ -43,47 +45,49 @@ def test_round_trip_keeps_ranges(stored, path):
 
 
 def test_an_entry_without_ranges_keeps_the_old_format(path):
-    bl.update(path, [pinned()], run_failed=False, scenario="cpu-tiny")
+    baseline_update.update(path, [pinned()], run_failed=False, scenario="cpu-tiny")
     assert "by_release" not in json.loads(path.read_text())["entries"][KEY]
 
 
 @pytest.mark.parametrize("release", ["5.0.0", "5.17.0", "5.18.99"])
 def test_the_range_holding_the_release_is_used(stored, release):
-    v = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version=release)
+    v = comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version=release)
     assert v.passed, v.message
     assert (v.stored, v.tolerance) == (2.038, 0.001)
     # the pin's value is outside that range's band: it fails there
-    assert bl.compare(stored, "hqq4", 200, "peak_allocated", 2.0501, transformers_version=release).status == "regression"
+    verdict = comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.0501, transformers_version=release)
+    assert verdict.status == "regression"
 
 
 @pytest.mark.parametrize("release", ["5.19.0", "5.24.0", "5.25.0", "6.1.0", "4.57.6", None, "not-a-version"])
 def test_outside_every_range_the_pins_value_is_used(stored, release):
-    v = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.0501, transformers_version=release)
+    v = comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.0501, transformers_version=release)
     assert v.passed and v.stored == 2.0501
-    assert bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version=release).status == "improvement"
+    verdict = comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version=release)
+    assert verdict.status == "improvement"
 
 
 def test_the_installed_release_is_the_default(stored, monkeypatch):
-    monkeypatch.setattr(bl.metadata, "version", lambda name: {"transformers": "5.17.0"}[name])
-    assert bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038).passed
-    monkeypatch.setattr(bl.metadata, "version", lambda name: {"transformers": "5.25.0"}[name])
-    assert not bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038).passed
+    monkeypatch.setattr(provenance.metadata, "version", lambda name: {"transformers": "5.17.0"}[name])
+    assert comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.038).passed
+    monkeypatch.setattr(provenance.metadata, "version", lambda name: {"transformers": "5.25.0"}[name])
+    assert not comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.038).passed
 
 
 def test_a_miss_names_the_range_and_its_releases(stored):
-    msg = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.05, transformers_version="5.17.0").message
+    msg = comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.05, transformers_version="5.17.0").message
     assert "stored 2.038 +/- 0.001 for transformers >=5.0.0,<5.19.0 (observed on 5.0.0, 5.17.0)" in msg
     assert "regression" in msg
     # the pin's update command would rewrite the pin's value: the range's own recording is named
     assert "release_baselines" in msg and "--update-baselines" not in msg
-    pin = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version="5.25.0").message
+    pin = comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version="5.25.0").message
     # the pinned stack it was recorded on, so a run with another quantizer or torch says so
     assert "stored 2.050 +/- 0.001 for transformers 5.24.0 with torch 2.13.0+cpu (the entry's own ratio)" in pin
     assert "--update-baselines" in pin
 
 
 def test_unmeasured_reports_the_value_for_the_release(stored):
-    v = bl.unmeasured(stored, "hqq4", 200, "peak_allocated", "timed out", transformers_version="5.17.0")
+    v = comparison.unmeasured(stored, "hqq4", 200, "peak_allocated", "timed out", transformers_version="5.17.0")
     assert v.stored == 2.038 and ">=5.0.0,<5.19.0" in v.message and not v.passed
 
 
@@ -118,7 +122,7 @@ GOOD = early().to_json()
 def test_a_corrupt_range_is_rejected_naming_entry_problem_and_fix(path, by_release, fragment):
     _raw_with(path, by_release)
     with pytest.raises(BaselineError) as exc:
-        bl.load(path)
+        baseline_file.load(path)
     msg = str(exc.value)
     assert str(path) in msg and repr(KEY) in msg
     assert fragment in msg
@@ -128,25 +132,26 @@ def test_a_corrupt_range_is_rejected_naming_entry_problem_and_fix(path, by_relea
 def test_ranges_are_sorted_on_load(path):
     late = {**GOOD, "releases": ">=5.19.0,<5.20.0", "observed_on": ["5.19.0"], "ratio": 2.07}
     _raw_with(path, [late, GOOD])
-    assert [rv.releases for rv in bl.load(path).entries[KEY].by_release] == [">=5.0.0,<5.19.0", ">=5.19.0,<5.20.0"]
+    ranges = baseline_file.load(path).entries[KEY].by_release
+    assert [rv.releases for rv in ranges] == [">=5.0.0,<5.19.0", ">=5.19.0,<5.20.0"]
 
 
 def test_update_from_a_run_on_the_pin_keeps_ranges(stored, path):
-    lines = bl.update(path, [pinned(ratio=2.06)], run_failed=False, scenario="cpu-tiny")
+    lines = baseline_update.update(path, [pinned(ratio=2.06)], run_failed=False, scenario="cpu-tiny")
     assert lines == [f"{KEY}: 2.050 -> 2.060 (per-release values kept for >=5.0.0,<5.19.0)"]
-    entry = bl.load(path).entries[KEY]
+    entry = baseline_file.load(path).entries[KEY]
     assert entry.ratio == 2.06 and entry.by_release == (early(),)
 
 
 def test_update_replaces_a_range_only_when_given_the_same_range(stored, path):
     late = early(ratio=2.07, releases=">=5.19.0,<5.20.0", observed=("5.19.0",))
-    bl.update(path, [pinned(by_release=[early(ratio=2.04), late])], run_failed=False, scenario="cpu-tiny")
-    assert bl.load(path).entries[KEY].by_release == (early(ratio=2.04), late)
+    baseline_update.update(path, [pinned(by_release=[early(ratio=2.04), late])], run_failed=False, scenario="cpu-tiny")
+    assert baseline_file.load(path).entries[KEY].by_release == (early(ratio=2.04), late)
 
 
 def test_update_refuses_a_range_inside_the_pins_band(path):
     with pytest.raises(BaselineError, match=r"the value 2.050 for >=5.0.0,<5.19.0 lies in the entry's own band"):
-        bl.update(path, [pinned(by_release=[early(ratio=2.0505)])], run_failed=False, scenario="cpu-tiny")
+        baseline_update.update(path, [pinned(by_release=[early(ratio=2.0505)])], run_failed=False, scenario="cpu-tiny")
     assert not path.exists()
 
 
@@ -154,28 +159,28 @@ def test_update_refuses_a_pin_inside_a_stored_range_and_leaves_the_file(stored, 
     before = path.read_bytes()
     on_517 = {**PIN, "versions": {**PIN["versions"], "transformers": "5.17.0"}}
     with pytest.raises(BaselineError, match="holds transformers 5.17.0"):
-        bl.update(path, [pinned(ratio=2.038, prov=on_517)], run_failed=False, scenario="cpu-tiny")
+        baseline_update.update(path, [pinned(ratio=2.038, prov=on_517)], run_failed=False, scenario="cpu-tiny")
     assert path.read_bytes() == before
 
 
 def test_drift_compares_with_the_value_for_the_release(stored, path):
-    v = bl.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version="5.17.0")
+    v = comparison.compare(stored, "hqq4", 200, "peak_allocated", 2.038, transformers_version="5.17.0")
     # same torch as the range's provenance, other transformers than the pin: no drift line
-    assert bl.drift_lines(path, [v], {"transformers": "5.17.0", "torch": "2.13.0+cpu"}) == []
-    lines = bl.drift_lines(path, [v], {"transformers": "5.17.0", "torch": "2.14.0"})
+    assert comparison.drift_lines(path, [v], {"transformers": "5.17.0", "torch": "2.13.0+cpu"}) == []
+    lines = comparison.drift_lines(path, [v], {"transformers": "5.17.0", "torch": "2.14.0"})
     assert lines == [f"{KEY}: stored 2.038, measured 2.038 (+0.0%) [torch 2.13.0+cpu -> 2.14.0]"]
 
 
 def test_stored_ranges_differ_from_the_pin_and_never_hold_it():
     """Every range in baselines/ is worth keeping: its value lies outside the pin's band
     (a value inside it needs no range), and the pinned release is outside every range."""
-    pin = next(line.split("==")[1].strip() for line in (bl.BASELINE_DIR.parent / "requirements.txt").read_text().splitlines()
-               if line.startswith("transformers=="))
-    for path in sorted(bl.BASELINE_DIR.glob("*.json")):
-        for entry in bl.load(path).entries.values():
+    requirements = (baseline_file.BASELINE_DIR.parent / "requirements.txt").read_text().splitlines()
+    pin = next(line.split("==")[1].strip() for line in requirements if line.startswith("transformers=="))
+    for path in sorted(baseline_file.BASELINE_DIR.glob("*.json")):
+        for entry in baseline_file.load(path).entries.values():
             for rv in entry.by_release:
                 assert abs(rv.ratio - entry.ratio) > entry.tolerance, (path.name, entry.key, rv.releases)
-                assert not bl.in_range(rv.releases, pin), (path.name, entry.key, rv.releases)
+                assert not release_ranges.in_range(rv.releases, pin), (path.name, entry.key, rv.releases)
 
 
 def test_ranges_from_measurements_cut_at_the_first_release_showing_each_value():
@@ -206,8 +211,8 @@ def torch_range(ratio=2.1, releases=">=2.11.0,<2.13.0", observed=("2.11.0",)):
 
 
 def test_a_torch_range_is_chosen_by_the_running_torch_not_transformers(path):
-    bl.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
-    entry = bl.load(path).entries[KEY]
+    baseline_update.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
+    entry = baseline_file.load(path).entries[KEY]
     assert [rv.package for rv in entry.by_release] == ["transformers", "torch"]
     on_pins = {"torch": "2.13.0+cpu"}
     assert entry.value_for("5.24.0", on_pins) is None  # the entry's own ratio
@@ -219,23 +224,23 @@ def test_a_torch_range_is_chosen_by_the_running_torch_not_transformers(path):
 
 def test_a_torch_range_may_not_hold_the_pinned_torch_nor_overlap_its_own_package(path):
     with pytest.raises(BaselineError, match="holds torch 2.13.0"):
-        bl.update(path, [pinned(by_release=[torch_range(releases=">=2.11.0,<2.14.0", observed=("2.11.0",))])],
-                  run_failed=False, scenario="cpu-tiny")
+        wide = torch_range(releases=">=2.11.0,<2.14.0", observed=("2.11.0",))
+        baseline_update.update(path, [pinned(by_release=[wide])], run_failed=False, scenario="cpu-tiny")
     with pytest.raises(BaselineError, match="torch ranges"):
-        bl.update(path, [pinned(by_release=[torch_range(), torch_range(releases=">=2.12.0,<2.13.0",
-                                                                       observed=("2.12.0",))])],
-                  run_failed=False, scenario="cpu-tiny")
+        baseline_update.update(path, [pinned(by_release=[torch_range(), torch_range(releases=">=2.12.0,<2.13.0",
+                                                                                    observed=("2.12.0",))])],
+                               run_failed=False, scenario="cpu-tiny")
     # a transformers range and a torch range with the same numbers are two packages: allowed
-    bl.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
+    baseline_update.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
 
 
 def test_an_unknown_package_in_a_stored_range_is_rejected(path):
-    bl.update(path, [pinned(by_release=[torch_range()])], run_failed=False, scenario="cpu-tiny")
+    baseline_update.update(path, [pinned(by_release=[torch_range()])], run_failed=False, scenario="cpu-tiny")
     data = json.loads(path.read_text())
     data["entries"][KEY]["by_release"][0]["package"] = "numpy"
     path.write_text(json.dumps(data))
     with pytest.raises(BaselineError, match="unknown package 'numpy'"):
-        bl.load(path)
+        baseline_file.load(path)
 
 
 def test_torch_ranges_from_measurements_are_keyed_by_torch():

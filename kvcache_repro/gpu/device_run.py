@@ -1,6 +1,6 @@
 """``./kvq device-run OUTDIR``: the GPU tier in one prepared call, under a global deadline.
 
-On a CUDA box (FACTS.md "The GPU box": no network, minutes of device time) it runs, in
+On a CUDA box (docs/facts.md "The GPU box": no network, minutes of device time) it runs, in
 this order, each (backend, batch) in a fresh subprocess as ``./kvq experiment`` does:
 
 1. ``seed-arch-short`` - the seed's experiment on 8 layers of random Llama-3-8B weights;
@@ -30,9 +30,6 @@ builds and uses the real kernel instead. Either way every result says which.
 """
 from __future__ import annotations
 
-from kvcache_repro.core import cli
-
-import argparse
 import datetime
 import json
 import os
@@ -45,8 +42,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kvcache_repro.core import metrics, provenance
-from kvcache_repro.verdicts import baselines, paths
+from kvcache_repro.core import cli, metrics, provenance
+from kvcache_repro.verdicts import baseline_file, baseline_update, paths
 from kvcache_repro.runner import experiment, limits
 from kvcache_repro.measure import scenarios
 from kvcache_repro.backends import quanto_unpack
@@ -55,8 +52,7 @@ from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.worker import NOTES_SEPARATOR
 
 ROOT = Path(__file__).resolve().parents[2]
-PLAN = scenarios.DEVICE_PLAN
-DEFAULT_BUDGET_S = 480.0  # the whole script: 8 minutes
+PLAN = scenarios.DEVICE_PLAN  # the whole script's budget: --budget (kvcache_repro/commands/device_run.py)
 # Kept back for the pytest step (collection ~15-20 s, then checks over stored numbers).
 PYTEST_RESERVE_S = 60.0
 MIN_RUN_S = 15.0  # no run is started with less left than this (a fresh process alone takes ~10 s)
@@ -64,7 +60,7 @@ STORED_RUNS_ENV = "KVQ_STORED_RUNS"
 MEASUREMENTS_FILE = "measurements.jsonl"
 ENVIRONMENT_FILE = "environment.json"
 
-# The seed's published numbers (FACTS.md: reserved after generation, GiB printed as GB;
+# The seed's published numbers (docs/facts.md: reserved after generation, GiB printed as GB;
 # before generation 5.40 reserved in every run), for SUMMARY.md.
 SEED_RESERVED_AFTER_GB = {"none": 55.99, "quanto4": 18.94, "hqq4": 29.34}
 SEED_RESERVED_BEFORE_GB = 5.40
@@ -265,16 +261,15 @@ def update_baselines(run: experiment.ExperimentRun, record: ScenarioRecord, out:
     the analytic bytes; a band miss does not block (that is what an update is for)."""
     exact = all(m.metrics["cache_bytes"] == m.predicted_cache_bytes for m in run.measurements)
     failed = record.status != "complete" or not exact
-    produced_by = experiment.provenance(run.scenario, run.measurements)
-    produced_by["source"] = "./kvq device-run"
     notes = sorted({n for m in run.measurements for n in m.notes.split(NOTES_SEPARATOR) if n})
-    if notes:
-        produced_by["notes"] = notes
-    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4), metrics.default_tolerance(run.scenario.device, r.metric),
-                               produced_by) for r in run.ratios]
-    target = out / "baselines" / paths.recorded_path(run.scenario.name).relative_to(baselines.BASELINE_DIR)
-    return baselines.update(target, entries, run_failed=failed, scenario=run.scenario.name,
-                            description=run.scenario.notes)
+    produced_by = experiment.provenance(run.scenario, run.measurements, "./kvq device-run",
+                                        **({"notes": notes} if notes else {}))
+    entries = [baseline_file.Entry(r.backend, r.batch, r.metric, round(r.value, 4),
+                                   metrics.default_tolerance(run.scenario.device, r.metric), produced_by)
+               for r in run.ratios]
+    target = out / "baselines" / paths.recorded_path(run.scenario.name).relative_to(baseline_file.BASELINE_DIR)
+    return baseline_update.update(target, entries, run_failed=failed, scenario=run.scenario.name,
+                                  description=run.scenario.notes)
 
 
 # ---- what pytest reads back -------------------------------------------------------------
@@ -396,11 +391,10 @@ def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
 def environment_info(dry_run: bool, budget: float, env: dict) -> dict:
     import torch
 
-    versions = provenance.package_versions()
     return {"dry_run": dry_run, "budget_s": budget, "python": sys.version.split()[0], "executable": sys.executable,
-            "platform": platform.platform(), "versions": versions,
-            "device": (torch.cuda.get_device_name(0) if torch.cuda.is_available() else
-                       f"no CUDA device: {os.cpu_count()}-core CPU ({platform.machine()})"),
+            "platform": platform.platform(), "versions": provenance.package_versions(),
+            "device": (provenance.device_label("cuda") if torch.cuda.is_available() else
+                       f"no CUDA device: {provenance.device_label('cpu')}"),
             "cuda": torch.version.cuda, "env": {k: env[k] for k in sorted(env)},
             "pythonpath": os.environ.get("PYTHONPATH", ""), "outdir": "",
             "date": datetime.datetime.now().isoformat(timespec="seconds")}
@@ -440,26 +434,14 @@ def pytest_step(out: Path, clock: Clock, dry_run: bool, extra: list[str], log=pr
     return f"exit {proc.returncode}: {summary.strip('= ')}"
 
 
-def main(argv=None, clock: Clock | None = None) -> int:
-    parser = cli.parser("./kvq device-run", __doc__, [
-        "./kvq device-run /tmp/kvq-out                     # on a CUDA box: every scenario, then pytest -m gpu",
-        "./kvq device-run /tmp/kvq-dry --dry-run           # the same plan on the CPU (a tiny model)",
-        "KVQ_SYSTEM_PYTHON=1 ./kvq device-run OUT --archive OUT/device-run.tar.gz   # offline box"],
-        "0 every planned scenario ran and pytest -m gpu passed; 1 a scenario failed or was cut by the "
-        "deadline, or pytest failed (SUMMARY.md and device-run.log say which); 2 bad arguments")
-    parser.add_argument("outdir", help="where results, SUMMARY.md, logs and updated baselines go")
-    parser.add_argument("--dry-run", action="store_true", help="the same script on the CPU with a tiny model")
-    parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for everything (default 480)")
-    parser.add_argument("--scenarios", default=",".join(PLAN), help=f"comma-separated, in order (default {','.join(PLAN)})")
-    parser.add_argument("--no-pytest", action="store_true", help="skip the pytest -m gpu step")
-    parser.add_argument("--no-expandable", action="store_true",
-                        help="skip the large batch's second run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
-    parser.add_argument("--pytest-args", default="", help="extra arguments for the pytest step")
-    parser.add_argument("--quanto-cuda-kernel", action="store_true",
-                        help="JIT-build and use quanto_cuda's unpack (minutes) instead of quanto's Python unpack")
-    parser.add_argument("--archive", default=None, help="also pack OUTDIR into this .tar.gz after every run")
-    args = parser.parse_args(argv)
-
+def command(args, clock: Clock | None = None) -> int:
+    """``./kvq device-run`` with its parsed arguments (kvcache_repro/commands/device_run.py):
+    the exit code."""
+    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
+    try:
+        plan = [scenarios.get(n + scenarios.DRY_SUFFIX if args.dry_run else n) for n in names]
+    except scenarios.SelectionError as error:
+        raise cli.UsageError(f"--scenarios: {error}") from None
     clock = clock or Clock(args.budget)
     out = Path(args.outdir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -470,13 +452,11 @@ def main(argv=None, clock: Clock | None = None) -> int:
         print(line, flush=True)
         logfile.write(line + "\n")
 
-    names = [n.strip() for n in args.scenarios.split(",") if n.strip()]
-    plan = [scenarios.get(n + scenarios.DRY_SUFFIX if args.dry_run else n) for n in names]  # bad names fail here
     env = {"HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}  # no network there: never wait on the hub
     if not args.quanto_cuda_kernel:
         env[quanto_unpack.ENV] = "1"
     os.environ.update(env)  # the pytest step inherits them
-    shutil.copytree(baselines.BASELINE_DIR, out / "baselines", dirs_exist_ok=True)
+    shutil.copytree(baseline_file.BASELINE_DIR, out / "baselines", dirs_exist_ok=True)
     environment = environment_info(args.dry_run, args.budget, env)
     environment["outdir"] = str(out)
     (out / ENVIRONMENT_FILE).write_text(json.dumps(environment, indent=2) + "\n")
@@ -506,7 +486,7 @@ def main(argv=None, clock: Clock | None = None) -> int:
             try:
                 for line in update_baselines(run, record, out):
                     log(f"  baseline {scenario.name}: {line}")
-            except baselines.BaselineError as error:
+            except baseline_file.BaselineError as error:
                 log(f"  baselines {scenario.name} NOT updated: {error}")
         archive(out, target)
 
@@ -527,7 +507,3 @@ def main(argv=None, clock: Clock | None = None) -> int:
     # the plan with --scenarios to leave one out on purpose.
     ok = all(r.status == "complete" for r in records.values())
     return 0 if ok and pytest_result.startswith(("exit 0", "not run (--no-pytest)")) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,7 +9,7 @@ a tiny model took 15 s a backend; the cache alone is what is measured.
 ``run(spec, check)`` calls ``check(cache, tokens)`` after each step and returns the
 exact peak of live tensor bytes of the whole run (peak.py), the inputs included.
 
-    python -m kvcache_repro.measure.long_run record   # baselines/long-cache.json
+    python -m kvcache_repro.verdicts.long_run record   # baselines/long-cache.json
 
 The stored quantity per quantized backend is its peak over the unquantized cache's peak
 in the same driver (exact bytes; identical on every CPU path, as cpu-tiny's are). The

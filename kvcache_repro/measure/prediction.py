@@ -7,7 +7,7 @@ tokens (8-token prompts + 1,000 new) as
     weights_seed + cache(200 rows, 1,008 tokens) + transient x (200 / b) x (1,008 / T)
 
 - weights_seed: 5.31 GiB, what the seed's notebook printed as allocated before
-  tokenizing (NF4 Llama-3-8B, fp16 compute; FACTS.md) - a stated constant;
+  tokenizing (NF4 Llama-3-8B, fp16 compute; docs/facts.md) - a stated constant;
 - cache: the analytic byte model (accounting.py), exact at any size (tests/test_accounting.py);
 - transient: measured (peak - weights - cache at the end). Every transient here is one
   layer's worth of cache-sized tensors (a dequantized copy, hqq's requantization

@@ -192,7 +192,7 @@ class SpeedSetup:
 SPEED_SETUPS = {s.name: s for s in (
     # The tiny Llama at the seed's cache settings (G 128, R 64; 256 new tokens = 4 flushes):
     # the cache's work is a large share of each step, so the backends stand apart.
-    # Under ../shared/tools/loaded-run one run of 6 rounds once had blocks 1.40-1.68
+    # With one core kept busy one run of 6 rounds once had blocks 1.40-1.68
     # (quanto4) and 1.66-2.05 (hqq4): up to 18 rounds then decide.
     SpeedSetup("tiny", "tiny", 16, 16, 256, caches.QuantSettings(q_group_size=128, residual_length=64), 6,
                max_rounds=18),
@@ -209,7 +209,7 @@ def band(ratio: SpeedRatio) -> float:
 
 
 # Ten runs of the tiny setup on the 2-core dev machine (2026-11-30; five under
-# ../shared/tools/loaded-run, two in fresh clones) gave quanto4 1.291-1.533 and hqq4
+# one core kept busy, two in fresh clones) gave quanto4 1.291-1.533 and hqq4
 # 1.616-1.829: a run's ratio strays up to 0.135 from the median of the ten, so bands are
 # at least 1.5 times that.
 REPEATABILITY = 0.2

@@ -2,7 +2,7 @@
 otherwise.
 
 Why one: on the 2-core machines here, with another process on one core (CI's usual
-state, ../shared/tools/loaded-run), every OpenMP parallel region waits for the thread
+state, one core kept busy by another process), every OpenMP parallel region waits for the thread
 that lost its core. A 1x256 @ 256x1024 linear took 5-16 ms at two threads and 0.07 ms
 at one; a decode step of the seed-geometry model 60-85 ms against a few ms. Exact
 measurements (bytes, tokens) do not depend on it (tests/test_peak.py checks 1 vs 2

@@ -28,7 +28,7 @@ USER_MODEL = "model"
 # Speed is the one timing-sensitive measurement: under xdist the controller takes it
 # before any test is scheduled, alone on the machine, and hands it to the worker whose
 # tests use it through this file (pytest_xdist_node_collection_finished). Beside a second
-# worker running other tests, quanto4's ratio rose from ~1.48 to 1.63 under loaded-run.
+# worker running other tests, quanto4's ratio rose from ~1.48 to 1.63 with one core kept busy.
 SPEED_FILE_ENV = "KVQ_SPEED_MEASURED"
 
 

@@ -5,7 +5,6 @@ worker builds its report where its data is and hands it to the controller, which
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict
 
 import pytest
@@ -39,7 +38,7 @@ def record_claim(config, result) -> None:
 def session_report(config) -> dict:
     """What this process measured, as text: sections of the summary and the claim results."""
     from kvcache_repro.core import provenance
-    from kvcache_repro.verdicts import baselines
+    from kvcache_repro.verdicts import comparison
 
     sections: dict[str, list[str]] = {}
     drift = []  # (baseline file, verdicts) of everything compared this session
@@ -48,7 +47,7 @@ def session_report(config) -> dict:
             sections.setdefault(kind.title, []).extend(kind.report(key, result))
             drift.append(kind.compared(key, result))
     versions = provenance.package_versions()
-    lines = [line for path, verdicts in drift for line in baselines.drift_lines(path, verdicts, versions)]
+    lines = [line for path, verdicts in drift for line in comparison.drift_lines(path, verdicts, versions)]
     if lines:
         sections["Drift against baselines recorded with other package versions"] = lines
     return {"sections": sections, "claims": [asdict(r) for r in config.stash.get(state.CLAIMS, [])]}
@@ -88,9 +87,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
 
 
 def _write_claims(terminalreporter, config, claims, claim_results):
-    import datetime
-    import platform
-
     import torch
 
     from kvcache_repro.core import provenance
@@ -98,9 +94,8 @@ def _write_claims(terminalreporter, config, claims, claim_results):
 
     terminalreporter.section("The seed's claims on this setup")
     terminalreporter.write_line(claims.table(claim_results))
-    device = (torch.cuda.get_device_name(0) if torch.cuda.is_available()
-              else f"{os.cpu_count()}-core CPU ({platform.machine()})")
-    produced = {"versions": provenance.package_versions(), "date": datetime.date.today().isoformat(), "device": device}
+    produced = provenance.produced_by(provenance.device_label("cuda" if torch.cuda.is_available() else "cpu"), None,
+                                      with_machine=False)
     # ./kvq device-run's pytest step: beside its results (SUMMARY.md shows it), not in the checkout
     out = claims.write(device_run.stored_runs_dir() or config.rootpath / "results", claim_results, produced)
     terminalreporter.write_line(f"claims table written to {', '.join(str(p) for p in out)}")

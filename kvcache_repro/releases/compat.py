@@ -1,5 +1,5 @@
 """Checking releases of every package the result depends on: ``./kvq compat SPEC ...``
-(``python -m kvcache_repro.releases.compat SPEC ...``) runs the CPU tier's version-sensitive test
+(``python -m kvcache_repro compat SPEC ...``) runs the CPU tier's version-sensitive test
 groups against each spec (package_specs.py: a transformers release, ``torch==2.14.1``,
 ``optimum-quanto==X``, ``hqq==Y``, a combination, or a local pre-release build) in its own
 cached environment (compat_envs.py), stores one JSON per spec in compat/runs/, and
@@ -17,7 +17,6 @@ whose fault it is:
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -28,11 +27,11 @@ import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
-from packaging.version import Version
-
 # The prefixes the suite's messages start with; the classifier reads them back from junit.
-from kvcache_repro.core import cli
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
+
+# packaging is imported where versions are compared, not here: ./kvq compat --help lists this
+# module's groups with a bare python3, before the venv exists (kvcache_repro/commands/compat.py).
 
 ROOT = Path(__file__).resolve().parents[2]
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
@@ -161,6 +160,8 @@ def swapped(run: dict) -> tuple[str, ...]:
 def run_order(run: dict) -> tuple:
     """Rows grouped by the package swapped (package_specs.PACKAGES order; combinations
     last), oldest release first within a group; a full-tier run after its groups' run."""
+    from packaging.version import Version
+
     from kvcache_repro.releases.package_specs import PACKAGES
 
     packages = swapped(run)
@@ -284,6 +285,8 @@ docs/releases.md).
 def probe_table(probes: list[dict]) -> str:
     """Releases as rows, probed behaviours (kvcache_repro/releases/probe.py) as columns; a cell that
     differs from the row above is bold, so each change shows at the first release with it."""
+    from packaging.version import Version
+
     probes = sorted(probes, key=lambda p: (Version(p.get("transformers", "0")), p.get("spec", "")))
     keys = [k for k in dict.fromkeys(k for p in probes for k in p) if k not in ("transformers", "spec")]
     lines = ["| release | " + " | ".join(k.removeprefix("family:") for k in keys) + " |", "|---|" + "---|" * len(keys)]
@@ -420,30 +423,10 @@ def probe_spec(spec, root: Path = ROOT) -> dict:
     return {**head, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
-def main(argv: list[str] | None = None) -> int:
+def command(args) -> int:
+    """``./kvq compat`` with its parsed arguments (kvcache_repro/commands/compat.py): the exit code."""
     from kvcache_repro.releases import package_specs
 
-    parser = cli.parser("./kvq compat", __doc__, [
-        "./kvq compat 5.17.0 5.20.2                        # transformers releases",
-        "./kvq compat torch==2.14.1 hqq==0.2.7.post1       # other packages, the rest pinned",
-        "./kvq compat transformers==5.17.0,torch==2.11.0   # a combination",
-        "./kvq compat 'transformers @ file:///src/transformers'   # an unreleased build"],
-        "0 the runs were written (failures are rows of compat/RESULTS.md, not exit codes); 2 a spec "
-        "cannot be read (the message lists the forms)")
-    parser.add_argument("specs", nargs="*", metavar="SPEC",
-                        help="a transformers version, or PACKAGE==VERSION / 'PACKAGE @ file:///path' / a wheel, "
-                             "comma-joined for combinations (default: the pinned transformers)")
-    parser.add_argument("--full", action="store_true",
-                        help=f"the whole tier ({MARKERS}), not only the version-sensitive groups")
-    parser.add_argument("--groups", default=None,
-                        help=f"comma-separated test files (default {','.join(DEFAULT_GROUPS)}, plus per swapped "
-                             f"package: " + "; ".join(f"{k}: {','.join(v)}" for k, v in PACKAGE_GROUPS.items()) + ")")
-    parser.add_argument("--probe", action="store_true",
-                        help="only probe each spec's behaviours (seconds; for bisection) into compat/probes/")
-    parser.add_argument("--report-only", action="store_true", help="only rewrite compat/RESULTS.md from compat/runs/")
-    parser.add_argument("--no-speed", action="store_true",
-                        help="skip the decode-time comparison with the pin (side by side, ~4 min a spec)")
-    args = parser.parse_args(argv)
     runs_dir = ROOT / "compat" / "runs"
     runs_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -469,7 +452,3 @@ def main(argv: list[str] | None = None) -> int:
                          notes=notes.read_text().strip() if notes.exists() else "")
     print(text.split("## Per release")[0].split("## Matrix")[-1])
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

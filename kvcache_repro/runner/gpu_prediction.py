@@ -42,7 +42,6 @@ Reserved memory is not predicted: it depends on the card's capacity (measure/res
 """
 from __future__ import annotations
 
-import datetime
 import itertools
 import json
 import subprocess
@@ -52,21 +51,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from kvcache_repro.core import cli
+from kvcache_repro.core.provenance import produced_by
+from kvcache_repro.backends.kinds import KINDS
+from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.backends.offline import NARROW_SUFFIX  # offline.py is torch-free at import
 from kvcache_repro.measure import scenarios
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.verdicts import bands, baseline_file, baseline_update, paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
 PROXY_ROWS = 2
 PROXY_CYCLES = (2, 4)  # residual cycles past the scenario's phase, for the two proxy runs
 PROMPT_LEN = 8  # every plan scenario's prompts: 8 seeded random ids (offline.py), or seed prompts padded to 8
-HQQ_FP16_LOW = 0.5
+HQQ_FP16_LOW = KINDS["hqq"].cuda_transient_low  # kinds/hqq.py
 KERNEL_SHARE = 0.10
 CUDA_EXTRA_BYTES = 64 * 2**20
 DRY_SHARE = 0.05
 FLOOR = 0.005  # the stored ratio's rounding and bytes no term names
-KIND = "predicted"
 COMMAND = "python -m kvcache_repro.runner.gpu_prediction write"
 LIMITS = [
     f"hqq on CUDA quantizes/optimizes in float16, on CPU in float32: hqq's transient taken as {HQQ_FP16_LOW:g}..1 x "
@@ -221,7 +222,6 @@ def cache_bytes(scenario: scenarios.Scenario, backend: str, rows: int, tokens: i
     """The analytic bytes of every layer's cache after ``tokens`` (accounting.py)."""
     import torch
 
-    from kvcache_repro.backends.matrix import BACKENDS
     from kvcache_repro.backends.offline import arch_config_kwargs
     from kvcache_repro.measure import accounting
 
@@ -250,17 +250,17 @@ def ratio_band(target: scenarios.Scenario, quantized: Predicted, none: Predicted
     """(centre, half-width) of peak_q / peak_none over the corners of every uncertain term."""
     cuda = target.device == "cuda"
     share = KERNEL_SHARE if cuda else DRY_SHARE
-    hqq = (HQQ_FP16_LOW, 1.0) if cuda and quantized.backend.startswith("hqq") else (1.0,)
+    low = (BACKENDS[quantized.backend].kind.cuda_transient_low if cuda else 1.0, 1.0)  # hqq: fp16 on CUDA
     extra = (0, CUDA_EXTRA_BYTES) if cuda else (0,)
     base_q = quantized.peak - quantized.transient
     base_n = none.peak - none.transient
     values = [(base_q + quantized.transient * f * (1 + eq) + x) / (base_n + none.transient * (1 + en) + x)
-              for f, eq, en, x in itertools.product(hqq, (-share, share), (-share, share), extra)]
+              for f, eq, en, x in itertools.product(low, (-share, share), (-share, share), extra)]
     lo, hi = min(values), max(values)
     return (lo + hi) / 2, (hi - lo) / 2 + FLOOR
 
 
-def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[baselines.Entry]:
+def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[baseline_file.Entry]:
     p = predict(target, proxies)
     out = []
     for batch in target.batch_sizes:
@@ -273,32 +273,28 @@ def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[basel
             terms = {"weights": q.weights, "inputs": q.inputs, "cache": q.cache, "transient": round(q.transient),
                      "peak": round(q.peak), "none_peak": round(none.peak), "none_transient": round(none.transient)}
             peak_by = {**provenance, "prediction": {"bytes": terms}}
-            out.append(baselines.Entry(backend, batch, "peak_allocated", round(centre, 4),
-                                       float(f"{baselines.round_up(tol):.3g}"), peak_by))
-            out.append(baselines.Entry(backend, batch, "cache_bytes", round(q.cache / none.cache, 4), 0.001,
-                                       {**provenance, "prediction": {"bytes": {"cache": q.cache,
-                                                                               "none_cache": none.cache},
-                                                                     "basis": "the analytic byte model (exact)"}}))
+            out.append(baseline_file.Entry(backend, batch, "peak_allocated", round(centre, 4),
+                                           float(f"{bands.round_up(tol):.3g}"), peak_by))
+            out.append(baseline_file.Entry(backend, batch, "cache_bytes", round(q.cache / none.cache, 4), 0.001,
+                                           {**provenance, "prediction": {"bytes": {"cache": q.cache,
+                                                                                   "none_cache": none.cache},
+                                                                         "basis": "the analytic byte model (exact)"}}))
     return out
 
 
 def provenance(target: scenarios.Scenario, proxies) -> dict:
-    from kvcache_repro.core.provenance import machine
-    from kvcache_repro.core.provenance import package_versions
-
-    return {"kind": KIND, "source": COMMAND, "date": datetime.date.today().isoformat(),
-            "device": ("predicted for a CUDA device from CPU proxies" if target.device == "cuda"
-                       else "predicted for this CPU from CPU proxies (the dry run checks the scaling)"),
-            "versions": package_versions(), "machine": machine(),
-            "settings": {"new_tokens": target.new_tokens, "q_group_size": target.settings.q_group_size,
-                         "residual_length": target.settings.residual_length, "dtype": target.dtype,
-                         "prompt_len": PROMPT_LEN},
-            "proxies": {"runs": [f"{arch} x {PROXY_ROWS} rows x {n} new tokens" for _, arch, n in proxy_runs(target)],
-                        "quanto_unpack": "python" if python_unpack_on_cpu(target) else "quanto_cpp",
-                        "bytes_above_weights": {b: {role: {str(n): v for n, v in per.items()}
-                                                    for role, per in roles.items()} for b, roles in proxies.items()}},
-            "limits": LIMITS if target.device == "cuda" else
-            [f"the scaling from the proxy (1 layer, 2 rows) to the run: +/- {DRY_SHARE:.0%} of each transient"]}
+    return produced_by(
+        "predicted for a CUDA device from CPU proxies" if target.device == "cuda"
+        else "predicted for this CPU from CPU proxies (the dry run checks the scaling)", COMMAND,
+        {"new_tokens": target.new_tokens, "q_group_size": target.settings.q_group_size,
+         "residual_length": target.settings.residual_length, "dtype": target.dtype, "prompt_len": PROMPT_LEN},
+        kind=baseline_file.PREDICTED_KIND,
+        proxies={"runs": [f"{arch} x {PROXY_ROWS} rows x {n} new tokens" for _, arch, n in proxy_runs(target)],
+                 "quanto_unpack": "python" if python_unpack_on_cpu(target) else "quanto_cpp",
+                 "bytes_above_weights": {b: {role: {str(n): v for n, v in per.items()}
+                                             for role, per in roles.items()} for b, roles in proxies.items()}},
+        limits=LIMITS if target.device == "cuda" else
+        [f"the scaling from the proxy (1 layer, 2 rows) to the run: +/- {DRY_SHARE:.0%} of each transient"])
 
 
 def write(targets: list[scenarios.Scenario], log=print) -> None:
@@ -311,11 +307,10 @@ def write(targets: list[scenarios.Scenario], log=print) -> None:
             log(f"{target.name}: proxy runs " + ", ".join(f"{a} N{n}" for _, a, n in proxy_runs(target)))
             measured[key] = _measure_in_child(target)
         proxies = measured[key]
-        from kvcache_repro.runner.experiment import baseline_path
-
-        path = baseline_path(target.name)
-        for line in baselines.update(path, entries(target, proxies, provenance(target, proxies)), run_failed=False,
-                                     scenario=target.name, description=target.notes, reset_tolerance=True):
+        path = paths.baseline_path(target.name)
+        for line in baseline_update.update(path, entries(target, proxies, provenance(target, proxies)),
+                                           run_failed=False, scenario=target.name, description=target.notes,
+                                           reset_tolerance=True):
             log(f"  {target.name}: {line}")
 
 

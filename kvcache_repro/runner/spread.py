@@ -7,10 +7,10 @@ choice: torch's own vector code (``ATEN_CPU_CAPABILITY=default|avx2|avx512``), o
 (``ONEDNN_MAX_CPU_ISA``), MKL's (``MKL_ENABLE_INSTRUCTIONS``), and the thread count
 (``KVQ_TORCH_THREADS``: reductions split differently). ``PATHS`` lists those measured.
 
-    python -m kvcache_repro.runner.spread measure OUT.json      # this process's path, one file
-    python -m kvcache_repro.runner.spread run DIR [--paths ...] # each path in a fresh process, one after
-                                                         # another (never two heavy runs at once)
-    python -m kvcache_repro.runner.spread table DIR ...         # per quantity: min, max, which knobs move it
+    python -m kvcache_repro spread measure OUT.json      # this process's path, one file
+    python -m kvcache_repro spread run DIR [--paths ...] # each path in a fresh process, one after
+                                                  # another (never two heavy runs at once); ./kvq spread DIR
+    python -m kvcache_repro spread table DIR ...         # per quantity: min, max, which knobs move it
 
 What is measured (the quantities the suite stores or asserts with a numeric margin): the
 `core` accuracy table (KL, top-1, perplexity ratio per backend; the reference
@@ -19,9 +19,6 @@ the tiny speed setup's decode-time ratios.
 """
 from __future__ import annotations
 
-from kvcache_repro.core import cli
-
-import argparse
 import json
 import os
 import subprocess
@@ -106,7 +103,7 @@ def run_paths(out_dir: Path, paths: list[str], parts: list[str], timeout: float 
         target = out_dir / f"{name}.json"
         t0 = time.time()
         try:
-            rc = subprocess.call([sys.executable, "-m", "kvcache_repro.runner.spread", "measure", str(target),
+            rc = subprocess.call([sys.executable, "-m", "kvcache_repro", "spread", "measure", str(target),
                                   "--parts", *parts], env=env, timeout=timeout)
         except subprocess.TimeoutExpired:  # the child is killed; the paths before it are kept
             rc = f"killed after the {timeout:.0f} s limit"
@@ -130,23 +127,9 @@ def table(runs: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = cli.parser("python -m kvcache_repro.runner.spread", __doc__, [
-        "./kvq spread baselines/spread/my-machine         # every path, one after another (~2.5 min each)",
-        "python -m kvcache_repro.runner.spread table baselines/spread/*/*.json"],
-        "0 every path measured (or the table printed); 1 a path failed or hit its time limit (its file "
-        "says so; the others are kept); 2 bad arguments")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    m = sub.add_parser("measure", help="measure in this process, write OUT")
-    m.add_argument("out", type=Path)
-    m.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(DEFAULT_PARTS))
-    r = sub.add_parser("run", help="measure each path in a fresh process, into DIR")
-    r.add_argument("dir", type=Path)
-    r.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
-    r.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(DEFAULT_PARTS))
-    t = sub.add_parser("table", help="the spread of the files given")
-    t.add_argument("files", nargs="+", type=Path)
-    a = p.parse_args(argv)
+def command(a) -> int:
+    """``python -m kvcache_repro spread`` with its parsed arguments (kvcache_repro/commands/spread.py):
+    the exit code."""
     if a.cmd == "measure":
         data = measure(a.parts)
         from kvcache_repro.core.atomic import write_atomic
@@ -158,7 +141,3 @@ def main(argv=None) -> int:
         return 0 if len(done) == len(a.paths) else 1
     print(table({f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in a.files}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -53,17 +53,14 @@ def main(argv=None) -> int:
     say(f"{scenario.name} {args.backend} b{args.batch}: starting")
     faults.in_worker()  # KVQ_FAULT, as the test process has it
     from kvcache_repro.measure import memory, threads
-    from kvcache_repro.backends import quanto_ext, quanto_unpack
+    from kvcache_repro.backends import quanto_ext
 
     threads.pin()
-    notes = [None]
-    if memory.BACKENDS[args.backend].backend == "quanto":
-        try:
-            say(quanto_ext.prepare())
-        except quanto_ext.StaleLockError as error:
-            print(str(error), file=sys.stderr, flush=True)
-            return STALE_LOCK_EXIT
-        notes = [quanto_unpack.install_if_requested()]
+    try:
+        notes = [memory.BACKENDS[args.backend].kind.prepare(say)]  # quanto: its extension, maybe its Python unpack
+    except quanto_ext.StaleLockError as error:
+        print(str(error), file=sys.stderr, flush=True)
+        return STALE_LOCK_EXIT
     say("loading the model")
     model, tokenizer = memory.load_model(scenario, args.checkpoint)
     say(f"generating {scenario.new_tokens} new tokens")

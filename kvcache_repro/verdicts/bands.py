@@ -1,28 +1,25 @@
 """Bands cut from the spread between machines (kvcache_repro/runner/spread.py's runs), written
 into the baseline entries with that spread, and what each band catches.
 
-    python -m kvcache_repro.verdicts.bands apply RUN.json ... [--write]
+    python -m kvcache_repro bands apply RUN.json ... [--write]
 
 For every entry of the files below that has observations in the runs given: the value on
 each run becomes ``spread.observed`` (labelled by machine and path, plus the value the
 entry already holds, labelled by its own ``produced_by``); the band is
-``baselines.band(observed, MARGIN, floor)`` (centre: the middle of the observed range;
+``band(observed, MARGIN, floor)`` (centre: the middle of the observed range;
 half-width MARGIN x half the range, never below the metric's floor). A metric whose band
 would be wider than ``UNBANDED_SHARE`` of what a regression moves is reported and not
 compared (``banded`` false): a band that wide catches nothing.
 """
 from __future__ import annotations
 
-from kvcache_repro.core import cli, metrics
-
-import argparse
 import json
 import math
 import re
-import sys
 from pathlib import Path
 
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.core import metrics
+from kvcache_repro.verdicts import baseline_file
 from kvcache_repro.core.atomic import write_atomic
 
 # The paths one machine reaches are not every machine: the AVX512 machine of issue 17 moved
@@ -85,7 +82,8 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
         share = f" ({tol / over:.1%} of the {over:.3g} the cache adds)" if over > 1e-3 else ""
         return f"perplexity off by more than {tol / value:.2%}{share}"
     if metric == "decode_time_ratio":
-        return f"decode time off by more than {tol:.3g} x none's ({tol / max(abs(value - 1), 1e-9):.0%} of the overhead)"
+        share = tol / max(abs(value - 1), 1e-9)
+        return f"decode time off by more than {tol:.3g} x none's ({share:.0%} of the overhead)"
     if metric == "kl":
         return f"KL off by more than {tol / value:.1%}"
     if metric == "reference_perplexity":
@@ -93,14 +91,42 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
     return f"off by more than {tol / value:.2%} (exact on every path measured)" if value else f"off by {tol}"
 
 
-def _positions(entry: baselines.Entry) -> int:
+def round_up(x: float, digits: int = 3) -> float:
+    """``x`` rounded up to ``digits`` significant digits: a stored band never comes out
+    narrower than the spread it was cut from."""
+    if x <= 0:
+        return 0.0
+    scale = 10 ** (math.floor(math.log10(x)) - digits + 1)
+    return math.ceil(x / scale - 1e-9) * scale
+
+
+def band(observed: dict[str, float], margin: float, floor: float) -> tuple[float, float]:
+    """(centre, half-width) of the band cut from ``observed``: the middle of the observed
+    range, ``margin`` x its half-range and never below ``floor``; it holds every value."""
+    lo, hi = min(observed.values()), max(observed.values())
+    centre = float(f"{(lo + hi) / 2:.6g}")
+    need = max(floor, margin * (hi - lo) / 2, hi - centre, centre - lo)
+    return centre, float(f"{round_up(need):.3g}")
+
+
+def machine_label(produced_by: dict) -> str:
+    """How an observation is named in a spread: the recording machine's CPU and path."""
+    m = produced_by.get("machine") if isinstance(produced_by, dict) else None
+    if not isinstance(m, dict):
+        return f"unrecorded machine, {produced_by.get('date', '?') if isinstance(produced_by, dict) else '?'}"
+    env = ",".join(f"{k}={v}" for k, v in sorted(m.get("env", {}).items()))
+    label = f"{m.get('cpu', '?')} {m.get('torch_capability', '?')} {m.get('threads', '?')}t"
+    return label + (f" [{env}]" if env else "")
+
+
+def _positions(entry: baseline_file.Entry) -> int:
     """Predicted positions of an accuracy entry's protocol ("rows2-prefill64-decode128-..."
     -> 2 x 128); 1 for entries without one (memory, speed: top-1 is not theirs)."""
     m = re.match(r"rows(\d+)-prefill\d+-decode(\d+)", entry.produced_by.get("settings", {}).get("protocol", ""))
     return int(m.group(1)) * int(m.group(2)) if m else 1
 
 
-def observed_for(key_prefix: str, entry: baselines.Entry, runs: dict[str, dict]) -> dict[str, float]:
+def observed_for(key_prefix: str, entry: baseline_file.Entry, runs: dict[str, dict]) -> dict[str, float]:
     """The entry's value on each run: ``values[<prefix>/<backend>/<metric>]`` (accuracy)
     or ``values[<prefix>/<backend>/b<batch>/<metric>]`` (memory, speed)."""
     out = {}
@@ -114,7 +140,7 @@ def observed_for(key_prefix: str, entry: baselines.Entry, runs: dict[str, dict])
 
 
 def run_label(run: dict, name: str) -> str:
-    return baselines.machine_label({"machine": run.get("machine", {})}) + (f" ({name})" if name else "")
+    return machine_label({"machine": run.get("machine", {})}) + (f" ({name})" if name else "")
 
 
 def load_runs(files) -> dict[str, dict]:
@@ -131,8 +157,8 @@ def load_runs(files) -> dict[str, dict]:
     return runs
 
 
-def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float = MARGIN,
-             recorder: dict | None = None) -> baselines.Entry:
+def rebanded(entry: baseline_file.Entry, observed: dict[str, float], margin: float = MARGIN,
+             recorder: dict | None = None) -> baseline_file.Entry:
     """The entry with its band cut from ``observed`` plus what it already holds;
     ``recorder``: the machine that measured the spread (its own path), for produced_by."""
     positions = _positions(entry)
@@ -143,24 +169,24 @@ def rebanded(entry: baselines.Entry, observed: dict[str, float], margin: float =
     elif entry.metric in metrics.EXACT_ON_CPU:
         seen = {}  # the stored ratio is the recording's value rounded to 4 decimals, not another observation
     else:
-        seen = {baselines.machine_label(entry.produced_by): entry.ratio}
+        seen = {machine_label(entry.produced_by): entry.ratio}
     seen.update(observed)
     lo, hi = min(seen.values()), max(seen.values())
     fl = float(f"{floor(entry.metric, (lo + hi) / 2, positions):.6g}")  # of the observations, not of what was stored
-    centre, tol = baselines.band(seen, margin, fl)
+    centre, tol = band(seen, margin, fl)
     banded = tol <= UNBANDED_SHARE * moved(entry.metric, centre) or entry.metric in metrics.EXACT_ON_CPU
     if banded:
         note = f"catches {catches(entry.metric, centre, tol, positions)}; spread {lo:.6g}..{hi:.6g} on {len(seen)} runs"
     else:
         note = (f"not banded: the {len(seen)} runs span {lo:.6g}..{hi:.6g}, a band of +/- {tol:.3g} would be "
                 f"{tol / max(moved(entry.metric, centre), 1e-12):.0%} of what a regression moves")
-    spread = baselines.Spread(seen, margin, fl, banded, note)
+    spread = baseline_file.Spread(seen, margin, fl, banded, note)
     produced_by = dict(entry.produced_by)
     if recorder is not None:
         produced_by["machine"] = recorder
-        produced_by["band"] = "python -m kvcache_repro.verdicts.bands apply (baselines/spread/)"
-    return baselines.Entry(entry.backend, entry.batch, entry.metric, centre, tol, produced_by,
-                           entry.by_release, spread)
+        produced_by["band"] = "python -m kvcache_repro bands apply (baselines/spread/)"
+    return baseline_file.Entry(entry.backend, entry.batch, entry.metric, centre, tol, produced_by,
+                               entry.by_release, spread)
 
 
 def recording_machine(runs: dict[str, dict]) -> dict | None:
@@ -183,8 +209,8 @@ def apply(runs: dict[str, dict], write: bool, files=FILES) -> list[str]:
     lines = []
     recorder = recording_machine(runs)
     for name, prefix in files.items():
-        path = baselines.BASELINE_DIR / name
-        stored = baselines.load(path)
+        path = baseline_file.BASELINE_DIR / name
+        stored = baseline_file.load(path)
         changed = False
         for key, entry in list(stored.entries.items()):
             observed = observed_for(prefix, entry, runs)
@@ -197,26 +223,15 @@ def apply(runs: dict[str, dict], write: bool, files=FILES) -> list[str]:
                          f"{new.tolerance:.3g}{'' if new.spread.banded else ' (reported, not banded)'}: "
                          f"{new.spread.note}")
         if changed and write:
-            text = baselines.dumps(stored)
-            baselines.parse(path, text)  # never write what load would reject
+            text = baseline_file.dumps(stored)
+            baseline_file.parse(path, text)  # never write what load would reject
             write_atomic(path, text)
     return lines
 
 
-def main(argv=None) -> int:
-    p = cli.parser("python -m kvcache_repro.verdicts.bands", __doc__, [
-        "python -m kvcache_repro.verdicts.bands apply baselines/spread/*/*.json          # print the bands",
-        "python -m kvcache_repro.verdicts.bands apply baselines/spread/*/*.json --write  # store them"],
-        "0 done; 2 bad arguments; a run file or baseline that cannot be read stops with its path and the fix")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    a = sub.add_parser("apply", help="cut bands from the runs given; --write stores them")
-    a.add_argument("runs", nargs="+", type=Path)
-    a.add_argument("--write", action="store_true")
-    args = p.parse_args(argv)
+def command(args) -> int:
+    """``python -m kvcache_repro bands`` with its parsed arguments (kvcache_repro/commands/bands.py):
+    the exit code."""
     for line in apply(load_runs(args.runs), args.write):
         print(line)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

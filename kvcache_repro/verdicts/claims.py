@@ -106,7 +106,7 @@ def hqq_more_accurate_than_quanto(table, nbits: int, hqq_axis: int = 0) -> Claim
     perplexity how well it still predicts the real text. Where they disagree (the closer
     distribution predicts the text worse), the verdict is "not distinguishable": a short
     text's perplexity moves either way by chance. ``hqq_axis`` 0 is the seed's setting for both backends; 1 groups hqq
-    like quanto's axis 0 (per batch row: FACTS.md, batch invariance), like for like."""
+    like quanto's axis 0 (per batch row: docs/facts.md, batch invariance), like for like."""
     hqq_name = f"hqq{nbits}" + ("-axis1" if hqq_axis == 1 else "")
     hqq, quanto = table.results[hqq_name], table.results[f"quanto{nbits}"]
     numbers = (f"KL {hqq_name} {hqq.kl:.4g} vs quanto{nbits} {quanto.kl:.4g}; "
@@ -176,14 +176,14 @@ def predicted_verdict(claim_id: str, setup: str) -> tuple[str | None, str]:
     memory claim at its large batch, and why; None where a predicted band straddles the
     claim's margin (the GPU run then decides, and the claims table shows it)."""
     from kvcache_repro.measure import scenarios
-    from kvcache_repro.verdicts import baselines, paths
+    from kvcache_repro.verdicts import baseline_file, paths
 
     scenario = scenarios.get(setup)
-    stored = baselines.load(paths.baseline_path(setup)).entries
+    stored = baseline_file.load(paths.baseline_path(setup)).entries
     band = {}
     for backend in ("quanto4", "hqq4"):
-        entry = stored.get(baselines.entry_key(backend, scenario.large_batch, "peak_allocated"))
-        if entry is None or not baselines.is_predicted(entry):
+        entry = stored.get(baseline_file.entry_key(backend, scenario.large_batch, "peak_allocated"))
+        if entry is None or not baseline_file.is_predicted(entry):
             return None, f"{setup}: no predicted peak for {backend} at batch {scenario.large_batch}"
         band[backend] = (entry.ratio - entry.tolerance, entry.ratio + entry.tolerance)
     text = ", ".join(f"{b} {lo:.3f}..{hi:.3f}" for b, (lo, hi) in band.items())

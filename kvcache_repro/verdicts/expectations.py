@@ -21,6 +21,7 @@ from typing import Any
 import transformers
 from packaging.version import Version
 
+from kvcache_repro.core import provenance
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
 from kvcache_repro.backends.matrix import BackendSpec
 
@@ -43,9 +44,7 @@ def running(package: str, transformers_version: str | None = None) -> str:
     version, or the installed release (torch's local build tag dropped: 2.13.0+cpu is 2.13.0)."""
     if package == "transformers":
         return _version(transformers_version)
-    from importlib.metadata import version
-
-    return version(package).split("+")[0]
+    return provenance.installed(package).split("+")[0]
 
 
 V457 = VersionRange("4.57.0", "4.58.0")  # the last 4.x line
@@ -123,9 +122,7 @@ def differs(behaviour: Behaviour, key: str | None, observed: str, version: str |
 def _stack(package: str) -> str:
     """The other packages' installed releases, so that a behaviour a quantizer or torch
     release changed is not read as the range package's (a compat run swaps any of them)."""
-    from kvcache_repro.verdicts.baselines import installed_versions
-
-    others = [f"{name} {v}" for name, v in installed_versions().items() if name != package]
+    others = [f"{name} {v}" for name, v in provenance.package_versions().items() if name != package]
     return f" (with {', '.join(others)})" if others else ""
 
 
@@ -302,8 +299,10 @@ def family_support(family: str, version: str | None = None) -> Expectation:
 
 
 def batch_invariance(spec: BackendSpec, version: str | None = None) -> str:
-    if spec.backend == "hqq" and spec.axis == 1 and HQQ_OPTIMIZE_DEFAULT.lookup(version=version).value == "no":
-        return "exact"  # each group quantized alone: only the optimizer's tensor-wide stop couples rows
+    kind = spec.kind  # each group within one row: only hqq's optimizer (its tensor-wide stop) couples rows
+    if (kind.package == "hqq" and spec.axis == kind.row_axis
+            and HQQ_OPTIMIZE_DEFAULT.lookup(version=version).value == "no"):
+        return "exact"
     return BATCH_INVARIANCE.lookup(spec.name, version).value
 
 

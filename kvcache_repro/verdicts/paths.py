@@ -7,7 +7,7 @@ from pathlib import Path
 
 from kvcache_repro.core import provenance
 from kvcache_repro.measure import scenarios
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.verdicts import baseline_file
 
 
 def baseline_path(scenario: str) -> Path:
@@ -17,7 +17,7 @@ def baseline_path(scenario: str) -> Path:
         stored_as = scenarios.get(scenario).baseline_name or scenario
     except scenarios.SelectionError:  # a name no scenario has: its (absent) file says "missing"
         stored_as = scenario
-    return baselines.BASELINE_DIR / f"{stored_as}.json"
+    return baseline_file.BASELINE_DIR / f"{stored_as}.json"
 
 
 def card_path(scenario: str, card: str) -> Path:
@@ -26,7 +26,7 @@ def card_path(scenario: str, card: str) -> Path:
     the seed's figures), which no card's measurement overwrites."""
     import re
 
-    return baselines.BASELINE_DIR / f"{scenario}--{re.sub(r'[^A-Za-z0-9.]+', '-', card).strip('-')}.json"
+    return baseline_file.BASELINE_DIR / f"{scenario}--{re.sub(r'[^A-Za-z0-9.]+', '-', card).strip('-')}.json"
 
 
 def _per_card(scenario: str) -> bool:

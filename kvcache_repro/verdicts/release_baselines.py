@@ -1,9 +1,9 @@
 """Per-release baseline values from measurements on other releases of one package.
 
-    python -m kvcache_repro.verdicts.release_baselines cpu-tiny 5.0.0=DIR 5.17.0=DIR ... [--write]
-    python -m kvcache_repro.verdicts.release_baselines cpu-tiny --package torch 2.11.0=DIR ... [--write]
+    python -m kvcache_repro release-baselines cpu-tiny 5.0.0=DIR 5.17.0=DIR ... [--write]
+    python -m kvcache_repro release-baselines cpu-tiny --package torch 2.11.0=DIR ... [--write]
 
-Each DIR is the ``--output-dir`` of ``python -m kvcache_repro.runner.experiment --scenario S
+Each DIR is the ``--output-dir`` of ``python -m kvcache_repro experiment --scenario S
 --in-process`` run with that release's interpreter (``../.compat-envs/transformers-V-*/
 bin/python``: same torch, optimum-quanto and hqq as the pin, only transformers differs).
 Per stored entry, the releases are sorted and cut into runs of one value (its ratio
@@ -12,28 +12,22 @@ rounded as the store rounds it); a run becomes a range ``>=FIRST,<FIRST OF THE N
 value lies within the entry's own band, or the run holds the pinned release (the
 entry's own ratio is that release's; the range after it stays open, so a newer release
 that changes nothing compares against the pin). Prints the ranges; ``--write`` stores
-them in the entry's ``by_release`` (baselines.update: replaces ranges with the same
+them in the entry's ``by_release`` (baseline_update.update: replaces ranges with the same
 bounds, keeps the others, refuses overlaps and values inside the entry's band).
 
-Stdlib only, like baselines.py.
+Stdlib only, like verdicts/baseline_file.py.
 """
 from __future__ import annotations
 
-from kvcache_repro.core import cli
-
-import argparse
-import datetime
 import json
-import platform
-import os
-import sys
 from dataclasses import replace
-from importlib import metadata
 from pathlib import Path
 
 from packaging.version import Version
 
-from kvcache_repro.verdicts import baselines
+from kvcache_repro.core import cli
+from kvcache_repro.core.provenance import PACKAGES, device_label, package_versions, produced_by
+from kvcache_repro.verdicts import baseline_file, baseline_update, release_ranges
 
 ROUND = 4  # as experiment.update_baselines rounds stored ratios
 
@@ -42,11 +36,11 @@ def measured_ratios(results_dir: Path) -> dict[str, float]:
     data = json.loads((Path(results_dir) / "results.json").read_text())
     if not data.get("complete", False):
         raise SystemExit(f"{results_dir}: the run is not complete (failed or interrupted rows); rerun it")
-    return {baselines.entry_key(r["backend"], r["batch"], r["metric"]): r["value"] for r in data["ratios"]}
+    return {baseline_file.entry_key(r["backend"], r["batch"], r["metric"]): r["value"] for r in data["ratios"]}
 
 
-def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by: dict,
-               package: str = "transformers") -> list[baselines.ReleaseValue]:
+def ranges_for(entry: baseline_file.Entry, by_release: dict[str, float], produced_by: dict,
+               package: str = "transformers") -> list[release_ranges.ReleaseValue]:
     """The ranges worth storing for one entry from {release of ``package``: measured ratio}."""
     releases = sorted(by_release, key=Version)
     runs: list[list[str]] = []
@@ -70,40 +64,28 @@ def ranges_for(entry: baselines.Entry, by_release: dict[str, float], produced_by
         else:
             raise SystemExit(f"{entry.key}: the newest releases measured ({', '.join(run)}) differ from the pin "
                              f"{pinned} and nothing newer was measured: measure the pin too, or update the pin's value")
-        out.append(baselines.ReleaseValue(f">={run[0]},<{high}", value, entry.tolerance, tuple(run), produced_by,
-                                          package))
+        out.append(release_ranges.ReleaseValue(f">={run[0]},<{high}", value, entry.tolerance, tuple(run), produced_by,
+                                               package))
     return out
 
 
 def provenance(scenario: str, suite: str) -> dict:
-    versions = {}
-    for name in ("torch", "optimum-quanto", "hqq"):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return {"date": datetime.date.today().isoformat(), "device": f"{os.cpu_count()}-core CPU ({platform.machine()})",
-            "versions": versions,
-            "source": f"python -m kvcache_repro.runner.experiment --scenario {scenario} --in-process, run with each release's "
-                      f"interpreter (../.compat-envs/transformers-V-*/); suite {suite}; "
-                      f"python -m kvcache_repro.verdicts.release_baselines"}
+    """The ranges' produced_by: the other packages' versions (pinned), no machine (each
+    release was measured by its own interpreter)."""
+    return produced_by(device_label("cpu"),
+                       f"python -m kvcache_repro experiment --scenario {scenario} --in-process, run with each "
+                       f"release's interpreter (../.compat-envs/transformers-V-*/); suite {suite}; "
+                       f"python -m kvcache_repro release-baselines",
+                       versions=package_versions(PACKAGES[1:]), with_machine=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = cli.parser("python -m kvcache_repro.verdicts.release_baselines", __doc__, [
-        "python -m kvcache_repro.verdicts.release_baselines cpu-tiny 5.0.0=DIR 5.17.0=DIR",
-        "python -m kvcache_repro.verdicts.release_baselines cpu-tiny --package torch 2.11.0=DIR --write"],
-        "0 done; 2 bad arguments; a run that is incomplete, or ranges that cannot be cut (the newest "
-        "releases differ from the pin and nothing newer was measured), stop with the reason")
-    parser.add_argument("scenario")
-    parser.add_argument("runs", nargs="+", metavar="RELEASE=DIR")
-    parser.add_argument("--write", action="store_true", help="store the ranges in baselines/SCENARIO.json")
-    parser.add_argument("--suite", default="?", help="the suite commit that measured (recorded in provenance)")
-    parser.add_argument("--package", default="transformers", choices=baselines.RANGE_PACKAGES,
-                        help="whose releases RELEASE names (the others pinned; default transformers)")
-    args = parser.parse_args(argv)
-    path = baselines.BASELINE_DIR / f"{args.scenario}.json"
-    stored = baselines.load(path)
+def command(args) -> int:
+    """``python -m kvcache_repro release-baselines`` with its parsed arguments
+    (kvcache_repro/commands/release_baselines.py): the exit code."""
+    if args.package not in PACKAGES:
+        raise cli.UsageError(f"--package {args.package}: not one of {', '.join(PACKAGES)}")
+    path = baseline_file.BASELINE_DIR / f"{args.scenario}.json"
+    stored = baseline_file.load(path)
     measured = {}
     for item in args.runs:
         release, _, directory = item.partition("=")
@@ -121,10 +103,6 @@ def main(argv: list[str] | None = None) -> int:
         if found:
             updated.append(replace(entry, by_release=tuple(found)))
     if args.write and updated:
-        for line in baselines.update(path, updated, run_failed=False, scenario=stored.scenario):
+        for line in baseline_update.update(path, updated, run_failed=False, scenario=stored.scenario):
             print("wrote", line)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,13 +1,7 @@
-"""The card's fixtures: tests run over model families x cache backends x batch sizes, as
-the command line narrows them (--kv-models, --kv-backends, --kv-batch-sizes; an unknown
-name is a usage error that lists the valid ones). A test asks for ``family``, ``backend``,
-``quantized_backend``, ``group_wise_backend`` or ``batch_size`` and is parametrized over
-the selection, with ids such as ``llama-quanto4-b200``.
-
-Everything else - the options, the gpu and slow gates, the measured kinds each measured
-once per session (experiment_runs, accuracy_tables, speed_ratios), the summary and
---kv-update-baselines - is the suite's pytest plugin, kvcache_repro/plugin/, loaded here
-(and by its pytest11 entry point where the suite is installed)."""
+"""The card's fixtures: a test that asks for ``family``, ``backend``, ``quantized_backend``,
+``group_wise_backend`` or ``batch_size`` runs over model families x cache backends x batch
+sizes as --kv-models, --kv-backends, --kv-batch-sizes narrow them (ids such as
+``llama-quanto4-b200``). Everything else is the suite's pytest plugin, kvcache_repro/plugin/."""
 from __future__ import annotations
 
 import os

@@ -1,23 +1,17 @@
-"""Exact cache bytes: what a cache really holds equals the analytic model to the byte.
-
-The analytic model (kvcache_repro/measure/accounting.py) is written from first principles:
-packed codes = values * nbits / 8 (hqq 3-bit: 10 codes per int32, padded), one scale
-and one zero-point per group in the model dtype, the residual in full precision, fp8 one
-byte per value plus one float32 scale per tensor, DynamicCache everything in full
-precision. If transformers stored full-precision tensors, kept an extra copy, ignored
-residual_length or used more bits, measured and predicted bytes part ways.
+"""What a cache really holds equals the analytic model (measure/accounting.py) to the byte:
+full-precision storage, an extra copy, an ignored residual_length or more bits part them.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from kvcache_repro.measure import accounting
 from kvcache_repro.backends import caches, generation
+from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.backends.models import kv_geometry, tiny_model
+from kvcache_repro.measure import accounting
 
-# 39 tokens fed back: 2 flushes at residual 16, 7 left in the residual. Quantized lengths
-# 16, 32, 48 keep hqq axis-1 packing whole (B*S groups, a multiple of 8 at 1 bit).
+# 39 tokens fed back: 2 flushes at residual 16, 7 left; quantized lengths keep hqq axis-1 whole.
 PROMPT, NEW = 16, 40
 SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
 
@@ -36,14 +30,13 @@ def test_cache_bytes_equal_the_analytic_model(backend, dtype, batch_size):
     measured = accounting.cache_bytes(run.cache)
     assert measured == predicted, (f"{backend.name} {dtype}: measured {measured} != predicted {predicted}; "
                                    f"{accounting.describe(run.cache)}")
+
+
 @pytest.mark.needs_backends('quanto4')
 def test_dense_nbytes_of_quanto_tensors_is_not_what_is_stored():
     """The trap the accounting avoids: quanto's tensor subclass reports the dense size."""
-    from kvcache_repro.backends.matrix import BACKENDS
-
-    spec = BACKENDS["quanto4"]
     x = torch.randn(1, 2, 32, 16)
-    qstate, _ = caches.quantize_once(spec, SETTINGS, x)
+    qstate, _ = caches.quantize_once(BACKENDS["quanto4"], SETTINGS, x)
     assert qstate.nbytes == x.nbytes  # what a naive count would use
     groups = x.numel() // SETTINGS.q_group_size
     assert accounting.tensor_bytes(qstate) == x.numel() // 2 + groups * 2 * 4  # 4-bit codes + fp32 scale/shift

@@ -1,7 +1,6 @@
 """Adding a backend is one module plus its rows: a throwaway kind registered through
-kinds.register (what a module listed in kvcache_repro/backends/kinds/__init__.py is at
-import) is in the matrix, in the analytic byte model and in the experiment's report, and
-is gone again after its test (the fixture unregisters it)."""
+kinds.register (what a module listed in backends/kinds/__init__.py is at import) is in the
+matrix, the analytic byte model and the experiment's report, and gone after its test."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -21,7 +20,7 @@ MIB = 2**20
 
 
 class IntSim(BackendKind):
-    """8-bit codes for every token (no residual) and one float32 scale per group, in quanto's layers."""
+    """8-bit codes for every token (no residual), a float32 scale per group, quanto's layers."""
 
     name = "int-sim"
     layer_class_name = "QuantoQuantizedLayer"
@@ -57,7 +56,7 @@ def test_its_byte_formula_is_the_analytic_model(int_sim):
     geometry = accounting.CacheGeometry(layers=3, batch=2, kv_heads=4, head_dim=32, dtype=torch.float16)
     got = accounting.predict_cache_bytes(matrix.BACKENDS["int-sim8"], settings, geometry, prompt_len=8,
                                          total_tokens=40)
-    n = 2 * 4 * 40 * 32  # one tensor's values: not group-wise, so every token is quantized, no residual
+    n = 2 * 4 * 40 * 32  # one tensor: no residual, every token quantized
     assert got == accounting.CacheBytes(packed=2 * 3 * n, metadata=2 * 3 * 4 * (n // 64), residual=0)
 
 
@@ -66,12 +65,13 @@ def test_its_rows_are_in_the_report(int_sim):
         return Measurement("cpu-tiny", backend, 4, "cpu", 8, 32, 1.5, 10 * MIB,
                            {"cache_bytes": cache, "peak_allocated": 10 * MIB + 2 * cache}, cache)
 
-    text = report.table(SimpleNamespace(device="cpu"), [measured("none", 4 * MIB), measured("int-sim8", MIB)], [], [])
+    rows = [measured("none", 4 * MIB), measured("int-sim8", MIB)]
+    text = report.table(SimpleNamespace(device="cpu"), rows, [], [])
     row = next(line.split() for line in text.splitlines() if line.split()[:1] == ["int-sim8"])
-    assert row[:6] == ["int-sim8", "4", "10.00", "1.00", "1.00", "12.00"]  # weights+in, cache, transient, peak
+    # name, batch, then MiB: weights+in, cache, transient, peak
+    assert row[:6] == ["int-sim8", "4", "10.00", "1.00", "1.00", "12.00"]
 
 
 def test_every_quantizer_package_is_recorded_with_the_numbers():
-    """core/ sits below backends/, so provenance.PACKAGES cannot be derived from the kinds:
-    a kind with a package of its own needs it there too (version reports, release ranges)."""
+    """core/ sits below backends/, so provenance.PACKAGES cannot be derived from the kinds."""
     assert {k.package for k in kinds.KINDS.values() if k.package} <= set(provenance.PACKAGES)

@@ -1,6 +1,5 @@
-"""Bands cut from the spread between machines: stored with it, checked against it on
-load, never narrowed by an update on one machine, and not banded where the spread is too
-wide for a band to catch anything."""
+"""Bands cut from the spread between machines: stored with it, checked against it on load,
+never narrowed by one machine's update, not banded where too wide to catch anything."""
 from __future__ import annotations
 
 import json
@@ -25,9 +24,13 @@ def spread_entry(observed, margin=2.0, floor=0.0, banded=True, metric="perplexit
     return Entry("hqq2", 2, metric, centre, tol, prov(), (), Spread(observed, margin, floor, banded, "n"))
 
 
-def stored_file(tmp_path, e):
+def stored_file(tmp_path, e, edit=None):
+    """``e`` in a baseline file; ``edit(raw entry)`` changes its JSON first."""
     path = tmp_path / "acc.json"
-    path.write_text(baseline_file.dumps(baseline_file.BaselineFile(path, "accuracy", "d", {e.key: e})))
+    data = json.loads(baseline_file.dumps(baseline_file.BaselineFile(path, "accuracy", "d", {e.key: e})))
+    if edit:
+        edit(data["entries"][e.key])
+    path.write_text(json.dumps(data))
     return path
 
 
@@ -53,10 +56,7 @@ def test_spread_round_trips_through_the_file(tmp_path):
 
 def test_a_band_narrower_than_its_spread_is_a_corrupt_file(tmp_path):
     e = spread_entry({"a": 9.399, "b": 9.468})
-    path = stored_file(tmp_path, e)
-    data = json.loads(path.read_text())
-    data["entries"][e.key]["tolerance"] = 0.01  # what a cut to one machine's repeatability looks like
-    path.write_text(json.dumps(data))
+    path = stored_file(tmp_path, e, lambda raw: raw.update(tolerance=0.01))  # a cut to one machine's noise
     with pytest.raises(BaselineError, match="does not hold the spread"):
         baseline_file.load(path)
 
@@ -65,18 +65,14 @@ def test_a_band_narrower_than_its_spread_is_a_corrupt_file(tmp_path):
                                           ("floor", -1), ("banded", "yes")])
 def test_malformed_spreads_are_rejected_with_the_fix(tmp_path, field, value):
     e = spread_entry({"a": 1.0, "b": 1.01})
-    path = stored_file(tmp_path, e)
-    data = json.loads(path.read_text())
-    data["entries"][e.key]["spread"][field] = value
-    path.write_text(json.dumps(data))
+    path = stored_file(tmp_path, e, lambda raw: raw["spread"].update({field: value}))
     with pytest.raises(BaselineError, match="kvcache_repro.runner.spread"):
         baseline_file.load(path)
 
 
 def test_a_value_from_another_machine_inside_the_spread_passes(tmp_path):
-    """The failure of issue 17: hqq2's perplexity ratio 9.468 on an AVX512 machine against
-    9.399 +/- 0.019 cut on one machine. With both machines in the spread it passes, and a
-    real regression beyond the margin still fails."""
+    """Issue 17: hqq2's perplexity ratio 9.468 on an AVX512 machine against 9.399 +/- 0.019 cut
+    on one machine. With both in the spread it passes; a regression beyond the margin fails."""
     e = spread_entry({"a": 9.399, "b": 9.468})
     stored = baseline_file.load(stored_file(tmp_path, e))
     assert comparison.compare(stored, "hqq2", 2, "perplexity_ratio", 9.468).passed
@@ -92,8 +88,7 @@ def test_an_unbanded_metric_is_reported_not_compared(tmp_path):
 
 
 def test_update_on_one_machine_keeps_the_stored_spread(tmp_path):
-    """--update-baselines on machine A (at one end of the spread) must not cut the band to
-    A's value: B's value, stored in the spread, still lies inside."""
+    """--update-baselines on machine A (one end of the spread) keeps B's stored value inside."""
     e = spread_entry({"A old": 9.399, "B": 9.468})
     path = stored_file(tmp_path, e)
     baseline_update.update(path, [Entry("hqq2", 2, "perplexity_ratio", 9.40, 0.0188, prov())], run_failed=False,
@@ -131,8 +126,7 @@ def test_rebanding_adds_the_runs_to_the_recording_machines_value():
 
 
 def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
-    """A perplexity ratio whose machines disagree so much that the band would be wider than
-    half of what the cache adds (ratio - 1) would need a band that catches nothing."""
+    """A band wider than half of what the cache adds (ratio - 1) would catch nothing."""
     entry = Entry("hqq2", 2, "perplexity_ratio", 9.4, 0.0188, prov())
     new = bands.rebanded(entry, {"B": 20.0})
     assert not new.spread.banded and "not banded" in new.spread.note
@@ -141,8 +135,8 @@ def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
 
 
 def test_each_path_runs_with_its_own_knobs_and_none_inherited(tmp_path, monkeypatch):
-    """A knob left over in the caller's environment (CI exporting ATEN_CPU_CAPABILITY,
-    say) must not leak into the "own" path, or the spread would measure one path twice."""
+    """A knob left in the caller's environment must not leak into the "own" path (the spread
+    would measure one path twice)."""
     from kvcache_repro.runner import spread
 
     seen = {}
@@ -177,8 +171,7 @@ def test_apply_stores_the_spread_and_a_second_apply_changes_nothing(tmp_path, mo
 
 
 def test_runs_of_one_machine_and_path_measured_apart_are_one_run(tmp_path):
-    """The slow tables are measured in a run of their own: same machine, same path, other
-    quantities. Both files' values must reach the bands (one must not hide the other)."""
+    """The slow tables are measured apart (same machine and path): both files' values count."""
     for name, values in (("core", {"accuracy-core/hqq4/kl": 0.06}), ("slow", {"accuracy-seed/hqq4/kl": 0.19})):
         (tmp_path / f"{name}.json").write_text(json.dumps(run(MACHINE_A, values)))
     runs = bands.load_runs(sorted(tmp_path.glob("*.json")))

@@ -20,10 +20,6 @@ def entry(backend="quanto4", batch=200, metric="peak_rss_growth", ratio=0.64, to
     return Entry(backend, batch, metric, ratio, tolerance, PROV)
 
 
-def write_raw(path, data) -> None:
-    path.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def raw_file(**entry_overrides):
     e = entry().to_json()
     key = entry_overrides.pop("_key", entry().key)
@@ -33,6 +29,7 @@ def raw_file(**entry_overrides):
 
 @pytest.fixture
 def cpu(tmp_path):
+    (tmp_path / "baselines").mkdir()
     return tmp_path / "baselines" / "cpu.json"
 
 
@@ -74,7 +71,6 @@ def test_missing_file_is_empty(tmp_path):
     ('{"scenario": "cpu", "entries": []}', "'entries' must be a dict"),
 ])
 def test_corrupt_or_wrong_shape_names_file_and_fix(cpu, content, fragment):
-    cpu.parent.mkdir()
     cpu.write_text(content)
     with pytest.raises(BaselineError) as exc:
         baseline_file.load(cpu)
@@ -95,9 +91,8 @@ def test_corrupt_or_wrong_shape_names_file_and_fix(cpu, content, fragment):
     ({"_key": "quanto4/b200/cache_bytes"}, "does not match its fields"),
 ])
 def test_bad_entry_names_file_and_entry(cpu, overrides, fragment):
-    cpu.parent.mkdir()
     data = raw_file(**overrides)
-    write_raw(cpu, data)
+    cpu.write_text(json.dumps(data))
     with pytest.raises(BaselineError) as exc:
         baseline_file.load(cpu)
     msg = str(exc.value)
@@ -107,10 +102,9 @@ def test_bad_entry_names_file_and_entry(cpu, overrides, fragment):
 
 
 def test_missing_entry_field(cpu):
-    cpu.parent.mkdir()
     data = raw_file()
     del data["entries"][entry().key]["produced_by"]
-    write_raw(cpu, data)
+    cpu.write_text(json.dumps(data))
     with pytest.raises(BaselineError, match="missing field.*produced_by"):
         baseline_file.load(cpu)
 
@@ -152,9 +146,8 @@ def test_compare_missing_entry(stored):
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_a_non_finite_measurement_fails_as_a_finding_not_a_crash(stored, value):
-    """NaN compares false both ways (it would pass as an "improvement"); it fails its own
-    verdict, tagged [behaviour] for the release matrix, and the others are still compared
-    (issue 18: torch 2.11's NaN fp8 KL crashed the band test with a ValueError)."""
+    """NaN compares false both ways (it would pass as an "improvement"): it fails its own verdict,
+    tagged [behaviour], and the others are still compared (issue 18: a crash before)."""
     v = comparison.compare(stored, "quanto4", 200, "peak_rss_growth", value)
     assert v.status == "nonfinite" and not v.passed
     assert v.message.startswith("[behaviour] quanto4/b200/peak_rss_growth") and "not compared" in v.message
@@ -218,36 +211,31 @@ def test_a_missing_entry_is_a_problem_that_names_the_recording_command(stored):
     assert "no stored entry" in message and "--update-baselines" in message
 
 
-def test_update_refuses_failed_run_and_leaves_file(stored, cpu):
+def assert_refused(cpu, entries, match=None, error=BaselineError, run_failed=False, scenario="cpu"):
+    """``update`` raises ``error`` and leaves the file as it was, byte for byte."""
     before = cpu.read_bytes()
-    with pytest.raises(BaselineError, match="failed run"):
-        baseline_update.update(cpu, [entry(ratio=0.9)], run_failed=True, scenario="cpu")
+    with pytest.raises(error, match=match):
+        baseline_update.update(cpu, entries, run_failed=run_failed, scenario=scenario)
     assert cpu.read_bytes() == before
+
+
+def test_update_refuses_failed_run_and_leaves_file(stored, cpu):
+    assert_refused(cpu, [entry(ratio=0.9)], "failed run", run_failed=True)
 
 
 @pytest.mark.parametrize("entries", [[], [entry(ratio=float("inf"))], [entry(ratio=-1.0)],
                                      [entry(), entry(ratio=0.5)]])
 def test_update_refuses_bad_entries_and_leaves_file(stored, cpu, entries):
-    before = cpu.read_bytes()
-    with pytest.raises(BaselineError):
-        baseline_update.update(cpu, entries, run_failed=False, scenario="cpu")
-    assert cpu.read_bytes() == before
+    assert_refused(cpu, entries)
 
 
 def test_update_refuses_to_overwrite_corrupt_file(cpu):
-    cpu.parent.mkdir()
     cpu.write_text('{"scenario": "cpu", "entries": {"x": ')
-    before = cpu.read_bytes()
-    with pytest.raises(BaselineError, match="not valid JSON"):
-        baseline_update.update(cpu, [entry()], run_failed=False, scenario="cpu")
-    assert cpu.read_bytes() == before
+    assert_refused(cpu, [entry()], "not valid JSON")
 
 
 def test_update_refuses_other_scenarios_file(stored, cpu):
-    before = cpu.read_bytes()
-    with pytest.raises(BaselineError, match="scenario 'cpu'"):
-        baseline_update.update(cpu, [entry()], run_failed=False, scenario="gpu-small")
-    assert cpu.read_bytes() == before
+    assert_refused(cpu, [entry()], "scenario 'cpu'", scenario="gpu-small")
 
 
 def test_update_leaves_no_temp_files(cpu):
@@ -257,15 +245,11 @@ def test_update_leaves_no_temp_files(cpu):
 
 
 def test_failed_write_keeps_old_file_and_no_temp(stored, cpu, monkeypatch):
-    before = cpu.read_bytes()
-
     def boom(src, dst):
         raise OSError("disk full")
 
     monkeypatch.setattr(atomic.os, "replace", boom)
-    with pytest.raises(OSError, match="disk full"):
-        baseline_update.update(cpu, [entry(ratio=0.6)], run_failed=False, scenario="cpu")
-    assert cpu.read_bytes() == before
+    assert_refused(cpu, [entry(ratio=0.6)], "disk full", error=OSError)
     assert sorted(p.name for p in cpu.parent.iterdir()) == ["cpu.json"]
 
 

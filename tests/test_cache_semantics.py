@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from kvcache_repro.backends import caches, generation
-from kvcache_repro.verdicts import diagnosis, expectations
-from kvcache_repro.measure import quality
 from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.backends.models import tiny_model
+from kvcache_repro.measure import quality
+from kvcache_repro.verdicts import diagnosis, expectations
 
 SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
 PROMPT = 16
@@ -20,71 +20,67 @@ def _prompt(batch: int, length: int = PROMPT, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def _supported(spec):
+def _generate(spec, new_tokens: int, batch: int = 2, ids=None):
+    """``spec``'s run on the tiny Llama (skipped where the combination cannot work at all)."""
     if spec.broken:
         pytest.skip(spec.broken)
+    ids = _prompt(batch) if ids is None else ids
+    return generation.generate(tiny_model("llama"), ids, spec, SETTINGS, new_tokens)
 
 
 @pytest.mark.parametrize("new_tokens", [2, 16, 17, 18, 33, 34])
 def test_residual_flushes_at_residual_length(group_wise_backend, new_tokens):
-    """``new_tokens - 1`` tokens go through the cache after the prompt; each one lands in
-    the full-precision residual, and the residual is quantized away when it would reach
-    ``residual_length`` (transformers' QuantizedLayer.update). So it holds
-    ``(new_tokens - 1) % residual_length`` tokens, never ``residual_length`` or more."""
-    _supported(group_wise_backend)
-    run = generation.generate(tiny_model("llama"), _prompt(2), group_wise_backend, SETTINGS, new_tokens)
-    expected = (new_tokens - 1) % SETTINGS.residual_length
+    """``new_tokens - 1`` tokens go through the cache after the prompt, each into the residual,
+    which is quantized away when it would reach ``residual_length`` (QuantizedLayer.update): it
+    holds ``(new_tokens - 1) % residual_length`` tokens, never ``residual_length`` or more."""
+    run = _generate(group_wise_backend, new_tokens)
     for layer in range(len(caches.cache_layers(run.cache))):
-        assert caches.residual_tokens(run.cache, layer) == expected
+        assert caches.residual_tokens(run.cache, layer) == (new_tokens - 1) % SETTINGS.residual_length
 
 
 @pytest.mark.parametrize("step", [8, 16])
 def test_multi_token_forwards_flush_as_the_expectation_table_says(group_wise_backend, step):
-    """The accuracy tables feed 16 tokens per forward where that flushes the residual
-    after the same tokens as one per forward: what this transformers does, measured on its
-    own layer, must match expectations.multi_token_flush for the release."""
-    _supported(group_wise_backend)
+    """The accuracy tables feed 16 tokens per forward where that flushes after the same tokens
+    as one per forward: measured on this transformers' layer, as expectations.multi_token_flush."""
+    if group_wise_backend.broken:
+        pytest.skip(group_wise_backend.broken)
     config = tiny_model("llama").config
-    one, many = (caches.flush_lengths(group_wise_backend, config, SETTINGS, PROMPT, PROMPT + 96, n) for n in (1, step))
+    one, many = (caches.flush_lengths(group_wise_backend, config, SETTINGS, PROMPT, PROMPT + 96, n)
+                 for n in (1, step))
     observed = "same" if many == one else "later" if len(many) < len(one) else f"other: {many} vs {one}"
     assert one == list(range(PROMPT, PROMPT + 97, SETTINGS.residual_length)), one
     assert observed == expectations.multi_token_flush(), expectations.differs(
-        expectations.MULTI_TOKEN_FLUSH, None, f"{step}-token forwards flush at {many}, 1-token at {one}: {observed!r}")
+        expectations.MULTI_TOKEN_FLUSH, None,
+        f"{step}-token forwards flush at {many}, 1-token at {one}: {observed!r}")
 
 
 @pytest.mark.needs_backends("quanto4", "hqq4")
 def test_multi_token_forwards_give_the_logits_of_single_tokens():
-    """Where the flushes coincide, a 16-token forward sees the same keys at the same
-    precision as 16 single-token ones (current tokens are full precision either way, as
-    they would be in the residual): logits equal up to float rounding, and so every
-    accuracy number. Measured max differences (tiny Llama, R 16): quanto4 and hqq4-axis1
-    2.4e-7; hqq4 5.8e-4 (axis 0 re-optimizes groups mixing rows, which amplifies
-    rounding). A step that breaks the schedule (12: not a divisor of R; 32: above R)
-    moves them 5.5e-3 to 1.9e-2; quantizing itself moves them 1.3e-2 to 1.8e-2."""
+    """Where the flushes coincide, a 16-token forward sees the keys of 16 single-token ones:
+    logits equal up to rounding. Measured max differences (R 16): quanto4, hqq4-axis1 2.4e-7;
+    hqq4 5.8e-4 (axis 0 mixes rows); a step breaking the schedule (12, 32): 5.5e-3 to 1.9e-2."""
     if expectations.multi_token_flush() != "same":
-        pytest.skip("this transformers flushes later with multi-token forwards; the harness uses 1-token steps")
-    model = tiny_model("llama")
-    ids = _prompt(2, 96, seed=5)
+        pytest.skip("this transformers flushes later with multi-token forwards; "
+                    "the harness uses 1-token steps")
+    model, ids = tiny_model("llama"), _prompt(2, 96, seed=5)
     for name, atol in (("quanto4", 1e-5), ("hqq4-axis1", 1e-5), ("hqq4", 2e-3)):
-        one, many = (generation.teacher_forced_logits(model, ids, BACKENDS[name], SETTINGS, 32, step) for step in (1, 16))
+        one, many = (generation.teacher_forced_logits(model, ids, BACKENDS[name], SETTINGS, 32, step)
+                     for step in (1, 16))
         assert one.shape == many.shape
-        assert torch.allclose(one, many, atol=atol, rtol=0), f"{name}: max diff {float((one - many).abs().max()):.2e}"
+        diff = float((one - many).abs().max())
+        assert torch.allclose(one, many, atol=atol, rtol=0), f"{name}: max diff {diff:.2e}"
 
 
 @pytest.mark.parametrize("new_tokens", [1, 7, 40])
 def test_seq_length_counts_every_token(quantized_backend, new_tokens):
-    _supported(quantized_backend)
-    run = generation.generate(tiny_model("llama"), _prompt(2), quantized_backend, SETTINGS, new_tokens)
-    assert run.cache.get_seq_length() == PROMPT + new_tokens - 1
+    assert _generate(quantized_backend, new_tokens).cache.get_seq_length() == PROMPT + new_tokens - 1
 
 
 def test_first_generated_token_is_exact(quantized_backend, batch_size):
     """Prefill attends over the full-precision prompt, so the first step's logits are
     bitwise those of the unquantized run."""
-    _supported(quantized_backend)
-    model = tiny_model("llama")
-    reference = generation.generate(model, _prompt(batch_size), BACKENDS["none"], SETTINGS, 3)
-    run = generation.generate(model, _prompt(batch_size), quantized_backend, SETTINGS, 3)
+    run = _generate(quantized_backend, 3, batch_size)
+    reference = _generate(BACKENDS["none"], 3, batch_size)
     assert torch.equal(run.scores[0], reference.scores[0])
     assert torch.equal(run.new_tokens[:, 0], reference.new_tokens[:, 0])
 
@@ -92,13 +88,12 @@ def test_first_generated_token_is_exact(quantized_backend, batch_size):
 @pytest.fixture(scope="module")
 def teacher_forced():
     """Tiny llama, 2 x 96 tokens, 32 prefilled and 64 decoded through each cache."""
-    model = tiny_model("llama")
-    ids = _prompt(2, 96, seed=5)
+    model, ids = tiny_model("llama"), _prompt(2, 96, seed=5)
     reference = generation.teacher_forced_logits(model, ids, BACKENDS["none"], SETTINGS, 32)
 
     def measure(name):
-        # diagnosed from the cache itself first: a KL of exactly 0.0 at every nbits must
-        # say whether the cache was ignored, held nothing quantized, or was not read
+        # diagnosed from the cache first: a KL of exactly 0.0 at every nbits must say whether
+        # the cache was ignored, held nothing quantized, or was not read
         logits, cache = diagnosis.teacher_forced(model, ids, BACKENDS[name], SETTINGS, 32)
         diagnosis.assert_quantized(BACKENDS[name], cache, "teacher-forced", passed_in=True,
                                    logits=logits, reference=reference)
@@ -107,35 +102,33 @@ def teacher_forced():
     return measure
 
 
-@pytest.mark.parametrize("family_bits", [("quanto", [2, 4]), ("hqq", [1, 2, 3, 4, 8]), ("hqq-axis1", [1, 2, 4, 8])],
-                         ids=lambda v: v[0])
+@pytest.mark.parametrize("family_bits", [("quanto", [2, 4]), ("hqq", [1, 2, 3, 4, 8]),
+                                         ("hqq-axis1", [1, 2, 4, 8])], ids=lambda v: v[0])
 def test_teacher_forced_kl_falls_as_nbits_rises(teacher_forced, family_bits):
     prefix, bits = family_bits
     base, _, suffix = prefix.partition("-")
     if base not in {BACKENDS[n].backend for n in caches.available_backends()}:
-        pytest.skip(f"transformers refuses the installed {base} release "
-                    "(test_version_expectations.py::test_transformers_builds_a_cache_with_the_installed_quantizer)")
+        pytest.skip(f"transformers refuses the installed {base} release (test_version_expectations.py::"
+                    "test_transformers_builds_a_cache_with_the_installed_quantizer)")
     kls = [teacher_forced(f"{base}{n}{'-' + suffix if suffix else ''}").kl for n in bits]
     assert all(a > b for a, b in zip(kls, kls[1:])), f"{prefix} KL by nbits {bits}: {kls}"
 
 
 def test_hqq_8bit_is_near_lossless(teacher_forced):
-    """KL is second order in the logit perturbation, which is first order in the
-    quantization step; 8 bits shrink the step (2^8-1)/(2^4-1) = 17x against 4 bits, so
-    KL should shrink ~289x. Allow 10x slack for non-uniform rounding; top-1 must agree."""
+    """KL is second order in the logit perturbation, first order in the step; 8 bits shrink the
+    step (2^8-1)/(2^4-1) = 17x against 4 bits, so KL ~289x. 10x slack for non-uniform rounding;
+    top-1 must agree."""
     kl4, q8 = teacher_forced("hqq4").kl, teacher_forced("hqq8")
     assert q8.kl <= kl4 * (15 / 255) ** 2 * 10, (q8.kl, kl4)
     assert q8.top1_agreement == 1.0
 
 
 def test_batch_invariance_matches_the_expectation_table(quantized_backend):
-    _supported(quantized_backend)
-    expected = expectations.batch_invariance(quantized_backend)
-    model, ids = tiny_model("llama"), _prompt(4)
-    batched = generation.generate(model, ids, quantized_backend, SETTINGS, 40)
+    ids = _prompt(4)
+    batched = _generate(quantized_backend, 40, ids=ids)
     token_diffs, logit_diff = 0, 0.0
     for row in range(ids.shape[0]):
-        alone = generation.generate(model, ids[row:row + 1], quantized_backend, SETTINGS, 40)
+        alone = _generate(quantized_backend, 40, ids=ids[row:row + 1])
         token_diffs += int((batched.sequences[row] != alone.sequences[0]).sum())
         # min_new_tokens masks EOS with -inf in both runs: compare finite logits only
         a, b = torch.stack(batched.scores)[:, row], torch.stack(alone.scores)[:, 0]
@@ -144,7 +137,7 @@ def test_batch_invariance_matches_the_expectation_table(quantized_backend):
     observed = "no" if token_diffs else ("exact" if logit_diff <= 1e-5 else "tokens")
     if observed == "tokens" and logit_diff > 1e-2:
         observed = "no"
-    assert observed == expected, expectations.differs(
+    assert observed == expectations.batch_invariance(quantized_backend), expectations.differs(
         expectations.BATCH_INVARIANCE, quantized_backend.name,
         f"{observed!r} ({token_diffs} tokens differ, max logit diff {logit_diff:.2e})")
 
@@ -161,19 +154,19 @@ def test_indivisible_prompt_gets_a_clear_error_before_generate(spec_name, monkey
 
 
 def test_the_cache_quantizes_along_the_axis_it_was_asked(group_wise_backend):
-    """The axis the stored tensors were grouped along (quanto's ``axis``, hqq's
-    meta["axis"]) is the one asked for: a release (or quanto) ignoring it fails here by
-    name, not later as a group-size ValueError. Shapes where both axes divide G, so an
-    ignored axis cannot crash first."""
+    """The axis the stored tensors were grouped along (quanto's ``axis``, hqq's meta["axis"]) is
+    the one asked for: an ignored axis fails here by name, not later as a group-size ValueError.
+    Both axes divide G in these shapes, so an ignored axis cannot crash first."""
     from transformers import LlamaConfig
 
     from kvcache_repro.backends import offline
 
     config = LlamaConfig(**offline.arch_config_kwargs("dry-tiny"))  # 2 KV heads x 32
-    cache = caches.build_cache(group_wise_backend, config, caches.QuantSettings(q_group_size=64, residual_length=16))
+    spec = group_wise_backend
+    cache = caches.build_cache(spec, config, caches.QuantSettings(q_group_size=64, residual_length=16))
     k = torch.randn(2, 2, 16, 32, generator=torch.Generator().manual_seed(0))
     cache.update(k, k.clone(), 0)
     q = caches.layer_storage(caches.cache_layers(cache)[0]).quantized_keys
-    axis = q.axis if group_wise_backend.backend == "quanto" else q[1]["axis"]
-    assert axis % k.dim() == group_wise_backend.axis % k.dim(), (
-        f"{group_wise_backend.name}: asked for axis {group_wise_backend.axis}, the cache quantized along axis {axis}")
+    axis = q.axis if spec.backend == "quanto" else q[1]["axis"]
+    assert axis % k.dim() == spec.axis % k.dim(), (
+        f"{spec.name}: asked for axis {spec.axis}, the cache quantized along axis {axis}")

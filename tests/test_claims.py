@@ -1,6 +1,5 @@
 """The claim functions (kvcache_repro/verdicts/claims.py) decide both ways and say "not
-distinguishable" inside the spread: checked on synthetic measurements, so a claim test
-that passes on real ones is known to be able to fail."""
+distinguishable" inside the spread, on synthetic measurements: a claim test can fail."""
 from __future__ import annotations
 
 import json
@@ -8,12 +7,10 @@ import json
 import pytest
 import torch
 
-from kvcache_repro.runner import accuracy_runs
-
-from kvcache_repro.measure import scenarios
-from kvcache_repro.verdicts import claims
-from kvcache_repro.measure import quality, speed
+from kvcache_repro.measure import quality, scenarios, speed
 from kvcache_repro.measure.memory import Measurement
+from kvcache_repro.runner import accuracy_runs
+from kvcache_repro.verdicts import claims
 
 
 def ratio(name, value, blocks):
@@ -24,8 +21,7 @@ def ratio(name, value, blocks):
     ((1.70, 1.75), (1.40, 1.45), claims.HOLDS),
     ((1.40, 1.60), (1.45, 1.50), claims.UNDECIDED),  # faster in one block, slower in the other: inside the spread
     ((1.20, 1.25), (1.40, 1.45), claims.FAILS),
-    # a run on a 2-core EPYC (18 rounds): the blocks' ranges overlap, yet hqq4 is slower in
-    # each block (1.267, 1.041 of quanto4); compared across blocks it was "not distinguishable"
+    # a 2-core EPYC run: the blocks' ranges overlap, yet hqq4 is slower in each block
     ((1.498, 1.645), (1.183, 1.580), claims.HOLDS),
     ((1.40, 1.50), (1.45, 1.55), claims.FAILS),  # faster in each block of the same rounds
 ])
@@ -63,8 +59,7 @@ def test_memory_claims_at_the_large_batch(quanto_peak, hqq_peak, a_lot, quanto_l
 
 @pytest.mark.parametrize("saved, verdict", [(100, claims.HOLDS), (4000, claims.FAILS)])
 def test_saving_the_whole_cache_is_not_little(saved, verdict):
-    """The bound is half the unquantized cache (4000 bytes here): a quantized run that
-    saves the whole cache breaks the claim."""
+    """The bound is half the unquantized cache (4000 bytes): saving all of it breaks the claim."""
     scenario = scenarios.get("cpu-short")
     none_peak = 1_000_000
     ms = [_m("none", 1, none_peak, 4000)] + [_m(b, 1, none_peak - saved, 1000) for b in ("quanto4", "hqq4")]
@@ -82,28 +77,20 @@ def test_the_claims_table_is_written_as_markdown_and_json(tmp_path):
 
 
 def test_undecided_comparisons_get_more_rounds_up_to_the_cap(monkeypatch):
-    """interleaved_ratios measures another batch of rounds while a comparison is inside
-    the spread, and stops at max_rounds with "not distinguishable" if it stays there.
-    Synthetic step times: none 100, quanto 150, hqq 150 +/- noise (undecided vs quanto)."""
-    calls = []
-
-    def fake_steps(model, ids, backend, settings, new_tokens):
-        calls.append(backend)
-        base = {"none": 100, "quanto4": 150, "hqq4": 150}[backend]
-        return [base] * 4
-
-    monkeypatch.setattr(speed, "step_times", fake_steps)
+    """interleaved_ratios measures another batch of rounds while a comparison is inside the
+    spread, and stops at max_rounds with "not distinguishable" if it stays there."""
     ids = torch.zeros(1, 4, dtype=torch.long)
-    out = speed.interleaved_ratios(None, ids, ["quanto4", "hqq4"], None, 4, rounds=4, blocks=2, max_rounds=12)
+
+    def measured(hqq_step):
+        times = {"none": 100, "quanto4": 150, "hqq4": hqq_step}
+        monkeypatch.setattr(speed, "step_times", lambda model, ids, name, settings, new: [times[name]] * 4)
+        return speed.interleaved_ratios(None, ids, ["quanto4", "hqq4"], None, 4, rounds=4, blocks=2,
+                                        max_rounds=12)
+
+    out = measured(150)
     assert out["hqq4"].rounds == 12  # equal costs never separate: 3 batches of 4, then stop
     assert speed.compare(out["hqq4"], out["quanto4"]) == speed.NOT_DISTINGUISHABLE
-    calls.clear()
-
-    def apart(model, ids, backend, settings, new_tokens):
-        return [{"none": 100, "quanto4": 150, "hqq4": 200}[backend]] * 4
-
-    monkeypatch.setattr(speed, "step_times", apart)
-    out = speed.interleaved_ratios(None, ids, ["quanto4", "hqq4"], None, 4, rounds=4, blocks=2, max_rounds=12)
+    out = measured(200)
     assert out["hqq4"].rounds == 4 and speed.decided(out)  # decided at once: no extra rounds
 
 
@@ -125,9 +112,8 @@ def test_hqq_more_accurate_needs_kl_and_perplexity_to_agree(hqq, quanto, verdict
 
 
 def test_claims_from_xdist_workers_reach_the_table_in_a_fixed_order(tmp_path):
-    """The plugin's worker -> controller path (pytest_sessionfinish, pytest_testnodedown,
-    pytest_terminal_summary), without processes: each worker's claims arrive, none is
-    lost, and the table reads in CLAIMS order whichever worker finished first."""
+    """The plugin's worker -> controller path, without processes: each worker's claims arrive
+    and the table reads in CLAIMS order whichever worker finished first."""
     import types
 
     from kvcache_repro.plugin import state, summary

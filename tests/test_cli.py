@@ -1,10 +1,7 @@
-"""The command line: ``python -m kvcache_repro VERB`` (kvcache_repro/commands/, one module per
-verb) and ``./kvq`` in front of it. Every verb answers --help completely: the whole first
-paragraph of its library module's docstring (a description cut mid-sentence was the
-complaint), examples and exit codes; and at once, with a bare python3 and no venv (a
-verb's parser imports no torch, transformers or packaging). ``./kvq help`` / ``--help``
-list every command; ``./kvq COMMAND --help`` answers without the setup; an unknown
-command or verb exits 2."""
+"""The command line: ``python -m kvcache_repro VERB`` (kvcache_repro/commands/) and ``./kvq``
+in front of it. Every verb answers --help completely (its library module's whole first
+docstring paragraph, examples, exit codes) and at once, with a bare python3 and no venv;
+``./kvq COMMAND --help`` answers without the setup; an unknown command or verb exits 2."""
 from __future__ import annotations
 
 import importlib
@@ -22,8 +19,7 @@ from kvcache_repro import commands
 
 ROOT = Path(__file__).resolve().parent.parent
 KVQ = (ROOT / "kvq").read_text()
-# the library modules that keep an entry of their own (`python -m kvcache_repro.X`): run by
-# ./kvq setup before any verb, inside other releases' environments, or by maintainers
+# modules with an entry of their own (`python -m kvcache_repro.X`): ./kvq setup runs them before a verb
 ENTRIES = ["backends.quanto_ext", "runner.gpu_prediction"]
 HELP_SECONDS = 1.0
 
@@ -54,7 +50,7 @@ def test_the_library_entries_left_are_complete_too(module, capsys):
     _complete(capsys.readouterr().out, mod.__doc__, module)
 
 
-# ---- a bare python3: no venv, nothing installed ---------------------------------------------------
+# ---- a bare python3: no venv, nothing installed
 
 def _bare_python() -> str:
     python = shutil.which("python3")
@@ -63,12 +59,16 @@ def _bare_python() -> str:
     return python
 
 
+def _run(*command, timeout=60, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
 def _best_of(runs: int, command: list[str], **kwargs) -> tuple[float, subprocess.CompletedProcess]:
     """The fastest of ``runs`` runs (a machine busy with a test run slows one, not the code)."""
     best = None
     for _ in range(runs):
         t0 = time.perf_counter()
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=60, **kwargs)
+        proc = _run(*command, **kwargs)
         took = time.perf_counter() - t0
         best = (took, proc) if best is None or took < best[0] else best
         if took < HELP_SECONDS:
@@ -90,12 +90,10 @@ sys.exit(code)
 
 @pytest.mark.parametrize("verb", commands.VERBS)
 def test_every_verb_answers_help_at_once_with_a_bare_python(verb):
-    """``env -i PATH=$PATH python3 -m kvcache_repro VERB --help`` from the checkout: under a
-    second, and (``-S``: no site-packages at all, as on a fresh machine) importing nothing
-    outside the standard library and the package."""
+    """``env -i PATH=$PATH python3 -m kvcache_repro VERB --help``: under a second, and (``-S``:
+    no site-packages, as on a fresh machine) importing only the standard library and the package."""
     python, env = _bare_python(), {"PATH": os.environ["PATH"]}
-    bare = subprocess.run([python, "-S", "-c", AS_MAIN, verb, "--help"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    bare = _run(python, "-S", "-c", AS_MAIN, verb, "--help", cwd=ROOT, env=env)
     assert bare.returncode == 0, bare.stderr[-3000:]
     imported = bare.stderr.split("MODULES ")[-1].split()
     outside = sorted({name.split(".")[0] for name in imported} - set(sys.stdlib_module_names)
@@ -110,18 +108,16 @@ def test_every_verb_answers_help_at_once_with_a_bare_python(verb):
 def test_the_verb_list_and_an_unknown_verb():
     python, env = _bare_python(), {"PATH": os.environ["PATH"]}
     for args in ([], ["help"], ["--help"]):
-        proc = subprocess.run([python, "-m", "kvcache_repro", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=60)
+        proc = _run(python, "-m", "kvcache_repro", *args, cwd=ROOT, env=env)
         assert proc.returncode == 0, proc.stderr
         listed = [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("  ")]
         assert listed == list(commands.VERBS), proc.stdout
-    proc = subprocess.run([python, "-m", "kvcache_repro", "expriment"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = _run(python, "-m", "kvcache_repro", "expriment", cwd=ROOT, env=env)
     assert proc.returncode == 2 and "unknown verb 'expriment'" in proc.stderr
     assert all(verb in proc.stderr for verb in commands.VERBS)
 
 
-# ---- ./kvq --------------------------------------------------------------------------------------
+# ---- ./kvq
 
 def _kvq_commands() -> list[str]:
     """What kvq's main ``case "$cmd" in`` dispatches (help and the unknown-command branch aside)."""
@@ -136,7 +132,7 @@ KVQ_COMMANDS = _kvq_commands()
 @pytest.mark.parametrize("arg", ["help", "--help", "-h"])
 def test_kvq_help_lists_every_command_and_exits_0(arg, tmp_path):
     env = {**os.environ, "KVQ_VENV": str(tmp_path / "venv")}
-    proc = subprocess.run(["bash", str(ROOT / "kvq"), arg], capture_output=True, text=True, timeout=30, env=env)
+    proc = _run("bash", str(ROOT / "kvq"), arg, timeout=30, env=env)
     assert proc.returncode == 0, proc.stderr
     assert len(KVQ_COMMANDS) >= 10 and all(f"./kvq {c}" in proc.stdout for c in KVQ_COMMANDS), KVQ_COMMANDS
     assert "Exit codes:" in proc.stdout and "Examples:" in proc.stdout
@@ -144,8 +140,7 @@ def test_kvq_help_lists_every_command_and_exits_0(arg, tmp_path):
 
 
 def test_kvq_hands_its_python_commands_to_verbs_that_exist():
-    """Every ``-m kvcache_repro VERB`` in kvq is a verb; every ``-m kvcache_repro.MODULE`` a
-    module that still has an entry of its own."""
+    """Every ``-m kvcache_repro VERB`` in kvq is a verb, every ``-m kvcache_repro.MODULE`` an entry."""
     verbs = re.findall(r'"\$(?:RUN|PY)" -m kvcache_repro (\S+)', KVQ)
     assert verbs and all(v in commands.VERBS or v == '"$1"' for v in verbs), verbs
     for module in set(re.findall(r"-m (kvcache_repro\.[\w.]+)", KVQ)):
@@ -166,12 +161,12 @@ def test_kvq_command_help_answers_without_the_setup(command, tmp_path):
 
 
 def test_an_unknown_kvq_command_exits_2_and_says_so():
-    proc = subprocess.run(["bash", str(ROOT / "kvq"), "tset"], capture_output=True, text=True, timeout=30)
+    proc = _run("bash", str(ROOT / "kvq"), "tset", timeout=30)
     assert proc.returncode == 2
     assert "kvq: unknown command 'tset'" in proc.stderr
 
 
-# ---- what names an entry point -------------------------------------------------------------------
+# ---- what names an entry point
 
 MENTIONS = re.compile(r"""-m[\s"',]+kvcache_repro(?:\.([\w.]+))?(?:[ \t"',]+([\w-]+))?""")
 # baselines/ aside: their provenance says what ran when they were recorded
@@ -180,8 +175,8 @@ SOURCES = ["kvq", "noxfile.py", "README.md", ".ci/run", "kvcache_repro/**/*.py",
 
 
 def test_every_python_m_mention_names_an_entry_that_exists():
-    """A verb for ``python -m kvcache_repro VERB``; for ``python -m kvcache_repro.MODULE`` a
-    module with a ``__main__`` block (the entries moved to verbs leave none behind)."""
+    """A verb for ``python -m kvcache_repro VERB``; a module with a ``__main__`` block for
+    ``python -m kvcache_repro.MODULE``."""
     stale = []
     for path in sorted({p for pattern in SOURCES for p in ROOT.glob(pattern)} - {Path(__file__).resolve()}):
         for module, word in MENTIONS.findall(path.read_text()):

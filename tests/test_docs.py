@@ -1,6 +1,5 @@
-"""The README is a quickstart a newcomer can read (<= 200 lines), and it and docs/ stand on
-their own: no path outside the repository, every link and anchor resolves, and the
-figures they quote agree with the stored files they come from."""
+"""The README is a quickstart (<= 200 lines); it and docs/ stand on their own (no path outside
+the repository, every link and anchor resolves), and quote the stored files' figures."""
 from __future__ import annotations
 
 import json
@@ -22,13 +21,13 @@ def test_readme_is_a_quickstart():
         assert section in lines, section
 
 
-# What pointed outside the repository before: the seed's file and the facts sheet of the
-# workplace, tools and folders beside the checkout, absolute paths of one machine.
+# What pointed outside before: the seed's file, the workplace's facts sheet, tools and folders
+# beside the checkout, absolute paths of one machine.
 OUTSIDE = re.compile(r"(?<![.\w])\.\./|FACTS\.md|seed/000_|/work/|loaded-run|other-cpus")
 
 
-# The code, tests, pins and baselines cite docs/ (facts.md, seed.md) instead; a path that
-# starts with ../ is the project's own place beside the checkout there (../.compat-envs).
+# Code, tests, pins and baselines cite docs/ instead; ../ there is the project's own place
+# beside the checkout (../.compat-envs).
 OUTSIDE_IN_CODE = re.compile(r"FACTS\.md|seed/000_|shared/(tools|seed|hooks)|/work/|loaded-run|other-cpus")
 CODE = [p for pattern in ("kvcache_repro/**/*.py", "tests/*.py", "baselines/*.json", "requirements*.txt", "conftest.py",
                           "pyproject.toml", "kvq", ".ci/run")
@@ -83,8 +82,7 @@ def test_the_slug_is_github_s():
 
 
 def test_the_seed_figures_agree_with_the_stored_seed_baselines():
-    """docs/seed.md's table (the user's published GiB) and baselines/seed.json (the ratios
-    the GPU tier compares with) must say the same thing."""
+    """docs/seed.md's table (the user's GiB) and baselines/seed.json's ratios say the same."""
     text = (ROOT / "docs" / "seed.md").read_text()
     reserved = {name: float(m.group(1)) for name in ("none", "quanto (4-bit)", "HQQ (4-bit)")
                 for m in [re.search(rf"^\| {re.escape(name)} \|(?: [\d.]+ \|){{3}} ([\d.]+) \|", text, re.M)]}
@@ -98,9 +96,8 @@ def test_the_seed_figures_agree_with_the_stored_seed_baselines():
 
 
 def test_the_sample_table_in_the_readme_agrees_with_the_cpu_baselines():
-    """The README's sample is a real `./kvq experiment` run (scenario cpu): each quantized
-    row's peak and cache ratios lie in the bands of baselines/cpu.json, and its baseline
-    column is the stored value."""
+    """The README's sample `./kvq experiment` run (scenario cpu): each quantized row's peak and
+    cache ratios lie in baselines/cpu.json's bands, its baseline column is the stored value."""
     block = (ROOT / "README.md").read_text().split("## What the experiment prints", 1)[1].split("\n## ", 1)[0]
     stored = json.loads((ROOT / "baselines" / "cpu.json").read_text())["entries"]
     rows = [line.split() for line in block.splitlines() if re.match(r"^\s+(quanto|hqq)\S*\s+\d+\s", line)]

@@ -1,6 +1,6 @@
 """The fault plugin's registry (kvcache_repro/faults.py): docs/faults.md names exactly its
-faults, an unknown ``KVQ_FAULT`` is refused naming the valid ones, and every fault says what
-it does. Cheap: nothing here applies a fault or imports torch."""
+faults, an unknown ``KVQ_FAULT`` is refused naming the valid ones, every fault says what it
+does. Nothing here applies a fault or imports torch."""
 from __future__ import annotations
 
 import os
@@ -24,8 +24,7 @@ def cells(row: str) -> list[str]:
 
 def doc_faults(text: str) -> dict[str, list[int]]:
     """Fault name -> the lines naming it: the first backticked word of each cell of a table
-    column whose header starts with "fault" (its first column, or the claims table's
-    "fault, numbers"). A cell of such a column that names none is an error."""
+    column whose header starts with "fault"; such a cell that names none is an error."""
     named: dict[str, list[int]] = {}
     lines = text.splitlines()
     for i, line in enumerate(lines[:-1]):
@@ -81,21 +80,17 @@ def test_a_fault_is_declared_once():
     assert faults.REGISTRY["noise"].apply is not None and len(faults.REGISTRY) == len(faults.FAULTS)
 
 
-def _names_every_fault(message: str) -> None:
-    assert "unknown KVQ_FAULT 'no_such_fault'; valid: " + ", ".join(faults.FAULTS) in message
+UNKNOWN = "unknown KVQ_FAULT 'no_such_fault'; valid: "
 
 
 def test_an_unknown_fault_is_refused_naming_the_valid_ones(monkeypatch):
-    with pytest.raises(ValueError) as caught:
-        faults.apply("no_such_fault")
-    _names_every_fault(str(caught.value))
     monkeypatch.setenv(faults.ENV, "no_such_fault")
-    with pytest.raises(ValueError) as caught:
-        faults.in_worker()  # a worker of the experiment
-    _names_every_fault(str(caught.value))
-    with pytest.raises(pytest.UsageError) as caught:
-        faults.pytest_configure(None)  # the plugin: a usage error, not an internal one
-    _names_every_fault(str(caught.value))
+    # the experiment's workers refuse it; the plugin with a usage error, not an internal one
+    for call, error in ((lambda: faults.apply("no_such_fault"), ValueError), (faults.in_worker, ValueError),
+                        (lambda: faults.pytest_configure(None), pytest.UsageError)):
+        with pytest.raises(error) as caught:
+            call()
+        assert UNKNOWN + ", ".join(faults.FAULTS) in str(caught.value)
 
 
 def test_hang_is_left_to_the_workers(monkeypatch):
@@ -113,7 +108,7 @@ def test_pytest_with_an_unknown_fault_stops_with_a_usage_error(tmp_path):
                           text=True, timeout=120)
     assert done.returncode == pytest.ExitCode.USAGE_ERROR, done.stdout + done.stderr
     assert "INTERNALERROR" not in done.stdout + done.stderr
-    _names_every_fault(done.stderr)
+    assert UNKNOWN + ", ".join(faults.FAULTS) in done.stderr
 
 
 def test_the_module_lists_the_faults():

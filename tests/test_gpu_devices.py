@@ -1,7 +1,7 @@
 """The device each pytest-xdist worker gets (kvcache_repro.gpu.devices), chosen before CUDA
-initialises: an existing CUDA_VISIBLE_DEVICES is split verbatim, one GPU is shared, and a
-second call keeps the narrowed value; conftest no longer forces a bare index per worker;
-``./kvq gpu`` installs requirements-gpu.txt once. No GPU needed: GPU counts are fakes."""
+initialises: an existing CUDA_VISIBLE_DEVICES is split verbatim, one GPU is shared, a second
+call keeps the narrowed value; ``./kvq gpu`` installs requirements-gpu.txt once. No GPU
+needed: GPU counts are fakes."""
 from __future__ import annotations
 
 import os
@@ -88,7 +88,8 @@ def test_one_gpu_two_workers_both_get_it_and_say_it_is_shared():
     env = worker_env("gw1", 2)  # the old conftest gave gw1 "1": no GPU at all
     note = devices.apply_for_xdist_worker(env, counts(1))
     assert env["CUDA_VISIBLE_DEVICES"] == "0" and env[devices.ORIGINAL_ENV] == ""
-    assert note == "kvq: xdist worker gw1 of 2: CUDA_VISIBLE_DEVICES=0 (of 1 GPU counted); 2 workers share 1 device"
+    assert note == ("kvq: xdist worker gw1 of 2: CUDA_VISIBLE_DEVICES=0 (of 1 GPU counted); "
+                    "2 workers share 1 device")
 
 
 def test_applying_twice_or_in_an_inheriting_process_does_not_narrow_again():
@@ -134,14 +135,14 @@ def test_count_gpus_runs_torch_in_a_subprocess_and_reads_its_answer(monkeypatch,
 def test_count_gpus_without_a_gpu_driver_spawns_nothing(monkeypatch, tmp_path):
     monkeypatch.setattr(devices.sys, "platform", "linux")
     monkeypatch.setattr(devices, "_DRIVER_PATHS", (str(tmp_path / "none"),))
-    monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: pytest.fail("spawned torch without a driver"))
+    monkeypatch.setattr(devices.subprocess, "run", lambda *a, **k: pytest.fail("spawned torch, no driver"))
     assert devices.count_gpus() == 0
 
 
 def test_importing_devices_imports_no_torch():
     code = "import sys; import kvcache_repro.gpu.devices; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
 
 
 def test_experiment_runs_leaves_a_workers_devices_alone(monkeypatch):
@@ -161,7 +162,8 @@ def test_the_report_header_of_an_xdist_controller_has_the_plan(monkeypatch):
     from kvcache_repro.plugin import options
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
-    config = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=2, tx=["popen", "popen"]), stash=pytest.Stash())
+    config = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=2, tx=["popen", "popen"]),
+                                   stash=pytest.Stash())
     assert "kvq: CUDA_VISIBLE_DEVICES per xdist worker (from CUDA_VISIBLE_DEVICES=2,3): gw0=2 gw1=3" in (
         options.pytest_report_header(config))
     one_process = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=None), stash=pytest.Stash())
@@ -180,7 +182,8 @@ def run_gpu_extras(tmp_path, *args, rc=0, system="0"):
                               capture_output=True, text=True, check=True).stdout
     assert function.strip().endswith("}"), function
     script = f'set -euo pipefail\nVENV={venv}\nSYSTEM={system}\n{function}\ngpu_extras "$@"\necho done\n'
-    proc = subprocess.run(["bash", "-c", script, "kvq", *args], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(["bash", "-c", script, "kvq", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=30)
     log = tmp_path / "pip.log"
     return proc, (log.read_text().splitlines() if log.exists() else []), venv / ".kvq-gpu-requirements"
 

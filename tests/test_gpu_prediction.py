@@ -1,24 +1,19 @@
 """GPU baselines predicted from the CPU (kvcache_repro/runner/gpu_prediction.py): every
 scenario of the device run's plan has them, they say they are predictions and why their
-bands are as wide as they are, and a miss reads as a prediction that missed.
-
-Whether the prediction's scaling holds is measured, not assumed: the dry runs' entries are
-predicted the same way (1- and 2-layer proxies, 2 rows, other token counts), and
-tests/test_memory_experiment.py runs two dry scenarios in the default tier against them
-(exact bytes on the CPU: only the scaling can miss); ./kvq device-run --dry-run does it too.
-"""
+bands are as wide as they are, and a miss reads as a prediction that missed. The scaling
+is measured, not assumed: the dry runs' entries are predicted the same way, and
+tests/test_memory_experiment.py and ./kvq device-run --dry-run check runs against them."""
 from __future__ import annotations
 
 import pytest
 
 from kvcache_repro.backends import offline
-from kvcache_repro.gpu import device_run
 from kvcache_repro.runner import experiment, gpu_prediction
 from kvcache_repro.measure import scenarios
 from kvcache_repro.core import provenance
 from kvcache_repro.verdicts import baseline_file, baseline_update, comparison, paths
 
-PLANNED = [*device_run.PLAN, *(n + scenarios.DRY_SUFFIX for n in device_run.PLAN)]
+PLANNED = [n + dry for dry in ("", scenarios.DRY_SUFFIX) for n in scenarios.DEVICE_PLAN]
 
 
 @pytest.mark.parametrize("name", PLANNED)
@@ -139,10 +134,12 @@ def test_a_card_s_measurement_gets_a_file_of_its_own_and_the_prediction_stays(tm
     predicted = (root / "gpu-tiny.json").read_bytes()
     monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA H200")
     scenario = scenarios.get("gpu-tiny")
-    ms = [Measurement("gpu-tiny", b, n, "cuda", 8, 64, 1.0, 100, {"peak_allocated": p * n, "cache_bytes": c * n}, c * n)
+    ms = [Measurement("gpu-tiny", b, n, "cuda", 8, 64, 1.0, 100,
+                      {"peak_allocated": p * n, "cache_bytes": c * n}, c * n)
           for b, p, c in (("none", 1000, 400), ("quanto4", 990, 180), ("hqq4", 1500, 180)) for n in (1, 8)]
     monkeypatch.setattr(experiment, "provenance", lambda s, m: {"device": "NVIDIA H200", "versions": {}})
-    experiment.update_baselines(scenario, ms, experiment.ratios(ms, scenario.baseline_metrics), run_failed=False)
+    experiment.update_baselines(scenario, ms, experiment.ratios(ms, scenario.baseline_metrics),
+                                run_failed=False)
     card = root / "gpu-tiny--NVIDIA-H200.json"
     assert card.exists() and (root / "gpu-tiny.json").read_bytes() == predicted
     assert paths.compared_path("gpu-tiny") == card

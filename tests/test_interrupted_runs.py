@@ -1,17 +1,7 @@
-"""The memory experiment under interruption, hangs and out-of-memory (issue 11):
-
-- a worker over its time limit is killed and becomes a failed row with its last output;
-- an OOM at one (backend, batch) is a row ("OOM at batch N on this device, X GiB free"),
-  the other rows are still measured, and the baseline comparison names what it could not
-  compare;
-- SIGINT / SIGTERM keep the finished rows, stop the worker, never touch the baselines;
-  ``--resume`` measures only what is missing;
-- options that do not apply to the scenario are an error;
-- progress lines with the time left.
-
-Fast: workers that hang start hanging before importing torch (fault ``hang``); the
-interrupt/resume logic runs the command (``commands.call("experiment", ...)``) with a fake ``run_one``.
-"""
+"""The memory experiment under interruption, hangs and out-of-memory (issue 11;
+docs/interruption.md). Fast: workers that hang start hanging before importing torch (fault
+``hang``); the interrupt/resume logic runs ``commands.call("experiment", ...)`` with a fake
+``run_one``."""
 from __future__ import annotations
 
 import json
@@ -31,15 +21,15 @@ from kvcache_repro.measure import scenarios
 from kvcache_repro import commands, faults
 from kvcache_repro.core import metrics
 from kvcache_repro.measure.memory import Measurement
-from kvcache_repro.runner.outcomes import RowFailure
 from kvcache_repro.runner.progress import Progress
 from kvcache_repro.runner.rowstore import ResumeError, RowStore
+from kvcache_repro.runner.worker import RowFailure
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = scenarios.get("cpu-tiny")
 
 
-# ---- time limits ------------------------------------------------------------------------
+# ---- time limits
 
 def test_time_limit_comes_from_the_scenario(monkeypatch):
     monkeypatch.delenv(limits.SCALE_ENV, raising=False)
@@ -57,18 +47,16 @@ def test_a_hung_worker_is_killed_at_its_limit_and_is_a_failed_row_with_its_last_
     outcome = {}
 
     def run():
-        try:
+        with pytest.raises(experiment.RowFailed) as outcome["caught"]:
             experiment.run_one("cpu-tiny", "none", 1, timeout=4, env={faults.ENV: "hang"},
                                log_path=tmp_path / "w.log")
-        except experiment.RowFailed as error:
-            outcome["failure"] = error.failure
 
     thread = threading.Thread(target=run, daemon=True)
     t0 = time.monotonic()
     thread.start()
     thread.join(60)
     assert not thread.is_alive(), "run_one did not return: the hung worker has no time limit"
-    failure = outcome["failure"]
+    failure = outcome["caught"].value.failure
     assert failure.kind == "timeout" and "no result after 4 s" in failure.message
     assert "KVQ_FAULT=hang - not answering" in failure.output_tail  # the worker's last words
     assert "cpu-tiny none b1: starting" in failure.output_tail
@@ -77,7 +65,7 @@ def test_a_hung_worker_is_killed_at_its_limit_and_is_a_failed_row_with_its_last_
     assert time.monotonic() - t0 < 30
 
 
-# ---- out of memory ----------------------------------------------------------------------
+# ---- out of memory
 
 @pytest.fixture
 def oom_fault(monkeypatch):
@@ -118,7 +106,7 @@ def test_a_worker_that_runs_out_of_memory_reports_the_oom_row():
     assert failure.free_bytes and failure.free_bytes > 0
 
 
-# ---- interrupt and resume ---------------------------------------------------------------
+# ---- interrupt and resume
 
 def _fake(backend: str, batch: int) -> Measurement:
     cache = {"none": 4000, "quanto4": 1000, "hqq4": 1000}[backend] * batch
@@ -127,24 +115,24 @@ def _fake(backend: str, batch: int) -> Measurement:
 
 
 class FakeWorkers:
-    """experiment.run_one without processes; raises ``interrupt`` at the n-th call."""
+    """experiment.run_one without processes; Ctrl-C at the ``interrupt_at``-th call."""
 
-    def __init__(self, interrupt_at: int | None = None, interrupt=KeyboardInterrupt):
-        self.calls, self.interrupt_at, self.interrupt = [], interrupt_at, interrupt
+    def __init__(self, interrupt_at: int | None = None):
+        self.calls, self.interrupt_at = [], interrupt_at
 
     def __call__(self, scenario, backend, batch, checkpoint=None, **kwargs):
         self.calls.append((backend, batch))
         if len(self.calls) == self.interrupt_at:
-            raise self.interrupt()
+            raise KeyboardInterrupt
         return _fake(backend, batch)
 
 
 @pytest.fixture
 def baseline_dir(tmp_path, monkeypatch):
     """A copy of cpu-tiny's baseline file in tmp_path: what an interrupt must not touch."""
-    monkeypatch.setattr(baseline_file, "BASELINE_DIR", tmp_path / "baselines")
-    (tmp_path / "baselines").mkdir()
     path = tmp_path / "baselines" / "cpu-tiny.json"
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", path.parent)
+    path.parent.mkdir()
     path.write_bytes((ROOT / "baselines" / "cpu-tiny.json").read_bytes())
     return path
 
@@ -178,8 +166,8 @@ def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_pat
 
 def test_resume_retries_failed_rows_and_refuses_rows_of_another_setup(tmp_path):
     store = RowStore(tmp_path, {"scenario": "a"})
-    store.add_measurement(_fake("none", 1), 1.0)
-    store.add_failure(RowFailure("cpu-tiny", "none", 200, "oom", "OOM at batch 200"), 2.0)
+    store.add(_fake("none", 1), 1.0)
+    store.add(RowFailure("cpu-tiny", "none", 200, "oom", "OOM at batch 200"), 2.0)
     resumed = RowStore(tmp_path, {"scenario": "a"})
     assert [(m.backend, m.batch) for m in resumed.resume()] == [("none", 1)]
     assert resumed.walls() == {("none", 1): 1.0}
@@ -189,7 +177,7 @@ def test_resume_retries_failed_rows_and_refuses_rows_of_another_setup(tmp_path):
 
 def test_rows_are_written_atomically(tmp_path, monkeypatch):
     store = RowStore(tmp_path, {"scenario": "a"})
-    store.add_measurement(_fake("none", 1), 1.0)
+    store.add(_fake("none", 1), 1.0)
     good = store.path.read_bytes()
 
     def interrupted(fd):
@@ -197,7 +185,7 @@ def test_rows_are_written_atomically(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        store.add_measurement(_fake("quanto4", 1), 1.0)
+        store.add(_fake("quanto4", 1), 1.0)
     assert store.path.read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
 
@@ -207,8 +195,8 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     """The real command with a worker that hangs: the signal ends both at once."""
     out = tmp_path / "out"
     env = {**os.environ, faults.ENV: "hang", "PYTHONUNBUFFERED": "1"}
-    # As from a terminal: a shell's background job (CI, `cmd &`) starts with SIGINT
-    # ignored, the child inherits that, and Python then installs no KeyboardInterrupt.
+    # As from a terminal: a background job (CI, `cmd &`) starts with SIGINT ignored, and a
+    # child inheriting that gets no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro", "experiment", "--scenario", "cpu-tiny",
                              "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
@@ -221,8 +209,7 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     worker = int(log.read_text().split("worker ")[-1].split(":")[0])
     proc.send_signal(sig)
     try:
-        # Stopping takes ~5 s here (the worker's SIGTERM grace); 60 s leaves room for a
-        # loaded CI machine and still tells a hang from a stop.
+        # stopping takes ~5 s (the worker's SIGTERM grace): 60 s tells a hang from a loaded machine
         said, _ = proc.communicate(timeout=60)
     except subprocess.TimeoutExpired:
         proc.kill()
@@ -234,7 +221,7 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     assert not Path(f"/proc/{worker}").exists(), "the worker outlived the interrupted experiment"
 
 
-# ---- options ------------------------------------------------------------------------------
+# ---- options
 
 @pytest.mark.parametrize("argv, fragment", [
     (["--scenario", "cpu-tiny", "--checkpoint", "/nonexistent"], "--checkpoint applies to scenarios that load"),
@@ -274,7 +261,7 @@ def test_record_missing_writes_only_entries_with_no_stored_value(baseline_dir):
     assert set(after) - set(before) == {removed} and lines == [f"{removed}: new -> 0.250"]
 
 
-# ---- progress -----------------------------------------------------------------------------
+# ---- progress
 
 def test_progress_estimates_the_time_left_per_batch():
     now = [0.0]

@@ -1,18 +1,6 @@
-"""Layers run one way: a module imports only from its own subpackage or from a layer below
-it, at the top of a file or inside a function alike. From the bottom up:
-
-    core      atomic writes, command-line help, provenance, the metrics table
-    faults    fault injection (imports nothing of the suite's)
-    backends  what knows the libraries' APIs: caches, models, the matrix
-    measure   bytes, peaks, accuracy, speed; the scenarios
-    verdicts  baselines, bands, claims, expectations
-    runner    the memory experiment, its workers, reports, the accuracy runs
-    releases, gpu   other releases; the CUDA box (neither imports the other)
-    plugin    the pytest plugin
-    commands  the command line: one module per verb
-    __main__  ``python -m kvcache_repro``: hands the verb to commands
-
-A pair of subpackages that import each other is therefore impossible too."""
+"""Layers run one way: a module imports only from its own subpackage or from a layer below it
+(LAYERS, from the bottom up), at the top of a file or inside a function alike; so no two
+subpackages import each other."""
 from __future__ import annotations
 
 import ast
@@ -26,7 +14,6 @@ RANK = {name: rank for rank, names in enumerate(LAYERS) for name in names}
 
 
 def _part(module: str) -> str | None:
-    """The layer part of a dotted module name inside the package (None outside it)."""
     parts = module.split(".")
     return parts[1] if parts[0] == PACKAGE and len(parts) > 1 else None
 
@@ -46,8 +33,7 @@ def _imports(path: Path, module: str):
 
 
 def upward_imports(root: Path) -> list[str]:
-    """Every import of ``root/kvcache_repro`` that runs up or sideways across layers, and
-    every part of the package that no layer names."""
+    """Every import of ``root/kvcache_repro`` across layers up or sideways; every part in no layer."""
     found = []
     for path in sorted((root / PACKAGE).rglob("*.py")):
         rel = path.relative_to(root)
@@ -73,8 +59,8 @@ def test_layers_run_one_way():
 
 
 def test_an_upward_or_sideways_import_is_named(tmp_path):
-    """The check itself: a lower layer importing a higher one, inside a function too, and
-    two layers of one rank importing each other, are each found with their file and line."""
+    """A lower layer importing a higher one (inside a function too) and two layers of one rank
+    importing each other are each found with their file and line."""
     pkg = tmp_path / PACKAGE
     for sub in ("measure", "runner", "gpu", "releases"):
         (pkg / sub).mkdir(parents=True)
@@ -86,3 +72,10 @@ def test_an_upward_or_sideways_import_is_named(tmp_path):
     assert len(found) == 2, found
     assert found[0].startswith("kvcache_repro/gpu/g.py:1 imports kvcache_repro.releases: gpu may import")
     assert found[1].startswith("kvcache_repro/measure/m.py:5 imports kvcache_repro.runner")
+
+
+def test_no_module_is_over_400_lines():
+    """A module past 400 lines holds more than one idea: split it along its seams."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / PACKAGE).rglob("*.py")
+            if (n := len(p.read_text(encoding="utf-8").splitlines())) > 400}
+    assert not long, long

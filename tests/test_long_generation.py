@@ -1,17 +1,8 @@
-"""The seed's length in the default tier (kvcache_repro/measure/long_run.py): an 8-token
-prompt and 1,000 decoded tokens (15 flushes at the seed's residual 64) through every
-quantized backend's cache, at the seed's dtype (float16) and G 128 / R 64, on a
-tiny-width Llama's K/V geometry, 2 rows, driven as generate() drives it but without the
-model.
-
-After every flush (and at the end) each layer's storage is checked against the analytic
-model (accounting.py): the tokens in the residual, then the exact bytes. A layer that
-stops flushing after 512 quantized tokens, which no shorter test reaches, fails here
-naming the token where its residual overflowed; a layer that keeps values dense fails
-naming what it holds. The peak live bytes of the whole run are compared too: the
-unquantized cache's with its formula (the reference every ratio divides by), each
-quantized one's with baselines/long-cache.json (the seed's quanto4 and hqq4 in the default
-tier, the other backends with --kv-run-slow: the exact tracker triples a run's time).
+"""The seed's length in the default tier (kvcache_repro/measure/long_run.py): 8 + 1,000
+tokens through every quantized cache, checked after every flush against the analytic
+model (residual tokens, then exact bytes), and the run's peak: the unquantized cache's
+against its formula, each quantized one's against baselines/long-cache.json (the seed's
+quanto4 and hqq4 in the default tier, the others with --kv-run-slow).
 """
 from __future__ import annotations
 
@@ -35,21 +26,14 @@ def _skip_unless_quantizable(spec):
         pytest.skip(why)
 
 
-def _residual_tokens(layer) -> int:
-    storage = caches.layer_storage(layer)
-    return 0 if storage.residual_keys is None else storage.residual_keys.shape[-2]
-
-
 @pytest.fixture(scope="module")
 def none_peak():
     return long_run.run(BACKENDS["none"])
 
 
 def test_the_unquantized_cache_peaks_at_its_formula(none_peak):
-    """DynamicLayer's peak over 1,008 tokens: the final cache plus one layer's values and
-    the step's inputs (long_run.none_peak_bytes). Fails when the reference grows (fault
-    ``unquantized_copies``: six more copies), which every quantized/none ratio would
-    read as the quantized caches saving more."""
+    """DynamicLayer's peak (long_run.none_peak_bytes): a reference that grows (fault
+    ``unquantized_copies``) would read as the quantized caches saving more."""
     expected = long_run.none_peak_bytes()
     assert none_peak == expected, (f"the unquantized cache peaked at {none_peak} bytes over {PROMPT + NEW - 1} "
                                    f"tokens, its formula says {expected} ({none_peak / expected:.3f}x)")
@@ -67,7 +51,8 @@ def test_the_seed_s_length_flushes_and_stores_the_analytic_bytes_throughout(spec
         if not (flushed or tokens == PROMPT + NEW - 1):
             return
         for i, layer in enumerate(caches.cache_layers(cache)):
-            held = _residual_tokens(layer)
+            residual_keys = caches.layer_storage(layer).residual_keys
+            held = 0 if residual_keys is None else residual_keys.shape[-2]
             assert held == residual, (
                 f"{spec.name}: after {tokens} tokens layer {i}'s residual holds {held} tokens, the model says "
                 f"{residual} (residual_length {SETTINGS.residual_length}): "
@@ -85,10 +70,8 @@ def test_the_seed_s_length_flushes_and_stores_the_analytic_bytes_throughout(spec
 
 @pytest.mark.parametrize("spec", PEAK_PARAMS)
 def test_the_seed_s_length_peaks_at_its_baseline(spec, none_peak):
-    """Peak live bytes over the whole run, over the unquantized cache's in the same driver,
-    against baselines/long-cache.json (exact bytes). Fails when a dequantized copy or a
-    requantization temporary grows at fp16 (fault ``dequantize_via_float32``) or the
-    residual stops being flushed (``stop_flushing_after_512``)."""
+    """The run's peak over none's against baselines/long-cache.json (faults
+    ``dequantize_via_float32``, ``stop_flushing_after_512``)."""
     _skip_unless_quantizable(spec)
     peak = long_run.run(spec)
     stored = baseline_file.load(long_run_verdicts.baseline_path())

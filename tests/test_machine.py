@@ -1,5 +1,5 @@
-"""The machine record that baselines and results.json carry: it must say which CPU path
-torch really took, or a number measured under ATen's default path would pass for AVX2."""
+"""The machine record of baselines and results.json says which CPU path torch really took (a
+number measured under ATen's default path must not pass for AVX2)."""
 from __future__ import annotations
 
 import json

@@ -3,21 +3,21 @@ scenario definitions, ratios, the report and the baseline update path."""
 from __future__ import annotations
 
 import json
+import sys
+import types
 
 import pytest
 import torch
 
 from kvcache_repro.verdicts import baseline_file, comparison, paths
 from kvcache_repro.runner import experiment, report
-from kvcache_repro.measure import scenarios
-from kvcache_repro.measure import memory
+from kvcache_repro.measure import memory, scenarios
 from kvcache_repro.measure.memory import Measurement
 
 
 def test_cpu_probe_sees_a_known_allocation_to_the_byte():
     """peak_allocated = what was resident (given to start) + the peak of what the region
-    created. RSS is not asserted: it is information only (glibc may hand back pages it
-    kept, and then RSS does not grow at all - seen under load)."""
+    created. RSS is information only (glibc may reuse pages it kept: no growth at all)."""
     resident = [torch.ones(1000)]
     probe = memory.CpuProbe()
     assert probe.start(resident) == 4000
@@ -49,7 +49,7 @@ def test_seed_scenario_is_the_seed_s_settings():
     seed = scenarios.get("seed")
     assert seed.batch_sizes == (1, 200) and seed.new_tokens == 1000
     assert seed.settings.q_group_size == 128 and seed.settings.residual_length == 64
-    specs = [experiment.scenarios.BACKENDS[b] for b in seed.backends]
+    specs = [scenarios.BACKENDS[b] for b in seed.backends]
     assert [(s.backend, s.nbits, s.axis) for s in specs] == [("none", None, None), ("quanto", 4, 0), ("hqq", 4, 0)]
     assert seed.dtype == "float16" and seed.weights_nf4 and seed.checkpoint == "gradientai/Llama-3-8B-Instruct-Gradient-1048k"
     prompts = seed.prompts(200)
@@ -136,9 +136,8 @@ def _fake_cuda(monkeypatch, counters, stats, calls):
 
 
 def test_cuda_probe_resets_peaks_before_and_reads_them_after(monkeypatch):
-    """The CUDA probe's logic on a recording stand-in for torch.cuda (no GPU here): the
-    cache is emptied and peaks reset at start; each metric comes from its own counter;
-    the allocator's retries and OOMs are what generate() added (they are cumulative)."""
+    """On a stand-in for torch.cuda: the cache is emptied and peaks reset at start; each metric
+    comes from its own counter; retries and OOMs are what generate() added (cumulative)."""
     calls = []
     counters = {"memory_allocated": 5, "max_memory_reserved": 70, "max_memory_allocated": 60, "memory_reserved": 50}
     _fake_cuda(monkeypatch, counters, [{"num_alloc_retries": 2, "num_ooms": 1},
@@ -152,9 +151,8 @@ def test_cuda_probe_resets_peaks_before_and_reads_them_after(monkeypatch):
 
 
 def test_a_saw_tooth_run_is_flagged(monkeypatch):
-    """The seed's none run on an 80 GB card: the allocator hit capacity and retried. Faked
-    memory_stats(): 3 retries during generate; the explanation says SAW-TOOTH and points
-    at peak allocated. Without retries the same numbers are not flagged."""
+    """The seed's none run on an 80 GB card hit capacity and retried: 3 retries during generate
+    are flagged SAW-TOOTH; without retries the same numbers are not."""
     from kvcache_repro.measure import reserved
 
     gib = 2**30
@@ -170,23 +168,20 @@ def test_a_saw_tooth_run_is_flagged(monkeypatch):
     assert "SAW-TOOTH" not in reserved.explain({**metrics, "alloc_retries": 0})
 
 
+def _fake_pynvml(monkeypatch, **functions):
+    fake = types.ModuleType("pynvml")
+    fake.NVMLError = type("NVMLError", (Exception,), {})
+    fake.__dict__.update(functions)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    return fake
+
+
 def test_nvml_failure_is_a_note_not_a_failed_row(monkeypatch):
     """Any NVML error (not only a missing module) leaves the NVML figure out with a note."""
-    import sys
-    import types
-
-    fake = types.ModuleType("pynvml")
-
-    class NVMLError(Exception):
-        pass
-
-    fake.NVMLError = NVMLError
-
     def init():
-        raise NVMLError("Driver/library version mismatch")
+        raise fake.NVMLError("Driver/library version mismatch")
 
-    fake.nvmlInit = init
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    fake = _fake_pynvml(monkeypatch, nvmlInit=init)
     value, note = memory._nvml_used(0)
     assert value is None and "Driver/library version mismatch" in note
 
@@ -194,15 +189,9 @@ def test_nvml_failure_is_a_note_not_a_failed_row(monkeypatch):
 def test_nvml_finds_the_device_by_uuid_not_by_index(monkeypatch):
     """torch's index 0 under CUDA_VISIBLE_DEVICES=3 is NVML's device 3: the handle comes
     from the UUID torch reports."""
-    import sys
-    import types
-
-    fake = types.ModuleType("pynvml")
-    fake.NVMLError = type("NVMLError", (Exception,), {})
-    fake.nvmlInit = lambda: None
-    fake.nvmlDeviceGetHandleByIndex = lambda i: pytest.fail("looked up by index")
-    fake.nvmlDeviceGetHandleByUUID = lambda u: {"GPU-abc": "h3"}[u]
-    fake.nvmlDeviceGetMemoryInfo = lambda h: types.SimpleNamespace(used={"h3": 123}[h])
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    _fake_pynvml(monkeypatch, nvmlInit=lambda: None,
+                 nvmlDeviceGetHandleByIndex=lambda i: pytest.fail("looked up by index"),
+                 nvmlDeviceGetHandleByUUID=lambda u: {"GPU-abc": "h3"}[u],
+                 nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used={"h3": 123}[h]))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="abc"))
     assert memory._nvml_used(0) == (123, "")

@@ -1,23 +1,20 @@
 """A user's own model (``./kvq experiment --model``): its scenario, its own baseline file
-keyed by what determines its numbers, and the errors that stop it before any worker.
-
-The end-to-end test saves a tiny Llama with SmolLM2's tokenizer to a directory (what a
-user's `save_pretrained` writes) and runs the experiment on it, in process: the run
-records a baseline file of its own, the same rows compared again (``--resume``) pass
-against it; every built-in baseline file is byte-identical before and after.
-"""
+keyed by what determines its numbers, and the errors that stop it before any worker; end
+to end, a tiny Llama saved as a user's directory records its own file and passes it."""
 from __future__ import annotations
 
 import functools
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 
 from kvcache_repro import commands
 from kvcache_repro.backends import checkpoints
-from kvcache_repro.runner import experiment
+from kvcache_repro.runner import experiment, scenario_choice
 from kvcache_repro.measure import scenarios
 from kvcache_repro.verdicts import baseline_file, baseline_update
 
@@ -26,10 +23,8 @@ ARGS = dict(device="cpu", device_name="cpu", backends=("none", "quanto4"), batch
 IDENTITY = {"name": "my-model", "local": True, "config_sha256": "0" * 16}
 
 
-def _scenario(**changes):
-    kwargs = {**ARGS, **changes}
-    return scenarios.model_scenario("/models/my-model", changes.pop("identity", IDENTITY), **{
-        k: v for k, v in kwargs.items() if k != "identity"})
+def _scenario(identity=IDENTITY, **changes):
+    return scenarios.model_scenario("/models/my-model", identity, **{**ARGS, **changes})
 
 
 def test_a_model_scenario_is_named_by_what_determines_its_numbers():
@@ -50,9 +45,6 @@ def test_a_model_scenario_is_named_by_what_determines_its_numbers():
 
 def test_the_worker_rebuilds_a_registered_model_scenario(monkeypatch):
     """Workers get the scenario by name: register() passes it through the environment."""
-    import subprocess
-    import sys
-
     monkeypatch.delenv(scenarios.RUNTIME_ENV, raising=False)
     s = scenarios.register(_scenario())
     code = ("import json, sys; from kvcache_repro.measure import scenarios; "
@@ -83,11 +75,11 @@ def test_a_file_of_another_setup_is_never_overwritten(tmp_path):
 
 def test_another_model_is_refused_as_the_seed():
     """--scenario seed --checkpoint X compares X with the seed's ratios: only the seed's
-    architecture may stand in (offline.ARCHS holds Llama-3-8B's and SmolLM2's shapes)."""
+    architecture may stand in."""
     from kvcache_repro.backends.offline import ARCHS
 
-    assert experiment.not_the_seed_model(ARCHS["llama3-8b"]) == []
-    differs = experiment.not_the_seed_model(ARCHS["smollm2-135m"])
+    assert scenario_choice.not_the_seed_model(ARCHS["llama3-8b"]) == []
+    differs = scenario_choice.not_the_seed_model(ARCHS["smollm2-135m"])
     assert "hidden_size 576 (the seed's: 4096)" in differs and len(differs) == 6
 
 
@@ -145,12 +137,12 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     monkeypatch.setattr(baseline_file, "BASELINE_DIR", root)
     monkeypatch.delenv(scenarios.RUNTIME_ENV, raising=False)
     before = _digests(root)
-    # the directory's config is read once, in its child process, as the first run reads it;
-    # the second run gets the same answer (a child importing transformers again: 7 s of CPU)
+    # the config is read once, in a child process; the second run reuses it (saves 7 s of CPU)
     monkeypatch.setattr(checkpoints, "probe", functools.cache(checkpoints.probe))
     argv = ["--model", str(saved_model), "--device", "cpu", "--backends", "none,quanto4,hqq4", "--batch-sizes", "1,2",
-            "--new-tokens", "24", "--q-group-size", "32", "--residual-length", "8", "--in-process"]
-    assert commands.call("experiment", [*argv, "--output-dir", str(tmp_path / "a"), "--update-baselines"]) == 0
+            "--new-tokens", "24", "--q-group-size", "32", "--residual-length", "8", "--in-process",
+            "--output-dir", str(tmp_path / "a")]
+    assert commands.call("experiment", [*argv, "--update-baselines"]) == 0
     after = _digests(root)
     new = sorted(set(after) - set(before))
     assert len(new) == 1 and new[0].startswith("models/model-tiny-user-llama-"), new
@@ -160,6 +152,6 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     assert {e.metric for e in stored.entries.values()} == {"peak_allocated", "cache_bytes"}
     assert len(stored.entries) == 8  # 2 quantized backends x 2 batches x 2 metrics
     # the same rows compared again (--resume: nothing re-measured) read that file and pass
-    assert commands.call("experiment", [*argv, "--output-dir", str(tmp_path / "a"), "--resume"]) == 0
+    assert commands.call("experiment", [*argv, "--resume"]) == 0
     results = json.loads((tmp_path / "a" / "results.json").read_text())
     assert [v["status"] for v in results["verdicts"]] == ["ok"] * 8

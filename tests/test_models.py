@@ -27,8 +27,7 @@ def test_the_key_follows_the_file_content_and_the_dtype(tmp_path, monkeypatch):
 
 
 def test_a_copy_is_complete_or_absent(tmp_path):
-    """The marker is written last and the folder renamed into place, so a reader never
-    sees a half-written copy; a copy that cannot be written warns and leaves nothing."""
+    """Marker written last, folder renamed into place; a copy that cannot be written warns."""
     model = models.tiny_model("llama")
     target = tmp_path / "cache" / "copy"
     model_cache.save_expanded(model, _Tokenizer(), target)

@@ -3,7 +3,6 @@
 become. Pure parts and fakes only: real environments are built by ``./kvq compat``."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 

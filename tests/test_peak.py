@@ -1,7 +1,6 @@
-"""The exact peak-memory probe (kvcache_repro/measure/peak.py): it sees known allocations to the
-byte, counts storages rather than views or dense sizes, follows frees, and gives the
-same bytes run after run and at 1 or 2 threads - the property that lets peak ratios be
-baselines with bands of a fraction of a percent."""
+"""The exact peak-memory probe (kvcache_repro/measure/peak.py): known allocations to the
+byte, storages rather than views or dense sizes, frees followed, the same bytes run after
+run and at 1 or 2 threads (so peak ratios take bands of a fraction of a percent)."""
 from __future__ import annotations
 
 import pytest
@@ -60,8 +59,7 @@ def _generate_peak(backend: str, extra_bytes: int = 0, batch: int = 4, new: int 
 
 @pytest.mark.parametrize("backend_name", ["none", "quanto4", "hqq4"])
 def test_an_extra_full_precision_copy_of_the_cache_raises_the_peak_by_its_size(backend_name):
-    """A copy of the unquantized cache held through generate() (the 'extra copy kept
-    alive' regression) moves the peak by exactly its bytes."""
+    """A copy of the unquantized cache held through generate() moves the peak by its bytes."""
     _, dense_cache = _generate_peak("none")
     clean, _ = _generate_peak(backend_name)
     with_copy, _ = _generate_peak(backend_name, extra_bytes=dense_cache)
@@ -82,23 +80,19 @@ def test_peak_is_identical_across_runs_and_thread_counts(backend_name):
 
 
 def test_the_peak_covers_the_cache_and_more():
-    """What generate() holds at its peak includes the final cache (it is alive at the
-    end) plus the step's transients: the peak is strictly above the cache."""
+    """The peak holds the final cache plus the step's transients: strictly above the cache."""
     for backend in ("none", "quanto4", "hqq4"):
         peak, cache = _generate_peak(backend)
         assert peak > cache > 0, (backend, peak, cache)
 
 
 def test_scenario_peaks_are_identical_in_any_order(experiment_runs):
-    """The cpu-tiny scenario's exact metrics, measured in this process twice more, each
-    time in another shuffled order of (backend, batch): the same bytes as the session's
-    run, so test order (or what ran before in the process) cannot move a baseline ratio."""
+    """cpu-tiny's exact metrics, measured here twice more in shuffled orders of (backend,
+    batch): the session's bytes, so what ran before cannot move a baseline ratio."""
     import random
 
+    from kvcache_repro.measure import memory, scenarios
     from kvcache_repro.runner import experiment
-
-    from kvcache_repro.measure import scenarios
-    from kvcache_repro.measure import memory
 
     scenario = scenarios.get("cpu-tiny")
     loaded = memory.load_model(scenario)

@@ -1,13 +1,7 @@
-"""Quantizer correctness for quanto and hqq, through the code path transformers uses
-(a cache layer's prefill quantization and its dequantization on the next step).
-
-The bound is derived, not tuned: both backends are affine quantizers with
-round-to-nearest onto a uniform grid ``lo + q*step``, q in {0..2^n-1}, clamped at the
-ends. So a value inside [lo, hi] comes back within step/2; a value outside comes back
-as the nearest end. quanto's MaxOptimizer sets lo/hi to the group's min/max, so for it
-every value is inside and step = (max - min) / (2^n - 1). Float rounding adds at most a
-few ulps of the magnitudes involved (``_float_slack``).
-"""
+"""Quantizer correctness for quanto and hqq, on transformers' path (a cache layer's prefill
+quantization, then its dequantization). The bound is derived: both round to nearest on a grid
+``lo + q*step``, q in {0..2^n-1}, clamped at the ends, so a value inside [lo, hi] comes back
+within step/2, one outside as the nearest end, give or take float rounding (_inside_and_slack)."""
 from __future__ import annotations
 
 import math
@@ -17,9 +11,8 @@ import torch
 from hypothesis import HealthCheck, assume, given, settings as hsettings, strategies as st
 
 from kvcache_repro.backends import caches
-
-from kvcache_repro.measure import quantizers
 from kvcache_repro.backends.matrix import BACKENDS, BackendSpec
+from kvcache_repro.measure import quantizers
 
 GROUP = 32
 SETTINGS = caches.QuantSettings(q_group_size=GROUP, residual_length=16)
@@ -38,13 +31,11 @@ def kv_tensors(draw, dtype):
     heads = draw(st.sampled_from([1, 2]))
     seq = draw(st.sampled_from([8, 16, 24]))
     head_dim = draw(st.sampled_from([16, 32]))
-    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     scale = draw(st.sampled_from([1e-3, 0.1, 1.0, 30.0]))
     offset = draw(st.sampled_from([0.0, 1.0, -50.0]))
-    outliers = draw(st.booleans())
-    g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, heads, seq, head_dim, generator=g) * scale + offset
-    if outliers:  # a few channels 20x larger, as real keys have
+    if draw(st.booleans()):  # a few channels 20x larger, as real keys have
         x[..., :2] *= 20
     return x.to(dtype)
 
@@ -59,23 +50,19 @@ def _quantizable(spec, x) -> bool:
     return True
 
 
-def _float_slack(rt, dtype) -> torch.Tensor:
-    """Float rounding a correct quantizer may add, per group. The codes and the restored
-    values are computed in ``dtype`` from numbers as large as the group's magnitude M (the
-    value, the zero point or shift, their sum and product): three roundings of at most
-    eps/2 x M each, and one of the step. Measured worst case over 480 tensors per backend
-    in bf16: 1.37 eps x M (quanto4), 1.25 (hqq8). 2 eps x M leaves a margin and keeps the
-    check able to fail in bf16 at 8 bits, where M is ~128 steps of a centred group: the
-    bound is then ~2.5 steps (it was 4.5 with 4 eps; test_the_bound_catches_three_steps_in_bf16_at_8_bits)."""
+def _inside_and_slack(rt, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which elements lie inside the grid, and the float rounding a correct quantizer may add per
+    group: three roundings of eps/2 x the group's magnitude M, and one of the step. Measured worst
+    case over 480 bf16 tensors: 1.37 eps x M (quanto4); 2 eps x M can still fail in bf16 at 8 bits."""
     eps = torch.finfo(dtype).eps
     magnitude = torch.maximum(rt.lo.abs(), rt.hi.abs()).maximum(rt.original.abs().amax(dim=1, keepdim=True))
-    return 2 * eps * magnitude + 2 * eps * rt.step
+    slack = 2 * eps * magnitude + 2 * eps * rt.step
+    return (rt.original >= rt.lo - slack) & (rt.original <= rt.hi + slack), slack
 
 
 def _outside_the_bound(rt, restored, dtype) -> torch.Tensor:
     """Elements inside the grid that came back further than step/2 plus float slack."""
-    slack = _float_slack(rt, dtype)
-    inside = (rt.original >= rt.lo - slack) & (rt.original <= rt.hi + slack)
+    inside, slack = _inside_and_slack(rt, dtype)
     return ((restored - rt.original).abs() > rt.step / 2 + slack) & inside
 
 
@@ -88,28 +75,19 @@ def test_round_trip_error_bounded_by_group_step(spec: BackendSpec, dtype):
         assume(_quantizable(spec, x))
         rt = quantizers.round_trip(spec, SETTINGS, x)
         err = (rt.restored - rt.original).abs()
-        slack = _float_slack(rt, dtype)
-        inside = (rt.original >= rt.lo - slack) & (rt.original <= rt.hi + slack)
-        # inside the grid: round to nearest
-        assert not bool(_outside_the_bound(rt, rt.restored, dtype).any()), (
+        inside, slack = _inside_and_slack(rt, dtype)
+        assert not bool(_outside_the_bound(rt, rt.restored, dtype).any()), (  # round to nearest
             f"{spec.name}: max err/step {float((err / rt.step)[inside].max()):.3f} > 0.5 + slack")
-        # outside: clamped to the nearest end of the grid
-        nearest_end = torch.where(rt.original < rt.lo, rt.lo, rt.hi).expand_as(rt.original)
+        nearest_end = torch.where(rt.original < rt.lo, rt.lo, rt.hi).expand_as(rt.original)  # outside
         assert torch.allclose(rt.restored[~inside], nearest_end[~inside], atol=float(slack.max()))
-        # Both grids span the group's range: quanto's MaxOptimizer sets lo/hi to min/max;
-        # hqq's proximal optimizer (hqq/core/optimize.py) moves only the zero point and
-        # keeps the min-max scale. So the step is (max - min) / (2^n - 1), checked
-        # against the data, not against the backend's own metadata (a doubled step fails).
-        # Tolerance: hqq inverts the step twice and stores it in the model dtype, each a
-        # rounding of <= eps/2: rtol two eps. (In bf16 at 8 bits that cannot tell 255
-        # levels from 256, 0.39% apart; float32 can.)
+        # Both grids span the group's range (quanto's MaxOptimizer; hqq's optimizer moves only the
+        # zero point), so the step is (max - min) / (2^n - 1), checked against the data, not the
+        # backend's metadata. rtol two eps: hqq inverts the step twice and stores it in the dtype.
         levels = 2**spec.nbits - 1
         spread = rt.original.amax(1, keepdim=True) - rt.original.amin(1, keepdim=True)
         expected_step = spread / levels
-        if spec.backend == "hqq":
-            # hqq 0.2.8 guards (hqq/core/quantize.py, Quantizer.quantize): a range of at
-            # most 1e-4 gets step 1, and the inverse step is clamped at 2e4.
-            expected_step = torch.where(spread <= 1e-4, torch.ones_like(spread), expected_step.clamp(min=1 / 2e4))
+        if spec.backend == "hqq":  # hqq 0.2.8: range <= 1e-4: step 1; 1/step <= 2e4
+            expected_step = torch.where(spread <= 1e-4, 1.0, expected_step.clamp(min=1 / 2e4))
         assert torch.allclose(rt.step, expected_step, rtol=2 * torch.finfo(dtype).eps, atol=1e-30), (
             f"{spec.name}: step off the group's (max - min) / {levels} by up to "
             f"{float(((rt.step - expected_step).abs() / expected_step.clamp_min(1e-30)).max()):.2e}")
@@ -121,12 +99,9 @@ def test_round_trip_error_bounded_by_group_step(spec: BackendSpec, dtype):
 
 @pytest.mark.parametrize("name", ["hqq8", "hqq8-axis1"])
 def test_the_bound_catches_three_steps_in_bf16_at_8_bits(name):
-    """bf16 has 8 significant bits, so at 8 bits its rounding is worth about a step and the
-    slack is large; it must not swallow the check. On a centred bf16 tensor, values
-    restored 3 steps off (a quantizer off by 3 codes) fail it at more than half the
-    elements (measured 64% hqq8, 70% axis 1; 4 steps: > 99%), and 1 step of bias, which
-    bf16 rounding alone can come near, passes. With the former 4 eps slack 3 steps
-    flagged nothing and 4 steps 1-2%."""
+    """At 8 bits bf16's rounding is worth about a step, so the slack is large; it must not swallow
+    the check: values restored 3 steps off fail it at more than half the elements (measured 64%
+    hqq8, 70% axis 1), and 1 step of bias, which bf16 rounding alone can come near, passes."""
     x = torch.randn(2, 2, 16, 32, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     rt = quantizers.round_trip(BACKENDS[name], SETTINGS, x)
     assert not bool(_outside_the_bound(rt, rt.restored, torch.bfloat16).any())
@@ -140,15 +115,11 @@ def test_packed_storage_has_the_size_nbits_implies(spec: BackendSpec):
     x = torch.randn(2, 2, 16, 32)
     rt = quantizers.round_trip(spec, SETTINGS, x)
     n, groups = x.numel(), x.numel() // GROUP
-    if spec.backend == "hqq" and spec.nbits == 3:
-        # hqq packs 10 3-bit codes per int32 along the packed dimension, padded to 10:
-        # G rows at axis 0 (hqq/core/bitpack.py pack_3bit_32)
+    expected = n * spec.nbits // 8
+    if spec.backend == "hqq" and spec.nbits == 3:  # 10 codes per int32 along G, padded
         expected = 4 * math.ceil(GROUP / 10) * groups
-    else:
-        expected = n * spec.nbits // 8
     assert rt.stored.packed == expected
-    # one scale and one zero-point/shift per group, in the tensor's dtype
-    assert rt.stored.metadata == 2 * groups * x.element_size()
+    assert rt.stored.metadata == 2 * groups * x.element_size()  # a scale and a zero/shift per group
 
 
 @pytest.mark.parametrize("spec", GROUP_WISE, ids=lambda s: s.name)
@@ -162,11 +133,9 @@ def test_values_on_the_grid_come_back_exactly(spec: BackendSpec):
     codes = torch.randint(0, levels + 1, (n_groups, GROUP), generator=g).float()
     codes[:, 0], codes[:, 1] = 0, levels
     step = 2.0 ** torch.randint(-6, 2, (n_groups, 1), generator=g).float()
-    lo = torch.randint(-8, 8, (n_groups, 1), generator=g).float() * step
-    grouped = lo + codes * step
-    # lay the groups out the way this backend groups them
+    grouped = torch.randint(-8, 8, (n_groups, 1), generator=g).float() * step + codes * step
     if (spec.backend == "quanto" and spec.axis == 0) or (spec.backend == "hqq" and spec.axis == 1):
-        x = grouped.reshape(shape)
+        x = grouped.reshape(shape)  # laid out the way this backend groups
     elif spec.backend == "hqq":  # axis 0: groups are columns of reshape(G, -1)
         x = grouped.t().reshape(shape)
     else:
@@ -179,8 +148,10 @@ def test_values_on_the_grid_come_back_exactly(spec: BackendSpec):
     "spec, message",
     [
         (BackendSpec("quanto8", "quanto", 8, 0), "`nbits` for `quanto` backend has to be one of [`2`, `4`]"),
-        (BackendSpec("quanto4-axis1", "quanto", 4, 1), "`axis_key` for `quanto` backend has to be one of [`0`, `-1`]"),
-        (BackendSpec("hqq5", "hqq", 5, 0), "`nbits` for `HQQ` backend has to be one of [`1`, `2`, `3`, `4`, `8`]"),
+        (BackendSpec("quanto4-axis1", "quanto", 4, 1),
+         "`axis_key` for `quanto` backend has to be one of [`0`, `-1`]"),
+        (BackendSpec("hqq5", "hqq", 5, 0),
+         "`nbits` for `HQQ` backend has to be one of [`1`, `2`, `3`, `4`, `8`]"),
         (BackendSpec("hqq4-axis2", "hqq", 4, 2), "`axis_key` for `HQQ` backend has to be one of [`0`, `1`]"),
     ],
     ids=lambda v: v.name if isinstance(v, BackendSpec) else "",
@@ -196,9 +167,8 @@ def test_unsupported_nbits_or_axis_raise_the_documented_error(spec, message):
 
 @pytest.mark.parametrize("spec", [b for b in BACKENDS.values() if b.group_wise], ids=lambda s: s.name)
 def test_divisibility_rule_predicts_exactly_which_shapes_the_backend_rejects(spec: BackendSpec):
-    """The harness's pre-flight check (caches.check_quantizable) must agree with the
-    backend: every shape it lets through quantizes and dequantizes, every shape it stops
-    really fails inside quanto/hqq. Shapes: K/V tensors of tiny models, odd and even."""
+    """The pre-flight check (caches.check_quantizable) agrees with the backend: every shape it
+    lets through quantizes and dequantizes, every shape it stops really fails inside quanto/hqq."""
     outcomes = []
     for batch, heads, seq, head_dim in [(1, 2, 7, 16), (1, 2, 8, 16), (1, 1, 3, 16), (3, 1, 5, 32),
                                         (2, 2, 1, 16), (1, 3, 10, 64), (4, 2, 12, 16)]:
@@ -210,8 +180,7 @@ def test_divisibility_rule_predicts_exactly_which_shapes_the_backend_rejects(spe
         except (caches.GroupSizeError, caches.UnsupportedCombination):
             predicted_ok = False
         try:
-            _, restored = caches.quantize_once(spec, SETTINGS, x)
-            actual_ok = restored.shape == x.shape
+            actual_ok = caches.quantize_once(spec, SETTINGS, x)[1].shape == x.shape
         except (AssertionError, ValueError, RuntimeError):
             actual_ok = False
         outcomes.append(((batch, heads, seq, head_dim), predicted_ok, actual_ok))

@@ -8,6 +8,7 @@ import pytest
 
 from kvcache_repro.core import provenance
 from kvcache_repro.verdicts import baseline_file, baseline_update, comparison, release_ranges
+from kvcache_repro.verdicts.release_baselines import ranges_for
 from kvcache_repro.verdicts.baseline_file import BaselineError, Entry
 from kvcache_repro.verdicts.release_ranges import ReleaseValue
 
@@ -26,6 +27,12 @@ def pinned(ratio=2.0501, by_release=(), prov=PIN):
     return Entry("hqq4", 200, "peak_allocated", ratio, 0.001, prov, tuple(by_release))
 
 
+def update(path, *by_release, **pin):
+    """Store the pinned entry with ``by_release`` (baseline_update.update): its lines."""
+    entries = [pinned(by_release=by_release, **pin)]
+    return baseline_update.update(path, entries, run_failed=False, scenario="cpu-tiny")
+
+
 @pytest.fixture
 def path(tmp_path):
     return tmp_path / "cpu-tiny.json"
@@ -33,7 +40,7 @@ def path(tmp_path):
 
 @pytest.fixture
 def stored(path):
-    baseline_update.update(path, [pinned(by_release=[early()])], run_failed=False, scenario="cpu-tiny")
+    update(path, early())
     return baseline_file.load(path)
 
 
@@ -45,7 +52,7 @@ def test_round_trip_keeps_ranges(stored, path):
 
 
 def test_an_entry_without_ranges_keeps_the_old_format(path):
-    baseline_update.update(path, [pinned()], run_failed=False, scenario="cpu-tiny")
+    update(path)
     assert "by_release" not in json.loads(path.read_text())["entries"][KEY]
 
 
@@ -137,7 +144,7 @@ def test_ranges_are_sorted_on_load(path):
 
 
 def test_update_from_a_run_on_the_pin_keeps_ranges(stored, path):
-    lines = baseline_update.update(path, [pinned(ratio=2.06)], run_failed=False, scenario="cpu-tiny")
+    lines = update(path, ratio=2.06)
     assert lines == [f"{KEY}: 2.050 -> 2.060 (per-release values kept for >=5.0.0,<5.19.0)"]
     entry = baseline_file.load(path).entries[KEY]
     assert entry.ratio == 2.06 and entry.by_release == (early(),)
@@ -145,13 +152,13 @@ def test_update_from_a_run_on_the_pin_keeps_ranges(stored, path):
 
 def test_update_replaces_a_range_only_when_given_the_same_range(stored, path):
     late = early(ratio=2.07, releases=">=5.19.0,<5.20.0", observed=("5.19.0",))
-    baseline_update.update(path, [pinned(by_release=[early(ratio=2.04), late])], run_failed=False, scenario="cpu-tiny")
+    update(path, early(ratio=2.04), late)
     assert baseline_file.load(path).entries[KEY].by_release == (early(ratio=2.04), late)
 
 
 def test_update_refuses_a_range_inside_the_pins_band(path):
     with pytest.raises(BaselineError, match=r"the value 2.050 for >=5.0.0,<5.19.0 lies in the entry's own band"):
-        baseline_update.update(path, [pinned(by_release=[early(ratio=2.0505)])], run_failed=False, scenario="cpu-tiny")
+        update(path, early(ratio=2.0505))
     assert not path.exists()
 
 
@@ -159,7 +166,7 @@ def test_update_refuses_a_pin_inside_a_stored_range_and_leaves_the_file(stored, 
     before = path.read_bytes()
     on_517 = {**PIN, "versions": {**PIN["versions"], "transformers": "5.17.0"}}
     with pytest.raises(BaselineError, match="holds transformers 5.17.0"):
-        baseline_update.update(path, [pinned(ratio=2.038, prov=on_517)], run_failed=False, scenario="cpu-tiny")
+        update(path, ratio=2.038, prov=on_517)
     assert path.read_bytes() == before
 
 
@@ -184,7 +191,6 @@ def test_stored_ranges_differ_from_the_pin_and_never_hold_it():
 
 
 def test_ranges_from_measurements_cut_at_the_first_release_showing_each_value():
-    from kvcache_repro.verdicts.release_baselines import ranges_for
     measured = {"4.57.6": 2.05201, "5.0.0": 2.05203, "5.4.0": 2.03789, "5.17.0": 2.03791, "5.18.0": 2.04004,
                 "5.19.0": 2.0502, "5.24.0": 2.05012}
     found = ranges_for(pinned(), measured, SEEN)
@@ -211,7 +217,7 @@ def torch_range(ratio=2.1, releases=">=2.11.0,<2.13.0", observed=("2.11.0",)):
 
 
 def test_a_torch_range_is_chosen_by_the_running_torch_not_transformers(path):
-    baseline_update.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
+    update(path, early(), torch_range())
     entry = baseline_file.load(path).entries[KEY]
     assert [rv.package for rv in entry.by_release] == ["transformers", "torch"]
     on_pins = {"torch": "2.13.0+cpu"}
@@ -224,18 +230,15 @@ def test_a_torch_range_is_chosen_by_the_running_torch_not_transformers(path):
 
 def test_a_torch_range_may_not_hold_the_pinned_torch_nor_overlap_its_own_package(path):
     with pytest.raises(BaselineError, match="holds torch 2.13.0"):
-        wide = torch_range(releases=">=2.11.0,<2.14.0", observed=("2.11.0",))
-        baseline_update.update(path, [pinned(by_release=[wide])], run_failed=False, scenario="cpu-tiny")
+        update(path, torch_range(releases=">=2.11.0,<2.14.0", observed=("2.11.0",)))
     with pytest.raises(BaselineError, match="torch ranges"):
-        baseline_update.update(path, [pinned(by_release=[torch_range(), torch_range(releases=">=2.12.0,<2.13.0",
-                                                                                    observed=("2.12.0",))])],
-                               run_failed=False, scenario="cpu-tiny")
+        update(path, torch_range(), torch_range(releases=">=2.12.0,<2.13.0", observed=("2.12.0",)))
     # a transformers range and a torch range with the same numbers are two packages: allowed
-    baseline_update.update(path, [pinned(by_release=[early(), torch_range()])], run_failed=False, scenario="cpu-tiny")
+    update(path, early(), torch_range())
 
 
 def test_an_unknown_package_in_a_stored_range_is_rejected(path):
-    baseline_update.update(path, [pinned(by_release=[torch_range()])], run_failed=False, scenario="cpu-tiny")
+    update(path, torch_range())
     data = json.loads(path.read_text())
     data["entries"][KEY]["by_release"][0]["package"] = "numpy"
     path.write_text(json.dumps(data))
@@ -244,8 +247,6 @@ def test_an_unknown_package_in_a_stored_range_is_rejected(path):
 
 
 def test_torch_ranges_from_measurements_are_keyed_by_torch():
-    from kvcache_repro.verdicts.release_baselines import ranges_for
-
     entry = pinned(prov={"versions": {"torch": "2.13.0+cpu", "transformers": "5.24.0"}})
     found = ranges_for(entry, {"2.11.0": 2.1, "2.12.1": 2.1, "2.13.0": 2.0501}, TORCH_SEEN, "torch")
     assert [(rv.package, rv.releases, rv.observed_on) for rv in found] == [("torch", ">=2.11.0,<2.13.0",

@@ -1,15 +1,15 @@
-"""One test per claim of the seed, named for the claim and parametrized by setup. The
-numbers and the verdict come from the claim's function in kvcache_repro/verdicts/claims.py; the
-test asserts the verdict expected on that setup (claims.EXPECTED), so a flip in either
-direction fails. Every run writes the claims table to results/claims.{md,json}."""
+"""One test per claim of the seed, parametrized by setup: the claim's function in
+kvcache_repro/verdicts/claims.py gives numbers and verdict, the test asserts the one expected
+on that setup (claims.EXPECTED). Every run writes the table to results/claims.{md,json}."""
 from __future__ import annotations
 
 import pytest
 
-from kvcache_repro.measure import scenarios
+from kvcache_repro.measure import scenarios, speed
 from kvcache_repro.plugin import summary
 from kvcache_repro.verdicts import claims
-from kvcache_repro.measure import speed
+
+
 @pytest.mark.needs_backends('quanto4', 'hqq4')
 def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):
     """One seed prompt x 20 tokens on the real model: peak allocated saved by quantizing
@@ -19,30 +19,20 @@ def test_saves_little_for_one_short_prompt(claim_verdict, experiment_runs):
     claim_verdict(claims.saves_little_for_one_short_prompt("cpu-short", run.scenario, run.measurements))
 
 
-# cpu-tiny (2 layers): "saves a lot" does not hold, by a margin a regression of the
-# unquantized path crosses (fault unquantized_copies); cpu-deep (16 of the same layers):
-# it holds, by a margin a regression of the quantized path crosses (docs/faults.md).
-# Both are the scenarios kvcache_repro/measure/scenarios.toml tags "claims", in its order.
+# The scenarios measure/scenarios.toml tags "claims": "saves a lot" fails on cpu-tiny and holds
+# on cpu-deep, each by a margin a fault crosses (docs/faults.md).
 _CLAIMS = [pytest.param(n, marks=[getattr(pytest.mark, m) for m in ms]) for n, ms in scenarios.for_tests("claims")]
 MEMORY_CLAIM_SCENARIOS = [p for p in _CLAIMS if scenarios.get(p.values[0]).device == "cpu"]
-# The GPU rows of the claims table (the device run's pytest step reads its measurements):
-# expected verdicts are what the CPU's predicted baselines imply (claims.predicted_verdict);
-# where a predicted band straddles the claim's margin the row is recorded and the test skips.
+# The GPU rows: expected verdicts are what the CPU's predicted baselines imply; where a predicted
+# band straddles the margin the row is recorded and the test skips.
 GPU_CLAIM_SCENARIOS = [p for p in _CLAIMS if scenarios.get(p.values[0]).device == "cuda"]
-
-
-def _expect_from_prediction(result):
-    """Give a GPU row the verdict its prediction implies; skip (after recording it) where none."""
-    result.predicted, why = claims.predicted_verdict(result.claim_id, result.setup)
-    return result, why
 
 
 @pytest.mark.needs_backends('quanto4', 'hqq4')
 @pytest.mark.parametrize("scenario", MEMORY_CLAIM_SCENARIOS)
 def test_saves_a_lot_at_200_prompts(claim_verdict, experiment_runs, scenario):
-    """Peak allocated of each quantized run at the large batch <= 3/4 of none's. On
-    cpu-tiny (2 layers, 40 tokens) it does not hold: one layer's dequantized copy is half
-    the cache; on the seed's geometry (32 layers) it does."""
+    """Peak allocated of each quantized run at the large batch <= 3/4 of none's: not on cpu-tiny
+    (one of 2 layers' dequantized copy is half the cache), on the seed's 32 layers it is."""
     run = experiment_runs(scenario)
     claim_verdict(claims.saves_a_lot_at_large_batch(scenario, run.scenario, run.measurements))
 
@@ -58,10 +48,8 @@ ACCURACY_CLAIM_SETTINGS = [
 
 @pytest.mark.parametrize("table_name, nbits, hqq_axis", ACCURACY_CLAIM_SETTINGS)
 def test_hqq_more_accurate_than_quanto(claim_verdict, accuracy_tables, table_name, nbits, hqq_axis):
-    """Teacher-forced KL and perplexity on SmolLM2. "core" (128 decoded tokens, 2 flushes)
-    is a short-context proxy in the default tier; "seed" is the seed's 1,024 decoded tokens
-    (16 flushes), 4 texts, slow. The verdict depends on the length and on hqq's axis: a
-    finding the claims table shows with both numbers."""
+    """Teacher-forced KL and perplexity on SmolLM2: "core" (128 decoded tokens) a short-context
+    proxy, "seed" the seed's 1,024 (slow). The verdict depends on the length and hqq's axis."""
     table = accuracy_tables("cpu", table_name)
     both = (f"hqq{nbits}" + ("-axis1" if hqq_axis else ""), f"quanto{nbits}")
     if absent := [name for name in both if name not in table.results]:
@@ -78,9 +66,8 @@ SPEED_SETUPS = ["tiny", pytest.param("real", marks=pytest.mark.slow)]
 @pytest.mark.benchmark
 @pytest.mark.parametrize("setup", SPEED_SETUPS)
 def test_hqq_slower_than_quanto(claim_verdict, speed_ratios, setup):
-    """hqq4's decode-time ratio against quanto4's, each block of rounds apart (speed.py).
-    Fails when hqq stops being slower beyond the spread (tiny), or when one backend
-    becomes clearly faster where they are indistinguishable today (real)."""
+    """hqq4's decode-time ratio against quanto4's, each block of rounds apart (speed.py): fails
+    when hqq stops being slower beyond the spread, or one becomes clearly faster."""
     claim_verdict(claims.hqq_slower_than_quanto(speed.SPEED_SETUPS[setup], speed_ratios(setup)))
 
 
@@ -108,7 +95,8 @@ def test_memory_claims_on_the_gpu_rows(claim_verdict, experiment_runs, request, 
     the verdict the CPU's prediction of that run implies."""
     run = experiment_runs(scenario)
     decide = claims.saves_a_lot_at_large_batch if claim == "saves_a_lot_at_200_prompts" else claims.quanto_less_than_hqq
-    result, why = _expect_from_prediction(decide(scenario, run.scenario, run.measurements))
+    result = decide(scenario, run.scenario, run.measurements)
+    result.predicted, why = claims.predicted_verdict(result.claim_id, result.setup)
     if result.expected is None:
         summary.record_claim(request.config, result)  # the table still shows it
         pytest.skip(f"{why}; measured: {result.verdict} ({result.numbers})")

@@ -1,8 +1,6 @@
 """Speed of two environments side by side (kvcache_repro/releases/side_by_side.py): the
-verdict logic on made-up step times, and how `./kvq compat` stores and shows it. Its
-power on this machine is measured, not tested here (docs/releases.md: two identical
-environments within 0.995-1.046 over all rounds in 2 runs, and 3 more with one core kept busy;
-a 1.5x dequantize 1.19 / 1.25)."""
+verdict logic on made-up step times, and how `./kvq compat` stores and shows it. Its power
+on this machine is measured, not tested here (docs/releases.md)."""
 from __future__ import annotations
 
 from kvcache_repro.releases import compat

@@ -1,19 +1,15 @@
-"""Decode speed per backend with pytest-benchmark (wall clock, information only), and
-the quantized/none decode CPU-time ratio (speed.py: one thread, interleaved rounds, sum
-of per-step minima), checked against a stored band.
-
-Deselect with ``-m "not benchmark"``; ``--benchmark-json FILE`` writes pytest-benchmark's
-report. The real-model ratio is slow (~5 min at one thread): ``--kv-run-slow``.
+"""Decode speed per backend with pytest-benchmark (wall clock, information only), and the
+quantized/none decode CPU-time ratio (measure/speed.py) against a stored band. Deselect with
+``-m "not benchmark"``; the real-model ratio (~5 min) needs ``--kv-run-slow``.
 """
 from __future__ import annotations
 
 import pytest
 
-from kvcache_repro.verdicts import comparison
 from kvcache_repro.backends import generation
-from kvcache_repro.measure import speed
-from kvcache_repro.verdicts import speed as speed_verdicts
 from kvcache_repro.backends.matrix import BACKENDS
+from kvcache_repro.measure import speed
+from kvcache_repro.verdicts import comparison, speed as speed_verdicts
 
 pytestmark = pytest.mark.benchmark
 
@@ -23,18 +19,17 @@ def test_decode_throughput_tiny(benchmark, speed_backend):
     setup = speed.SPEED_SETUPS["tiny"]
     model, ids = speed.model_and_ids(setup)
 
-    run = benchmark.pedantic(generation.generate, args=(model, ids, BACKENDS[speed_backend], setup.settings, setup.new_tokens),
-                             kwargs={"keep_scores": False}, rounds=2, warmup_rounds=1)  # information only: the verdicts are speed.py's
+    args = (model, ids, BACKENDS[speed_backend], setup.settings, setup.new_tokens)
+    run = benchmark.pedantic(generation.generate, args=args, kwargs={"keep_scores": False}, rounds=2,
+                             warmup_rounds=1)  # information only: the verdicts are speed.py's
     benchmark.extra_info["generated_tokens"] = setup.batch * setup.new_tokens
     assert run.new_tokens.shape == (setup.batch, setup.new_tokens)
 
 
 @pytest.mark.parametrize("setup_name", ["tiny", pytest.param("real", marks=pytest.mark.slow)])
 def test_speed_within_baseline_bands(speed_ratios, setup_name):
-    """Each banded ratio inside its band. The tiny setup's ratios are reported, not banded:
-    between CPU code paths of one machine they span quanto4 1.37-1.65 and hqq4 1.62-2.47
-    (baselines/spread, docs/bands.md), so a band that holds on other machines catches no
-    regression worth the name; the speed claims (interleaved blocks) still decide."""
+    """Each banded ratio inside its band. The tiny setup's are reported, not banded: between
+    CPU code paths of one machine quanto4 spans 1.37-1.65, hqq4 1.62-2.47 (docs/bands.md)."""
     setup = speed.SPEED_SETUPS[setup_name]
     verdicts = speed_verdicts.verdicts(setup, speed_ratios(setup_name))
     failing = comparison.problems(verdicts)
@@ -44,9 +39,8 @@ def test_speed_within_baseline_bands(speed_ratios, setup_name):
 
 
 def test_under_xdist_the_speed_the_tests_use_is_measured_ahead_and_handed_over(tmp_path, monkeypatch):
-    """The plugin's controller hook measures, before any test is scheduled, exactly the speed
-    setups the collected tests use (not the slow one without --kv-run-slow), once; the
-    worker's fixture reads it back as the same ratios."""
+    """The controller measures, before scheduling, once, exactly the speed setups the
+    collected tests use; a worker's fixture reads the same ratios back."""
     import types
 
     from kvcache_repro.plugin import kinds

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from kvcache_repro.backends import caches, generation
-from kvcache_repro.verdicts import diagnosis, expectations
 from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.backends.models import tiny_model
+from kvcache_repro.releases import probe
+from kvcache_repro.verdicts import diagnosis, expectations
 
 SETTINGS = caches.QuantSettings(q_group_size=32, residual_length=16)
 VERSION = expectations.transformers.__version__
@@ -27,42 +28,18 @@ def test_supported_version_is_detected():
 
 
 def test_generate_leaves_the_callers_cache_config_untouched(request):
-    _pin(request, expectations.cache_config_untouched())
-    config = caches.cache_config(BACKENDS["hqq4"], SETTINGS)
-    before = dict(config)
-    ids = torch.randint(3, 200, (1, 16), generator=torch.Generator().manual_seed(0))
-    generation.generate_with_cache_config(tiny_model("llama"), ids, config, 4)
-    removed, added = sorted(set(before) - set(config)), sorted(set(config) - set(before))
-    changed = sorted(k for k in set(before) & set(config) if before[k] != config[k])
-    assert config == before, expectations.differs(
-        expectations.CACHE_CONFIG_UNTOUCHED, None,
-        f"generate() changed the caller's cache_config: removed {removed}, added {added}, changed {changed}")
+    _pin(request, expectations.CACHE_CONFIG_UNTOUCHED.lookup())
+    change = probe.cache_config_change()
+    assert not change, expectations.differs(expectations.CACHE_CONFIG_UNTOUCHED, None,
+                                            f"generate() changed the caller's cache_config: {change}")
 
 
 def test_beam_reorder_reaches_the_quantized_store(request):
-    """What beam search needs from a cache: after ``reorder_cache(beam_idx)`` every row
-    attends to the history of the beam it now continues. Four distinct random rows go
-    through prefill and 20 decode steps (residual 8: two flushes into the quantized
-    store), then a reorder and one more step, in a near-lossless hqq 8-bit cache and in
-    the unquantized one. The outputs must agree to within 8-bit error (step/2 of a
-    group of N(0,1) values, < 0.05); a stale quantized store leaves whole rows of other
-    beams, off by O(1)."""
-    _pin(request, expectations.beam_search_matches())
-    model = tiny_model("llama")
-    settings = caches.QuantSettings(q_group_size=32, residual_length=8)
-    g = torch.Generator().manual_seed(0)
-    shape = lambda s: (4, 2, s, 16)  # noqa: E731  (batch of 4 beams, 2 kv heads, head_dim 16)
-    steps = [torch.randn(shape(16), generator=g)] + [torch.randn(shape(1), generator=g) for _ in range(20)]
-    last = torch.randn(shape(1), generator=g)
-    beam_idx = torch.tensor([2, 2, 0, 3])  # beams 1 and 3 die, beam 2 forks
-    outputs = {}
-    for name in ("none", "hqq8-axis1"):
-        cache = caches.build_cache(BACKENDS[name], model.config, settings)
-        for x in steps:
-            caches.update_layer(cache, 0, x, x)
-        caches.reorder(cache, beam_idx)
-        outputs[name], _ = caches.update_layer(cache, 0, last, last)
-    err = (outputs["hqq8-axis1"] - outputs["none"]).abs().amax(dim=(1, 2, 3))
+    """After ``reorder_cache(beam_idx)`` every row attends to the history of the beam it now
+    continues (probe.beam_reorder_errors): within 8-bit error (step/2 of a group of N(0,1)
+    values, < 0.05); a stale quantized store leaves whole rows of other beams, off by O(1)."""
+    _pin(request, expectations.BEAM_SEARCH_MATCHES.lookup())
+    err = probe.beam_reorder_errors()
     assert bool((err < 0.05).all()), expectations.differs(expectations.BEAM_SEARCH_MATCHES, None,
                                                           f"max error per beam after reorder {err.tolist()}")
 
@@ -75,16 +52,14 @@ PATH_SPECS = ["quanto4", "hqq4", "fp8"]
 @pytest.mark.parametrize("name", PATH_SPECS)
 @pytest.mark.parametrize("path", ["generate", "teacher-forced", "beam"])
 def test_quantized_run_really_quantizes(path, name, request):
-    """Read from the cache each path finished with: it holds quantized layers, and the
-    logits are not bitwise the unquantized run's (2-layer tiny Llama, 16 + 40 tokens, one
-    flush at residual 16, so decode steps read dequantized values). Beam search needs the
-    reorder to reach the quantized store (BEAM_SEARCH_MATCHES): where it does not, the
-    base reorder_cache index_selects the emptied residual after a flush and generate()
-    raises IndexError (measured 4.57.6, 5.10.4, 5.17.0) - pinned, xfail(strict=True)."""
+    """The cache each path finished with holds quantized layers, and the logits are not
+    bitwise the unquantized run's (16 + 40 tokens, one flush at residual 16). Beam search
+    raises IndexError where the reorder misses the quantized store (BEAM_SEARCH_MATCHES):
+    pinned, xfail(strict=True)."""
     if name not in caches.available_backends():
         pytest.skip(f"{name} does not exist in transformers {VERSION}")
     if path == "beam":
-        _pin(request, expectations.beam_search_matches())
+        _pin(request, expectations.BEAM_SEARCH_MATCHES.lookup())
     spec, none = BACKENDS[name], BACKENDS["none"]
     model = tiny_model("llama")
     ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(3))
@@ -130,8 +105,8 @@ def test_diagnosis_names_an_ignored_cache_a_dead_cache_and_unread_logits():
 
 
 def test_the_cache_keyword_is_one_this_forward_declares_and_fills():
-    """5.0-5.22 (measured) declare only ``past_key_values`` and swallow a ``cache=`` into
-    **kwargs without using it; the harness must pick the name the forward declares."""
+    """5.0-5.22 swallow a ``cache=`` into **kwargs unused: the harness must pick the name the
+    forward declares."""
     import inspect
 
     model = tiny_model("llama")
@@ -145,9 +120,7 @@ def test_the_cache_keyword_is_one_this_forward_declares_and_fills():
 
 
 def test_fp8_cast_beyond_its_range_as_the_table_says_for_this_torch():
-    """torch's behaviour, keyed by torch's release (expectations.FP8_CAST_OVERFLOW): up to
-    2.12.x a cast beyond 448 + half a step gives NaN, which is what made fp8's logits NaN
-    on torch 2.11 (issue 18); from 2.13.0 it saturates. A torch that changes it again
+    """Keyed by torch's release (expectations.FP8_CAST_OVERFLOW): a torch that changes it
     fails here, named, before the accuracy table shows the consequence."""
     cast = torch.tensor([440.0, 470.0, 1e5]).to(torch.float8_e4m3fn).float()
     if cast.tolist() == [448.0, 448.0, 448.0]:
@@ -161,10 +134,8 @@ def test_fp8_cast_beyond_its_range_as_the_table_says_for_this_torch():
 
 
 def test_hqq_optimizes_by_default_as_the_table_says_for_this_hqq():
-    """hqq's behaviour, keyed by hqq's release (expectations.HQQ_OPTIMIZE_DEFAULT):
-    transformers never passes ``optimize``, so hqq's default decides whether the "HQQ"
-    cache is HQQ at all (below 0.2.7 it is min-max rounding, and hqq4-axis1's KL equals
-    quanto4's). Read from the installed Quantizer.quantize."""
+    """Keyed by hqq's release (expectations.HQQ_OPTIMIZE_DEFAULT): transformers never passes
+    ``optimize``, so hqq's default decides whether the "HQQ" cache is HQQ at all."""
     import inspect
 
     from hqq.core.quantize import Quantizer
@@ -179,8 +150,7 @@ def test_hqq_optimizes_by_default_as_the_table_says_for_this_hqq():
 def test_transformers_builds_a_cache_with_the_installed_quantizer(layer, package):
     """A quantizer release transformers refuses (optimum-quanto 0.2.5 under 5.x) is named
     here once, as a [harness] skip, and its backends are left out of the run
-    (caches.available_backends), instead of ~100 tests failing on the same ImportError
-    (measured: 78 failed and 20 errors, all unclassified, before)."""
+    (caches.available_backends), instead of ~100 tests failing on the same ImportError."""
     from importlib.metadata import version
 
     refused = caches.refused_backends()

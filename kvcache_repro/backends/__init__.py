@@ -1,1 +1,1 @@
-"""What knows the libraries' APIs: building caches and models, generating through them, quantizing, quanto's C++ extension."""
+"""What knows the libraries' APIs: caches, models, generation, quantizers, quanto's C++ extension."""

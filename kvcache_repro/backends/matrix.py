@@ -1,9 +1,5 @@
-"""The test matrix as data: backends, model families, batch sizes, and the
-validation of a user's narrowing of it (``--kv-backends`` and friends).
-
-Nothing here imports torch or transformers, so collection errors for a bad
-selection are instant and independent of the installed versions.
-"""
+"""The test matrix as data (backends, model families, batch sizes) and the validation of a user's
+narrowing of it (``--kv-backends`` ...). Torch-free, so a bad selection fails collection at once."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -18,9 +14,8 @@ class SelectionError(ValueError):
 
 @dataclass(frozen=True)
 class BackendSpec:
-    """One KV-cache configuration: a backend kind (``backend``, transformers' spelling, or
-    ``"none"`` for the unquantized DynamicCache), its bit width and axis. What differs
-    between kinds, the kind says (kinds/)."""
+    """One KV-cache configuration: a backend kind (transformers' spelling, ``"none"`` for the
+    DynamicCache), its bit width and axis; the kind says what differs (kinds/)."""
 
     name: str
     backend: str
@@ -54,19 +49,17 @@ class QuantSettings:
     residual_length: int = 128
 
 
-def _build_backends() -> dict[str, BackendSpec]:
-    """Every kind's rows (its nbits x axes grid), in kinds.KINDS order."""
-    return {name: BackendSpec(name, kind.name, n, axis) for kind in KINDS.values() for name, n, axis in kind.rows()}
-
-
-BACKENDS: dict[str, BackendSpec] = _build_backends()
+BACKENDS: dict[str, BackendSpec] = {}
 
 
 def rebuild() -> None:
-    """BACKENDS again, in place, after kinds.register/unregister."""
+    """BACKENDS, in place: every kind's rows (its nbits x axes grid), in kinds.KINDS order."""
     BACKENDS.clear()
-    BACKENDS.update(_build_backends())
+    BACKENDS.update({name: BackendSpec(name, kind.name, n, axis)
+                     for kind in KINDS.values() for name, n, axis in kind.rows()})
 
+
+rebuild()
 
 # The seed's seven families (docs/seed.md, "Models support"), plus Mistral with its
 # sliding window: transformers treats sliding-window models differently across versions.
@@ -80,60 +73,34 @@ DEFAULT_BATCH_SIZES: tuple[int, ...] = (1, 4)
 
 
 def _split(raw: str | None) -> list[str]:
-    if raw is None:
-        return []
-    return [part.strip() for part in raw.split(",") if part.strip()]
-
-
-def _explain_backend(value: str) -> str:
-    """A hint for a near miss such as ``quanto8`` (quanto takes 2 or 4 bits)."""
-    for kind in KINDS.values():
-        if kind.nbits and value.lower().startswith(kind.name):
-            return f" ({kind.name} takes {' or '.join(str(n) for n in kind.nbits)} bits)"
-    return ""
+    return [part.strip() for part in (raw or "").split(",") if part.strip()]
 
 
 def select_backends(raw: str | None, available: Iterable[str] | None = None) -> list[BackendSpec]:
-    """Parse ``--kv-backends``. ``available`` narrows to what the installed
-    transformers supports (fp8 only exists in 5.x); asking for an unavailable one
-    explicitly is an error rather than a silent drop."""
+    """Parse ``--kv-backends``; ``available`` narrows to what the installed transformers supports,
+    and asking for one outside it is an error, not a silent drop."""
     known = list(BACKENDS)
     usable = known if available is None else [n for n in known if n in set(available)]
-    names = _split(raw)
-    if not names:
-        return [BACKENDS[n] for n in usable]
-    chosen = []
-    for name in names:
+    for name in _split(raw):
         if name not in BACKENDS:
-            raise SelectionError(
-                f"unknown KV backend {name!r}{_explain_backend(name)}; valid: {', '.join(known)}"
-            )
+            hint = next((f" ({k.name} takes {' or '.join(map(str, k.nbits))} bits)" for k in KINDS.values()
+                         if k.nbits and name.lower().startswith(k.name)), "")  # a near miss: quanto8
+            raise SelectionError(f"unknown KV backend {name!r}{hint}; valid: {', '.join(known)}")
         if name not in usable:
-            raise SelectionError(
-                f"KV backend {name!r} is not available with the installed transformers; "
-                f"available: {', '.join(usable)}"
-            )
-        chosen.append(BACKENDS[name])
-    return chosen
+            raise SelectionError(f"KV backend {name!r} is not available with the installed transformers; "
+                                 f"available: {', '.join(usable)}")
+    return [BACKENDS[n] for n in _split(raw) or usable]
 
 
 def select_families(raw: str | None) -> list[str]:
-    names = _split(raw)
-    if not names:
-        return list(FAMILIES)
-    for name in names:
+    for name in _split(raw):
         if name not in FAMILIES:
             raise SelectionError(f"unknown model family {name!r}; valid: {', '.join(FAMILIES)}")
-    return names
+    return _split(raw) or list(FAMILIES)
 
 
 def select_batch_sizes(raw: str | None, default: Iterable[int] = DEFAULT_BATCH_SIZES) -> list[int]:
-    names = _split(raw)
-    if not names:
-        return list(default)
-    sizes = []
-    for name in names:
+    for name in _split(raw):
         if not name.isdigit() or int(name) < 1:
             raise SelectionError(f"batch size {name!r} is not a positive integer (e.g. --kv-batch-sizes 1,8)")
-        sizes.append(int(name))
-    return sizes
+    return [int(n) for n in _split(raw)] or list(default)

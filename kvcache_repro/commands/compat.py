@@ -35,9 +35,38 @@ def build_parser():
 
 
 def run(args) -> int:
-    from kvcache_repro.releases import compat
+    """The runs (or probes) of each spec, then compat/RESULTS.md rewritten: the exit code."""
+    import json
+    import sys
 
-    return compat.command(args)
+    from kvcache_repro.releases import compat, package_specs
+
+    root = compat.ROOT / "compat"
+    runs_dir, probes_dir = root / "runs", root / "probes"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        specs = [package_specs.parse(t)
+                 for t in args.specs or [package_specs.pinned(compat.ROOT)["transformers"]]]
+    except package_specs.SpecError as error:
+        print(f"kvq compat: {error}", file=sys.stderr)
+        return 2
+    chosen = tuple(args.groups.split(",")) if args.groups else None
+    if args.probe:
+        probes_dir.mkdir(parents=True, exist_ok=True)
+        for spec in specs:
+            probe = compat.probe_spec(spec)
+            (probes_dir / f"{spec.label}.json").write_text(json.dumps(probe, indent=1) + "\n")
+            print(json.dumps(probe)[:400])
+    elif not args.report_only:
+        for spec in specs:
+            groups = None if args.full else compat.groups_for(spec, chosen)
+            run = compat.run_spec(spec, groups, speed=not args.no_speed)
+            (runs_dir / compat.run_file(run)).write_text(json.dumps(run, indent=1) + "\n")
+    notes = root / "notes.md"  # hand-written: what changed where (bisected)
+    text = compat.write_results(runs_dir, root / "RESULTS.md", probes_dir=probes_dir,
+                                notes=notes.read_text().strip() if notes.exists() else "")
+    print(text.split("## Per release")[0].split("## Matrix")[-1])
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

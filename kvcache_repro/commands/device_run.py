@@ -9,10 +9,11 @@ DEFAULT_BUDGET_S = 480.0  # the whole script: 8 minutes
 
 
 def build_parser():
-    from kvcache_repro.measure.scenarios import DEVICE_PLAN  # torch-free at import: the plan --help lists
+    from kvcache_repro.measure.scenarios import DEVICE_PLAN  # torch-free at import: --help lists the plan
 
     parser = cli.parser("./kvq device-run", library_doc(LIBRARY), [
-        "./kvq device-run /tmp/kvq-out                     # on a CUDA box: every scenario, then pytest -m gpu",
+        "./kvq device-run /tmp/kvq-out                     "
+        "# on a CUDA box: every scenario, then pytest -m gpu",
         "./kvq device-run /tmp/kvq-dry --dry-run           # the same plan on the CPU (a tiny model)",
         "KVQ_SYSTEM_PYTHON=1 ./kvq device-run OUT --archive OUT/device-run.tar.gz   # offline box"],
         "0 every planned scenario ran and pytest -m gpu passed; 1 a scenario failed or was cut by the "
@@ -24,11 +25,11 @@ def build_parser():
     parser.add_argument("--scenarios", default=",".join(DEVICE_PLAN),
                         help=f"comma-separated, in order (default {','.join(DEVICE_PLAN)})")
     parser.add_argument("--no-pytest", action="store_true", help="skip the pytest -m gpu step")
-    parser.add_argument("--no-expandable", action="store_true",
-                        help="skip the large batch's second run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    parser.add_argument("--no-expandable", action="store_true", help="skip the large batch's second run "
+                        "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     parser.add_argument("--pytest-args", default="", help="extra arguments for the pytest step")
-    parser.add_argument("--quanto-cuda-kernel", action="store_true",
-                        help="JIT-build and use quanto_cuda's unpack (minutes) instead of quanto's Python unpack")
+    parser.add_argument("--quanto-cuda-kernel", action="store_true", help="JIT-build and use quanto_cuda's "
+                        "unpack (minutes) instead of quanto's Python unpack")
     parser.add_argument("--archive", default=None, help="also pack OUTDIR into this .tar.gz after every run")
     return parser
 

@@ -5,9 +5,18 @@ from kvcache_repro.commands import library_doc
 from kvcache_repro.core import cli
 
 LIBRARY = "runner/experiment.py"
-# --model's own options and their defaults: given without --model they are an error
-MODEL_DEFAULTS = {"device": None, "backends": None, "batch_sizes": None, "new_tokens": None, "dtype": None,
-                  "weights": "native", "q_group_size": 128, "residual_length": 64}
+# --model's own options: name -> (default, help); given without --model they are an error
+MODEL_OPTIONS = {
+    "device": (None, "default: cuda when present, else cpu"),
+    "backends": (None, "comma-separated (default none,quanto4,hqq4)"),
+    "batch_sizes": (None, "comma-separated (default: CUDA 1,200 as the seed; CPU 1,8)"),
+    "new_tokens": (None, "default: CUDA 1000 as the seed; CPU 64"),
+    "dtype": (None, "default: CUDA fp16; CPU fp32"),
+    "weights": ("native", "native (default) or nf4 (bitsandbytes, CUDA, as the seed)"),
+    "q_group_size": (128, "default 128 (the seed's)"),
+    "residual_length": (64, "default 64 (the seed's)"),
+}
+POSITIVE_INTS = ("new_tokens", "q_group_size", "residual_length")
 
 
 def build_parser():
@@ -35,22 +44,10 @@ def build_parser():
         "your own model (--model): the seed's protocol on any causal LM, baselines in baselines/models/ keyed by "
         "model, dtype, weights, device and settings")
     model.add_argument("--model", default=None, help="a hub id or a local directory (config, weights, tokenizer)")
-    model.add_argument("--device", choices=("cuda", "cpu"), default=MODEL_DEFAULTS["device"],
-                       help="default: cuda when present, else cpu")
-    model.add_argument("--backends", default=MODEL_DEFAULTS["backends"],
-                       help="comma-separated (default none,quanto4,hqq4)")
-    model.add_argument("--batch-sizes", default=MODEL_DEFAULTS["batch_sizes"],
-                       help="comma-separated (default: CUDA 1,200 as the seed; CPU 1,8)")
-    model.add_argument("--new-tokens", type=int, default=MODEL_DEFAULTS["new_tokens"],
-                       help="default: CUDA 1000 as the seed; CPU 64")
-    model.add_argument("--dtype", choices=tuple(scenarios.DTYPES), default=MODEL_DEFAULTS["dtype"],
-                       help="default: CUDA fp16; CPU fp32")
-    model.add_argument("--weights", choices=scenarios.WEIGHTS, default=MODEL_DEFAULTS["weights"],
-                       help="native (default) or nf4 (bitsandbytes, CUDA, as the seed)")
-    model.add_argument("--q-group-size", type=int, default=MODEL_DEFAULTS["q_group_size"],
-                       help="default 128 (the seed's)")
-    model.add_argument("--residual-length", type=int, default=MODEL_DEFAULTS["residual_length"],
-                       help="default 64 (the seed's)")
+    choices = {"device": ("cuda", "cpu"), "dtype": tuple(scenarios.DTYPES), "weights": scenarios.WEIGHTS}
+    for name, (default, text) in MODEL_OPTIONS.items():
+        model.add_argument(f"--{name.replace('_', '-')}", default=default, help=text,
+                           choices=choices.get(name), type=int if name in POSITIVE_INTS else None)
     parser.add_argument("--reset-tolerances", action="store_true",
                         help="with --update-baselines: write default bands even where an entry has one")
     parser.add_argument("--update-baselines", action="store_true",
@@ -81,12 +78,12 @@ def check(args) -> None:
         raise cli.UsageError("--worker-timeout: give a positive number of seconds")
     if args.model and (args.scenario or args.checkpoint):
         raise cli.UsageError("--model runs your model as a scenario of its own: drop --scenario/--checkpoint")
-    given = [f"--{name.replace('_', '-')}" for name, default in MODEL_DEFAULTS.items()
+    given = [f"--{name.replace('_', '-')}" for name, (default, _) in MODEL_OPTIONS.items()
              if getattr(args, name) != default]
     if given and not args.model:
         raise cli.UsageError(f"{', '.join(given)} apply with --model; the built-in scenarios have fixed settings, "
                              f"which their baseline files belong to")
-    for name in ("new_tokens", "q_group_size", "residual_length"):
+    for name in POSITIVE_INTS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise cli.UsageError(f"--{name.replace('_', '-')}: give a positive integer")
 

@@ -25,6 +25,31 @@ def build_parser():
 
 
 def run(args) -> int:
-    from kvcache_repro.verdicts import release_baselines
+    from dataclasses import replace
+    from pathlib import Path
 
-    return release_baselines.command(args)
+    from packaging.version import Version
+
+    from kvcache_repro.verdicts import baseline_file, baseline_update, release_baselines
+
+    path = baseline_file.BASELINE_DIR / f"{args.scenario}.json"
+    stored = baseline_file.load(path)
+    measured = {}
+    for release, _, directory in (item.partition("=") for item in args.runs):
+        Version(release)
+        measured[release] = release_baselines.measured_ratios(Path(directory))
+    produced = release_baselines.provenance(args.scenario, args.suite)
+    updated = []
+    for key, entry in sorted(stored.entries.items()):
+        values = {rel: ratios[key] for rel, ratios in measured.items() if key in ratios}
+        print(f"{key}: pin {args.package} {entry.pinned(args.package)} {entry.ratio} +/- {entry.tolerance}; "
+              + ", ".join(f"{rel} {values[rel]:.4f}" for rel in sorted(values, key=Version)))
+        found = release_baselines.ranges_for(entry, values, produced, args.package)
+        for rv in found:
+            print(f"  range {rv.releases}: {rv.ratio} (observed on {', '.join(rv.observed_on)})")
+        if found:
+            updated.append(replace(entry, by_release=tuple(found)))
+    if args.write and updated:
+        for line in baseline_update.update(path, updated, run_failed=False, scenario=stored.scenario):
+            print("wrote", line)
+    return 0

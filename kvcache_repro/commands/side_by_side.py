@@ -33,7 +33,37 @@ def build_parser():
     return parser
 
 
-def run(args) -> int:
-    from kvcache_repro.releases import side_by_side
+def _env_pairs(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{pair!r} is not KEY=VALUE")
+        out[key] = value
+    return out
 
-    return side_by_side.command(args)
+
+def run(args) -> int:
+    import json
+    from pathlib import Path
+
+    from kvcache_repro.releases import side_by_side as sbs
+
+    if args.setup not in sbs.setups():
+        raise cli.UsageError(f"--setup {args.setup}: not one of {', '.join(sorted(sbs.setups()))}")
+    try:
+        found, va, vb = sbs.run(args.baseline, args.candidate, args.setup, args.rounds, args.blocks,
+                                _env_pairs(args.baseline_env), _env_pairs(args.candidate_env))
+    except ValueError as error:
+        raise cli.UsageError(str(error)) from None
+    except RuntimeError as error:
+        print(f"FAILED: {error}", file=sys.stderr)
+        return 1
+    print(f"baseline {va}\ncandidate {vb}")
+    for r in found.values():
+        print(r.line())
+    if args.json:
+        Path(args.json).write_text(json.dumps({"baseline": va, "candidate": vb, "verdicts": {
+            k: {"ratio": r.ratio, "verdict": r.verdict, "block_ratios": r.block_ratios}
+            for k, r in found.items()}}, indent=2) + "\n")
+    return 1 if any(r.verdict == sbs.SLOWER for r in found.values()) else 0

@@ -10,7 +10,7 @@ LIBRARY = "runner/spread.py"
 
 
 def build_parser():
-    from kvcache_repro.runner.spread import DEFAULT_PARTS, PARTS, PATHS  # torch-free at import: the names --help lists
+    from kvcache_repro.runner.spread import DEFAULT_PARTS, PARTS, PATHS  # torch-free: names --help lists
 
     p = cli.parser("python -m kvcache_repro spread", library_doc(LIBRARY), [
         "./kvq spread baselines/spread/my-machine         # run: every path, one after another (~2.5 min each)",

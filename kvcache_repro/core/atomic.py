@@ -1,5 +1,4 @@
-"""Writing a file so that readers, and a run killed half-way, see the old file or the
-new one, never part of either (results rows, baselines)."""
+"""Writing a file so that readers, and a run killed half-way, see the old file or the new one."""
 from __future__ import annotations
 
 import os
@@ -19,8 +18,5 @@ def write_atomic(path: Path, text: str) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,5 +1,4 @@
-"""What every command-line entry of the suite says for ``--help``: its module's first
-docstring paragraph whole (never cut mid-sentence), examples and exit codes."""
+"""What every command-line entry says for ``--help``: its docstring's first paragraph whole."""
 from __future__ import annotations
 
 import argparse
@@ -7,8 +6,7 @@ import textwrap
 
 
 def parser(prog: str, doc: str, examples: list[str], exit_codes: str, **kwargs) -> argparse.ArgumentParser:
-    """An ArgumentParser whose help is the docstring's first paragraph, then ``examples``
-    (one command per line, optionally ``COMMAND  # what``) and ``exit_codes``."""
+    """An ArgumentParser: ``doc``'s first paragraph, ``examples`` (one a line) and ``exit_codes``."""
     wrap = dict(break_on_hyphens=False, break_long_words=False)  # words stay whole: the text can be searched
     description = textwrap.fill(" ".join(doc.strip().split("\n\n")[0].split()), 90, **wrap)
     epilog = ("examples:\n" + "\n".join(f"  {line}" for line in examples)
@@ -18,6 +16,5 @@ def parser(prog: str, doc: str, examples: list[str], exit_codes: str, **kwargs) 
 
 
 class UsageError(Exception):
-    """Arguments argparse accepted that turn out not to fit together, or a name known only
-    once the libraries are imported (a scenario's device, a setup of speed.py): the command
-    line (kvcache_repro.commands) turns it into ``parser.error``: the usage, the message, exit 2."""
+    """Arguments argparse accepted that do not fit together, or a name known only once the
+    libraries are imported: kvcache_repro.commands turns it into ``parser.error`` (exit 2)."""

@@ -1,7 +1,6 @@
-"""Where a number came from: the package versions it depends on, the device, the machine
-(its CPU and the code path torch, oneDNN and MKL take in this process). Recorded in
-baselines' produced_by and in results.json, so that a number says where it came from, and
-a band can name the machines its spread covers. The one place that reads them."""
+"""Where a number came from, read in this one place: the package versions it depends on, the
+device, the machine (its CPU and the code path torch, oneDNN and MKL take in this process).
+Recorded in baselines' produced_by and in results.json, so a band can name its machines."""
 from __future__ import annotations
 
 import datetime
@@ -34,8 +33,7 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    """This process's CPU and the code path torch, oneDNN and MKL take in it: recorded in
-    baselines' produced_by and in results.json, so a number says where it came from."""
+    """This process's CPU and the code path torch, oneDNN and MKL take in it."""
     import torch
 
     return {"cpu": cpu_model(), "cores": os.cpu_count(), "arch": platform.machine(),
@@ -44,8 +42,8 @@ def machine() -> dict:
             "env": {k: os.environ[k] for k in KNOBS if k in os.environ}}
 
 
-# The packages a number depends on: recorded with it, compared for drift, and the ones a
-# baseline's per-release range can belong to (releases/package_specs.py installs them).
+# The packages a number depends on: recorded with it, compared for drift, and those a
+# per-release range can belong to.
 PACKAGES = ("transformers", "torch", "optimum-quanto", "hqq")
 
 
@@ -58,34 +56,27 @@ def installed(package: str) -> str | None:
 
 
 def package_versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    """The installed release of each of ``packages`` (one not installed is left out): the
-    versions a baseline depends on, recorded with it and compared for drift."""
+    """The installed release of each of ``packages`` (one not installed is left out)."""
     return {name: v for name in packages if (v := installed(name)) is not None}
 
 
 def produced_by(device: str, source: str | None, settings: dict | None = None, *, versions: dict | None = None,
                 with_machine: bool = True, **extra) -> dict:
     """Where a stored number came from (a baseline entry's ``produced_by``, a claims table's
-    provenance): the package versions (default: the installed ones), this process's machine
-    (``with_machine`` False: numbers measured elsewhere), the device in words, today's date,
-    the settings it was measured with and the command that recorded it (None: left out);
-    ``extra``: the caller's own fields (model, kind, proxies, ...)."""
+    provenance): the package versions (default: installed), this process's machine (not with
+    ``with_machine`` False: measured elsewhere), the device in words, today's date, the
+    settings and the recording command (None: left out); ``extra``: the caller's own fields."""
     out = {"versions": package_versions() if versions is None else versions}
     if with_machine:
         out["machine"] = machine()
     out.update(device=device, date=datetime.date.today().isoformat())
-    if settings is not None:
-        out["settings"] = settings
-    if source is not None:
-        out["source"] = source
+    out.update({k: v for k, v in (("settings", settings), ("source", source)) if v is not None})
     return {**out, **extra}
 
 
 @functools.lru_cache(maxsize=None)
 def device_name(device: str) -> str:
-    """The device's name for a baseline key; CUDA's read in a child process, so this one
-    holds no CUDA context (memory the workers' device would lose). CPU: "cpu" - every
-    compared CPU quantity is an exact byte count, the same on every CPU (peak.py)."""
+    """The device's name for a baseline key: CUDA's from a child process (no CUDA context here)."""
     if device != "cuda":
         return "cpu"
     proc = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.get_device_name(0))"],
@@ -94,6 +85,5 @@ def device_name(device: str) -> str:
 
 
 def device_label(device: str) -> str:
-    """The device in words for a provenance: the CUDA card's name, else this CPU's core
-    count and architecture."""
+    """The device in words: the CUDA card's name, else this CPU's core count and architecture."""
     return device_name("cuda") if device == "cuda" else f"{os.cpu_count()}-core CPU ({platform.machine()})"

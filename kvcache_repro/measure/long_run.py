@@ -1,23 +1,13 @@
-"""The seed's length through a cache without the model: an 8-token prompt and 1,000
-decoded tokens (the seed's 1,000 new tokens: 999 fed back, 15 flushes at its residual
-64), the seed's G 128 / R 64 and dtype (float16), on a tiny-width Llama's K/V geometry
-(dry-tiny: 2 layers, 2 KV heads x 32), 2 rows. The cache is driven as generate() drives
-it - each layer's update with the prompt's K/V, then one token's at a time - with seeded
-random values (bytes, flushes and transients do not depend on them). 1,000 forwards of even
-a tiny model took 15 s a backend; the cache alone is what is measured.
-
-``run(spec, check)`` calls ``check(cache, tokens)`` after each step and returns the
-exact peak of live tensor bytes of the whole run (peak.py), the inputs included.
-
-    python -m kvcache_repro.verdicts.long_run record   # baselines/long-cache.json
-
-The stored quantity per quantized backend is its peak over the unquantized cache's peak
-in the same driver (exact bytes; identical on every CPU path, as cpu-tiny's are). The
-unquantized peak itself has a formula (``none_peak_bytes``) and needs no baseline.
+"""The seed's length through a cache without the model (1,000 forwards of even a tiny
+model took 15 s a backend): an 8-token prompt and 1,000 new tokens (999 fed back, 15
+flushes), the seed's G 128 / R 64 and float16, dry-tiny's K/V geometry (2 layers, 2 KV
+heads x 32), 2 rows. Each layer's update gets seeded random K/V, the prompt's then one
+token's at a time, as in generate(). Stored per quantized backend (verdicts/long_run.py):
+its exact peak over the unquantized cache's, whose own peak has a formula.
 """
 from __future__ import annotations
 
-import sys
+import contextlib
 
 import torch
 
@@ -43,48 +33,29 @@ def geometry() -> accounting.CacheGeometry:
     return accounting.CacheGeometry(g["num_hidden_layers"], ROWS, g["num_key_value_heads"], g["head_dim"], DTYPE)
 
 
-class _Untracked:
-    peak = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 @torch.inference_mode()
 def run(spec, check=lambda cache, tokens: None, track: bool = True) -> int | None:
-    """Peak live bytes of the run (above what was alive before it); None with ``track``
-    off (the exact tracker triples the run's time: 4 s instead of 1.6 for hqq4)."""
+    """Peak live bytes of the run (above what was alive before it), ``check(cache, tokens)``
+    called after each step; None with ``track`` off (the tracker triples the run's time)."""
     cfg = config()
     g = torch.Generator().manual_seed(0)
-    shape = (ROWS, cfg.num_key_value_heads, 0, cfg.head_dim)
-    with PeakTracker() if track else _Untracked() as tracker:
+    tracker = PeakTracker() if track else None
+    with tracker or contextlib.nullcontext():
         cache = caches.build_cache(spec, cfg, SETTINGS)
-
-        def step(n):
-            for layer in range(cfg.num_hidden_layers):
-                kv = [torch.randn(shape[:2] + (n,) + shape[3:], generator=g, dtype=DTYPE) for _ in range(2)]
-                cache.update(*kv, layer)
-
-        step(PROMPT)
-        tokens = PROMPT
-        check(cache, tokens)
-        for _ in range(NEW - 1):
-            step(1)
-            tokens += 1
+        for tokens in range(PROMPT, PROMPT + NEW):
+            n = PROMPT if tokens == PROMPT else 1
+            for layer in range(cfg.num_hidden_layers):  # K and V held by the call only, as generate() does
+                cache.update(*[torch.randn((ROWS, cfg.num_key_value_heads, n, cfg.head_dim), generator=g,
+                                           dtype=DTYPE) for _ in range(2)], layer)
             check(cache, tokens)
-    return tracker.peak
+    return tracker.peak if tracker else None
 
 
 def none_peak_bytes() -> int:
-    """The unquantized cache's peak, from how DynamicLayer grows: it comes at the last
-    layer's last update, when torch.cat builds the T-token values (T = prompt + fed-back
-    tokens) while the old T-1 are alive; by then every layer holds its final T tokens of
-    keys, and the step's one-token K and V are still held by the caller. In token-tensors
-    of one layer: the final cache 2LT + the old values T-1 + the two inputs = 2LT + T + 1.
-    (The keys' cat before it holds one token-tensor less.)"""
+    """The unquantized cache's peak: at the last layer's last update, torch.cat builds the
+    T-token values while the old T-1 are alive, beside every layer's final T keys and the
+    step's two one-token inputs: 2LT + T + 1 token-tensors of one layer (T = prompt +
+    fed-back tokens)."""
     geo = geometry()
     per_token = geo.elements(1) * geo.itemsize  # one layer's keys (or values) of one token
     total = PROMPT + NEW - 1

@@ -1,21 +1,11 @@
-"""Memory probes and the one-run measurement, shared by CPU and CUDA.
-
-A run = load a model, tokenize the scenario's prompts, generate through one backend,
-read the probe. Only the probe differs by device:
-- CUDA: ``empty_cache`` + ``reset_peak_memory_stats`` before generate; peak
-  ``max_memory_reserved``/``max_memory_allocated`` during it; ``memory_allocated``
-  before (the weights); ``memory_reserved`` after generate (the seed's own reading);
-  the allocator's retries and OOMs during generate and free/total device memory
-  (reserved.py says what they mean); NVML device memory used when nvidia-ml-py is
-  installed (found by the device's UUID; a failure is a note).
-- CPU: ``peak_allocated``, the same quantity as CUDA's ``max_memory_allocated``: live
-  tensor bytes at the peak, weights included, counted exactly from tensor storages
-  (peak.py) - bitwise repeatable, independent of glibc. Peak RSS (Linux VmHWM, reset
-  through /proc/self/clear_refs) is kept as information only: glibc keeps freed blocks,
-  so it does not repeat from run to run. Each run is a fresh subprocess (experiment.py).
-Both also record the exact bytes the cache holds at the end (accounting.py), the
-weights, and ``transient_bytes`` = peak_allocated - weights - cache at the end: the
-dequantized copies and requantization temporaries that the final cache does not show.
+"""Memory probes and the one-run measurement (load a model, tokenize the scenario's
+prompts, generate through one backend, read the probe), shared by CPU and CUDA:
+- CUDA: peaks ``max_memory_reserved``/``max_memory_allocated`` (reset before generate),
+  ``memory_reserved`` after it (the seed's own reading), the allocator's retries and OOMs
+  (reserved.py), NVML device memory used when nvidia-ml-py is installed.
+- CPU: ``peak_allocated`` as CUDA's: live tensor bytes at the peak, weights included,
+  exact (peak.py). Peak RSS (VmHWM) is information only: glibc keeps freed blocks.
+Both record the cache's exact bytes at the end (accounting.py) and the weights.
 """
 from __future__ import annotations
 
@@ -34,9 +24,7 @@ from kvcache_repro.measure.scenarios import Scenario
 
 @dataclass(frozen=True)
 class Measurement:
-    """One (scenario, backend, batch) run. ``metrics`` are bytes, keyed by the metric
-    names baselines use; which ones exist depends on the device."""
-
+    """One (scenario, backend, batch) run. ``metrics``: bytes, by the names baselines use."""
     scenario: str
     backend: str
     batch: int
@@ -51,7 +39,8 @@ class Measurement:
 
     @property
     def transient_bytes(self) -> int | None:
-        """Peak allocated beyond weights, inputs and the cache generate() ended with."""
+        """Peak allocated beyond weights, inputs and the final cache: dequantized copies and
+        requantization temporaries."""
         peak_bytes = self.metrics.get("peak_allocated")
         return None if peak_bytes is None else peak_bytes - self.before_bytes - self.metrics["cache_bytes"]
 
@@ -65,20 +54,17 @@ class Measurement:
 
 # ---- probes ----------------------------------------------------------------------------
 
-def _proc_status_kib(field_name: str) -> int:
+def _proc_status_bytes(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field_name + ":"):
-                return int(line.split()[1])
+                return int(line.split()[1]) * 1024  # kB
     raise RuntimeError(f"{field_name} not in /proc/self/status (Linux only)")
 
 
 class CpuProbe:
     """``start(resident)`` with the tensors alive before the region (weights, inputs);
-    ``stop()`` returns peak_allocated (resident + peak of what the region created) and
-    the RSS figures."""
-
-    device = "cpu"
+    ``stop()``: peak_allocated (resident + the region's peak) and the RSS figures."""
 
     def start(self, resident=()) -> int:
         gc.collect()
@@ -88,26 +74,23 @@ class CpuProbe:
         # "5" resets the peak resident set size (VmHWM) to the current RSS (proc(5)).
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
-        self._rss_before = _proc_status_kib("VmRSS") * 1024
+        self._rss_before = _proc_status_bytes("VmRSS")
         self._tracker.__enter__()
         return self._resident
 
     def abandon(self) -> None:
-        """Ends the region without a result (generate raised). The tracker is a dispatch
-        mode: left on, it saw every later op of the process - the hqq long runs after the
-        OOM test took 8 s of CPU instead of 1.3, and every later peak was nested in it."""
+        """Ends the region without a result (generate raised): a tracker left on would see
+        every later op of the process."""
         self._tracker.__exit__(None, None, None)
 
     def stop(self) -> dict[str, int]:
         self._tracker.__exit__(None, None, None)
-        rss_peak = _proc_status_kib("VmHWM") * 1024
+        rss_peak = _proc_status_bytes("VmHWM")
         return {"peak_allocated": self._resident + self._tracker.peak,
                 "peak_rss": rss_peak, "peak_rss_growth": rss_peak - self._rss_before}
 
 
 class CudaProbe:
-    device = "cuda"
-
     def __init__(self, index: int = 0):
         self.index = index
         self.notes: list[str] = []  # what could not be read (NVML), said with the result
@@ -117,8 +100,8 @@ class CudaProbe:
         torch.cuda.synchronize(self.index)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.index)
-        self._retries_before = _allocator_stats(self.index)
-        self._nvml_before = self._nvml()
+        self._stats_before = torch.cuda.memory_stats(self.index)
+        self._nvml()  # a note, if NVML cannot be read
         return torch.cuda.memory_allocated(self.index)
 
     def abandon(self) -> None:
@@ -126,20 +109,19 @@ class CudaProbe:
 
     def stop(self) -> dict[str, int]:
         torch.cuda.synchronize(self.index)
-        metrics = {
-            "peak_reserved": torch.cuda.max_memory_reserved(self.index),
-            "peak_allocated": torch.cuda.max_memory_allocated(self.index),
-            "reserved_after": torch.cuda.memory_reserved(self.index),
-        }
-        # num_alloc_retries / num_ooms are cumulative (reset_peak_memory_stats keeps them):
-        # what generate() added is the difference.
-        after = _allocator_stats(self.index)
-        counters = reserved.allocator_counters(
-            {k: after.get(k, 0) - self._retries_before.get(k, 0) for k in ("num_alloc_retries", "num_ooms")},
-            _mem_get_info(self.index))
-        metrics.update(counters)
-        nvml = self._nvml()
-        if nvml is not None:
+        metrics = {"peak_reserved": torch.cuda.max_memory_reserved(self.index),
+                   "peak_allocated": torch.cuda.max_memory_allocated(self.index),
+                   "reserved_after": torch.cuda.memory_reserved(self.index)}
+        # Cumulative counters (reset_peak_memory_stats keeps them): generate() added the difference.
+        after = torch.cuda.memory_stats(self.index)
+        try:
+            free_total = torch.cuda.mem_get_info(self.index)
+        except RuntimeError:  # a driver that does not report it: the counters still stand
+            free_total = None
+        metrics.update(reserved.allocator_counters(
+            {k: after.get(k, 0) - self._stats_before.get(k, 0) for k in ("num_alloc_retries", "num_ooms")},
+            free_total))
+        if (nvml := self._nvml()) is not None:
             metrics["nvml_used_after"] = nvml
         return metrics
 
@@ -150,23 +132,10 @@ class CudaProbe:
         return value
 
 
-def _allocator_stats(index: int) -> dict:
-    stats = torch.cuda.memory_stats(index)
-    return {k: stats.get(k, 0) for k in ("num_alloc_retries", "num_ooms")}
-
-
-def _mem_get_info(index: int) -> tuple[int, int] | None:
-    try:
-        return torch.cuda.mem_get_info(index)
-    except RuntimeError:  # a driver that does not report it: the counters still stand
-        return None
-
-
 def _nvml_used(index: int) -> tuple[int | None, str]:
-    """Device memory in use as NVML sees it (every process, the CUDA context included),
-    and a note when it cannot be read. The device is found by its UUID (PCI bus id as a
-    second try), never by ``index``: torch's index counts only CUDA_VISIBLE_DEVICES,
-    NVML's counts every GPU of the machine. Any NVML failure is a note, never a failed row."""
+    """Device memory in use as NVML sees it (every process), and a note when it cannot be
+    read (never a failed row). Found by UUID, else PCI bus id, never by ``index``: torch's
+    index counts only CUDA_VISIBLE_DEVICES, NVML's every GPU of the machine."""
     try:
         import pynvml
     except ImportError:

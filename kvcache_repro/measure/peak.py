@@ -1,24 +1,14 @@
 """Exact peak of live tensor bytes on any device: the CPU counterpart of CUDA's
 ``max_memory_allocated``.
 
-A ``TorchDispatchMode`` sees every tensor an aten op returns. The first time it sees a
-storage it adds the storage's bytes to the live total, and a weak-reference callback
-subtracts them when the storage is freed; the maximum of the live total is the peak.
-Storages are counted once however many views share them, and quantized tensor
-subclasses (quanto's ``WeightQBitsTensor``, whose ``.nbytes`` is the DENSE size) are
-flattened to the plain tensors they hold.
-
-Why not RSS: glibc keeps freed blocks, so peak RSS of the same run moved from 0.86 to
-1.12 of the unquantized run between two runs here; live storage bytes do not depend on
-the allocator and repeat to the byte. Why not torch's own ``MemTracker``
-(torch.distributed._tools.mem_tracker): it attributes memory to nn.Module phases and
-optimizer state through module hooks, far more than this needs, and it is a private
-module that has moved between releases.
-
-What it cannot see: scratch memory an aten kernel allocates and frees inside one op
-(e.g. inside a fused attention kernel). CUDA's counter would see those; this one counts
-what is visible at op boundaries, which includes every tensor the cache and the model's
-Python code create.
+A ``TorchDispatchMode`` sees every tensor an aten op returns: a storage's bytes join the
+live total the first time it is seen and leave it when a weak-reference callback says it
+was freed; the peak is the live total's maximum. Storages count once however many views
+share them; quantized tensor subclasses (quanto's, whose ``.nbytes`` is the DENSE size)
+are flattened to the plain tensors they hold. Unlike RSS (glibc keeps freed blocks: 0.86
+vs 1.12 of the unquantized run in two runs) it repeats to the byte; torch's private
+``MemTracker`` attributes memory to module phases, far more than this needs. It cannot
+see scratch memory a kernel allocates and frees inside one op.
 """
 from __future__ import annotations
 
@@ -37,14 +27,8 @@ def _plain(t: torch.Tensor) -> list[torch.Tensor]:
 
 def storage_bytes(tensors) -> int:
     """Bytes of the distinct storages behind ``tensors`` (subclasses flattened)."""
-    seen, total = set(), 0
-    for t in tensors:
-        for p in _plain(t):
-            st = p.untyped_storage()
-            if st.data_ptr() and st.data_ptr() not in seen:
-                seen.add(st.data_ptr())
-                total += st.nbytes()
-    return total
+    sizes = {st.data_ptr(): st.nbytes() for t in tensors for st in (p.untyped_storage() for p in _plain(t))}
+    return sum(size for ptr, size in sizes.items() if ptr)
 
 
 class PeakTracker(TorchDispatchMode):
@@ -60,11 +44,9 @@ class PeakTracker(TorchDispatchMode):
         self._preexisting: set[int] = set()
 
     def ignore(self, tensors) -> None:
-        """Storages alive before the region (weights, inputs): never counted, even when
-        an op returns them (in-place ops return their input)."""
-        for t in tensors:
-            for p in _plain(t):
-                self._preexisting.add(p.untyped_storage().data_ptr())
+        """Storages alive before the region (weights, inputs): never counted, even when an
+        op returns them."""
+        self._preexisting.update(p.untyped_storage().data_ptr() for t in tensors for p in _plain(t))
 
     def _freed(self, ptr: int, _ref) -> None:
         size = self._sizes.pop(ptr, None)
@@ -92,8 +74,7 @@ class PeakTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        # A view or an in-place op returns a storage it was given: not an allocation
-        # (and a weight's storage must not become "new" because linear() took its .t()).
+        # A view or an in-place op returns a storage it was given: not an allocation.
         inputs = {p.untyped_storage().data_ptr() for leaf in _tensors(args) for p in _plain(leaf)}
         if kwargs:
             inputs.update(p.untyped_storage().data_ptr() for leaf in _tensors(kwargs.values()) for p in _plain(leaf))
@@ -103,9 +84,8 @@ class PeakTracker(TorchDispatchMode):
 
 
 def _tensors(values):
-    """Tensors among aten arguments/results: plain values or one level of list/tuple
-    (torch.cat's list) - aten schemas nest no deeper; cheaper than a pytree walk, which
-    doubled the cost of every op."""
+    """Tensors among aten arguments/results: plain or in one level of list/tuple (torch.cat's):
+    aten schemas nest no deeper, and a pytree walk doubled the cost of every op."""
     for v in values:
         if isinstance(v, torch.Tensor):
             yield v
@@ -116,9 +96,8 @@ def _tensors(values):
 
 
 def pop_leftover_modes() -> list[str]:
-    """Pops every TorchDispatchMode still active between tests and names them. A tracker
-    left on (a region that raised without ending it) sees every later op of the process:
-    later runs get several times slower and every later peak is measured inside it."""
+    """Pops every TorchDispatchMode still active between tests and names them: a tracker left
+    on (a region that raised) would slow and nest every later run of the process."""
     from torch.utils._python_dispatch import _get_current_dispatch_mode_stack, _pop_mode
 
     left = [type(mode).__name__ for mode in _get_current_dispatch_mode_stack()]

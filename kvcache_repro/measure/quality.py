@@ -1,9 +1,5 @@
-"""Accuracy of a quantized cache against the unquantized one, teacher-forced.
-
-Both runs see the same tokens, so differences come only from the cache. Metrics per
-predicted position, averaged: KL(unquantized || quantized) in nats, top-1 agreement,
-and perplexity of the actual next tokens.
-"""
+"""Accuracy of a quantized cache against the unquantized one, teacher-forced: both runs
+see the same tokens, so differences come only from the cache."""
 from __future__ import annotations
 
 import math
@@ -25,9 +21,8 @@ class Quality:
 
 
 def first_nonfinite(logits: torch.Tensor, prefill: int, flushes: list[int] | None = None) -> str:
-    """Where (batch, n, vocab) teacher-forced logits first hold a NaN or inf, in the
-    protocol's terms ("" when all are finite): position 0 is the prefill's last token;
-    ``flushes`` (caches.flush_lengths) says how many re-quantizations came before."""
+    """Where (batch, n, vocab) teacher-forced logits first hold a NaN or inf ("" : nowhere);
+    position 0 is the prefill's last token; ``flushes``: caches.flush_lengths."""
     bad = ~torch.isfinite(logits).all(dim=-1)  # (batch, n)
     if not bool(bad.any()):
         return ""
@@ -43,9 +38,8 @@ def first_nonfinite(logits: torch.Tensor, prefill: int, flushes: list[int] | Non
 
 def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, targets: torch.Tensor,
                    chunk: int = 64) -> Quality:
-    """``reference``/``candidate``: (batch, n, vocab) logits predicting ``targets`` (batch, n).
-    Summed ``chunk`` positions at a time: at the seed's length a whole (4, 1024, 49152)
-    log-softmax would be four more 0.8 GB copies."""
+    """``reference``/``candidate``: (batch, n, vocab) logits predicting ``targets`` (batch, n),
+    ``chunk`` positions at a time (a whole log-softmax at the seed's length: 0.8 GB a copy)."""
     kl = agree = ref_nll = cand_nll = 0.0
     for i in range(0, targets.shape[1], chunk):
         ref_logp = torch.log_softmax(reference[:, i:i + chunk].float(), dim=-1)
@@ -61,8 +55,7 @@ def compare_logits(reference: torch.Tensor, candidate: torch.Tensor, targets: to
 
 def teacher_forced_quality(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches.QuantSettings,
                            prefill: int, reference: torch.Tensor | None = None, step: int = 1) -> Quality:
-    """Quality of ``spec`` against the unquantized cache on ``input_ids``. Pass the
-    unquantized logits as ``reference`` to reuse them across backends."""
+    """Quality of ``spec`` against the unquantized cache (``reference``: its logits, if known)."""
     if reference is None:
         reference = generation.teacher_forced_logits(model, input_ids, BACKENDS["none"], settings, prefill, step)
     candidate = generation.teacher_forced_logits(model, input_ids, spec, settings, prefill, step)
@@ -77,12 +70,10 @@ def teacher_forced_quality(model, input_ids: torch.Tensor, spec: BackendSpec, se
 
 @dataclass(frozen=True)
 class AccuracySetup:
-    """Teacher-forced protocol on the small real model. The seed's G=128 and residual 64;
-    prefill and decode lengths keep every quantized length a multiple of 64 tokens, so
-    G=128 divides SmolLM2's K/V rows (3 heads x 64 dims = 192 values per token) and hqq
-    axis-1 packing stays whole at 1 bit. Decoded tokens go through the cache ``step`` per
-    forward (``generation.teacher_forced_logits``: the same keys at the same precision as
-    one per forward, where the flush schedule allows it - checked at run time)."""
+    """Teacher-forced protocol on the small real model, the seed's G 128 and R 64. Quantized
+    lengths stay multiples of 64 tokens: G 128 divides SmolLM2's K/V rows (192 values per
+    token), hqq axis-1 packing stays whole at 1 bit. ``step`` decoded tokens per forward
+    (the same logits as one per forward where the flush schedule allows: effective_step)."""
 
     name: str
     backends: tuple[str, ...]
@@ -107,13 +98,9 @@ class AccuracySetup:
 ALL_QUANTIZED = tuple(b.name for b in BACKENDS.values() if b.quantized and not b.broken)
 # 1 bit is noise (perplexity x1,500 and more): "full" keeps it, the default tier saves its two runs.
 WITHOUT_1_BIT = tuple(name for name in ALL_QUANTIZED if BACKENDS[name].nbits != 1)
-# "core" (default tier, ~40 s): every backend and axis from 2 bits up, 2 flushes - the invariants (error
-# falls with nbits, 8 bits near-lossless) and the drift baselines. "seed" (slow, ~7 min
-# at 1 thread): the seed's length, 1,024 decoded tokens (16 flushes), its 4 bits, the
-# seed's axis 0 for both and hqq axis 1 beside them; 4 texts. Its cost is hqq's: every
-# flush re-optimizes the whole history (0.14 s per layer tensor at 1,088 tokens x 2 rows),
-# so it grows with rows x length^2 - too slow for the default tier. "full" (slow): core's
-# protocol one token per forward, the reference the 16-token step is compared with.
+# "core" (default tier, ~40 s): every backend from 2 bits up, 2 flushes. "seed" (slow, ~7 min
+# at 1 thread: hqq re-optimizes the whole history at each of 16 flushes): the seed's length
+# and 4 bits, 4 texts. "full" (slow): core one token per forward, what its 16-token step matches.
 ACCURACY_SETUPS = {s.name: s for s in (
     AccuracySetup("core", WITHOUT_1_BIT,
                   proxy="short-context proxy: 128 decoded tokens (2 flushes), not the seed's 1,000"),
@@ -123,8 +110,7 @@ ACCURACY_SETUPS = {s.name: s for s in (
 
 
 def corpus_ids(tokenizer, rows: int, length: int) -> torch.Tensor:
-    """``rows`` x ``length`` token ids from a fixed English text that ships with Python
-    (pydoc_data.topics, the stdlib's help topics), each row from a different topic."""
+    """``rows`` x ``length`` token ids of the stdlib's help topics (pydoc_data.topics), a topic a row."""
     from pydoc_data.topics import topics
 
     out = []
@@ -138,8 +124,8 @@ def corpus_ids(tokenizer, rows: int, length: int) -> torch.Tensor:
 
 
 def effective_step(model, setup: AccuracySetup) -> int:
-    """``setup.step`` where this transformers flushes after the same tokens with it as with
-    one token per forward, else 1 (slower, never different)."""
+    """``setup.step`` where this transformers flushes after the same tokens with it as one
+    token per forward, else 1."""
     if setup.step == 1:
         return 1
     total = setup.prefill + setup.decode
@@ -154,9 +140,7 @@ def effective_step(model, setup: AccuracySetup) -> int:
 
 
 def accuracy_table(model, tokenizer, setup: AccuracySetup, step: int) -> dict[str, Quality]:
-    """Teacher-forced quality of each of the setup's backends that this transformers has
-    (fp8 only from 5.x) against the unquantized cache, ``step`` tokens per forward
-    (``effective_step``)."""
+    """Quality of each of the setup's backends this transformers has, ``step`` tokens per forward."""
     ids = corpus_ids(tokenizer, setup.rows, setup.prefill + setup.decode).to(model.device)
     reference = generation.teacher_forced_logits(model, ids, BACKENDS["none"], setup.settings, setup.prefill, step)
     available = caches.available_backends()

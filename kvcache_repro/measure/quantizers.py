@@ -1,10 +1,6 @@
-"""Group-level view of one quantize/dequantize round trip, for quanto and hqq.
-
-Both backends are affine: a group's codes q in {0..2^n-1} map back to
-``lo + q * step``. The backend's kind (kinds/quanto.py, kinds/hqq.py ``grid``) reads
-``step`` and ``lo`` out of its stored metadata and lines the original and restored values
-up group by group, so tests can check the round trip against round-to-nearest on that grid.
-"""
+"""Group-level view of one quantize/dequantize round trip, for quanto and hqq: both are
+affine, a group's codes q in {0..2^n-1} map back to ``lo + q * step``; the kind's ``grid``
+reads ``step`` and ``lo`` from its metadata and lines values up group by group."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,8 +8,8 @@ from dataclasses import dataclass
 import torch
 
 from kvcache_repro.backends import caches
-from kvcache_repro.measure.accounting import CacheBytes, _quantized_bytes
 from kvcache_repro.backends.matrix import BackendSpec
+from kvcache_repro.measure.accounting import CacheBytes, _quantized_bytes
 
 
 @dataclass(frozen=True)

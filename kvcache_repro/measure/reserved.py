@@ -1,28 +1,21 @@
-"""What a CUDA run's reserved memory is, read from the caching allocator's own counters.
+"""What a CUDA run's reserved memory is, from the caching allocator's own counters.
+Torch-free at import (the report reads these from stored measurements).
 
-``torch.cuda.memory_reserved`` is what the caching allocator holds from the driver:
-live tensors (``memory_allocated``), plus freed blocks it keeps cached for reuse, plus
-the rounding of every block (requests above 1 MiB round up to 2 MiB multiples, small
-ones share 2 / 20 MiB segments; c10/cuda/CUDACachingAllocator.cpp). A cache that grows
-by one token a step asks for a slightly larger block for every K/V tensor of every
-layer; the old blocks stay cached, so reserved climbs far above the live peak until a
-``cudaMalloc`` fails. Then the allocator frees every cached block and retries
-(``num_alloc_retries`` counts these) - reserved drops, and climbs again: a saw-tooth
-at the card's capacity. A reading taken on that saw-tooth ("reserved after generate",
-the seed's 55.99 GB) depends on the card's capacity and on where the last retry fell,
-not only on the run. With ``PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True`` the
-allocator maps pages into one growing segment instead, and reserved stays close to
-allocated. Torch-free at import (the report reads these from stored measurements).
+Reserved = live tensors + freed blocks kept cached + every block's rounding. A cache
+growing a token a step asks for a slightly larger block for every K/V tensor; the old
+ones stay cached, so reserved climbs until a ``cudaMalloc`` fails, the allocator frees
+its cache and retries (``num_alloc_retries``), and it climbs again: a saw-tooth at the
+card's capacity. A reading on it (the seed's 55.99 GB "reserved after generate") depends
+on the card, not only the run. ``expandable_segments:True`` keeps reserved near allocated.
 """
 from __future__ import annotations
 
 GIB = 2**30
 
-# Metric names a CUDA Measurement carries beside the compared ones (memory.CudaProbe).
-ALLOC_RETRIES = "alloc_retries"  # memory_stats()["num_alloc_retries"] during generate
-OOMS = "ooms"  # memory_stats()["num_ooms"]: out-of-memory errors raised (and caught) inside
-DEVICE_FREE_AFTER = "device_free_after"  # torch.cuda.mem_get_info(): free device memory, bytes
-DEVICE_TOTAL = "device_total"  # ... and the device's total
+# Metric names a CUDA Measurement carries beside the compared ones (memory.CudaProbe):
+# memory_stats()'s num_alloc_retries and num_ooms during generate, mem_get_info()'s bytes.
+ALLOC_RETRIES, OOMS = "alloc_retries", "ooms"
+DEVICE_FREE_AFTER, DEVICE_TOTAL = "device_free_after", "device_total"
 EXPANDABLE_NOTE = "allocator: expandable_segments:True"
 
 
@@ -40,8 +33,8 @@ def is_saw_tooth(metrics: dict) -> bool:
 
 
 def explain(metrics: dict) -> str:
-    """One line on a CUDA row's reserved memory: how much of it is cached-but-free and
-    rounding above the live peak, and whether it is a saw-tooth reading."""
+    """One line on a CUDA row's reserved memory: cached-but-free blocks and rounding above the
+    live peak, and whether it is a saw-tooth reading."""
     if "peak_reserved" not in metrics or "peak_allocated" not in metrics:
         return ""
     reserved, live = metrics["peak_reserved"], metrics["peak_allocated"]

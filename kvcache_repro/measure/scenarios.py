@@ -1,7 +1,6 @@
-"""The memory experiment's scenarios: data in scenarios.toml (what each is for, and why),
-validated here, plus a user's own files (``KVQ_SCENARIOS``, docs/memory.md) and model
-scenarios (``model_scenario``). ``get("NAME-dry")`` is NAME's dry run: same code path, tiny
-model, CPU.
+"""The memory experiment's scenarios: data in scenarios.toml, validated here, plus a user's
+own files (``KVQ_SCENARIOS``, docs/memory.md) and models (``model_scenario``).
+``get("NAME-dry")`` is NAME's dry run: same code path, tiny model, CPU.
 """
 from __future__ import annotations
 
@@ -17,19 +16,13 @@ from kvcache_repro.backends import offline
 from kvcache_repro.backends.matrix import BACKENDS, QuantSettings, SelectionError
 
 # The seed's ten prompts, repeated 20 times for its batch of 200.
-SEED_PROMPTS = (
-    "The best tomato sauce is", "Artificial intelligence is", "The future of technology is",
-    "Climate change is", "The benefits of exercise are", "Healthy eating includes",
-    "The importance of sleep is", "The universe is", "Machine learning is",
-    "Renewable energy sources are",
-)
+SEED_PROMPTS = ("The best tomato sauce is", "Artificial intelligence is", "The future of technology is",
+                "Climate change is", "The benefits of exercise are", "Healthy eating includes",
+                "The importance of sleep is", "The universe is", "Machine learning is",
+                "Renewable energy sources are")
 SEED_CHECKPOINT = "gradientai/Llama-3-8B-Instruct-Gradient-1048k"
-# The seed's own reading is "reserved after generate"; peaks are ours.
-GPU_METRICS = ("reserved_after", "peak_reserved", "peak_allocated", "cache_bytes")
-# What the device run's scenarios compare: peak allocated and cache bytes, both predicted
-# from the CPU before any GPU run (runner/gpu_prediction.py). Reserved memory is measured,
-# reported and explained (measure/reserved.py), not compared: it depends on the card's
-# capacity (a saw-tooth at capacity), which no stored ratio can hold for every GPU.
+# What the device run's scenarios compare, predicted from the CPU (runner/gpu_prediction.py).
+# Reserved memory is reported and explained (reserved.py), not compared: it depends on the card.
 PREDICTED_METRICS = ("peak_allocated", "cache_bytes")
 
 
@@ -45,18 +38,14 @@ class Scenario:
     dtype: str  # torch dtype name
     checkpoint: str | None = None
     weights_nf4: bool = False  # bitsandbytes NF4 weights, as the seed
-    # Ratios compared with baselines/<name>.json. On CPU both are exact byte counts:
-    # peak live tensor bytes (peak.py) and the cache at the end. Peak RSS is reported,
-    # never compared: glibc's heap makes it irreproducible (0.86 vs 1.12 in two runs).
+    # Ratios compared with baselines/<name>.json (Peak RSS is reported, never compared:
+    # glibc's heap makes it irreproducible, 0.86 vs 1.12 in two runs).
     baseline_metrics: tuple[str, ...] = ("peak_allocated", "cache_bytes")
     notes: str = ""
     arch: str | None = None  # model "random": an offline.ARCHS name, "NAME@LAYERS" for fewer layers
-    # model "small-real": the architecture to use with random weights when the model
-    # package is absent (said in every measurement's notes), instead of ModelUnavailable
-    fallback_arch: str | None = None
-    # Where its baselines live, relative to baselines/ without ".json" (default: the name).
-    # A user's model (model_scenario) keeps them in a file keyed by what determines its
-    # numbers, so it never reads or writes a built-in scenario's file.
+    fallback_arch: str | None = None  # model "small-real": random weights of this arch when it is absent
+    # Its baselines' file under baselines/ without ".json" (default: the name); a user's model
+    # keeps them in a file keyed by what its numbers depend on (model_scenario).
     baseline_name: str | None = None
     baseline_key: dict | None = None  # what the file's numbers depend on (model, dtype, weights, device, settings)
     large_batch: int = field(init=False)
@@ -77,9 +66,7 @@ DEVICE_PLAN = ("seed-arch-short", "seed-arch", "gpu-small", "gpu-tiny")
 
 
 def to_json(scenario: Scenario) -> dict:
-    data = asdict(scenario)
-    data.pop("large_batch")
-    return data
+    return {k: v for k, v in asdict(scenario).items() if k != "large_batch"}
 
 
 def from_json(data: dict) -> Scenario:
@@ -98,8 +85,7 @@ USER_ENV = "KVQ_SCENARIOS"  # a user's scenario files (os.pathsep between severa
 SEED_BACKENDS = ("none", "quanto4", "hqq4")  # a file's default backends
 TESTS = ("experiment", "experiment-dry", "claims")
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
-# What a scenario file may give: (type, element type of a list); name is the table's, and
-# baseline_name/baseline_key are a user model's (model_scenario). tests and slow are no
+# What a scenario file may give: (type, element type of a list); tests and slow are no
 # Scenario fields: they select the test parameters (for_tests).
 FIELDS = {"device": (str,), "model": (str,), "batch_sizes": (list, int), "new_tokens": (int,), "backends": (list, str),
           "settings": (dict, int), "dtype": (str,), "checkpoint": (str,), "weights_nf4": (bool,),
@@ -163,11 +149,6 @@ def load(path, taken=()) -> dict[str, dict]:
     return data
 
 
-def _scenario(name: str, entry: dict) -> Scenario:
-    return from_json({"backends": SEED_BACKENDS, **{k: v for k, v in entry.items() if k not in ("tests", "slow")},
-                      "name": name})
-
-
 def for_tests(test: str) -> list[tuple[str, tuple[str, ...]]]:
     """(name, pytest markers) of the scenarios that ``test`` (one of TESTS) runs, in file order: "gpu"
     on CUDA, "slow" where the file says slow."""
@@ -178,7 +159,9 @@ def for_tests(test: str) -> list[tuple[str, tuple[str, ...]]]:
 ENTRIES = load(DATA)
 for _path in filter(None, os.environ.get(USER_ENV, "").split(os.pathsep)):
     ENTRIES.update(load(_path, ENTRIES))
-SCENARIOS: dict[str, Scenario] = {n: _scenario(n, e) for n, e in ENTRIES.items()}
+SCENARIOS: dict[str, Scenario] = {  # tests and slow select test parameters only (for_tests)
+    n: from_json({"backends": SEED_BACKENDS, **{k: v for k, v in e.items() if k not in ("tests", "slow")},
+                  "name": n}) for n, e in ENTRIES.items()}
 
 
 DRY_SUFFIX = "-dry"
@@ -186,23 +169,19 @@ DRY_ARCH = "dry-tiny"
 
 
 def dry_run(scenario: Scenario) -> Scenario:
-    """``scenario``'s dry run: the same backends, settings and code path (random weights,
-    a fresh subprocess per run, the same report and baseline handling) on a tiny random
-    model on the CPU, in seconds. Batch 4 only (each run is a worker process that spends ~8 s
-    importing torch and transformers: one batch tests the script at half the cost), 72 new tokens (one residual flush at
-    residual 64), float32 (half-precision generation on this CPU took 9.9 s for the 72
-    tokens that take 1.2 s in float32)."""
+    """``scenario``'s dry run: its backends, settings and code path on a tiny random model on
+    the CPU, in seconds. Batch 4 only (a worker spends ~8 s importing torch), 72 new tokens
+    (one flush at residual 64), float32 (fp16 took 9.9 s for the 1.2 s of float32)."""
     return replace(scenario, name=scenario.name + DRY_SUFFIX, device="cpu", model="random", arch=DRY_ARCH,
                    fallback_arch=None, checkpoint=None, weights_nf4=False, batch_sizes=(4,), new_tokens=72,
-                   dtype="float32",
-                   baseline_metrics=PREDICTED_METRICS, notes=f"DRY RUN of {scenario.name} on CPU: {scenario.notes}")
+                   dtype="float32", baseline_metrics=PREDICTED_METRICS,
+                   notes=f"DRY RUN of {scenario.name} on CPU: {scenario.notes}")
 
 
 # ---- a user's model --------------------------------------------------------------------
 
 MODEL_PREFIX = "model-"
-# Model scenarios made in this process, and passed to worker processes through this
-# variable (JSON), since a worker rebuilds its scenario from the name it is given.
+# Model scenarios made in this process, passed to workers (which get a name) as JSON.
 RUNTIME_ENV = "KVQ_MODEL_SCENARIOS"
 _RUNTIME: dict[str, Scenario] = {}
 WEIGHTS = ("native", "nf4")
@@ -210,12 +189,10 @@ WEIGHTS = ("native", "nf4")
 
 def model_scenario(model: str, identity: dict, device: str, device_name: str, backends, batch_sizes, new_tokens: int,
                    dtype: str, weights: str = "native", q_group_size: int = 128, residual_length: int = 64) -> Scenario:
-    """The seed's protocol (its prompts, left padding, greedy decoding with every token
-    generated) on ``model`` (a hub id or a local directory) with the given settings.
-    ``identity``: what names the model's architecture (a hub id, or a local directory's
-    name and config digest: checkpoints.identity). Its baseline file is keyed by
-    identity, dtype, weights, device name and settings: a digest of them names the file
-    and the scenario, and the file holds them in full (baselines.BaselineFile.key)."""
+    """The seed's protocol on ``model`` (a hub id or a local directory) with these settings.
+    ``identity`` names its architecture (checkpoints.identity); a digest of it, dtype,
+    weights, device name and settings names the scenario and its baseline file, which holds
+    them in full (baseline_file.BaselineFile.key)."""
     if dtype not in DTYPES.values():
         raise SelectionError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)} ({', '.join(DTYPES.values())})")
     if weights not in WEIGHTS:
@@ -231,7 +208,6 @@ def model_scenario(model: str, identity: dict, device: str, device_name: str, ba
     name = f"{MODEL_PREFIX}{slug}-{digest}"
     return Scenario(name, device, "checkpoint", tuple(batch_sizes), new_tokens, tuple(backends), settings, dtype,
                     checkpoint=model, weights_nf4=weights == "nf4",
-                    baseline_metrics=("peak_allocated", "cache_bytes"),
                     notes=f"{model} ({weights} weights, {dtype}) on {device_name}: the seed's prompts, "
                           f"{new_tokens} new tokens, G {q_group_size}, residual {residual_length}",
                     baseline_name=f"models/{name}", baseline_key=key)

@@ -1,29 +1,27 @@
-"""Decode speed per backend, measured so that other processes cannot flip a verdict.
+"""Decode speed per backend, measured so that other processes cannot flip a verdict (on a
+2-core VM a busy neighbour moved the wall time of identical 0.5 s runs by +/-40%):
 
-Three choices make it so (measured on a 2-core VM where a busy neighbour moved the
-wall time of identical 0.5 s runs by +/-40% and their CPU time nearly as much):
-
-- CPU time of the measuring thread (``time.thread_time_ns``) with torch pinned to one
-  thread: time spent waiting for a core is not counted, and all compute happens in the
-  calling thread, so no OpenMP worker's spinning is either.
-- Per step, not per run: a hook on the model times each forward call of ``generate``
-  (prefill, then one per new token). Rounds are interleaved (none, quanto, hqq, none, ...)
-  and each backend's time is the SUM OVER STEPS OF THE MINIMUM OVER ROUNDS. Interference
-  only ever adds time, and a burst of it spoils a few steps of a round, not a whole
-  round, so the per-step minimum recovers the undisturbed cost from a few rounds.
-- The same estimate on disjoint blocks of rounds gives the spread; a verdict needs the
-  same answer in every block, two backends compared block by block (``compare``), else it
-  is "not distinguishable on this setup".
+- CPU time of the measuring thread (``time.thread_time_ns``), torch pinned to one thread:
+  waiting for a core is not counted, nor any OpenMP worker's spinning.
+- Per step: a hook times each forward call of ``generate`` (prefill, then one per new
+  token). Rounds are interleaved (none, quanto, hqq, none, ...) and a backend's time is the
+  SUM OVER STEPS OF THE MINIMUM OVER ROUNDS: interference only adds time, and a burst spoils
+  a few steps of a round, not a whole round.
+- The same estimate on disjoint blocks of rounds gives the spread: a verdict needs the same
+  answer in every block (``compare``), else it is "not distinguishable on this setup".
 
 generate()'s own Python between forward calls is the same for every backend and is left
-out: the quantity is the model's forward through each cache, where all of the cache's
-work (quantize, dequantize, residual flushes) happens.
+out: the quantity is the model's forward, where all of the cache's work happens.
 """
 from __future__ import annotations
 
 import contextlib
+import json
+import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,11 +48,6 @@ class SpeedRatio:
     def high(self) -> float:
         return max(self.blocks)
 
-    @property
-    def overhead(self) -> float:
-        """Extra decode time the cache costs, as a share of the unquantized decode."""
-        return self.ratio - 1
-
 
 def paired(a: SpeedRatio, b: SpeedRatio | None = None) -> tuple[float, ...]:
     """``a``'s time over ``b``'s (over none's when b is None) in each block: both were
@@ -67,14 +60,8 @@ def paired(a: SpeedRatio, b: SpeedRatio | None = None) -> tuple[float, ...]:
 
 
 def compare(a: SpeedRatio, b: SpeedRatio | None = None) -> str:
-    """Is ``a`` slower than ``b`` (or than ``none`` when b is None), beyond the spread?
-    Slower means ``a`` slower in every block of rounds, block by block (``paired``).
-
-    Not "every block of a above every block of b": that compared blocks of different
-    rounds, so each side carried its own block's none as noise. On a second 2-core EPYC
-    it called hqq4 vs quanto4 "not distinguishable" in 2 of 6 runs of the tiny setup at
-    18 rounds (hqq4 blocks 1.498, 1.645 vs quanto4 1.183, 1.580), while block by block
-    hqq4 was slower in every block of all 5 runs whose blocks were kept (lowest 1.035)."""
+    """Is ``a`` slower than ``b`` (or than none) in every block of rounds, block by block
+    (``paired``)? Blocks of different rounds would each carry their own none as noise."""
     ratios = paired(a, b)
     if min(ratios) > 1.0:
         return SLOWER
@@ -93,27 +80,20 @@ def one_thread():
         torch.set_num_threads(before)
 
 
-@contextlib.contextmanager
-def forward_timer(model):
-    """Yields a list that receives the CPU nanoseconds of each forward call of ``model``."""
+def step_times(model, ids, backend: str, settings: caches.QuantSettings, new_tokens: int) -> list[int]:
+    """The CPU nanoseconds of each forward call of ``model`` in one generate()."""
     steps: list[int] = []
-    pre = model.register_forward_pre_hook(lambda *_: steps.append(-time.thread_time_ns()))
 
     def post(*_):
         steps[-1] += time.thread_time_ns()
-
-    hook = model.register_forward_hook(post)
+    hooks = (model.register_forward_pre_hook(lambda *_: steps.append(-time.thread_time_ns())),
+             model.register_forward_hook(post))
     try:
-        yield steps
-    finally:
-        pre.remove()
-        hook.remove()
-
-
-def step_times(model, ids, backend: str, settings: caches.QuantSettings, new_tokens: int) -> list[int]:
-    with forward_timer(model) as steps:
         generation.generate(model, ids, BACKENDS[backend], settings, new_tokens, keep_scores=False)
-    return list(steps)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return steps
 
 
 def undisturbed_ns(rounds: list[list[int]]) -> int:
@@ -132,10 +112,10 @@ def interleaved_ratios(model, ids: torch.Tensor, backends: list[str], settings: 
                        new_tokens: int, rounds: int = 6, blocks: int = 2, max_rounds: int | None = None
                        ) -> dict[str, SpeedRatio]:
     """``rounds`` interleaved rounds; while some comparison is inside the spread, another
-    ``rounds`` more, up to ``max_rounds``: a noisy machine costs time, not a verdict.
-    (A difference that is really inside the spread stays "not distinguishable".)"""
+    ``rounds`` more, up to ``max_rounds``: a noisy machine costs time, not a verdict."""
     if rounds < 2 * blocks:
-        raise ValueError(f"rounds ({rounds}) must be at least 2 x blocks ({blocks}): a block of one round has no minimum to take")
+        raise ValueError(f"rounds ({rounds}) must be at least 2 x blocks ({blocks}): "
+                         "a block of one round has no minimum to take")
     names = ["none"] + [b for b in backends if b != "none"]
     per_round: dict[str, list[list[int]]] = {name: [] for name in names}
     with one_thread():
@@ -152,16 +132,12 @@ def interleaved_ratios(model, ids: torch.Tensor, backends: list[str], settings: 
 
 def _ratios(per_round, names, blocks: int, tokens: int) -> dict[str, SpeedRatio]:
     done = len(per_round["none"])
-    size = done // blocks
-    chunks = [slice(i * size, (i + 1) * size) for i in range(blocks)]
-    none = undisturbed_ns(per_round["none"])
-    out = {}
+    chunks = [slice(i * (done // blocks), (i + 1) * (done // blocks)) for i in range(blocks)]
+    none, out = per_round["none"], {}
     for name in names[1:]:
         total = undisturbed_ns(per_round[name])
-        out[name] = SpeedRatio(
-            name, total / none,
-            tuple(undisturbed_ns(per_round[name][c]) / undisturbed_ns(per_round["none"][c]) for c in chunks),
-            tokens / (total / 1e9), done)
+        per_block = tuple(undisturbed_ns(per_round[name][c]) / undisturbed_ns(none[c]) for c in chunks)
+        out[name] = SpeedRatio(name, total / undisturbed_ns(none), per_block, tokens / (total / 1e9), done)
     return out
 
 
@@ -178,8 +154,7 @@ class SpeedSetup:
     rounds: int
     backends: tuple[str, ...] = ("quanto4", "hqq4")
     blocks: int = 2
-    # Extra rounds, in steps of ``rounds``, while a comparison is undecided (loaded machine).
-    max_rounds: int = 0
+    max_rounds: int = 0  # extra rounds, in steps of ``rounds``, while a comparison is undecided
     slow: bool = False  # its tests are marked slow (run with --kv-run-slow)
 
     def describe(self) -> str:
@@ -189,32 +164,24 @@ class SpeedSetup:
                 f"1 thread, CPU time")
 
 
+SEED_SETTINGS = caches.QuantSettings(q_group_size=128, residual_length=64)
 SPEED_SETUPS = {s.name: s for s in (
-    # The tiny Llama at the seed's cache settings (G 128, R 64; 256 new tokens = 4 flushes):
-    # the cache's work is a large share of each step, so the backends stand apart.
-    # With one core kept busy one run of 6 rounds once had blocks 1.40-1.68
-    # (quanto4) and 1.66-2.05 (hqq4): up to 18 rounds then decide.
-    SpeedSetup("tiny", "tiny", 16, 16, 256, caches.QuantSettings(q_group_size=128, residual_length=64), 6,
-               max_rounds=18),
-    # The real model at the seed's cache settings (G 128, R 64): 160 new tokens = 2 flushes.
-    SpeedSetup("real", "real", 1, 16, 160, caches.QuantSettings(q_group_size=128, residual_length=64), 6, slow=True),
+    # The tiny Llama, 256 new tokens = 4 flushes: the cache's work is a large share of each
+    # step. Under load one run of 6 rounds had blocks 1.40-1.68 (quanto4), 1.66-2.05 (hqq4).
+    SpeedSetup("tiny", "tiny", 16, 16, 256, SEED_SETTINGS, 6, max_rounds=18),
+    SpeedSetup("real", "real", 1, 16, 160, SEED_SETTINGS, 6, slow=True),  # 160 new tokens = 2 flushes
 )}
 
 
 def band(ratio: SpeedRatio) -> float:
-    """Tolerance stored with a new entry, in units of the ratio: a share of the overhead
-    the cache costs, because that is what a regression in a cache changes, but never
-    below the run-to-run repeatability of the ratio."""
-    return round(max(OVERHEAD_SHARE * abs(ratio.overhead), REPEATABILITY), 3)
+    """Tolerance stored with a new entry: a share of the overhead the cache costs (what a
+    regression in a cache changes), never below the ratio's run-to-run repeatability."""
+    return round(max(OVERHEAD_SHARE * abs(ratio.ratio - 1), REPEATABILITY), 3)
 
 
-# Ten runs of the tiny setup on the 2-core dev machine (2026-11-30; five under
-# one core kept busy, two in fresh clones) gave quanto4 1.291-1.533 and hqq4
-# 1.616-1.829: a run's ratio strays up to 0.135 from the median of the ten, so bands are
-# at least 1.5 times that.
+# Ten runs of the tiny setup strayed up to 0.135 from their median: bands are at least 1.5x that.
 REPEATABILITY = 0.2
-# Doing every dequantize twice (fault ``double_dequantize``) raised quanto4's ratio by
-# 0.30 and hqq4's by 0.19 on that setup (1.698 against the median 1.426: outside 0.2).
+# Fault ``double_dequantize`` raised quanto4's ratio by 0.30 and hqq4's by 0.19 there.
 OVERHEAD_SHARE = 0.35
 
 
@@ -234,18 +201,11 @@ def measure(setup: SpeedSetup) -> dict[str, SpeedRatio]:
 
 
 def measure_in_fresh_process(setup: SpeedSetup, timeout: float = 1800) -> dict[str, SpeedRatio]:
-    """``measure`` in a new Python process. In a long pytest session the same
-    measurement drifted: hqq4 2.08 of none (blocks 2.06-2.10) at the end of the default
-    tier against 1.70 alone, on an idle machine - what earlier tests left in the process
-    (its heap, caches, loaded models) changes the cost of hqq's many temporaries. A fresh
-    process measures the code, not the session's history."""
-    import json
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    proc = subprocess.run([sys.executable, "-m", "kvcache_repro.measure.speed", setup.name], capture_output=True, text=True,
-                          timeout=timeout, cwd=Path(__file__).resolve().parents[2])
+    """``measure`` in a new Python process: what earlier tests leave in a long session's
+    process (its heap, loaded models) moved hqq4 from 1.70 of none to 2.08."""
+    proc = subprocess.run([sys.executable, "-m", "kvcache_repro.measure.speed", setup.name],
+                          capture_output=True, text=True, timeout=timeout,
+                          cwd=Path(__file__).resolve().parents[2])
     if proc.returncode != 0:
         raise RuntimeError(f"speed measurement of {setup.name!r} failed in its process (exit {proc.returncode}):\n"
                            + (proc.stdout + proc.stderr)[-3000:])
@@ -273,13 +233,9 @@ def rows(setup: SpeedSetup, ratios: dict[str, SpeedRatio]) -> str:
 
 
 if __name__ == "__main__":  # python -m kvcache_repro.measure.speed SETUP: one measurement, JSON on the last line
-    import json
-    import sys
-
     from kvcache_repro import faults
     from kvcache_repro.measure import threads
 
     threads.pin()
     faults.in_worker()  # KVQ_FAULT, as the test process has it: the speed faults act here
-    found = measure(SPEED_SETUPS[sys.argv[1]])
-    print(RESULT_PREFIX + json.dumps(ratios_to_json(found)), flush=True)
+    print(RESULT_PREFIX + json.dumps(ratios_to_json(measure(SPEED_SETUPS[sys.argv[1]]))), flush=True)

@@ -1,12 +1,7 @@
 """How many threads torch computes with in the suite: one, unless KVQ_TORCH_THREADS says
-otherwise.
-
-Why one: on the 2-core machines here, with another process on one core (CI's usual
-state, one core kept busy by another process), every OpenMP parallel region waits for the thread
-that lost its core. A 1x256 @ 256x1024 linear took 5-16 ms at two threads and 0.07 ms
-at one; a decode step of the seed-geometry model 60-85 ms against a few ms. Exact
-measurements (bytes, tokens) do not depend on it (tests/test_peak.py checks 1 vs 2
-threads); the speed measurements pin one thread themselves (speed.py).
+otherwise. On 2 cores with one kept busy by another process, every OpenMP region waits for
+the thread that lost its core: a 1x256 @ 256x1024 linear took 5-16 ms at two threads, 0.07
+ms at one. Exact measurements do not depend on it (tests/test_peak.py checks 1 vs 2).
 """
 from __future__ import annotations
 

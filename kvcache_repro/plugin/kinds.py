@@ -1,34 +1,28 @@
 """The measured kinds: what a session measures once and every test, the summary and
---kv-update-baselines share. Each kind implements one small protocol:
-
-- ``measure(request, *key)``: the measurement for ``key`` (a scenario, a setup), taken once
-  per session behind the kind's fixture ``fixture(*key)``; CPU measurements once for all
-  xdist workers (shared_results), a model that cannot load here skips
-- ``report(key, result)``: its lines in the end-of-run summary, under ``title``
-- ``compared(key, result)``: the baseline file and the verdicts against it (drift lines)
-- ``update(key, result, failed, reset)``: rewrite its baseline entries (--kv-update-baselines)
-
-Tests that use one kind's fixture run in one xdist worker (``xdist_group``), so it is
-measured once. A new kind is a class here and a row in KINDS."""
+--kv-update-baselines share. A kind (a class here and a row in KINDS) has ``measure(request,
+*key)``: taken once per session behind its fixture ``fixture(*key)`` (CPU ones once for all
+xdist workers, whose tests of one kind share an ``xdist_group``); ``report(key, result)``:
+its summary lines under ``title``; ``compared(key, result)``: the baseline file and the
+verdicts against it; ``update(key, result, failed, reset)``: --kv-update-baselines."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 
+from kvcache_repro.core import atomic
 from kvcache_repro.plugin import state
 
 # The scenario name tests use for --kv-gpu-model's run (tests/test_memory_experiment.py).
 USER_MODEL = "model"
 
-# Speed is the one timing-sensitive measurement: under xdist the controller takes it
-# before any test is scheduled, alone on the machine, and hands it to the worker whose
-# tests use it through this file (pytest_xdist_node_collection_finished). Beside a second
-# worker running other tests, quanto4's ratio rose from ~1.48 to 1.63 with one core kept busy.
+# Under xdist the controller measures speed alone before the tests and hands it over in this
+# file: beside a second worker running tests, quanto4's ratio rose from ~1.48 to 1.63.
 SPEED_FILE_ENV = "KVQ_SPEED_MEASURED"
 
 
@@ -42,11 +36,9 @@ def _shared_once(request, device: str, what: str, measure):
 
 
 class MemoryKind:
-    """``experiment_runs(name)``: a memory scenario, CUDA scenarios with each backend x batch
-    in a fresh subprocess, CPU scenarios in this process (their compared metrics are exact
-    bytes, experiment.measure_in_process; the ./kvq experiment job keeps fresh processes).
-    Under pytest-xdist each worker has its own GPU, or shares one with more workers than GPUs
-    (devices.apply_for_xdist_worker, at the plugin's import)."""
+    """``experiment_runs(name)``: a memory scenario, CUDA ones each backend x batch in a fresh
+    subprocess (an xdist worker's GPU: devices.apply_for_xdist_worker), CPU ones in this
+    process (exact bytes: experiment.measure_in_process)."""
 
     name, fixture, xdist_group = "memory", "experiment_runs", "memory-experiments"
     title = "KV-cache memory experiment"
@@ -57,7 +49,7 @@ class MemoryKind:
         from kvcache_repro.measure import scenarios
         from kvcache_repro.runner import experiment
 
-        if device_run.stored_runs_dir():  # ./kvq device-run's pytest step: check what it measured, never again
+        if device_run.stored_runs_dir():  # ./kvq device-run's pytest step checks what it measured
             if name == USER_MODEL:
                 pytest.skip("your model is not part of ./kvq device-run's plan (pytest -m gpu --kv-gpu-model runs it)")
             stored = device_run.load_stored_run(name)
@@ -97,8 +89,7 @@ class MemoryKind:
 
 
 def _user_model_scenario(config):
-    """--kv-gpu-model's scenario, as ./kvq experiment --model builds it (on CUDA); skips
-    without the option, stops with the reason when the model cannot run."""
+    """--kv-gpu-model's scenario as ./kvq experiment --model builds it; skips without the option."""
     import argparse
 
     from kvcache_repro.runner import experiment
@@ -145,9 +136,8 @@ class AccuracyKind:
 
 
 class SpeedKind:
-    """``speed_ratios(setup)``: interleaved decode-time ratios, each measured in a fresh
-    process (speed.measure_in_fresh_process says why); under xdist measured ahead by the
-    controller, alone on the machine."""
+    """``speed_ratios(setup)``: interleaved decode-time ratios, measured in a fresh process
+    (under xdist ahead, by the controller)."""
 
     name, fixture, xdist_group = "speed", "speed_ratios", "speed"
     title = "KV-cache decode speed (interleaved, time ratio to none)"
@@ -168,16 +158,15 @@ class SpeedKind:
 
     def compared(self, key, ratios):
         from kvcache_repro.measure.speed import SPEED_SETUPS
-        from kvcache_repro.verdicts import speed
+        from kvcache_repro.verdicts.speed import baseline_path, verdicts
 
-        setup = SPEED_SETUPS[key[0]]
-        return speed.baseline_path(setup), speed.verdicts(setup, ratios)
+        return baseline_path(SPEED_SETUPS[key[0]]), verdicts(SPEED_SETUPS[key[0]], ratios)
 
     def update(self, key, ratios, failed: bool, reset: bool) -> list[str]:
         from kvcache_repro.measure.speed import SPEED_SETUPS
-        from kvcache_repro.verdicts import speed
+        from kvcache_repro.verdicts.speed import update_baselines
 
-        return speed.update_baselines(SPEED_SETUPS[key[0]], ratios, failed)
+        return update_baselines(SPEED_SETUPS[key[0]], ratios, failed)
 
 
 KINDS = (MemoryKind(), AccuracyKind(), SpeedKind())
@@ -210,16 +199,12 @@ def pytest_configure(config):
 
 def pytest_unconfigure(config):
     if state.SPEED_DIR in config.stash:
-        import shutil
-
         shutil.rmtree(config.stash[state.SPEED_DIR], ignore_errors=True)
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_node_collection_finished(node, ids):
-    """xdist controller, once, before any test is scheduled (the workers wait): measure the
-    speed setups that the collected tests use, with nothing else running."""
-    from kvcache_repro.core import atomic
+    """xdist controller, once, before any test runs: measure the speed setups the tests use."""
     from kvcache_repro.measure import speed
 
     config = node.config
@@ -242,7 +227,4 @@ def pytest_xdist_node_collection_finished(node, ids):
 def measured_ahead() -> dict:
     """What the xdist controller measured before the tests started ({} otherwise)."""
     path = os.environ.get(SPEED_FILE_ENV)
-    if not path or not os.path.exists(path):
-        return {}
-    with open(path, encoding="utf-8") as fh:
-        return json.load(fh)
+    return json.loads(Path(path).read_text(encoding="utf-8")) if path and os.path.exists(path) else {}

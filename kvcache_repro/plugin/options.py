@@ -1,6 +1,5 @@
-"""Command-line options that narrow the matrix, the validated selection, the checks made
-before any test (threads, quanto's build lock, a supported transformers), and the gates:
-gpu, slow, and backends the installed releases refuse."""
+"""The options that narrow the matrix, the checks made before any test, and the gates: gpu,
+slow, and backends the installed releases refuse."""
 from __future__ import annotations
 
 import os
@@ -41,8 +40,7 @@ def pytest_addoption(parser):
 
 
 def selection(config) -> tuple:
-    """(families, backends, batch sizes) as the options narrow them, validated once per
-    session; a bad value is a usage error naming the valid ones."""
+    """(families, backends, batch sizes) as the options narrow them, validated once per session."""
     if state.SELECTION not in config.stash:
         from kvcache_repro.backends import caches
 
@@ -66,20 +64,14 @@ def pytest_configure(config):
         threads.pin()
     except ValueError as error:
         raise pytest.UsageError(str(error)) from None
-    # ... and every torch subprocess a test starts (scripts, workers, pytest-in-pytest)
-    # computes with as many: unpinned, OpenMP took both cores beside the other xdist worker,
-    # and a 3-generate script of the tiny model took 47 s (test_device_run's closure test).
+    # ... and every torch subprocess a test starts: unpinned, OpenMP took both cores beside the
+    # other xdist worker (a 3-generate script of the tiny model took 47 s).
     os.environ.setdefault("OMP_NUM_THREADS", str(threads.configured()))
-    try:
-        # before any test: a stale build lock stops the session with its fix instead of
-        # hanging the first quanto test; a finished build is loaded without the lock
+    try:  # a stale quanto build lock stops the session with its fix, not the first quanto test
         quanto_ext.prepare()
-    except quanto_ext.StaleLockError as error:
-        raise pytest.UsageError(str(error)) from None
-    config.stash[state.QUANTO_NOTE] = quanto_unpack.install_if_requested()  # opt-in, KVQ_QUANTO_PY_UNPACK=1
-    try:
+        config.stash[state.QUANTO_NOTE] = quanto_unpack.install_if_requested()  # KVQ_QUANTO_PY_UNPACK=1
         expectations.current_range()
-    except expectations.UnsupportedVersion as error:
+    except (quanto_ext.StaleLockError, expectations.UnsupportedVersion) as error:
         raise pytest.UsageError(str(error)) from None
     selection(config)
     if config.getoption("--kv-update-baselines") and state.xdist_controller(config):
@@ -101,8 +93,7 @@ def pytest_report_header(config):
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks added here
 def pytest_runtest_setup(item):
     """A test of a backend whose cache transformers refuses to build with the installed
-    quantizer release (caches.refused_backends: optimum-quanto 0.2.5 under 5.x) skips,
-    pointing at the one test that names the refusal as a [harness] finding."""
+    quantizer (caches.refused_backends) skips, naming the test that reports the refusal."""
     params = getattr(getattr(item, "callspec", None), "params", {})
     specs = [v if isinstance(v, matrix.BackendSpec) else matrix.BACKENDS.get(v) if isinstance(v, str) else None
              for v in params.values()]
@@ -129,8 +120,7 @@ def pytest_collection_modifyitems(config, items):  # nodeid suffixes: after it, 
     skip_slow = pytest.mark.skip(reason="slow (minutes): run with --kv-run-slow")
     skip_gpu = pytest.mark.skip(reason="no CUDA device")
     groups = {kind.fixture: kind.xdist_group for kind in KINDS}
-    # ./kvq device-run --dry-run: the gpu memory tests check its stored CPU measurements
-    stored_dry = device_run.stored_dry_run()
+    stored_dry = device_run.stored_dry_run()  # ./kvq device-run --dry-run: gpu tests check its CPU runs
     for item in items:
         group = next((g for f, g in groups.items() if f in getattr(item, "fixturenames", ())), None)
         if group:
@@ -150,9 +140,8 @@ def pytest_runtest_makereport(item, call):
 
 @pytest.fixture(autouse=True)
 def _no_dispatch_mode_outlives_a_test():
-    """A test that leaves a TorchDispatchMode on (a PeakTracker whose region raised) errors
-    here by name, and the mode is popped, so that it does not slow and wrap every later
-    test of the worker (it made the hqq long runs 6x slower after the OOM test)."""
+    """A test that leaves a TorchDispatchMode on (a PeakTracker whose region raised) errors here
+    and the mode is popped, so that it does not wrap (and slow, 6x) every later test."""
     yield
     from kvcache_repro.measure import peak
 

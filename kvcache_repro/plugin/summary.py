@@ -1,7 +1,5 @@
-"""The end-of-run summary: each measured kind's tables, drift against baselines recorded
-with other package versions, the seed's claims table (and its file), and the baseline
-update of --kv-update-baselines - all by looping over kinds.KINDS. Under xdist each
-worker builds its report where its data is and hands it to the controller, which prints."""
+"""The end-of-run summary over kinds.KINDS: tables, drift, the claims table and file, and
+--kv-update-baselines. Under xdist each worker hands its report to the controller."""
 from __future__ import annotations
 
 import json
@@ -12,8 +10,7 @@ import pytest
 from kvcache_repro.plugin import state
 from kvcache_repro.plugin.kinds import KINDS
 
-# Tests that compare with stored baselines: their failure is what --kv-update-baselines
-# is for, so it does not block an update; any other failure does.
+# Tests whose failure --kv-update-baselines is for: it does not block an update; any other does.
 BAND_TESTS = {"test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
               "test_speed_within_baseline_bands"}
 
@@ -68,8 +65,7 @@ def pytest_testnodedown(node, error):
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-    """The tables of every kind this session measured (in every worker); the claims table
-    file; baseline updates."""
+    """The tables of every kind measured (in every worker), the claims table, baseline updates."""
     from kvcache_repro.verdicts import claims
 
     reports = config.stash.get(state.WORKER_REPORTS, None) or [session_report(config)]
@@ -102,9 +98,8 @@ def _write_claims(terminalreporter, config, claims, claim_results):
 
 
 def update_baselines(terminalreporter, config):
-    """One process only (options.pytest_configure refuses --kv-update-baselines with xdist):
-    the measurements and every test's outcome are here. A band miss is what an update is
-    for; any other failure means the run is not trustworthy enough to become a baseline."""
+    """In one process (options.pytest_configure refuses xdist): a band miss is what an update
+    is for; any other failure means the run is not trustworthy enough to become a baseline."""
     failed = bool(config.stash.get(state.FAILED, set()) - BAND_TESTS)
     reset = config.getoption("--kv-reset-tolerances")
     for kind in KINDS:

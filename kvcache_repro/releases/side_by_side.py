@@ -1,21 +1,11 @@
 """Decode speed of two environments side by side: the pinned stack and a release, in one
 run, on one machine, interleaved (``./kvq side-by-side``, and ``./kvq compat`` per spec).
 
-A stored speed band cannot be tight (the same code's ratios span 1.37-1.65 between CPU
-paths of one machine: docs/bands.md), so a regression of a quantized backend's decode
-time can only be seen against the pin measured beside it. Per block of rounds each
-environment gets a fresh worker (``python -m kvcache_repro.releases.side_by_side worker
-SETUP``, its own interpreter: a compat env, a venv) that builds the setup's model once
-and, on each request, times one generate() per backend the way speed.py does (CPU time
-of the one torch thread, per decode step). The controller asks them in turn - per round
-A then B, the next round B then A, every backend in each - so drift of the machine falls
-on both.
-
-Per backend and environment the estimate is speed.py's: the sum over steps of the
-fastest round of each step, over all rounds and per block. The verdict per backend (and
-for ``none``, the unquantized path): ``slower`` when the all-rounds candidate/baseline
-ratio is above 1 + MARGIN and all but one block agree, ``faster`` the mirror, else ``not
-distinguishable``. MARGIN is cut from runs of two identical environments side by side.
+A stored speed band cannot be tight (docs/bands.md), so a release's decode time is judged
+against the pin's measured beside it: per block of rounds each environment gets a fresh
+worker (``worker``, in its own interpreter) that times one generate() per backend per
+request, asked in turn (A B, then B A), so drift of the machine falls on both
+(docs/releases.md).
 """
 from __future__ import annotations
 
@@ -26,44 +16,30 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvcache_repro.core import cli
-
 ROOT = Path(__file__).resolve().parents[2]
 SLOWER, FASTER, NOT_DISTINGUISHABLE = "slower", "faster", "not distinguishable"
-# Two identical environments side by side (the cache setup, 16 rounds in 4 blocks of fresh
-# workers, both on one core; 2-core dev machine, 2026-12-02): the all-rounds ratio of each
-# backend lay within 0.951-1.048 in six runs (three with one core kept busy),
-# while single blocks ranged 0.859-1.145 (a block is one pair of processes). A 1.5x
-# dequantize (``dequantize_half_again``) gave quanto4 1.192 / 1.191 and hqq4 1.248 / 1.124
-# (loaded). The margin is twice the widest identical deviation; docs/releases.md.
+# Two identical environments side by side (the cache setup, 16 rounds in 4 blocks, one
+# core): all-rounds ratios within 0.951-1.048 in six runs, single blocks 0.859-1.145; a 1.5x
+# dequantize read quanto4 1.19 and hqq4 1.12-1.25. Twice the widest identical deviation.
 MARGIN = 0.10
-
-
-def agreeing_blocks(blocks: int) -> int:
-    """A verdict also needs all but one block on its side of 1: one pair of processes far
-    off cannot make it alone."""
-    return blocks - 1
 READY = "KVQ-SIDE-READY"
 CORE_ENV = "KVQ_SIDE_CORE"  # the core both workers run on (default 0; empty: no pinning)
+CACHE_MODEL = "wide-kv"
+PACKAGES = ("transformers", "optimum-quanto", "hqq")  # read in each worker, with torch
+DEFAULT_SETUP = "cache"
 
 
 def setups() -> dict:
-    """speed.py's setups and this module's own ``cache``: a decode that is mostly the
-    quantized cache's own work. A 448-token prompt is quantized once at prefill and
-    dequantized in full at every one of the 31 decode steps (no flush: 32 new tokens < R
-    64); the model is wide in K/V (4 KV heads x 64) and shallow (2 layers, MLP as wide as
-    the residual stream), so little else runs per step. Measured on the 2-core dev
-    machine: the cache is about 45% (quanto4) and 30% (hqq4) of the decode time, where
-    the tiny setup's dequantize was about 15%."""
+    """speed.py's setups and ``cache``: a decode that is mostly the quantized cache's own
+    work. A 448-token prompt is quantized once and dequantized in full at each of the 31
+    decode steps (no flush: 32 new tokens < R 64), on a model wide in K/V (4 KV heads x 64)
+    and shallow (2 layers): the cache is about 45% (quanto4) and 30% (hqq4) of the decode
+    time, where the tiny setup's dequantize was about 15%."""
     from kvcache_repro.backends import caches
     from kvcache_repro.measure import speed
 
-    cache = speed.SpeedSetup("cache", CACHE_MODEL, 8, 448, 32, caches.QuantSettings(q_group_size=128, residual_length=64), 12)
-    return {**speed.SPEED_SETUPS, cache.name: cache}
-
-
-CACHE_MODEL = "wide-kv"
-DEFAULT_SETUP = "cache"
+    settings = caches.QuantSettings(q_group_size=128, residual_length=64)
+    return {**speed.SPEED_SETUPS, "cache": speed.SpeedSetup("cache", CACHE_MODEL, 8, 448, 32, settings, 12)}
 
 
 def model_and_ids(setup):
@@ -86,10 +62,12 @@ def model_and_ids(setup):
     return model, ids
 
 
-# ---- the worker (runs in each environment) -----------------------------------------------
-
 def worker(setup_name: str) -> int:
     """Read backend names from stdin, answer each with its step times (JSON) on stdout."""
+    from importlib.metadata import version
+
+    import torch
+
     from kvcache_repro import faults
     from kvcache_repro.measure import speed, threads
 
@@ -101,23 +79,16 @@ def worker(setup_name: str) -> int:
         os.sched_setaffinity(0, {int(os.environ.get(CORE_ENV, "0"))})
     setup = setups()[setup_name]
     model, ids = model_and_ids(setup)
-    import torch
-
-    versions = {"torch": torch.__version__}
-    for name in ("transformers", "optimum-quanto", "hqq"):
-        from importlib.metadata import version
-
-        versions[name] = version(name)
+    versions = {"torch": torch.__version__, **{p: version(p) for p in PACKAGES}}
     with speed.one_thread():
         for backend in ("none", *setup.backends):  # warm-up: kernel loads, first-call allocations
             speed.step_times(model, ids, backend, setup.settings, min(setup.new_tokens, 8))
         print(READY + " " + json.dumps(versions), flush=True)
         for line in sys.stdin:
-            backend = line.strip()
-            if not backend:
+            if not (backend := line.strip()):
                 break
             steps = speed.step_times(model, ids, backend, setup.settings, setup.new_tokens)
-            print(json.dumps(steps[1:]), flush=True)  # the decode steps: the prefill's quantize is not what is compared
+            print(json.dumps(steps[1:]), flush=True)  # decode steps only, not the prefill's quantize
     return 0
 
 
@@ -136,8 +107,7 @@ class Worker:
     def steps(self, backend: str) -> list[int]:
         self.proc.stdin.write(backend + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
-        if not line:
+        if not (line := self.proc.stdout.readline()):
             raise RuntimeError(f"{self.label}: the worker stopped (exit {self.proc.wait()})")
         return json.loads(line)
 
@@ -148,8 +118,6 @@ class Worker:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
 
-
-# ---- the comparison --------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class SideBySide:
@@ -164,12 +132,14 @@ class SideBySide:
 
 
 def _undisturbed(rounds: list[list[int]]) -> int:
+    """speed.py's estimate: the sum over steps of each step's fastest round."""
     return sum(min(step) for step in zip(*rounds, strict=True))
 
 
 def verdict(ratio: float, block_ratios, margin: float = MARGIN) -> str:
-    """The all-rounds ratio beyond 1 +/- margin, and all but one block on that side of 1."""
-    need = agreeing_blocks(len(block_ratios))
+    """The all-rounds ratio beyond 1 +/- margin, and all but one block on that side of 1 (one
+    pair of processes far off cannot make a verdict alone)."""
+    need = len(block_ratios) - 1
     if ratio > 1 + margin and sum(r > 1 for r in block_ratios) >= need:
         return SLOWER
     if ratio < 1 - margin and sum(r < 1 for r in block_ratios) >= need:
@@ -183,8 +153,7 @@ def compare(baseline: dict[str, list[list[int]]], candidate: dict[str, list[list
     block of rounds (a block's two estimates come from the same minutes of the machine)."""
     out = {}
     for backend, a_rounds in baseline.items():
-        b_rounds = candidate[backend]
-        size = len(a_rounds) // blocks
+        b_rounds, size = candidate[backend], len(a_rounds) // blocks
         chunks = [slice(i * size, (i + 1) * size) for i in range(blocks)]
         ratios = tuple(_undisturbed(b_rounds[c]) / _undisturbed(a_rounds[c]) for c in chunks)
         ratio = _undisturbed(b_rounds) / _undisturbed(a_rounds)
@@ -193,28 +162,24 @@ def compare(baseline: dict[str, list[list[int]]], candidate: dict[str, list[list
 
 
 # glibc hands large freed blocks back to the kernel and page-faults them in again on the
-# next step; on this VM that was 6x the minor faults and seconds of system time per run,
-# in the thread's CPU time. Kept in the heap instead (32 MiB: glibc's largest mmap threshold).
+# next step (on this VM 6x the minor faults, seconds of system time in the thread's CPU
+# time); kept in the heap instead (32 MiB: glibc's largest mmap threshold).
 QUIET_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 30),
                 "MALLOC_TOP_PAD_": str(256 << 20)}
 
 
 def run(baseline_python: str, candidate_python: str, setup: str = DEFAULT_SETUP, rounds: int = 16, blocks: int = 4,
         baseline_env: dict | None = None, candidate_env: dict | None = None, log=print) -> tuple[dict, dict, dict]:
-    """(verdicts per backend, baseline versions, candidate versions).
-
-    Each block has fresh workers: a process's own speed (its heap, where its pages
-    landed) differed between two identical environments by up to 6% for a whole run,
-    which interleaving cannot cancel; new processes per block turn that into spread
-    between blocks, which the verdict sees."""
+    """(verdicts per backend, baseline versions, candidate versions). Each block has fresh
+    workers: a process's own speed (its heap, where its pages landed) differed between two
+    identical environments by up to 6% for a whole run, which interleaving cannot cancel."""
     if rounds < 2 * blocks:
         raise ValueError(f"rounds ({rounds}) must be at least 2 x blocks ({blocks})")
     backends = ("none", *setups()[setup].backends)
     times = {"baseline": {k: [] for k in backends}, "candidate": {k: [] for k in backends}}
-    versions = {}
-    per_block = rounds // blocks
+    envs = (("baseline", baseline_python, baseline_env), ("candidate", candidate_python, candidate_env))
+    versions, per_block = {}, rounds // blocks
     for block in range(blocks):
-        envs = (("baseline", baseline_python, baseline_env), ("candidate", candidate_python, candidate_env))
         workers = {}
         try:
             for label, python, env in envs if block % 2 == 0 else envs[::-1]:
@@ -232,39 +197,6 @@ def run(baseline_python: str, candidate_python: str, setup: str = DEFAULT_SETUP,
     if os.environ.get("KVQ_SIDE_TIMES"):
         Path(os.environ["KVQ_SIDE_TIMES"]).write_text(json.dumps(times))
     return compare(times["baseline"], times["candidate"], blocks), versions["baseline"], versions["candidate"]
-
-
-def _env_pairs(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"{pair!r} is not KEY=VALUE")
-        out[key] = value
-    return out
-
-
-def command(args) -> int:
-    """``./kvq side-by-side`` with its parsed arguments (kvcache_repro/commands/side_by_side.py):
-    the exit code."""
-    if args.setup not in setups():
-        raise cli.UsageError(f"--setup {args.setup}: not one of {', '.join(sorted(setups()))}")
-    try:
-        found, va, vb = run(args.baseline, args.candidate, args.setup, args.rounds, args.blocks,
-                            _env_pairs(args.baseline_env), _env_pairs(args.candidate_env))
-    except ValueError as error:
-        raise cli.UsageError(str(error)) from None
-    except RuntimeError as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        return 1
-    print(f"baseline {va}\ncandidate {vb}")
-    for r in found.values():
-        print(r.line())
-    if args.json:
-        Path(args.json).write_text(json.dumps({"baseline": va, "candidate": vb, "verdicts": {
-            k: {"ratio": r.ratio, "verdict": r.verdict, "block_ratios": r.block_ratios}
-            for k, r in found.items()}}, indent=2) + "\n")
-    return 1 if any(r.verdict == SLOWER for r in found.values()) else 0
 
 
 if __name__ == "__main__":  # the worker, in each environment compared: python -m ... worker SETUP

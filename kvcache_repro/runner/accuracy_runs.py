@@ -1,8 +1,10 @@
-"""The real-model accuracy table per device, its baselines and their update.
+"""The real-model accuracy table per device, its baselines and their update. Baseline files
+are keyed by device and protocol settings (``baselines/accuracy-<device>-<settings>.json``):
+numbers from another protocol are never compared with these.
 
-Baseline files are keyed by device and protocol settings
-(``baselines/accuracy-<device>-<settings>.json``): numbers from another protocol are
-never compared with these.
+A new entry's band is its metric's floor (bands.floor), the narrowest the suite keeps: one
+machine's run says nothing of the spread between machines, which `./kvq spread` and
+``python -m kvcache_repro bands apply`` measure; an update keeps a stored spread.
 """
 from __future__ import annotations
 
@@ -16,12 +18,6 @@ from kvcache_repro.core import provenance
 from kvcache_repro.verdicts import bands, baseline_file, baseline_update, comparison
 from kvcache_repro.measure import quality
 from kvcache_repro.backends.models import small_real_model
-
-
-# A new entry's band is its metric's floor (bands.floor), the narrowest the suite keeps
-# whatever the spread: one machine's run says nothing of the spread between machines. Its
-# band between machines comes from `./kvq spread` and `python -m kvcache_repro bands apply`;
-# an update keeps a stored spread (baseline_update.merge_spread).
 
 
 def backend_name(family: str, nbits: int) -> str:
@@ -55,19 +51,20 @@ class AccuracyTable:
         return {name: q for name, q in self.results.items() if not q.nonfinite}
 
     def nonfinite_message(self, name: str) -> str:
-        """[behaviour]: this backend's logits are not finite on these releases (named, so a
-        release matrix shows whose and where)."""
+        """[behaviour]: this backend's logits are not finite on these releases (named for the
+        release matrix)."""
         from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
 
         stack = ", ".join(f"{k} {v}" for k, v in self.versions.items()
                           if k in ("torch", "transformers", "optimum-quanto", "hqq"))
         return (f"{BEHAVIOUR_TAG} {name} gives non-finite logits on {stack or 'this stack'} ({self.device}, "
-                f"{self.setup.name} table): first at {self.results[name].nonfinite}. Its KL, top-1 and perplexity "
-                f"are not compared with their bands; the other backends are.")
+                f"{self.setup.name} table): first at {self.results[name].nonfinite}. Its KL, top-1 and "
+                f"perplexity are not compared with their bands; the other backends are.")
 
     @property
     def baseline_path(self) -> Path:
-        return baseline_file.BASELINE_DIR / f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
+        name = f"accuracy-{self.device}-{self.setup.name}-{self.setup.key()}.json"
+        return baseline_file.BASELINE_DIR / name
 
     def metric_values(self) -> list[tuple[str, str, float]]:
         out = []
@@ -75,8 +72,7 @@ class AccuracyTable:
             out += [(name, "kl", q.kl), (name, "top1_agreement", q.top1_agreement),
                     (name, "perplexity_ratio", q.perplexity / q.reference_perplexity)]
         if self.results:
-            # The unquantized reference's own perplexity: every ratio above divides by it, so a
-            # regression of the model itself (every cache alike) moves none of them.
+            # none's own perplexity: every ratio divides by it, so a regression of the model moves none
             out.append(("none", "reference_perplexity", self.reference_perplexity))
         return out
 

@@ -2,18 +2,10 @@
 
 limit = (startup + new_tokens x per-token budget of the device) x KVQ_WORKER_TIMEOUT_SCALE
 
-- startup 120 s: a fresh interpreter importing torch + transformers (~8-10 s here),
-  building or loading the model (SmolLM2 from its GGUF ~13 s; seed-geometry's random
-  build seconds), the extension load; ~5x what the 2-core dev machine needs under load.
-  A hub checkpoint (``seed``) may download 16 GB first: 1800 s.
-- per new token: CPU 2.0 s, CUDA 0.5 s. The slowest CPU row measured is `cpu`'s hqq4 at
-  64 rows: 113 s for 128 tokens (0.88 s/token, exact peak tracker on); seed-geometry
-  ~0.3 s/token. 2.0 s is over twice the worst, for a loaded machine. On CUDA the seed's
-  1000 tokens at batch 200 get 620 s in all.
-
-One number per scenario (its largest batch sets the pace) keeps the rule explainable;
-a machine slower than that scales it with KVQ_WORKER_TIMEOUT_SCALE, and
-``./kvq experiment --worker-timeout S`` sets it outright.
+- startup 120 s: ~5x the imports and model load on the 2-core dev machine under load; a
+  hub checkpoint (``seed``) may download 16 GB first: 1800 s.
+- per token: CPU 2.0 s, over twice the slowest row measured (`cpu`'s hqq4 at 64 rows:
+  0.88 s/token); CUDA 0.5 s. ``--worker-timeout S`` sets the limit outright.
 """
 from __future__ import annotations
 
@@ -25,17 +17,13 @@ PER_TOKEN_S = {"cpu": 2.0, "cuda": 0.5}
 SCALE_ENV = "KVQ_WORKER_TIMEOUT_SCALE"
 
 
-def scale() -> float:
+def worker_seconds(scenario) -> float:
     raw = os.environ.get(SCALE_ENV, "1")
     try:
-        value = float(raw)
+        scale = float(raw)
     except ValueError:
-        value = 0.0
-    if not value > 0:
+        scale = 0.0
+    if not scale > 0:
         raise ValueError(f"{SCALE_ENV}={raw!r}: give a positive factor (default 1)")
-    return value
-
-
-def worker_seconds(scenario) -> float:
     startup = DOWNLOAD_STARTUP_S if scenario.model == "checkpoint" else STARTUP_S
-    return (startup + scenario.new_tokens * PER_TOKEN_S[scenario.device]) * scale()
+    return (startup + scenario.new_tokens * PER_TOKEN_S[scenario.device]) * scale

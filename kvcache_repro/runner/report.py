@@ -1,10 +1,9 @@
 """The memory experiment's table, and its JSON / Markdown / PNG outputs.
 
-Each row breaks the peak down as the seed's reserved memory would have held it:
-weights (and inputs) + the cache at the end + transient (dequantized copies,
-requantization temporaries, per-step concatenations). Peak allocated is exact on CPU
-(peak.py) and CUDA's ``max_memory_allocated`` on GPU; peak reserved (GPU) and peak RSS
-(CPU) are shown beside it.
+Each row breaks the peak down as the seed's reserved memory would have held it: weights
+(and inputs) + the cache at the end + transient (dequantized copies, requantization
+temporaries, per-step concatenations). Peak allocated is exact on CPU (peak.py) and CUDA's
+``max_memory_allocated`` on GPU; peak reserved (GPU) and peak RSS (CPU) are shown beside it.
 """
 from __future__ import annotations
 
@@ -13,20 +12,22 @@ import os
 import textwrap
 from pathlib import Path
 
+from kvcache_repro.core.atomic import write_atomic
+from kvcache_repro.core.provenance import machine
 from kvcache_repro.measure import reserved
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.measure.scenarios import command_args
 
 MIB = 2**20
-
-
-def _pool_metric(device: str) -> str:
-    """What the device's allocator held at its peak: information beside peak_allocated."""
-    return "peak_reserved" if device == "cuda" else "peak_rss"
+# the stacked parts of a peak: memory.png's bars
+PARTS = {"weights + inputs": ("#9e9e9e", lambda m: m.before_bytes),
+         "cache at end": ("#1f77b4", lambda m: m.metrics["cache_bytes"]),
+         "transient": ("#ff7f0e", lambda m: m.transient_bytes or 0)}
 
 
 def rows(scenario, measurements: list[Measurement], found, verdicts) -> list[dict]:
     by_key = {(r.backend, r.batch, r.metric): (r, v) for r, v in zip(found, verdicts)}
+    pool = "peak_reserved" if scenario.device == "cuda" else "peak_rss"  # the allocator's hold: information
     out = []
     for m in measurements:
         peak_ratio, peak_verdict = by_key.get((m.backend, m.batch, "peak_allocated"), (None, None))
@@ -38,17 +39,18 @@ def rows(scenario, measurements: list[Measurement], found, verdicts) -> list[dic
             "peak_allocated_mib": None if peak is None else peak / MIB,
             "cache_mib": m.metrics["cache_bytes"] / MIB,
             "transient_mib": None if peak is None else m.transient_bytes / MIB,
-            "pool_metric": _pool_metric(scenario.device),
-            "pool_mib": m.metrics.get(_pool_metric(scenario.device), 0) / MIB,
+            "pool_metric": pool,
+            "pool_mib": m.metrics.get(pool, 0) / MIB,
             "cache_matches_model": m.metrics["cache_bytes"] == m.predicted_cache_bytes,
-            "peak_ratio": None if peak_ratio is None else peak_ratio.value,
-            "peak_baseline": None if peak_verdict is None else peak_verdict.stored,
+            "peak_ratio": peak_ratio and peak_ratio.value,
+            "peak_baseline": peak_verdict and peak_verdict.stored,
             "peak_verdict": "-" if peak_verdict is None else peak_verdict.status,
-            "cache_ratio": None if cache_ratio is None else cache_ratio.value,
+            "cache_ratio": cache_ratio and cache_ratio.value,
             "cache_verdict": "-" if cache_verdict is None else cache_verdict.status,
             "seconds": m.generate_seconds,
             **({"reserved_after_mib": m.metrics.get("reserved_after", 0) / MIB,
-                "alloc_retries": m.metrics.get(reserved.ALLOC_RETRIES), "saw_tooth": reserved.is_saw_tooth(m.metrics),
+                "alloc_retries": m.metrics.get(reserved.ALLOC_RETRIES),
+                "saw_tooth": reserved.is_saw_tooth(m.metrics),
                 "reserved_explained": reserved.explain(m.metrics)} if scenario.device == "cuda" else {}),
         })
     return out
@@ -71,41 +73,33 @@ def table(scenario, measurements, found, verdicts, failures=(), missing=()) -> s
             f"{r['backend']:>8} {r['batch']:>5} {r['before_mib']:>14.2f} {r['cache_mib']:>10.2f} "
             f"{_fmt(r['transient_mib'], '.2f'):>13} {_fmt(r['peak_allocated_mib'], '.2f'):>14} "
             f"{_fmt(r['peak_ratio']):>10} {_fmt(r['peak_baseline']):>8} {r['peak_verdict']:>11} "
-            f"{_fmt(r['cache_ratio']):>11} {r['cache_verdict']:>11} {r['pool_mib']:>20.1f} {r['seconds']:>7.1f}")
-    for f in failures:
-        lines.append(f"{f.backend:>8} {f.batch:>5}  FAILED ({f.kind}): {f.message}")
+            f"{_fmt(r['cache_ratio']):>11} {r['cache_verdict']:>11} {r['pool_mib']:>20.1f} "
+            f"{r['seconds']:>7.1f}")
+    lines += [f"{f.backend:>8} {f.batch:>5}  FAILED ({f.kind}): {f.message}" for f in failures]
     if scenario.device == "cuda" and measurements:
         # Reserved memory is what the allocator held, not what the run needed (reserved.py).
-        lines += ["", "reserved memory (compared: peak allocated; reserved is explained, measure/reserved.py):"]
+        lines += ["", "reserved memory (compared: peak allocated; "
+                      "reserved is explained, measure/reserved.py):"]
         lines += [f"  {m.backend}/b{m.batch}: {reserved.explain(m.metrics)}" for m in measurements]
-    for backend, batch in missing:
-        lines.append(f"{backend:>8} {batch:>5}  not measured (interrupted; rerun with --resume)")
-    failing = [v for v in verdicts if v.status in ("regression", "improvement")]
-    unmeasured = [v for v in verdicts if v.status == "unmeasured"]
-    no_entry = [v for v in verdicts if v.status == "missing"]
+    lines += [f"{b:>8} {n:>5}  not measured (interrupted; rerun with --resume)" for b, n in missing]
+    failing = [v.message for v in verdicts if v.status in ("regression", "improvement")]
+    unmeasured = ["  " + v.message for v in verdicts if v.status == "unmeasured"]
+    no_entry = [v.key for v in verdicts if v.status == "missing"]
     if failing:
-        lines.append("")
-        lines += [v.message for v in failing]
+        lines += ["", *failing]
     if unmeasured:
-        lines.append("")
-        lines.append(f"{len(unmeasured)} baseline entries could not be measured:")
-        lines += ["  " + v.message for v in unmeasured]
+        lines += ["", f"{len(unmeasured)} baseline entries could not be measured:", *unmeasured]
     if no_entry:
-        lines.append(f"{len(no_entry)} ratios have no baseline yet ({', '.join(v.key for v in no_entry)}); "
-                     f"record them with "
-                     f"{' '.join(['./kvq experiment', *command_args(scenario), '--record-missing-baselines'])}")
+        record = " ".join(["./kvq experiment", *command_args(scenario), "--record-missing-baselines"])
+        lines.append(f"{len(no_entry)} ratios have no baseline yet ({', '.join(no_entry)}); "
+                     f"record them with {record}")
     return "\n".join(lines)
 
 
-def write_outputs(directory: Path, scenario, measurements, found, verdicts, failures=(), missing=()) -> list[Path]:
-    """results.json, results.md, memory.png; each written to a temp file and renamed, so
-    an interrupt never leaves half a file."""
-    from kvcache_repro.core.atomic import write_atomic
-
-    directory.mkdir(parents=True, exist_ok=True)
-    from kvcache_repro.core.provenance import machine
-
-    # The running machine's CPU and code path: a verdict read elsewhere says where it was measured.
+def write_outputs(directory: Path, scenario, measurements, found, verdicts, failures=(),
+                  missing=()) -> list[Path]:
+    """results.json (with the running machine's CPU and code path), results.md, memory.png;
+    each written to a temp file and renamed, so an interrupt never leaves half a file."""
     data = {"scenario": scenario.name, "notes": scenario.notes, "machine": machine(),
             "complete": not failures and not missing,
             "measurements": [m.to_dict() for m in measurements],
@@ -130,9 +124,8 @@ def write_outputs(directory: Path, scenario, measurements, found, verdicts, fail
 
 
 def plot(path: Path, scenario, measurements) -> None:
-    """Stacked bars per (batch, backend): weights+inputs, cache at the end, transient;
-    their sum is the peak. One panel per batch size, since they differ by orders of
-    magnitude."""
+    """Stacked bars per (batch, backend) whose sum is the peak (PARTS); one panel per batch
+    size, since they differ by orders of magnitude."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,12 +133,11 @@ def plot(path: Path, scenario, measurements) -> None:
 
     batches = sorted({m.batch for m in measurements})
     fig, axes = plt.subplots(1, len(batches), figsize=(max(7.0, 4.5 * len(batches)), 4.5), squeeze=False)
-    colors = {"weights + inputs": "#9e9e9e", "cache at end": "#1f77b4", "transient": "#ff7f0e"}
     for ax, batch in zip(axes[0], batches):
         ms = [m for m in measurements if m.batch == batch]
         bottom = [0.0] * len(ms)
-        for label, color in colors.items():
-            values = [_part(m, label) / MIB for m in ms]
+        for label, (color, part) in PARTS.items():
+            values = [part(m) / MIB for m in ms]
             ax.bar([m.backend for m in ms], values, bottom=bottom, color=color, label=label)
             bottom = [b + v for b, v in zip(bottom, values)]
         ax.set_title(f"batch {batch}: peak allocated (MiB)")
@@ -154,11 +146,3 @@ def plot(path: Path, scenario, measurements) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _part(m: Measurement, label: str) -> float:
-    if label == "weights + inputs":
-        return m.before_bytes
-    if label == "cache at end":
-        return m.metrics["cache_bytes"]
-    return m.transient_bytes or 0

@@ -2,20 +2,9 @@
 under each CPU code path a machine may take, so that bands are cut from that spread and
 not from one machine's repeatability.
 
-One machine reaches most of what other machines do by steering the libraries' kernel
-choice: torch's own vector code (``ATEN_CPU_CAPABILITY=default|avx2|avx512``), oneDNN's
-(``ONEDNN_MAX_CPU_ISA``), MKL's (``MKL_ENABLE_INSTRUCTIONS``), and the thread count
-(``KVQ_TORCH_THREADS``: reductions split differently). ``PATHS`` lists those measured.
-
-    python -m kvcache_repro spread measure OUT.json      # this process's path, one file
-    python -m kvcache_repro spread run DIR [--paths ...] # each path in a fresh process, one after
-                                                  # another (never two heavy runs at once); ./kvq spread DIR
-    python -m kvcache_repro spread table DIR ...         # per quantity: min, max, which knobs move it
-
-What is measured (the quantities the suite stores or asserts with a numeric margin): the
-`core` accuracy table (KL, top-1, perplexity ratio per backend; the reference
-perplexity), the cpu-tiny memory scenario (peak allocated and cache bytes, exact), and
-the tiny speed setup's decode-time ratios.
+One machine reaches most of what others do by steering the kernel choice (``PATHS``: torch's
+vector code, oneDNN's and MKL's ISA, the thread count), each path in a fresh process, one
+after another. Measured: what the suite stores or asserts with a numeric margin (``PARTS``).
 """
 from __future__ import annotations
 
@@ -26,9 +15,10 @@ import sys
 import time
 from pathlib import Path
 
-from kvcache_repro.core.provenance import KNOBS, machine
+from kvcache_repro.core.atomic import write_atomic
+from kvcache_repro.core.provenance import KNOBS, machine, package_versions
 
-# The paths measured: the knobs (machine.KNOBS) each sets. "own": nothing set (the machine's best path).
+# The knobs (provenance.KNOBS) each path sets; "own": none (the machine's best path).
 PATHS: dict[str, dict[str, str]] = {
     "own": {},
     "own-2threads": {"KVQ_TORCH_THREADS": "2"},
@@ -72,7 +62,7 @@ def _speed() -> dict[str, float]:
             for name, r in speed.measure_in_fresh_process(setup).items()}
 
 
-# The default parts take ~2 min a path; the slow tier's tables ("full" ~5 min, "seed" ~7 min) are asked for by name.
+# The default parts take ~2 min a path; the tables "full" (~5 min) and "seed" (~7 min) by name.
 PARTS = {"accuracy": _accuracy, "memory": _memory, "speed": _speed,
          "accuracy-full": lambda: _accuracy("full"), "accuracy-seed": lambda: _accuracy("seed")}
 DEFAULT_PARTS = ("accuracy", "memory", "speed")
@@ -80,7 +70,6 @@ DEFAULT_PARTS = ("accuracy", "memory", "speed")
 
 def measure(parts=DEFAULT_PARTS) -> dict:
     from kvcache_repro.measure import threads
-    from kvcache_repro.core.provenance import package_versions
 
     threads.pin()
     values, seconds = {}, {}
@@ -92,9 +81,8 @@ def measure(parts=DEFAULT_PARTS) -> dict:
 
 
 def run_paths(out_dir: Path, paths: list[str], parts: list[str], timeout: float = 3600) -> list[Path]:
-    """Each path in its own fresh process, one after another; a path's file is written
-    when it finishes, so an interrupted run keeps what it measured. ``timeout`` per path
-    (the slowest measured, full + seed under ATen default, took 20 min)."""
+    """Each path in a fresh process, one after another, its file written when it finishes.
+    ``timeout`` per path (the slowest, full + seed under ATen default, took 20 min)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for name in paths:
@@ -115,11 +103,9 @@ def run_paths(out_dir: Path, paths: list[str], parts: list[str], timeout: float 
 
 def table(runs: dict[str, dict]) -> str:
     """Per quantity: the value on each run, min, max and relative spread."""
-    keys = sorted({k for r in runs.values() for k in r["values"]})
-    labels = list(runs)
-    lines = ["quantity | " + " | ".join(labels) + " | rel. spread"]
-    for k in keys:
-        vals = [runs[l]["values"].get(k) for l in labels]
+    lines = ["quantity | " + " | ".join(runs) + " | rel. spread"]
+    for k in sorted({k for r in runs.values() for k in r["values"]}):
+        vals = [r["values"].get(k) for r in runs.values()]
         got = [v for v in vals if v is not None]
         lo, hi = min(got), max(got)
         rel = (hi - lo) / abs(lo) if lo else float(hi != lo)
@@ -128,16 +114,11 @@ def table(runs: dict[str, dict]) -> str:
 
 
 def command(a) -> int:
-    """``python -m kvcache_repro spread`` with its parsed arguments (kvcache_repro/commands/spread.py):
-    the exit code."""
+    """``python -m kvcache_repro spread`` with its parsed arguments: the exit code."""
     if a.cmd == "measure":
-        data = measure(a.parts)
-        from kvcache_repro.core.atomic import write_atomic
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(a.out, json.dumps(data, indent=1, sort_keys=True) + "\n")
-        return 0
-    if a.cmd == "run":
-        done = run_paths(a.dir, a.paths, a.parts)
-        return 0 if len(done) == len(a.paths) else 1
-    print(table({f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in a.files}))
+        write_atomic(a.out, json.dumps(measure(a.parts), indent=1, sort_keys=True) + "\n")
+    elif a.cmd == "run":
+        return 0 if len(run_paths(a.dir, a.paths, a.parts)) == len(a.paths) else 1
+    else:
+            print(table({f"{f.parent.name}/{f.stem}": json.loads(f.read_text()) for f in a.files}))
     return 0

@@ -3,13 +3,10 @@ into the baseline entries with that spread, and what each band catches.
 
     python -m kvcache_repro bands apply RUN.json ... [--write]
 
-For every entry of the files below that has observations in the runs given: the value on
-each run becomes ``spread.observed`` (labelled by machine and path, plus the value the
-entry already holds, labelled by its own ``produced_by``); the band is
-``band(observed, MARGIN, floor)`` (centre: the middle of the observed range;
-half-width MARGIN x half the range, never below the metric's floor). A metric whose band
-would be wider than ``UNBANDED_SHARE`` of what a regression moves is reported and not
-compared (``banded`` false): a band that wide catches nothing.
+Each entry with observations in the runs gets ``spread.observed`` (the value on each run,
+labelled by machine and path, plus the entry's own) and the band ``band(observed, MARGIN,
+floor)``. One wider than ``UNBANDED_SHARE`` of what a regression moves catches nothing: it
+is reported, not compared (``banded`` false). The measurements: docs/bands.md.
 """
 from __future__ import annotations
 
@@ -18,59 +15,39 @@ import math
 import re
 from pathlib import Path
 
-from kvcache_repro.core import metrics
-from kvcache_repro.verdicts import baseline_file
+from kvcache_repro.core import metrics, provenance
 from kvcache_repro.core.atomic import write_atomic
+from kvcache_repro.verdicts import baseline_file
 
-# The paths one machine reaches are not every machine: the AVX512 machine of issue 17 moved
-# hqq2's perplexity ratio twice as far from this machine's value as ATen's default path
-# here did (9.468 and 9.433 from 9.399). Margin 2 on the half-range of all observations;
-# it is no substitute for measuring: from this machine's paths alone the band would have
-# reached 9.450, short of 9.468. So other machines' values stay in the spread, and a run
-# of `./kvq spread` on a new kind of machine adds its own.
+# Margin 2 on the half-range: issue 17's AVX512 machine put hqq2's perplexity ratio at 9.468,
+# beyond the 9.450 that this machine's paths alone would have reached. New machines add runs.
 MARGIN = 2.0
-
-# The smallest band per metric, whatever the spread (measured 2026-12-01, docs/bands.md):
-# - top-1 agreement moves in whole positions: 2 each way (the ATen default path moved hqq2
-#   and hqq3 by 1 here, the AVX512 machine hqq2 by 2 and fp8 by 3).
-# - KL: 3% of the value, 2x the widest KL spread measured between paths (fp8, 1.33%
-#   between ATen avx2 and default here; every other backend < 0.3%). The AVX512 machine's
-#   KLs all lay within the former 10% band; issue 17 quotes none of them.
-# - perplexity ratio: 0.2% of the value, 2.5x the widest spread of a >= 3-bit backend
-#   between paths here (hqq3, 0.08%); 2-bit and fp8 spreads are wider and set their own.
-# - the unquantized reference's perplexity: the same 0.2%; it was 15.62173 on every path
-#   of both machines measured (core table, 11 runs), so the floor is the band.
-# - exact quantities (cache bytes, peak allocated on CPU): 0.1%, the stored ratio's rounding
-#   (the same bytes on every path measured).
-# - speed: speed.band's rule for one machine's run-to-run noise (35% of the overhead, >= 0.2).
 
 
 def floor(metric: str, value: float, positions: int) -> float:
+    """The smallest band per metric, whatever the spread (measured 2026-12-01, docs/bands.md)."""
     if metric == "top1_agreement":
-        return 2 / positions
+        return 2 / positions  # whole positions: ATen's default path moved hqq2 by 1, the AVX512 CPU fp8 by 3
     if metric == "kl":
-        return 0.03 * abs(value)
+        return 0.03 * abs(value)  # 2x the widest KL spread between paths (fp8, 1.33%)
     if metric in ("perplexity_ratio", "reference_perplexity"):
-        return 0.002 * abs(value)
+        return 0.002 * abs(value)  # 2.5x the widest >= 3-bit spread (hqq3, 0.08%)
     if metric in metrics.EXACT_ON_CPU:
-        return 0.001
-    if metric == "decode_time_ratio":
+        return 0.001  # the stored ratio's rounding (the same bytes on every path)
+    if metric == "decode_time_ratio":  # speed.band's rule for one machine's run-to-run noise
         from kvcache_repro.measure.speed import OVERHEAD_SHARE, REPEATABILITY
 
         return max(OVERHEAD_SHARE * abs(value - 1), REPEATABILITY)
     return 0.0
 
 
-# What a regression moves: KL and top-1 are the value itself; a perplexity ratio and a
-# time ratio are what the cache adds over the reference (ratio - 1). A band wider than
-# half of it cannot tell a cache that got 50% worse: reported, not banded.
+# A band wider than half of what a regression moves cannot tell a cache that got 50% worse.
 UNBANDED_SHARE = 0.5
 
 
 def moved(metric: str, value: float) -> float:
-    if metric in ("perplexity_ratio", "decode_time_ratio"):
-        return abs(value - 1)
-    return abs(value)
+    """What a regression moves: KL and top-1 the value, ratios what the cache adds (ratio - 1)."""
+    return abs(value - 1) if metric in ("perplexity_ratio", "decode_time_ratio") else abs(value)
 
 
 def catches(metric: str, value: float, tol: float, positions: int) -> str:
@@ -92,8 +69,7 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
 
 
 def round_up(x: float, digits: int = 3) -> float:
-    """``x`` rounded up to ``digits`` significant digits: a stored band never comes out
-    narrower than the spread it was cut from."""
+    """``x`` rounded up to ``digits`` significant digits (never narrower than the spread)."""
     if x <= 0:
         return 0.0
     scale = 10 ** (math.floor(math.log10(x)) - digits + 1)
@@ -101,8 +77,7 @@ def round_up(x: float, digits: int = 3) -> float:
 
 
 def band(observed: dict[str, float], margin: float, floor: float) -> tuple[float, float]:
-    """(centre, half-width) of the band cut from ``observed``: the middle of the observed
-    range, ``margin`` x its half-range and never below ``floor``; it holds every value."""
+    """(centre, half-width): the middle of ``observed``, ``margin`` x its half-range, >= ``floor``."""
     lo, hi = min(observed.values()), max(observed.values())
     centre = float(f"{(lo + hi) / 2:.6g}")
     need = max(floor, margin * (hi - lo) / 2, hi - centre, centre - lo)
@@ -120,15 +95,13 @@ def machine_label(produced_by: dict) -> str:
 
 
 def _positions(entry: baseline_file.Entry) -> int:
-    """Predicted positions of an accuracy entry's protocol ("rows2-prefill64-decode128-..."
-    -> 2 x 128); 1 for entries without one (memory, speed: top-1 is not theirs)."""
+    """Predicted positions of an accuracy entry's protocol ("rows2-prefill64-decode128" -> 256), or 1."""
     m = re.match(r"rows(\d+)-prefill\d+-decode(\d+)", entry.produced_by.get("settings", {}).get("protocol", ""))
     return int(m.group(1)) * int(m.group(2)) if m else 1
 
 
 def observed_for(key_prefix: str, entry: baseline_file.Entry, runs: dict[str, dict]) -> dict[str, float]:
-    """The entry's value on each run: ``values[<prefix>/<backend>/<metric>]`` (accuracy)
-    or ``values[<prefix>/<backend>/b<batch>/<metric>]`` (memory, speed)."""
+    """The entry's value on each run: ``values[<prefix>/<backend>[/b<batch>]/<metric>]``."""
     out = {}
     for label, run in runs.items():
         v = run["values"]
@@ -144,26 +117,22 @@ def run_label(run: dict, name: str) -> str:
 
 
 def load_runs(files) -> dict[str, dict]:
-    """Runs by machine and path; files of the same machine and path (the default parts and
-    the slow tables are measured apart) are one run with both files' values."""
+    """Runs by machine and path (files of one machine and path are one run: slow tables apart)."""
     runs: dict[str, dict] = {}
     for f in files:
         data = json.loads(Path(f).read_text())
         label = run_label(data, data.get("source", ""))
         if label in runs:
-            runs[label] = {**runs[label], "values": {**runs[label]["values"], **data["values"]}}
-        else:
-            runs[label] = data
+            data = {**runs[label], "values": {**runs[label]["values"], **data["values"]}}
+        runs[label] = data
     return runs
 
 
 def rebanded(entry: baseline_file.Entry, observed: dict[str, float], margin: float = MARGIN,
              recorder: dict | None = None) -> baseline_file.Entry:
-    """The entry with its band cut from ``observed`` plus what it already holds;
-    ``recorder``: the machine that measured the spread (its own path), for produced_by."""
+    """The entry with its band cut from ``observed`` and what it holds; ``recorder``: the machine."""
     positions = _positions(entry)
-    # What the entry already holds stays an observation: its stored spread, or else the value
-    # of the machine that recorded it (labelled by its produced_by).
+    # What the entry holds stays an observation: its spread, or the recording machine's value.
     if entry.spread is not None:
         seen = dict(entry.spread.observed)
     elif entry.metric in metrics.EXACT_ON_CPU:
@@ -183,17 +152,14 @@ def rebanded(entry: baseline_file.Entry, observed: dict[str, float], margin: flo
     spread = baseline_file.Spread(seen, margin, fl, banded, note)
     produced_by = dict(entry.produced_by)
     if recorder is not None:
-        produced_by["machine"] = recorder
-        produced_by["band"] = "python -m kvcache_repro bands apply (baselines/spread/)"
+        produced_by.update(machine=recorder, band="python -m kvcache_repro bands apply (baselines/spread/)")
     return baseline_file.Entry(entry.backend, entry.batch, entry.metric, centre, tol, produced_by,
                                entry.by_release, spread)
 
 
 def recording_machine(runs: dict[str, dict]) -> dict | None:
     """The machine of the runs on this machine's own path (no knob set): where the bands were cut."""
-    from kvcache_repro.core.provenance import cpu_model
-
-    here = cpu_model()
+    here = provenance.cpu_model()
     return next((r["machine"] for r in runs.values()
                  if r.get("machine", {}).get("cpu") == here and not r["machine"].get("env")), None)
 
@@ -213,25 +179,14 @@ def apply(runs: dict[str, dict], write: bool, files=FILES) -> list[str]:
         stored = baseline_file.load(path)
         changed = False
         for key, entry in list(stored.entries.items()):
-            observed = observed_for(prefix, entry, runs)
-            if not observed:
-                continue
-            new = rebanded(entry, observed, recorder=recorder)
-            stored.entries[key] = new
-            changed = True
-            lines.append(f"{name} {key}: {entry.ratio:.6g} +/- {entry.tolerance:.3g} -> {new.ratio:.6g} +/- "
-                         f"{new.tolerance:.3g}{'' if new.spread.banded else ' (reported, not banded)'}: "
-                         f"{new.spread.note}")
+            if observed := observed_for(prefix, entry, runs):
+                changed = True
+                stored.entries[key] = new = rebanded(entry, observed, recorder=recorder)
+                what = "" if new.spread.banded else " (reported, not banded)"
+                lines.append(f"{name} {key}: {entry.ratio:.6g} +/- {entry.tolerance:.3g} -> "
+                             f"{new.ratio:.6g} +/- {new.tolerance:.3g}{what}: {new.spread.note}")
         if changed and write:
             text = baseline_file.dumps(stored)
             baseline_file.parse(path, text)  # never write what load would reject
             write_atomic(path, text)
     return lines
-
-
-def command(args) -> int:
-    """``python -m kvcache_repro bands`` with its parsed arguments (kvcache_repro/commands/bands.py):
-    the exit code."""
-    for line in apply(load_runs(args.runs), args.write):
-        print(line)
-    return 0

@@ -1,21 +1,7 @@
-"""Stored baselines for the experiment: one JSON file per scenario, read and validated.
-
-Each entry is the ratio of a memory metric for a quantized backend to the unquantized
-(`none`) run at the same batch size. Ratios rather than bytes, so a baseline survives a
-change of machine that scales both runs alike. Lower is better.
-
-An entry's ``ratio`` is the pinned transformers release's (the one in its
-``produced_by``). Memory bytes include the model's and the cache layer's own temporaries,
-which legitimately differ between releases, so an entry may also hold ``by_release``:
-values for ranges of other transformers releases, found by measurement, each saying
-which releases it was observed on (verdicts/release_ranges.py). A comparison
-(verdicts/comparison.py) uses the range holding the installed transformers, and the
-entry's own ratio outside every range (a newer release that changes nothing compares
-against the pin's value). A run is written into a file by verdicts/baseline_update.py.
-
-Stdlib only (plus ``packaging``, as compat.py): the store is read by tooling that must
-not pay for importing torch.
-"""
+"""Stored baselines, one JSON file per scenario, read and validated: per entry the ratio of a
+metric for a quantized backend to the unquantized run at its batch size, for the pinned
+transformers release (its ``produced_by``), and ``by_release`` values for ranges of other
+releases (verdicts/release_ranges.py). Stdlib and ``packaging`` only: no torch."""
 from __future__ import annotations
 
 import json
@@ -28,7 +14,6 @@ from packaging.version import InvalidVersion
 from kvcache_repro.core import metrics, provenance
 from kvcache_repro.verdicts.release_ranges import RANGE_COMMAND, RANGE_FIX, ReleaseValue, in_range, parse_range
 
-# Where every baseline file lives: baselines/ at the repository's top level.
 BASELINE_DIR = Path(__file__).resolve().parents[2] / "baselines"
 
 UPDATE_COMMAND = "./kvq experiment --update-baselines"
@@ -38,9 +23,12 @@ UPDATE_HINT = f"`{UPDATE_COMMAND}` (or `pytest -m ... --kv-update-baselines`)"
 RECORD_COMMAND = "./kvq experiment --record-missing-baselines"
 RECORD_HINT = f"`{RECORD_COMMAND}` (or {UPDATE_HINT}, which also rewrites stored entries)"
 
-# Ratios are computed from byte counts, so a value printed as exactly the band edge may
-# sit one ulp outside it; the band is meant to be inclusive as a human reads it.
+# A ratio printed as exactly the band edge may sit one ulp outside it: the band is inclusive.
 EDGE_SLACK = 1e-9
+
+SPREAD_FIX = ("re-measure the spread (`./kvq spread DIR`: kvcache_repro/runner/spread.py) and rewrite the band from "
+              "it (`python -m kvcache_repro bands apply`), or restore the file from git")
+PREDICTED_KIND = "predicted"
 
 
 def fmt_num(x: float) -> str:
@@ -59,12 +47,9 @@ class BaselineError(ValueError):
 
 @dataclass(frozen=True)
 class Spread:
-    """What an entry's band is cut from: the value measured on each machine and CPU code
-    path (``observed``: label -> value, kvcache_repro/runner/spread.py), and the rule that turns
-    it into the band (``bands.band``): centre the middle of the observed range, half-width
-    ``margin`` x half the range and never below ``floor``. ``banded`` False: the spread
-    is so wide that a band would catch nothing; the value is reported, not compared
-    (``note`` says why). ``note`` of a banded entry: what regression its band catches."""
+    """What an entry's band is cut from (``bands.band``): the value on each machine and CPU
+    path (``observed``: label -> value), ``margin`` and ``floor``. ``banded`` False: reported,
+    not compared (too wide to catch anything). ``note``: why, or what the band catches."""
 
     observed: dict[str, float]
     margin: float
@@ -73,12 +58,8 @@ class Spread:
     note: str = ""
 
     @property
-    def low(self) -> float:
-        return min(self.observed.values())
-
-    @property
-    def high(self) -> float:
-        return max(self.observed.values())
+    def bounds(self) -> tuple[float, float]:
+        return min(self.observed.values()), max(self.observed.values())
 
     def to_json(self) -> dict:
         return {"observed": dict(sorted(self.observed.items())), "margin": self.margin, "floor": self.floor,
@@ -100,11 +81,6 @@ class Entry:
     def key(self) -> str:
         return entry_key(self.backend, self.batch, self.metric)
 
-    @property
-    def pinned_release(self) -> str | None:
-        """The transformers release the entry's own ratio was recorded on."""
-        return self.pinned("transformers")
-
     def pinned(self, package: str) -> str | None:
         """The release of ``package`` the entry's own ratio was recorded on."""
         versions = self.produced_by.get("versions")
@@ -112,10 +88,7 @@ class Entry:
 
     def value_for(self, transformers_version: str | None, versions: dict[str, str] | None = None
                   ) -> ReleaseValue | None:
-        """The per-release value whose range holds the running release of its package
-        (transformers: ``transformers_version``; others: ``versions``, default the
-        installed ones); None: the entry's own ratio applies. Ranges of two packages that
-        both hold (two packages swapped at once): the first in provenance.PACKAGES order."""
+        """The first per-release value whose range holds its package's running release, or None."""
         for rv in sorted(self.by_release, key=lambda rv: provenance.PACKAGES.index(rv.package)):
             if rv.package == "transformers":
                 running = transformers_version
@@ -130,11 +103,8 @@ class Entry:
         return None
 
     def to_json(self) -> dict:
-        out = {
-            "backend": self.backend, "batch": self.batch, "metric": self.metric,
-            "ratio": self.ratio, "tolerance": self.tolerance,
-            "produced_by": self.produced_by,
-        }
+        out = {"backend": self.backend, "batch": self.batch, "metric": self.metric, "ratio": self.ratio,
+               "tolerance": self.tolerance, "produced_by": self.produced_by}
         if self.by_release:  # files without ranges keep their format
             out["by_release"] = [rv.to_json() for rv in self.by_release]
         if self.spread is not None:
@@ -148,16 +118,11 @@ class BaselineFile:
     scenario: str
     description: str
     entries: dict[str, Entry]
-    # What every number in the file depends on (a user's model: model, dtype, weights,
-    # device, settings); None for the built-in scenarios, whose name fixes all of it.
-    key: dict | None = None
+    key: dict | None = None  # what a user's model's numbers depend on (built-in scenarios: None)
 
     def to_json(self) -> dict:
-        out = {
-            "scenario": self.scenario,
-            "description": self.description,
-            "entries": {k: e.to_json() for k, e in self.entries.items()},
-        }
+        out = {"scenario": self.scenario, "description": self.description,
+               "entries": {k: e.to_json() for k, e in self.entries.items()}}
         if self.key is not None:  # files without a key keep their format
             out["key"] = self.key
         return out
@@ -167,31 +132,40 @@ def entry_key(backend: str, batch: int, metric: str) -> str:
     return f"{backend}/b{batch}/{metric}"
 
 
-def is_number(x) -> bool:
-    # bool is an int subclass; `true` in a baseline file is a typo, not a ratio.
+def is_number(x) -> bool:  # `true` (an int subclass) in a baseline file is a typo, not a ratio
     return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _at_least(x, low: float, strict: bool = False) -> bool:
+    return is_number(x) and math.isfinite(x) and (x > low if strict else x >= low)
+
+
+def _fields(path, at: str, raw, fields: tuple[str, ...], fix: str | None = None) -> list:
+    if not isinstance(raw, dict):
+        raise BaselineError(path, f"{at} must be an object, got {type(raw).__name__}", fix)
+    if missing := [f for f in fields if f not in raw]:
+        raise BaselineError(path, f"{at} is missing field(s) {', '.join(missing)}", fix)
+    return [raw[f] for f in fields]
+
+
+def _check_band(path, at: str, ratio, tol, fix: str | None = None) -> None:
+    if not _at_least(ratio, 0, strict=True):
+        raise BaselineError(path, f"{at}: field 'ratio' must be a finite number > 0, got {ratio!r}", fix)
+    if not _at_least(tol, 0):
+        raise BaselineError(path, f"{at}: field 'tolerance' must be a finite number >= 0, got {tol!r}", fix)
 
 
 def entry_from_json(path, key, raw) -> Entry:
     where = f"entry {key!r}"
-    if not isinstance(raw, dict):
-        raise BaselineError(path, f"{where} must be an object, got {type(raw).__name__}")
     fields = ("backend", "batch", "metric", "ratio", "tolerance", "produced_by")
-    missing = [f for f in fields if f not in raw]
-    if missing:
-        raise BaselineError(path, f"{where} is missing field(s) {', '.join(missing)}")
-    backend, batch, metric = raw["backend"], raw["batch"], raw["metric"]
-    ratio, tol, produced_by = raw["ratio"], raw["tolerance"], raw["produced_by"]
+    backend, batch, metric, ratio, tol, produced_by = _fields(path, where, raw, fields)
     if not isinstance(backend, str) or not backend:
         raise BaselineError(path, f"{where}: field 'backend' must be a non-empty string")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise BaselineError(path, f"{where}: field 'batch' must be a positive integer, got {batch!r}")
     if metric not in metrics.METRICS:
         raise BaselineError(path, f"{where}: unknown metric {metric!r} (valid: {', '.join(metrics.METRICS)})")
-    if not is_number(ratio) or not math.isfinite(ratio) or ratio <= 0:
-        raise BaselineError(path, f"{where}: field 'ratio' must be a finite number > 0, got {ratio!r}")
-    if not is_number(tol) or not math.isfinite(tol) or tol < 0:
-        raise BaselineError(path, f"{where}: field 'tolerance' must be a finite number >= 0, got {tol!r}")
+    _check_band(path, where, ratio, tol)
     if not isinstance(produced_by, dict):
         raise BaselineError(path, f"{where}: field 'produced_by' must be an object")
     entry = Entry(backend, batch, metric, float(ratio), float(tol), produced_by,
@@ -202,54 +176,41 @@ def entry_from_json(path, key, raw) -> Entry:
     return entry
 
 
-SPREAD_FIX = ("re-measure the spread (`./kvq spread DIR`: kvcache_repro/runner/spread.py) and rewrite the band from "
-              "it (`python -m kvcache_repro bands apply`), or restore the file from git")
-
-
 def _spread_from_json(path, where, raw, ratio: float, tol: float) -> Spread | None:
-    """An entry's ``spread``, checked: finite observed values, margin >= 1, and a band that
-    holds every observed value (a band narrower than the spread it says it comes from
-    would fail on a machine the file itself lists)."""
+    """An entry's ``spread``, whose values its band must hold (else it fails on a listed machine)."""
     if raw is None:
         return None
     at = f"{where}, spread"
-    if not isinstance(raw, dict):
-        raise BaselineError(path, f"{at} must be an object, got {type(raw).__name__}", SPREAD_FIX)
+    _fields(path, at, raw, (), SPREAD_FIX)
     observed, margin, floor = raw.get("observed"), raw.get("margin"), raw.get("floor")
     banded, note = raw.get("banded", True), raw.get("note", "")
     if (not isinstance(observed, dict) or not observed
-            or not all(isinstance(k, str) and is_number(v) and math.isfinite(v) for k, v in observed.items())):
+            or not all(isinstance(k, str) and _at_least(v, -math.inf) for k, v in observed.items())):
         raise BaselineError(path, f"{at}: 'observed' must be a non-empty object of label -> finite number",
                             SPREAD_FIX)
-    if not is_number(margin) or not math.isfinite(margin) or margin < 1:
+    if not _at_least(margin, 1):
         raise BaselineError(path, f"{at}: 'margin' must be a number >= 1, got {margin!r}", SPREAD_FIX)
-    if not is_number(floor) or not math.isfinite(floor) or floor < 0:
+    if not _at_least(floor, 0):
         raise BaselineError(path, f"{at}: 'floor' must be a finite number >= 0, got {floor!r}", SPREAD_FIX)
     if not isinstance(banded, bool) or not isinstance(note, str):
         raise BaselineError(path, f"{at}: 'banded' must be true/false and 'note' a string", SPREAD_FIX)
     spread = Spread({k: float(v) for k, v in observed.items()}, float(margin), float(floor), banded, note)
-    if banded and not (ratio - tol - EDGE_SLACK <= spread.low and spread.high <= ratio + tol + EDGE_SLACK):
+    lo, hi = spread.bounds
+    if banded and not (ratio - tol - EDGE_SLACK <= lo and hi <= ratio + tol + EDGE_SLACK):
         raise BaselineError(path, f"{at}: the band {fmt_num(ratio)} +/- {fmt_num(tol)} does not hold the spread it was "
-                                  f"cut from ({fmt_num(spread.low)}..{fmt_num(spread.high)})", SPREAD_FIX)
+                                  f"cut from ({fmt_num(lo)}..{fmt_num(hi)})", SPREAD_FIX)
     return spread
 
 
 def _release_values_from_json(path, where, raw, produced_by) -> tuple[ReleaseValue, ...]:
-    """Validate an entry's ``by_release`` list: well-formed ranges, each with the releases
-    it was observed on inside it, no two overlapping, none holding the pinned release."""
     if not isinstance(raw, list):
         raise BaselineError(path, f"{where}: field 'by_release' must be a list, got {type(raw).__name__}",
                             RANGE_FIX)
     out = []
     for i, item in enumerate(raw):
         at = f"{where}, by_release[{i}]"
-        if not isinstance(item, dict):
-            raise BaselineError(path, f"{at} must be an object, got {type(item).__name__}", RANGE_FIX)
         fields = ("releases", "ratio", "tolerance", "observed_on", "produced_by")
-        missing = [f for f in fields if f not in item]
-        if missing:
-            raise BaselineError(path, f"{at} is missing field(s) {', '.join(missing)}", RANGE_FIX)
-        releases, ratio, tol, seen, prov = (item[f] for f in fields)
+        releases, ratio, tol, seen, prov = _fields(path, at, item, fields, RANGE_FIX)
         package = item.get("package", "transformers")
         if package not in provenance.PACKAGES:
             raise BaselineError(path, f"{at}: unknown package {package!r} (valid: {', '.join(provenance.PACKAGES)})",
@@ -258,11 +219,7 @@ def _release_values_from_json(path, where, raw, produced_by) -> tuple[ReleaseVal
             parse_range(releases)
         except ValueError as exc:
             raise BaselineError(path, f"{at}: {exc}", RANGE_FIX) from None
-        if not is_number(ratio) or not math.isfinite(ratio) or ratio <= 0:
-            raise BaselineError(path, f"{at}: field 'ratio' must be a finite number > 0, got {ratio!r}", RANGE_FIX)
-        if not is_number(tol) or not math.isfinite(tol) or tol < 0:
-            raise BaselineError(path, f"{at}: field 'tolerance' must be a finite number >= 0, got {tol!r}",
-                                RANGE_FIX)
+        _check_band(path, at, ratio, tol, RANGE_FIX)
         if not isinstance(seen, list) or not seen or not all(isinstance(v, str) for v in seen):
             raise BaselineError(path, f"{at}: field 'observed_on' must be a non-empty list of releases, got {seen!r}",
                                 RANGE_FIX)
@@ -281,8 +238,7 @@ def _release_values_from_json(path, where, raw, produced_by) -> tuple[ReleaseVal
 
 
 def check_ranges(path, where, values, produced_by) -> tuple[ReleaseValue, ...]:
-    """Per package: no two ranges overlap, none holds the release the entry's own ratio
-    was recorded on."""
+    """Per package: no two ranges overlap, none holds the release of the entry's own ratio."""
     values = sorted(values, key=lambda rv: (provenance.PACKAGES.index(rv.package), parse_range(rv.releases)))
     for a, b in zip(values, values[1:]):
         if a.package == b.package and parse_range(b.releases)[0] < parse_range(a.releases)[1]:
@@ -290,10 +246,8 @@ def check_ranges(path, where, values, produced_by) -> tuple[ReleaseValue, ...]:
     versions = produced_by.get("versions") if isinstance(produced_by, dict) else None
     for rv in values:
         pinned = versions.get(rv.package) if isinstance(versions, dict) else None
-        if not pinned:
-            continue
         try:
-            holds = in_range(rv.releases, pinned)
+            holds = bool(pinned) and in_range(rv.releases, pinned)
         except InvalidVersion:
             continue  # a non-PEP 440 pin ("?"): no range can hold it
         if holds:
@@ -309,8 +263,7 @@ def load(path) -> BaselineFile:
     path = Path(path)
     try:
         text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        # A scenario nobody has recorded yet: every comparison reports "missing".
+    except FileNotFoundError:  # a scenario nobody has recorded yet: every comparison says "missing"
         return BaselineFile(path, path.stem, "", {})
     except UnicodeDecodeError as exc:
         raise BaselineError(path, f"not UTF-8 text ({exc})") from None
@@ -330,10 +283,9 @@ def parse(path, text: str) -> BaselineFile:
             raise BaselineError(path, f"missing top-level field {field!r}")
         if not isinstance(data[field], kind):
             raise BaselineError(path, f"top-level field {field!r} must be a {kind.__name__}")
-    description = data.get("description", "")
+    description, key = data.get("description", ""), data.get("key")
     if not isinstance(description, str):
         raise BaselineError(path, "top-level field 'description' must be a string")
-    key = data.get("key")
     if key is not None and not isinstance(key, dict):
         raise BaselineError(path, "top-level field 'key' must be an object (what the file's numbers depend on)")
     entries = {k: entry_from_json(path, k, v) for k, v in data["entries"].items()}
@@ -344,10 +296,6 @@ def dumps(baseline: BaselineFile) -> str:
     return json.dumps(baseline.to_json(), indent=2, sort_keys=True, allow_nan=False) + "\n"
 
 
-PREDICTED_KIND = "predicted"
-
-
 def is_predicted(entry: Entry) -> bool:
-    """The entry's value is a prediction (produced_by.kind), replaced by a measurement
-    only through an update on the device it predicts."""
+    """The entry's value is a prediction (produced_by.kind), not a measurement."""
     return isinstance(entry.produced_by, dict) and entry.produced_by.get("kind") == PREDICTED_KIND

@@ -1,6 +1,5 @@
-"""A run's values written into a baseline file (verdicts/baseline_file.py), atomically:
-refused from a failed run, keeping each stored entry's band, per-release values and
-spread (a run on one machine adds its value to the spread the band is cut from)."""
+"""A run's values written into a baseline file, atomically (never from a failed run), keeping
+each stored entry's band, per-release values and spread."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,16 +12,12 @@ from kvcache_repro.verdicts.baseline_file import (EDGE_SLACK, UPDATE_COMMAND, Ba
 
 def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
            description: str = "", reset_tolerance: bool = False, key: dict | None = None) -> list[str]:
-    """Write ``entries`` into the file at ``path``, atomically. An entry already stored
-    keeps its tolerance (a band is a decision, derived from measured spread; a re-run
-    must not widen or narrow it silently) unless ``reset_tolerance``, and its per-release
-    values (``by_release``: measured on other releases, never dropped by a run on the pin;
-    a given entry's own ``by_release`` replaces stored ranges of the same package and ``releases``)."""
+    """Write ``entries`` into ``path``. A stored entry keeps its tolerance (a band is a decision,
+    not re-cut by a re-run) unless ``reset_tolerance``, and its ``by_release`` values but those
+    a given entry holds for the same package and releases."""
     path = Path(path)
-    file_key = key  # the name `key` is taken by the entry loop below
     rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
-    if run_failed:
-        # Numbers from a failed run would silently become the new normal.
+    if run_failed:  # numbers from a failed run would silently become the new normal
         raise BaselineError(path, "refusing to update baselines from a failed run", rerun)
     if not entries:
         raise BaselineError(path, "refusing to update baselines with no entries", rerun)
@@ -30,43 +25,37 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     for e in entries:
         if e.key in fresh:
             raise BaselineError(path, f"entry {e.key!r} given twice", rerun)
-        # Same checks as on load, so update never writes a file that load would reject.
-        fresh[e.key] = entry_from_json(path, e.key, e.to_json())
+        fresh[e.key] = entry_from_json(path, e.key, e.to_json())  # never write what load would reject
         for rv in e.by_release:
-            if abs(rv.ratio - e.ratio) <= e.tolerance + EDGE_SLACK:
-                # Such a range compares as the entry's own ratio does: it would only hide
-                # that the release behaves like the pin.
+            if abs(rv.ratio - e.ratio) <= e.tolerance + EDGE_SLACK:  # it would hide a release like the pin
                 raise BaselineError(path, f"entry {e.key!r}: the value {fmt_num(rv.ratio)} for {rv.releases} lies in "
                                           f"the entry's own band ({fmt_num(e.ratio)} +/- {fmt_num(e.tolerance)})",
                                     "store a per-release value only where it differs from the entry's ratio "
                                     "by more than its tolerance")
-
     current = load(path)  # raises on a corrupt file, which is then never overwritten
     if path.exists() and current.scenario != scenario:
-        raise BaselineError(
-            path, f"file holds scenario {current.scenario!r}, not {scenario!r}",
-            "pass the baseline file that belongs to this scenario")
-    if path.exists() and file_key is not None and current.key not in (None, file_key):
-        raise BaselineError(path, f"file holds the baselines of another setup ({current.key}), not of {file_key}",
+        raise BaselineError(path, f"file holds scenario {current.scenario!r}, not {scenario!r}",
+                            "pass the baseline file that belongs to this scenario")
+    if path.exists() and key is not None and current.key not in (None, key):
+        raise BaselineError(path, f"file holds the baselines of another setup ({current.key}), not of {key}",
                             "leave it: a setup of its own gets a file of its own (its name is a digest of the key)")
     lines = []
-    for key, e in fresh.items():
-        old = current.entries.get(key)
+    for k, e in fresh.items():
+        old = current.entries.get(k)
+        line = f"{k}: {'new' if old is None else fmt_num(old.ratio)} -> "
         if old is not None:
-            # A measurement replaces a prediction whole, band included: the predicted band
-            # stands for the prediction's limits, not for the spread of measurements.
+            # A measurement replaces a prediction whole, band included (that is the prediction's).
             replaces_prediction = is_predicted(old) and not is_predicted(e)
             tolerance = e.tolerance if reset_tolerance or replaces_prediction else old.tolerance
             given = {(rv.package, rv.releases) for rv in e.by_release}
             kept = [rv for rv in old.by_release if (rv.package, rv.releases) not in given]
-            # Validated again: the new pinned release must not lie in a kept range.
             ratio, spread = e.ratio, e.spread
-            if old.spread is not None and spread is None:
-                # A reset re-cuts the band from the spread; it never drops the spread for one machine's floor.
+            if old.spread is not None and spread is None:  # re-cut from the spread (a reset too)
                 ratio, tolerance, spread = merge_spread(old, e, keep_width=not reset_tolerance)
+            # Validated again: the new pinned release must not lie in a kept range.
             e = Entry(e.backend, e.batch, e.metric, ratio, tolerance, e.produced_by,
-                      check_ranges(path, f"entry {key!r}", kept + list(e.by_release), e.produced_by), spread)
-        line = f"{key}: {'new' if old is None else fmt_num(old.ratio)} -> {fmt_num(e.ratio)}"
+                      check_ranges(path, f"entry {k!r}", kept + list(e.by_release), e.produced_by), spread)
+        line += fmt_num(e.ratio)
         if old is not None and is_predicted(old) and not is_predicted(e):
             line += " (a measurement replaces the prediction)"
         if old is not None and old.tolerance != e.tolerance:
@@ -74,23 +63,17 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
         if e.by_release:
             line += f" (per-release values kept for {', '.join(rv.releases for rv in e.by_release)})"
         lines.append(line)
-        current.entries[key] = e
+        current.entries[k] = e
     current.scenario = scenario
-    if file_key is not None:
-        current.key = file_key
-    if description:
-        current.description = description
+    current.key = key if key is not None else current.key
+    current.description = description or current.description
     write_atomic(path, dumps(current))
     return lines
 
 
 def merge_spread(old: Entry, new: Entry, keep_width: bool = True) -> tuple[float, float, Spread]:
-    """An update on one machine adds its value to the stored spread; the band is cut
-    again from all of it and never comes out narrower than the stored one. A run on
-    other package versions starts the observations anew (the old ones describe other
-    code) but keeps the stored width: the spread between machines is re-measured with
-    `./kvq spread`, not guessed from one machine. ``keep_width`` False
-    (--reset-tolerances): the band is what the observations give, the stored width aside."""
+    """One machine's value added to the stored spread (other package versions start it anew),
+    the band cut again, never narrower than stored unless not ``keep_width``."""
     same_versions = old.produced_by.get("versions") == new.produced_by.get("versions")
     observed = dict(old.spread.observed) if same_versions else {}
     observed[machine_label(new.produced_by)] = new.ratio

@@ -1,15 +1,8 @@
 """The seed's claims: one function per claim that turns measurements into numbers and a
-verdict, the verdicts expected on this project's reference setups, and the claims table
-(terminal, Markdown, JSON) that every run writes.
-
-A verdict is three-valued. "holds" and "does not hold" need a margin wider than the
-measurement's own spread; inside it the verdict is "not distinguishable": a stable
-outcome, never a coin toss. Tests compare the verdict with ``EXPECTED`` for the setup,
-so a change in transformers, quanto, hqq or torch that flips a claim fails the test
-named for it, and the table says what changed.
-
-The expected verdicts were measured on a 2-core CPU (torch 2.13.0, transformers 5.24.0,
-optimum-quanto 0.2.7, hqq 0.2.8.post1); docs/seed-claims.md.
+verdict, the verdicts expected on this project's setups, and the claims table (terminal,
+Markdown, JSON) every run writes. A verdict is "holds" or "does not hold" only by a margin
+wider than the measurement's own spread, else "not distinguishable" (stable, never a coin
+toss). Tests compare it with ``EXPECTED``, measured on a 2-core CPU (docs/seed-claims.md).
 """
 from __future__ import annotations
 
@@ -19,51 +12,34 @@ from pathlib import Path
 
 HOLDS, FAILS, UNDECIDED = "holds", "does not hold", "not distinguishable"
 
-
-@dataclass(frozen=True)
-class Claim:
-    id: str
-    text: str  # as the seed puts it
-
-
-CLAIMS = {c.id: c for c in (
-    Claim("saves_little_for_one_short_prompt",
-          "quantizing the KV cache saves little memory for one prompt with few output tokens"),
-    Claim("saves_a_lot_at_200_prompts",
-          "with 200 prompts generating at once, quantizing the KV cache saves a lot of memory"),
-    Claim("quanto_uses_less_memory_than_hqq",
-          "at batch 200 quanto needs less memory than HQQ (seed: 18.94 vs 29.34 GB reserved)"),
-    Claim("hqq_more_accurate_than_quanto", "HQQ is more accurate than quanto (at equal nbits)"),
-    Claim("hqq_slower_than_quanto", "HQQ is slower than quanto"),
-    Claim("quantization_slows_decoding", "quantizing the KV cache reduces inference speed"),
-)}
-
-# (claim, setup) -> verdict measured on the reference machine. A setup missing here has
-# no expectation yet: its test fails and says which verdict it measured.
-EXPECTED: dict[tuple[str, str], str] = {
-    ("saves_little_for_one_short_prompt", "cpu-short"): HOLDS,
-    ("saves_a_lot_at_200_prompts", "cpu-tiny"): FAILS,
-    ("quanto_uses_less_memory_than_hqq", "cpu-tiny"): HOLDS,
-    # 16 of cpu-tiny's layers: one layer's dequantized copy is a 16th of the cache, so it
-    # holds (peak quanto4 0.539, hqq4 0.720 of none), hqq4 within 0.03 of the margin.
-    ("saves_a_lot_at_200_prompts", "cpu-deep"): HOLDS,
-    ("quanto_uses_less_memory_than_hqq", "cpu-deep"): HOLDS,
-    ("saves_a_lot_at_200_prompts", "seed-geometry"): HOLDS,
-    ("quanto_uses_less_memory_than_hqq", "seed-geometry"): HOLDS,
-    # Accuracy: at 128 decoded tokens hqq axis 0 wins at 2 bits and is not distinguishable
-    # at 4 (lower KL, higher perplexity); at the seed's 1,024 it loses on both (hqq axis 0
-    # re-groups the whole history across batch rows at every flush). hqq axis 1, grouped
-    # like quanto's axis 0, wins at both lengths.
-    ("hqq_more_accurate_than_quanto", "core-2bit"): HOLDS,
-    ("hqq_more_accurate_than_quanto", "core-4bit"): UNDECIDED,  # KL 0.060 vs 0.097, perplexity 1.086 vs 1.072
-    ("hqq_more_accurate_than_quanto", "core-4bit-hqq-axis1"): HOLDS,
-    ("hqq_more_accurate_than_quanto", "seed-4bit"): FAILS,
-    ("hqq_more_accurate_than_quanto", "seed-4bit-hqq-axis1"): HOLDS,
-    ("hqq_slower_than_quanto", "tiny"): HOLDS,
-    ("hqq_slower_than_quanto", "real"): HOLDS,
-    ("quantization_slows_decoding", "tiny"): HOLDS,
-    ("quantization_slows_decoding", "real"): HOLDS,
+# claim id -> the claim as the seed puts it
+CLAIMS = {
+    "saves_little_for_one_short_prompt":
+        "quantizing the KV cache saves little memory for one prompt with few output tokens",
+    "saves_a_lot_at_200_prompts":
+        "with 200 prompts generating at once, quantizing the KV cache saves a lot of memory",
+    "quanto_uses_less_memory_than_hqq":
+        "at batch 200 quanto needs less memory than HQQ (seed: 18.94 vs 29.34 GB reserved)",
+    "hqq_more_accurate_than_quanto": "HQQ is more accurate than quanto (at equal nbits)",
+    "hqq_slower_than_quanto": "HQQ is slower than quanto",
+    "quantization_slows_decoding": "quantizing the KV cache reduces inference speed",
 }
+
+# (claim, setup) -> verdict measured on the reference machine; a setup missing here has no
+# expectation yet: its test fails and says which verdict it measured. cpu-deep: peak quanto4
+# 0.539, hqq4 0.720 of none. core-4bit: KL 0.060 vs 0.097, perplexity 1.086 vs 1.072. hqq
+# axis 0 re-groups the whole history across batch rows at every flush: it loses at the seed's
+# 1,024 decoded tokens; axis 1 (grouped like quanto's axis 0) wins at both lengths.
+EXPECTED: dict[tuple[str, str], str] = {(claim, setup): verdict for claim, by_setup in {
+    "saves_little_for_one_short_prompt": {"cpu-short": HOLDS},
+    "saves_a_lot_at_200_prompts": {"cpu-tiny": FAILS, "cpu-deep": HOLDS, "seed-geometry": HOLDS},
+    "quanto_uses_less_memory_than_hqq": {"cpu-tiny": HOLDS, "cpu-deep": HOLDS, "seed-geometry": HOLDS},
+    "hqq_more_accurate_than_quanto": {"core-2bit": HOLDS, "core-4bit": UNDECIDED,
+                                      "core-4bit-hqq-axis1": HOLDS, "seed-4bit": FAILS,
+                                      "seed-4bit-hqq-axis1": HOLDS},
+    "hqq_slower_than_quanto": {"tiny": HOLDS, "real": HOLDS},
+    "quantization_slows_decoding": {"tiny": HOLDS, "real": HOLDS},
+}.items() for setup, verdict in by_setup.items()}
 
 
 @dataclass
@@ -75,12 +51,10 @@ class ClaimResult:
     margin: str  # what separates the verdict from "not distinguishable"
     verdict: str
     data: dict = field(default_factory=dict)
-    # A GPU setup's expectation: what the CPU's prediction of its memory implies
-    # (predicted_verdict), where EXPECTED holds nothing measured.
-    predicted: str | None = None
+    predicted: str | None = None  # a GPU setup's expectation: what predicted_verdict implies
 
     @property
-    def claim(self) -> Claim:
+    def text(self) -> str:
         return CLAIMS[self.claim_id]
 
     @property
@@ -94,19 +68,15 @@ class ClaimResult:
         return "as expected" if self.verdict == self.expected else f"CHANGED (expected: {self.expected})"
 
     def message(self) -> str:
-        return (f"{self.claim.text} [{self.setup}: {self.setting}]: {self.verdict}, "
+        return (f"{self.text} [{self.setup}: {self.setting}]: {self.verdict}, "
                 f"expected {self.expected or 'nothing recorded'}. {self.numbers}; margin: {self.margin}")
 
 
-# ---- accuracy ----------------------------------------------------------------------------
-
 def hqq_more_accurate_than_quanto(table, nbits: int, hqq_axis: int = 0) -> ClaimResult:
-    """Teacher-forced KL and perplexity of hqq vs quanto at ``nbits``. Both are
-    deterministic on CPU; KL measures how far the cache moves the model's predictions,
-    perplexity how well it still predicts the real text. Where they disagree (the closer
-    distribution predicts the text worse), the verdict is "not distinguishable": a short
-    text's perplexity moves either way by chance. ``hqq_axis`` 0 is the seed's setting for both backends; 1 groups hqq
-    like quanto's axis 0 (per batch row: docs/facts.md, batch invariance), like for like."""
+    """Teacher-forced KL (how far the cache moves the predictions) and perplexity (how well
+    it still predicts the text) of hqq vs quanto at ``nbits``, deterministic on CPU; where
+    they disagree, "not distinguishable". ``hqq_axis`` 0: the seed's setting for both; 1
+    groups hqq like quanto's axis 0 (per batch row: docs/facts.md, batch invariance)."""
     hqq_name = f"hqq{nbits}" + ("-axis1" if hqq_axis == 1 else "")
     hqq, quanto = table.results[hqq_name], table.results[f"quanto{nbits}"]
     numbers = (f"KL {hqq_name} {hqq.kl:.4g} vs quanto{nbits} {quanto.kl:.4g}; "
@@ -123,16 +93,12 @@ def hqq_more_accurate_than_quanto(table, nbits: int, hqq_axis: int = 0) -> Claim
                        "the text is too short to tell", verdict)
 
 
-# ---- memory: peak allocated bytes (exact on CPU), cache bytes beside them ------------------
-
 MIB = 2**20
-# "A lot": a quantized run's peak at most 3/4 of the unquantized one. The seed's reserved
-# memory came to 0.34 and 0.52 of none; a saving under a quarter would not have been
-# called "a lot" beside them.
+# Memory claims are decided on peak allocated bytes (exact on CPU), cache bytes beside them.
+# "A lot": a peak at most 3/4 of none's (the seed's reserved memory: 0.34 and 0.52 of none).
 A_LOT = 0.75
-# "Little" for one short prompt: the peak saves less than half of what the unquantized
-# cache holds - quantizing the whole cache away would break it - and less than 1% of the
-# unquantized peak (the seed saw no change in GB).
+# "Little": the peak saves under half the unquantized cache and under 1% of its peak (the
+# seed saw no change in GB).
 LITTLE_SHARE_OF_CACHE, LITTLE_SHARE_OF_PEAK = 0.5, 0.01
 
 
@@ -141,19 +107,17 @@ def _at(measurements, backend: str, batch: int):
 
 
 def _memory_numbers(measurements, batch: int) -> str:
-    none = _at(measurements, "none", batch)
-    parts = []
+    none, parts = _at(measurements, "none", batch).metrics, []
     for b in ("quanto4", "hqq4"):
-        m = _at(measurements, b, batch)
-        parts.append(f"{b} peak {m.metrics['peak_allocated'] / none.metrics['peak_allocated']:.3f} of none "
-                     f"({m.metrics['peak_allocated'] / MIB:.2f} vs {none.metrics['peak_allocated'] / MIB:.2f} MiB), "
-                     f"cache {m.metrics['cache_bytes'] / none.metrics['cache_bytes']:.3f} of none")
+        m = _at(measurements, b, batch).metrics
+        parts.append(f"{b} peak {m['peak_allocated'] / none['peak_allocated']:.3f} of none "
+                     f"({m['peak_allocated'] / MIB:.2f} vs {none['peak_allocated'] / MIB:.2f} MiB), "
+                     f"cache {m['cache_bytes'] / none['cache_bytes']:.3f} of none")
     return "; ".join(parts)
 
 
 def saves_a_lot_at_large_batch(setup: str, scenario, measurements) -> ClaimResult:
-    """On the seed's geometry the verdict is on the peak predicted for the seed's 200 rows
-    x 1,008 tokens (prediction.py): at 2 rows the narrow model's weights dominate."""
+    """On the seed's geometry: the peak predicted for its 200 rows x 1,008 tokens (prediction.py)."""
     batch = scenario.large_batch
     numbers = _memory_numbers(measurements, batch)
     if scenario.arch == "seed-geometry":
@@ -172,9 +136,7 @@ def saves_a_lot_at_large_batch(setup: str, scenario, measurements) -> ClaimResul
 
 
 def predicted_verdict(claim_id: str, setup: str) -> tuple[str | None, str]:
-    """The verdict a GPU setup's predicted baselines (runner/gpu_prediction.py) imply for a
-    memory claim at its large batch, and why; None where a predicted band straddles the
-    claim's margin (the GPU run then decides, and the claims table shows it)."""
+    """(verdict, why) a GPU setup's predicted baselines imply for a memory claim (None: undecided)."""
     from kvcache_repro.measure import scenarios
     from kvcache_repro.verdicts import baseline_file, paths
 
@@ -186,21 +148,18 @@ def predicted_verdict(claim_id: str, setup: str) -> tuple[str | None, str]:
         if entry is None or not baseline_file.is_predicted(entry):
             return None, f"{setup}: no predicted peak for {backend} at batch {scenario.large_batch}"
         band[backend] = (entry.ratio - entry.tolerance, entry.ratio + entry.tolerance)
-    text = ", ".join(f"{b} {lo:.3f}..{hi:.3f}" for b, (lo, hi) in band.items())
-    if claim_id == "saves_a_lot_at_200_prompts":
-        if all(hi <= A_LOT for lo, hi in band.values()):
-            return HOLDS, f"predicted peak ratios {text}, all <= {A_LOT}"
-        if any(lo > A_LOT for lo, hi in band.values()):
-            return FAILS, f"predicted peak ratios {text}: one above {A_LOT}"
-        return None, f"predicted peak ratios {text} straddle {A_LOT}: the CPU's prediction does not decide it"
-    if claim_id == "quanto_uses_less_memory_than_hqq":
-        (qlo, qhi), (hlo, hhi) = band["quanto4"], band["hqq4"]
-        if qhi < hlo:
-            return HOLDS, f"predicted peak ratios {text}: quanto's band below hqq's"
-        if hhi < qlo:
-            return FAILS, f"predicted peak ratios {text}: hqq's band below quanto's"
-        return None, f"predicted peak ratios {text} overlap: the CPU's prediction does not decide it"
-    raise KeyError(f"no predicted verdict for claim {claim_id!r}")
+    (qlo, qhi), (hlo, hhi) = band["quanto4"], band["hqq4"]
+    rules = {  # claim: (holds, why), (fails, why), why undecided
+        "saves_a_lot_at_200_prompts": ((max(qhi, hhi) <= A_LOT, f", all <= {A_LOT}"),
+                                       (max(qlo, hlo) > A_LOT, f": one above {A_LOT}"), f" straddle {A_LOT}"),
+        "quanto_uses_less_memory_than_hqq": ((qhi < hlo, ": quanto's band below hqq's"),
+                                             (hhi < qlo, ": hqq's band below quanto's"), " overlap")}
+    if claim_id not in rules:
+        raise KeyError(f"no predicted verdict for claim {claim_id!r}")
+    (holds, why_holds), (fails, why_fails), undecided = rules[claim_id]
+    text = "predicted peak ratios " + ", ".join(f"{b} {lo:.3f}..{hi:.3f}" for b, (lo, hi) in band.items())
+    return ((HOLDS, text + why_holds) if holds else (FAILS, text + why_fails) if fails
+            else (None, f"{text}{undecided}: the CPU's prediction does not decide it"))
 
 
 def quanto_less_than_hqq(setup: str, scenario, measurements) -> ClaimResult:
@@ -225,8 +184,6 @@ def saves_little_for_one_short_prompt(setup: str, scenario, measurements) -> Cla
                        HOLDS if all(s < bound for s in savings.values()) else FAILS, savings)
 
 
-# ---- speed -----------------------------------------------------------------------------
-
 def _speed_numbers(ratios) -> str:
     rounds = max(r.rounds for r in ratios.values())
     return (", ".join(f"{r.backend} time/none {r.ratio:.3f} (blocks {r.low:.3f}-{r.high:.3f})" for r in ratios.values())
@@ -237,8 +194,7 @@ def hqq_slower_than_quanto(setup, ratios) -> ClaimResult:
     from kvcache_repro.measure import speed
 
     hqq, quanto = ratios["hqq4"], ratios["quanto4"]
-    word = speed.compare(hqq, quanto)
-    verdict = {speed.SLOWER: HOLDS, speed.FASTER: FAILS}.get(word, UNDECIDED)
+    verdict = {speed.SLOWER: HOLDS, speed.FASTER: FAILS}.get(speed.compare(hqq, quanto), UNDECIDED)
     per_block = ", ".join(f"{r:.3f}" for r in speed.paired(hqq, quanto))
     return ClaimResult("hqq_slower_than_quanto", setup.name, setup.describe(), _speed_numbers(ratios),
                        f"hqq4/quanto4 time in each block of the same rounds: {per_block} (all above 1, or all "
@@ -249,24 +205,17 @@ def hqq_slower_than_quanto(setup, ratios) -> ClaimResult:
 def quantization_slows_decoding(setup, ratios) -> ClaimResult:
     from kvcache_repro.measure import speed
 
-    words = {name: speed.compare(r) for name, r in ratios.items()}
-    if all(w == speed.SLOWER for w in words.values()):
-        verdict = HOLDS
-    elif any(w == speed.FASTER for w in words.values()):
-        verdict = FAILS
-    else:
-        verdict = UNDECIDED
+    words = [speed.compare(r) for r in ratios.values()]
+    verdict = (HOLDS if all(w == speed.SLOWER for w in words) else FAILS if speed.FASTER in words
+               else UNDECIDED)
     return ClaimResult("quantization_slows_decoding", setup.name, setup.describe(), _speed_numbers(ratios),
                        "every block of each backend above 1.0 (lowest: "
                        + ", ".join(f"{n} {r.low:.3f}" for n, r in ratios.items()) + ")",
                        verdict, {n: asdict(r) for n, r in ratios.items()})
 
 
-# ---- the table ---------------------------------------------------------------------------
-
 def in_table_order(results: list[ClaimResult]) -> list[ClaimResult]:
-    """Claims in the order CLAIMS lists them, each claim's setups in EXPECTED's order:
-    the table reads the same whichever test (or xdist worker) finished first."""
+    """In CLAIMS' order, each claim's setups in EXPECTED's: whichever xdist worker finished first."""
     claim_rank = {c: i for i, c in enumerate(CLAIMS)}
     setup_rank = {k: i for i, k in enumerate(EXPECTED)}
     return sorted(results, key=lambda r: (claim_rank.get(r.claim_id, len(claim_rank)),
@@ -284,7 +233,7 @@ def markdown(results: list[ClaimResult], header: str) -> str:
     lines = [f"# The seed's claims on this setup\n\n{header}\n",
              "| claim | setting | numbers | margin | verdict | expected |", "|---|---|---|---|---|---|"]
     for r in results:
-        lines.append(f"| {r.claim.text} | {r.setting} | {r.numbers} | {r.margin} | **{r.verdict}** | "
+        lines.append(f"| {r.text} | {r.setting} | {r.numbers} | {r.margin} | **{r.verdict}** | "
                      f"{r.expected or '-'} |")
     return "\n".join(lines) + "\n"
 
@@ -297,6 +246,6 @@ def write(directory: Path, results: list[ClaimResult], provenance: dict) -> list
     md, js = directory / "claims.md", directory / "claims.json"
     md.write_text(markdown(results, header))
     js.write_text(json.dumps({"provenance": provenance,
-                              "claims": [{**asdict(r), "claim": r.claim.text, "expected": r.expected,
+                              "claims": [{**asdict(r), "claim": r.text, "expected": r.expected,
                                           "status": r.status} for r in results]}, indent=2, default=str) + "\n")
     return [md, js]

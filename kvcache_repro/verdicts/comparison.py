@@ -1,6 +1,5 @@
-"""A run's values against a baseline file (verdicts/baseline_file.py): one ``Verdict`` per
-entry (in the band, a regression, an improvement, missing, unmeasured), its message naming
-the file and the fix, and the drift of values recorded with other package versions."""
+"""A run's values against a baseline file: one ``Verdict`` per entry, its message naming the
+file and the fix, and the drift of values recorded with other package versions."""
 from __future__ import annotations
 
 import math
@@ -27,7 +26,6 @@ class Verdict:
     # which release(s) the stored value belongs to, e.g. "transformers >=5.0.0,<5.19.0 (observed on ...)"
     basis: str = ""
     release_range: str = ""  # the per-release range compared with ("" : the entry's own ratio)
-
     note: str = ""  # "reported": why the entry is not banded; banded: the spread the band was cut from
     predicted: bool = False  # the stored value is a prediction (runner/gpu_prediction.py), not a measurement
 
@@ -42,60 +40,48 @@ class Verdict:
                      else f"because the baseline file {self.source} does not exist")
             return (f"{self.key}: measured ratio {fmt_num(self.measured)}; no stored entry for "
                     f"this key {where} - record it with {RECORD_HINT}")
-        basis = f" for {self.basis}" if self.basis else ""
-        if self.status == "nonfinite":
-            stored = ("no stored entry" if self.stored is None
-                      else f"stored {fmt_num(self.stored)} +/- {fmt_num(self.tolerance)}{basis}")
-            return (f"{BEHAVIOUR_TAG} {self.key}: measured {self.measured!r}, not a finite number (NaN/inf in what "
-                    f"it was computed from); {stored} in {self.source}: not compared")
-        if self.status == "unmeasured":
-            stored = ("no stored entry" if self.stored is None
-                      else f"stored {fmt_num(self.stored)} +/- {fmt_num(self.tolerance)}{basis}")
-            return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
-        cut = f" (band cut from {self.note})" if self.note else ""
-        what = metrics.METRICS[m].unit if (m := self.key.rsplit("/", 1)[-1]) in metrics.REFERENCE_METRICS else "ratio"
-        head = (f"{self.key}: measured {what} {fmt_num(self.measured)}, stored {fmt_num(self.stored)} "
-                f"+/- {fmt_num(self.tolerance)}{basis}{cut} in {self.source}")
-        if self.status == "ok":
-            return f"{head}: ok, {'the prediction holds' if self.predicted else 'within the band'}"
         if self.status == "reported":
             return (f"{self.key}: measured {fmt_num(self.measured)}; reported, not banded ({self.note}); "
                     f"stored spread in {self.source}")
-        metric = self.key.rsplit("/", 1)[-1]
-        above = self.measured > self.stored
-        says = ((metrics.METRICS[metric].above if above else metrics.METRICS[metric].below)
-                if metric in metrics.METRICS else "differs")
+        basis = f" for {self.basis}" if self.basis else ""
+        stored = ("no stored entry" if self.stored is None
+                  else f"stored {fmt_num(self.stored)} +/- {fmt_num(self.tolerance)}{basis}")
+        if self.status == "nonfinite":
+            return (f"{BEHAVIOUR_TAG} {self.key}: measured {self.measured!r}, not a finite number (NaN/inf in what "
+                    f"it was computed from); {stored} in {self.source}: not compared")
+        if self.status == "unmeasured":
+            return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
+        metric = metrics.METRICS.get(self.key.rsplit("/", 1)[-1])
+        what = metric.unit if metric is not None and metric.reference else "ratio"
+        cut = f" (band cut from {self.note})" if self.note else ""
+        head = f"{self.key}: measured {what} {fmt_num(self.measured)}, {stored}{cut} in {self.source}"
+        if self.status == "ok":
+            return f"{head}: ok, {'the prediction holds' if self.predicted else 'within the band'}"
+        says = (metric.above if self.measured > self.stored else metric.below) if metric else "differs"
         if self.predicted:
             return (f"{head}: PREDICTION MISSED: this device {says} than the CPU predicted - the CPU model of its "
                     f"memory is wrong here, a finding (the prediction's terms and limits are in the entry's "
                     f"produced_by); once understood, record the measured value on this device with {UPDATE_HINT}")
-        # A per-release value is not the pin's: --update-baselines would rewrite the pin's.
-        if self.release_range:
+        if self.release_range:  # a per-release value is not the pin's: --update-baselines rewrites the pin's
             return f"{head}: {self.status}: {says} than the baseline (if intended, {RANGE_HINT})"
         if self.status == "regression":
-            return (f"{head}: regression: {says} than the baseline "
-                    f"(if intended, update with {UPDATE_HINT})")
+            return f"{head}: regression: {says} than the baseline (if intended, update with {UPDATE_HINT})"
         return (f"{head}: improvement: {says} than the baseline - "
                 f"update the baseline if intended with {UPDATE_HINT}")
 
 
 def problems(verdicts: list[Verdict]) -> list[str]:
-    """Messages of every verdict that is not ok: out of band, or with no stored entry
-    (a renamed protocol or a deleted file must not leave a run green with nothing
-    compared; the message names the command that records it)."""
+    """Messages of every verdict that is not ok (a missing entry too: never green with nothing compared)."""
     return [v.message for v in verdicts if not v.passed]
 
 
 def expected(entry: Entry, transformers_version: str | None) -> tuple[float, float, str, str]:
-    """(ratio, tolerance, basis, range) an entry holds for a transformers release: its
-    per-release value whose range holds the release, else its own ratio (the pinned
-    release's; range "")."""
+    """(ratio, tolerance, basis, range) an entry holds for a transformers release (range "": its own)."""
     rv = entry.value_for(transformers_version)
     if rv is not None:
         return rv.ratio, rv.tolerance, rv.describe(), f"{rv.package} {rv.releases}"
-    pinned = entry.pinned_release
-    versions = entry.produced_by.get("versions") if isinstance(entry.produced_by, dict) else None
-    others = [f"{k} {versions[k]}" for k in provenance.PACKAGES[1:] if isinstance(versions, dict) and k in versions]
+    others = [f"{k} {v}" for k in provenance.PACKAGES[1:] if (v := entry.pinned(k)) is not None]
+    pinned = entry.pinned("transformers")
     basis = (f"transformers {pinned}" + (f" with {', '.join(others)}" if others else "") + " (the entry's own ratio)"
              if pinned else "")
     return entry.ratio, entry.tolerance, basis, ""
@@ -104,41 +90,38 @@ def expected(entry: Entry, transformers_version: str | None) -> tuple[float, flo
 _INSTALLED = object()
 
 
-def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
-            measured_ratio: float, transformers_version: str | None = _INSTALLED) -> Verdict:
-    """``measured_ratio`` against the stored value for ``transformers_version`` (default:
-    the installed release; see ``expected``)."""
-    if not is_number(measured_ratio):
-        raise ValueError(f"measured ratio must be a number, got {measured_ratio!r}")
-    key = entry_key(backend, batch, metric)
-    source = str(baseline.path)
-    entry = baseline.entries.get(key)
+def _stored(entry: Entry | None, transformers_version) -> tuple:
+    if entry is None:
+        return None, None, "", ""
     if transformers_version is _INSTALLED:
         transformers_version = provenance.installed("transformers")
+    return expected(entry, transformers_version)
+
+
+def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
+            measured_ratio: float, transformers_version: str | None = _INSTALLED) -> Verdict:
+    """``measured_ratio`` against the stored value for ``transformers_version`` (default: installed)."""
+    if not is_number(measured_ratio):
+        raise ValueError(f"measured ratio must be a number, got {measured_ratio!r}")
+    key, source = entry_key(backend, batch, metric), str(baseline.path)
+    entry = baseline.entries.get(key)
+    ratio, tolerance, basis, release_range = _stored(entry, transformers_version)
     if not math.isfinite(measured_ratio):
-        # A finding, not a crash: NaN compares false both ways (it would slip through as an
-        # "improvement"), so it fails on its own and the other entries are still compared.
-        stored = expected(entry, transformers_version) if entry is not None else (None, None, "", "")
-        return Verdict(key, measured_ratio, stored[0], stored[1], "nonfinite", source, basis=stored[2],
-                       release_range=stored[3])
+        # A finding, not a crash: NaN compares false both ways (it would pass as an "improvement").
+        return Verdict(key, measured_ratio, ratio, tolerance, "nonfinite", source, basis=basis,
+                       release_range=release_range)
     if entry is None:
         return Verdict(key, measured_ratio, None, None, "missing", source)
-    ratio, tolerance, basis, release_range = expected(entry, transformers_version)
     if entry.spread is not None and not entry.spread.banded and not release_range:
         return Verdict(key, measured_ratio, ratio, tolerance, "reported", source, basis=basis, note=entry.spread.note)
-    lo = ratio - tolerance - EDGE_SLACK
-    hi = ratio + tolerance + EDGE_SLACK
-    if lo <= measured_ratio <= hi:
-        status = "ok"
-    else:
-        worse = (measured_ratio < lo) if metric in metrics.HIGHER_IS_BETTER else (measured_ratio > hi)
-        status = "regression" if worse else "improvement"
+    lo, hi = ratio - tolerance - EDGE_SLACK, ratio + tolerance + EDGE_SLACK
+    worse = (measured_ratio < lo) if metric in metrics.HIGHER_IS_BETTER else (measured_ratio > hi)
+    status = "ok" if lo <= measured_ratio <= hi else "regression" if worse else "improvement"
     if is_predicted(entry):
         basis = "a prediction from CPU proxies (runner/gpu_prediction.py)"
-    cut = ""
-    if entry.spread is not None and not release_range:
-        sp = entry.spread
-        cut = (f"the spread {fmt_num(sp.low)}..{fmt_num(sp.high)} on {len(sp.observed)} machine/path runs, "
+    cut, sp = "", entry.spread
+    if sp is not None and not release_range:
+        cut = (f"the spread {'..'.join(map(fmt_num, sp.bounds))} on {len(sp.observed)} machine/path runs, "
                f"margin {sp.margin:g}")
     return Verdict(key, measured_ratio, ratio, tolerance, status, source, basis=basis, release_range=release_range,
                    note=cut, predicted=is_predicted(entry))
@@ -146,29 +129,21 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
 
 def unmeasured(baseline: BaselineFile, backend: str, batch: int, metric: str, reason: str,
                transformers_version: str | None = _INSTALLED) -> Verdict:
-    """A baseline entry the run could not produce (its row ran out of memory, timed out,
-    or failed): a failing verdict that says so, never a silent pass."""
+    """A failing verdict for an entry the run could not produce (OOM, timeout): never a silent pass."""
     key = entry_key(backend, batch, metric)
-    entry = baseline.entries.get(key)
-    if entry is None:
-        return Verdict(key, math.nan, None, None, "unmeasured", str(baseline.path), reason)
-    if transformers_version is _INSTALLED:
-        transformers_version = provenance.installed("transformers")
-    ratio, tolerance, basis, release_range = expected(entry, transformers_version)
+    ratio, tolerance, basis, release_range = _stored(baseline.entries.get(key), transformers_version)
     return Verdict(key, math.nan, ratio, tolerance, "unmeasured", str(baseline.path), reason, basis, release_range)
 
 
 def drift_lines(path, verdicts: list[Verdict], versions: dict[str, str]) -> list[str]:
-    """For entries recorded with other package versions than the running ones: measured
-    vs stored per entry, so a version change shows what moved even inside the bands."""
+    """Measured vs stored where an entry's package versions are not ``versions`` (even inside the band)."""
     stored = load(path)
     lines = []
     for v in verdicts:
         entry = stored.entries.get(v.key)
         if entry is None:
             continue
-        # The value compared with: a per-release one is recorded for this transformers
-        # release (its other versions still count).
+        # The value compared with: a per-release one is recorded for its package's release.
         rv = entry.value_for(versions.get("transformers"), versions)
         ratio = entry.ratio if rv is None else rv.ratio
         theirs = dict((entry.produced_by if rv is None else rv.produced_by).get("versions", {}))

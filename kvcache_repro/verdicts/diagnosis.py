@@ -1,28 +1,21 @@
-"""Did a "quantized" run really go through a quantized cache? Read from the cache itself.
-
-A release can accept a quantized cache and still not use it: ``generate()`` may build its
-own DynamicCache, ``model(...)`` may ignore a cache passed under a name it does not take,
-a layer may keep everything in full precision. The symptom downstream is silent: a KL of
-exactly 0.0 at every nbits, tokens equal to the unquantized run's. ``diagnose`` names which
-of these happened, from what the cache holds after the run, in each path (generate,
-teacher-forced, beam search), so the failure says whose fault it is:
-
-- the cache object passed in holds no tokens after the run: the model did not use it
-  (the *harness* passed it in a way this release does not read);
-- it holds tokens but no layer holds quantized storage (the *release* did not quantize);
-- it holds quantized layers but the logits equal the unquantized run's bitwise
-  (attention did not read the dequantized values: the *release*).
+"""Did a "quantized" run really go through a quantized cache? Read from the cache itself,
+after the run, in each path (generate, teacher-forced, beam search). A release can accept a
+quantized cache and not use it (silent downstream: a KL of exactly 0.0 at every nbits), and
+``diagnose`` says whose fault it is: the cache passed in holds no tokens (the *harness*
+passed it in a way this release does not read); it holds tokens but no quantized layer, or
+quantized layers but logits bitwise equal to the unquantized run's (the *release*).
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import transformers
 
-from kvcache_repro.backends import caches
-from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
+from kvcache_repro.backends import caches, generation
 from kvcache_repro.backends.matrix import BackendSpec
+from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
 
 
 @dataclass(frozen=True)
@@ -33,9 +26,7 @@ class CacheReport:
     quantized_layers: int  # layers holding quantized storage
 
     def describe(self) -> str:
-        counts: dict[str, int] = {}
-        for name in self.layer_classes:
-            counts[name] = counts.get(name, 0) + 1
+        counts = Counter(self.layer_classes)
         layers = ", ".join(f"{n} x {c}" for c, n in counts.items()) or "no layers"
         return (f"{self.cache_class} with {layers}; {self.tokens} tokens; "
                 f"{self.quantized_layers} of {len(self.layer_classes)} layers hold quantized storage")
@@ -56,10 +47,7 @@ def inspect_cache(cache) -> CacheReport:
 
 def diagnose(spec: BackendSpec, cache, path: str, *, passed_in: bool = False,
              logits: torch.Tensor | None = None, reference: torch.Tensor | None = None) -> str | None:
-    """None when a quantized run really used a quantized cache; otherwise the message.
-
-    ``passed_in``: the harness built ``cache`` and handed it to the model (teacher-forced,
-    beam with a cache object), so an empty cache means the model ignored it."""
+    """None when a quantized run used a quantized cache, else why (``passed_in``: by the harness)."""
     if not spec.quantized:
         return None
     where = f"transformers {transformers.__version__}, {spec.name}, {path} path"
@@ -92,8 +80,6 @@ def assert_quantized(spec: BackendSpec, cache, path: str, **kw) -> None:
 @torch.inference_mode()
 def teacher_forced(model, input_ids: torch.Tensor, spec: BackendSpec, settings, prefill: int):
     """generation.teacher_forced_logits, and the cache it used: (logits, cache)."""
-    from kvcache_repro.backends import generation
-
     with caches.recording_caches() as built:
         logits = generation.teacher_forced_logits(model, input_ids, spec, settings, prefill)
     return logits, (built[-1] if built else None)
@@ -101,10 +87,7 @@ def teacher_forced(model, input_ids: torch.Tensor, spec: BackendSpec, settings, 
 
 @torch.inference_mode()
 def beam_search(model, input_ids: torch.Tensor, spec: BackendSpec, settings, new_tokens: int, num_beams: int = 4):
-    """Beam search through ``generate()`` as generation.beam_search does, keeping what
-    generate returns: (sequences, scores, cache)."""
-    from kvcache_repro.backends import generation
-
+    """Beam search as generation.beam_search does it: (sequences, scores, cache)."""
     generation.check_run(model, spec, settings, input_ids.shape[0] * num_beams, input_ids.shape[1], new_tokens)
     out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                          min_new_tokens=new_tokens, do_sample=False, num_beams=num_beams,

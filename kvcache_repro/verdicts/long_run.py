@@ -1,6 +1,5 @@
-"""The seed's length through every quantized cache (measure/long_run.py): each peak ratio
-against baselines/long-cache.json, and its recording (`python -m kvcache_repro.verdicts.long_run
-record`)."""
+"""The seed's length through every quantized cache (measure/long_run.py): its peak ratios'
+baselines/long-cache.json, recorded by `python -m kvcache_repro.verdicts.long_run record`."""
 from __future__ import annotations
 
 import sys
@@ -34,5 +33,4 @@ if __name__ == "__main__":
     from kvcache_repro.measure import threads
 
     threads.pin()
-    for line in record():
-        print(line)
+    print(*record(), sep="\n")

@@ -3,6 +3,7 @@ baselines/<name>.json, a user's model's under baselines/models/, a CUDA card's o
 baselines/<name>--<card>.json beside the scenario's prediction."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from kvcache_repro.core import provenance
@@ -10,41 +11,33 @@ from kvcache_repro.measure import scenarios
 from kvcache_repro.verdicts import baseline_file
 
 
-def baseline_path(scenario: str) -> Path:
-    """baselines/<name>.json; a user's model: baselines/models/<name>.json, named by a
-    digest of what its numbers depend on (scenarios.model_scenario)."""
+def _scenario(name: str):
     try:
-        stored_as = scenarios.get(scenario).baseline_name or scenario
+        return scenarios.get(name)
     except scenarios.SelectionError:  # a name no scenario has: its (absent) file says "missing"
-        stored_as = scenario
-    return baseline_file.BASELINE_DIR / f"{stored_as}.json"
+        return None
+
+
+def baseline_path(scenario: str) -> Path:
+    """baselines/<name>.json (a user's model: models/<digest of its key>.json)."""
+    s = _scenario(scenario)
+    return baseline_file.BASELINE_DIR / f"{(s.baseline_name if s is not None else None) or scenario}.json"
 
 
 def card_path(scenario: str, card: str) -> Path:
-    """A built-in CUDA scenario's baselines measured on one kind of card:
-    baselines/<name>--<card>.json. Its own file holds the CPU's prediction (or, for seed,
-    the seed's figures), which no card's measurement overwrites."""
-    import re
-
+    """A built-in CUDA scenario's baselines measured on one kind of card."""
     return baseline_file.BASELINE_DIR / f"{scenario}--{re.sub(r'[^A-Za-z0-9.]+', '-', card).strip('-')}.json"
 
 
 def _per_card(scenario: str) -> bool:
-    try:
-        s = scenarios.get(scenario)
-    except scenarios.SelectionError:
-        return False
-    return s.device == "cuda" and s.baseline_key is None  # a --model file is keyed by its device already
+    s = _scenario(scenario)  # a --model file is keyed by its device already
+    return s is not None and s.device == "cuda" and s.baseline_key is None
 
 
 def compared_path(scenario: str) -> Path:
-    """The file a run compares with: on CUDA the one measured on this kind of card when
-    there is one, else the scenario's own (the prediction)."""
-    if _per_card(scenario):
-        path = card_path(scenario, provenance.device_name("cuda"))
-        if path.exists():
-            return path
-    return baseline_path(scenario)
+    """The file a run compares with: on CUDA this card's when there is one, else the scenario's."""
+    path = card_path(scenario, provenance.device_name("cuda")) if _per_card(scenario) else None
+    return path if path is not None and path.exists() else baseline_path(scenario)
 
 
 def recorded_path(scenario: str) -> Path:

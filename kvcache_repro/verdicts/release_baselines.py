@@ -5,29 +5,20 @@
 
 Each DIR is the ``--output-dir`` of ``python -m kvcache_repro experiment --scenario S
 --in-process`` run with that release's interpreter (``../.compat-envs/transformers-V-*/
-bin/python``: same torch, optimum-quanto and hqq as the pin, only transformers differs).
-Per stored entry, the releases are sorted and cut into runs of one value (its ratio
-rounded as the store rounds it); a run becomes a range ``>=FIRST,<FIRST OF THE NEXT RUN``
-(so measure every release between two that differ to bisect the boundary) unless its
-value lies within the entry's own band, or the run holds the pinned release (the
-entry's own ratio is that release's; the range after it stays open, so a newer release
-that changes nothing compares against the pin). Prints the ranges; ``--write`` stores
-them in the entry's ``by_release`` (baseline_update.update: replaces ranges with the same
-bounds, keeps the others, refuses overlaps and values inside the entry's band).
-
-Stdlib only, like verdicts/baseline_file.py.
+bin/python``: only that package differs from the pins). Per entry, the releases are sorted
+and cut into runs of one value (as the store rounds it); a run becomes a range ``>=FIRST,<FIRST
+OF THE NEXT RUN`` unless its value lies within the entry's own band or it holds the pinned
+release. ``--write`` stores the ranges in the entry's ``by_release`` (baseline_update.update).
 """
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 from packaging.version import Version
 
-from kvcache_repro.core import cli
 from kvcache_repro.core.provenance import PACKAGES, device_label, package_versions, produced_by
-from kvcache_repro.verdicts import baseline_file, baseline_update, release_ranges
+from kvcache_repro.verdicts import baseline_file, release_ranges
 
 ROUND = 4  # as experiment.update_baselines rounds stored ratios
 
@@ -42,9 +33,8 @@ def measured_ratios(results_dir: Path) -> dict[str, float]:
 def ranges_for(entry: baseline_file.Entry, by_release: dict[str, float], produced_by: dict,
                package: str = "transformers") -> list[release_ranges.ReleaseValue]:
     """The ranges worth storing for one entry from {release of ``package``: measured ratio}."""
-    releases = sorted(by_release, key=Version)
     runs: list[list[str]] = []
-    for rel in releases:
+    for rel in sorted(by_release, key=Version):
         if runs and round(by_release[runs[-1][-1]], ROUND) == round(by_release[rel], ROUND):
             runs[-1].append(rel)
         else:
@@ -78,31 +68,3 @@ def provenance(scenario: str, suite: str) -> dict:
                        f"python -m kvcache_repro release-baselines",
                        versions=package_versions(PACKAGES[1:]), with_machine=False)
 
-
-def command(args) -> int:
-    """``python -m kvcache_repro release-baselines`` with its parsed arguments
-    (kvcache_repro/commands/release_baselines.py): the exit code."""
-    if args.package not in PACKAGES:
-        raise cli.UsageError(f"--package {args.package}: not one of {', '.join(PACKAGES)}")
-    path = baseline_file.BASELINE_DIR / f"{args.scenario}.json"
-    stored = baseline_file.load(path)
-    measured = {}
-    for item in args.runs:
-        release, _, directory = item.partition("=")
-        Version(release)
-        measured[release] = measured_ratios(Path(directory))
-    produced_by = provenance(args.scenario, args.suite)
-    updated = []
-    for key, entry in sorted(stored.entries.items()):
-        values = {rel: ratios[key] for rel, ratios in measured.items() if key in ratios}
-        print(f"{key}: pin {args.package} {entry.pinned(args.package)} {entry.ratio} +/- {entry.tolerance}; "
-              + ", ".join(f"{rel} {values[rel]:.4f}" for rel in sorted(values, key=Version)))
-        found = ranges_for(entry, values, produced_by, args.package)
-        for rv in found:
-            print(f"  range {rv.releases}: {rv.ratio} (observed on {', '.join(rv.observed_on)})")
-        if found:
-            updated.append(replace(entry, by_release=tuple(found)))
-    if args.write and updated:
-        for line in baseline_update.update(path, updated, run_failed=False, scenario=stored.scenario):
-            print("wrote", line)
-    return 0

@@ -27,7 +27,7 @@ def update_baselines(setup: SpeedSetup, ratios: dict[str, SpeedRatio], run_faile
     entries = [baseline_file.Entry(r.backend, setup.batch, "decode_time_ratio", round(r.ratio, 3), band(r),
                                    {**produced_by, "blocks": [round(b, 3) for b in r.blocks]})
                for r in ratios.values()]
-    return baseline_update.update(baseline_path(setup), entries, run_failed=run_failed,
-                                  scenario=f"speed-cpu-{setup.name}",
-                                  description="decode CPU time of each backend / none (sum over steps of the fastest "
-                                              "interleaved round)")
+    return baseline_update.update(
+        baseline_path(setup), entries, run_failed=run_failed, scenario=f"speed-cpu-{setup.name}",
+        description="decode CPU time of each backend / none (sum over steps of the fastest "
+                    "interleaved round)")

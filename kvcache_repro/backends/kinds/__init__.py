@@ -1,13 +1,7 @@
-"""Backend kinds: one module per kind of KV cache (unquantized, quanto, hqq, fp8), each
-defining ``KIND``, a base.BackendKind that holds all the harness knows of it: its name in
-transformers, its matrix rows, its cache arguments, how its stored bytes are counted and
-predicted, what it refuses, its package. ``KINDS`` is built from those modules in this
-order (matrix.BACKENDS's order); the rest of the suite asks a kind, never a name.
-
-Adding a backend: a module here with its KIND, listed in _MODULES; its package (if any) in
-core/provenance.PACKAGES; its rows in tables keyed by backend name (expectations.BATCH_INVARIANCE).
-``register`` adds a kind at run time (tests/test_backend_registry.py). Torch-free.
-"""
+"""Backend kinds: one module per kind of KV cache, each defining ``KIND``, a base.BackendKind
+holding all the harness knows of it. ``KINDS`` keeps matrix.BACKENDS's order; the rest of the suite
+asks a kind, never a name. Torch-free. A new backend: a module listed in _MODULES, its package in
+core/provenance.PACKAGES, its rows in expectations' tables; or ``register`` at run time."""
 from __future__ import annotations
 
 from kvcache_repro.backends.kinds import fp8, hqq, quanto, unquantized

@@ -1,6 +1,6 @@
-"""The protocol of a backend kind: everything the harness asks of one kind of KV cache,
-so that no module branches on a backend's name. Torch-free at import (matrix.py, collection
-and the CLI help import it): torch and transformers are imported inside the methods."""
+"""The protocol of a backend kind: everything the harness asks of one kind of KV cache, so that
+no module branches on a backend's name. Torch-free at import (matrix.py, collection and the CLI
+help import it): torch and transformers are imported inside the methods."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,15 +54,15 @@ class BackendKind:
     matrix.BackendSpec rows, ``settings`` a matrix.QuantSettings."""
 
     name = ""  # transformers' spelling: cache_config["backend"], QuantizedCache(name, ...)
-    layer_class_name = ""  # its layers' class in transformers.cache_utils; missing there: not available
-    package: str | None = None  # the pip package that quantizes (version reports); None: torch/transformers
+    layer_class_name = ""  # its layers' class in transformers.cache_utils, if any
+    package: str | None = None  # the pip package that quantizes (version reports)
     module: str | None = None  # what must import for it to run (the GPU bundle's check)
     quantized = True
-    group_wise = False  # quantizes in groups and keeps a full-precision residual (flushed at residual_length)
-    nbits: tuple[int, ...] = ()  # the matrix's bit widths; none: one row named as the kind
-    axes: tuple[int, ...] = (0,)  # the matrix's axes; the first (transformers' default) gets the short name
-    row_axis: int | None = None  # the axis whose groups each lie within one batch row
-    cuda_transient_low = 1.0  # lowest factor of a CPU proxy's transient on CUDA (runner/gpu_prediction.py)
+    group_wise = False  # in groups, with a full-precision residual
+    nbits: tuple[int, ...] = ()  # none: one row, named as the kind
+    axes: tuple[int, ...] = (0,)  # the first (the default) gets the short name
+    row_axis: int | None = None  # whose groups each lie within one batch row
+    cuda_transient_low = 1.0  # a CPU transient's lowest factor on CUDA
 
     def rows(self) -> list[tuple[str, int | None, int | None]]:
         """(matrix name, nbits, axis) of each matrix row: quanto2, hqq4-axis1, fp8."""
@@ -71,7 +71,7 @@ class BackendKind:
         return [(f"{self.name}{n}" + ("" if axis == self.axes[0] else f"-axis{axis}"), n, axis)
                 for axis in self.axes for n in self.nbits]
 
-    def broken(self, spec) -> str | None:  # why this combination cannot run at all: the one place that says so
+    def broken(self, spec) -> str | None:  # why this combination cannot run at all
         return None
 
     def layer_class(self):  # None where this transformers has no such layer
@@ -79,7 +79,7 @@ class BackendKind:
 
         return getattr(cu, self.layer_class_name, None)
 
-    def cache_kwargs(self, spec, settings) -> dict[str, Any]:  # for QuantizedCache and the layer class
+    def cache_kwargs(self, spec, settings) -> dict[str, Any]:  # QuantizedCache's and the layer's
         return {}
 
     def build_cache(self, spec, model_config, settings):
@@ -89,33 +89,33 @@ class BackendKind:
 
     def storage(self, layer) -> tuple:
         """(quantized keys, quantized values, residual keys, residual values) of one layer.
-        getattr: 4.57 creates the quantized attributes only on the first update, and a
-        model that never calls update() (RecurrentGemma on 4.57) leaves them unset."""
+        getattr: 4.57 creates the quantized attributes only on the first update, which a model
+        may never call (RecurrentGemma on 4.57)."""
         return (getattr(layer, "_quantized_keys", None), getattr(layer, "_quantized_values", None),
                 residual(getattr(layer, "keys", None)), residual(getattr(layer, "values", None)))
 
     def stored_bytes(self, qstate) -> CacheBytes:  # of one quantized tensor as its layer stores it
         raise NotImplementedError(f"{self.name}: no byte model for its stored state")
 
-    def describe(self, qstate) -> str:  # a quantized tensor in words (a failed byte comparison's line)
+    def describe(self, qstate) -> str:  # a quantized tensor in words
         return type(qstate).__name__
 
     def predicted_bytes(self, spec, n: int, group: int, itemsize: int) -> tuple[int, int]:
-        """(packed, metadata) bytes that ``n`` quantized values of one tensor take (measure/accounting.py)."""
+        """(packed, metadata) bytes of ``n`` quantized values of one tensor (measure/accounting.py)."""
         raise NotImplementedError(f"{self.name}: no analytic byte model")
 
     def grouped(self, spec, numel: int, batch: int, head_dim: int) -> tuple[int, str]:
-        return numel, "B*H*S*D"  # what q_group_size must divide (and its name) for a tensor of numel values
+        return numel, "B*H*S*D"  # what q_group_size must divide, named
 
-    def packing_problem(self, spec, groups: int, seq: int) -> str | None:  # a shape error to come, or None
+    def packing_problem(self, spec, groups: int, seq: int) -> str | None:  # a shape error to come
         return None
 
     def grid(self, spec, group: int, tensor, restored, qstate) -> tuple:
-        """(original, restored, step, lo) per group, (groups, G) and (groups, 1): the affine
-        grid ``lo + q * step`` read out of the stored metadata (measure/quantizers.py)."""
+        """(original, restored, step, lo) per group, (groups, G) and (groups, 1): the affine grid
+        ``lo + q * step`` read out of the stored metadata (measure/quantizers.py)."""
         raise ValueError(f"{spec.name}: only group-wise backends have a per-group grid")
 
-    def prepare(self, log) -> str | None:  # ready a fresh worker before its model loads: a note, or None
+    def prepare(self, log) -> str | None:  # ready a worker before its model loads
         return None
 
 

@@ -19,7 +19,7 @@ class Hqq(GroupWiseKind):
     package, module = "hqq", "hqq.core.quantize"
     nbits = (1, 2, 3, 4, 8)
     axes, row_axis = (0, 1), 1
-    cuda_transient_low = 0.5  # quantizes and optimizes in the model's float16 on CUDA, in float32 on CPU
+    cuda_transient_low = 0.5  # works in float16 on CUDA, float32 on CPU
 
     def broken(self, spec) -> str | None:
         if spec.nbits == 3 and spec.axis == 1:
@@ -30,8 +30,7 @@ class Hqq(GroupWiseKind):
     def stored_bytes(self, qstate) -> CacheBytes:
         codes, meta = qstate
         if not isinstance(meta, dict) or "scale" not in meta or "zero" not in meta:
-            # values without their scales and zeros (not quantized): "other", so the byte
-            # comparison fails naming what the layer holds (describe) instead of a KeyError
+            # not quantized: "other", so the byte comparison fails naming it, not a KeyError
             return CacheBytes(0, 0, 0, tensor_bytes(codes))
         return CacheBytes(tensor_bytes(codes), tensor_bytes(meta["scale"]) + tensor_bytes(meta["zero"]), 0)
 
@@ -42,18 +41,19 @@ class Hqq(GroupWiseKind):
         return f"hqq codes {codes.dtype} {tuple(codes.shape)}, axis {meta.get('axis')}"
 
     def packed_bytes(self, spec, n: int, group: int) -> int:
-        """3-bit: 10 codes per int32, the packed dimension padded to 10: G rows (axis 0) or n/G rows (axis 1)."""
+        """3-bit: 10 codes per int32, the packed dimension (axis 0: G, 1: n/G) padded to 10."""
         if spec.nbits != 3:
             return super().packed_bytes(spec, n, group)
         groups = n // group
         return 4 * math.ceil(group / 10) * groups if spec.axis == 0 else 4 * math.ceil(groups / 10) * group
 
     def packing_problem(self, spec, groups: int, seq: int) -> str | None:
-        """axis 1: the bit packer needs the B*H*S*D/G rows a multiple of 8/nbits (else a shape error at dequantize)."""
+        """axis 1: B*H*S*D/G rows must be a multiple of 8/nbits (else dequantize fails)."""
         per_byte = 8 // spec.nbits
         if spec.axis == 1 and spec.nbits in (1, 2, 4) and groups % per_byte:
-            return (f"hqq packs {per_byte} groups per byte along axis 1 but the tensor at sequence {seq} has "
-                    f"{groups} groups (B*H*S*D/G); choose a batch/prompt length making it a multiple of {per_byte}")
+            return (f"hqq packs {per_byte} groups per byte along axis 1 but the tensor at sequence {seq} "
+                    f"has {groups} groups (B*H*S*D/G); choose a batch/prompt length making it a multiple "
+                    f"of {per_byte}")
         return None
 
     def grid(self, spec, group: int, tensor, restored, qstate) -> tuple:

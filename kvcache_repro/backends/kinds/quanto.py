@@ -18,7 +18,7 @@ class Quanto(GroupWiseKind):
     row_axis = 0
 
     def stored_bytes(self, qstate) -> CacheBytes:
-        # WeightQBitsTensor reports the DENSE size from .nbytes: flattened to packed data, scale, shift
+        # .nbytes is the DENSE size: count the flattened packed data, scale, shift
         names, _ = qstate.__tensor_flatten__()
         data = sum(tensor_bytes(getattr(qstate, n)) for n in names if n == "_data")
         meta = sum(tensor_bytes(getattr(qstate, n)) for n in names if n != "_data")
@@ -41,7 +41,7 @@ class Quanto(GroupWiseKind):
         step, shift = qstate._scale.float().reshape(-1, 1), qstate._shift.float().reshape(-1, 1)
         return groups(tensor), groups(restored), step, -shift
 
-    def prepare(self, log) -> str | None:  # its C++ extension (quanto_ext.StaleLockError), maybe its Python unpack
+    def prepare(self, log) -> str | None:  # its C++ extension, maybe its Python unpack
         from kvcache_repro.backends import quanto_ext, quanto_unpack
 
         log(quanto_ext.prepare())

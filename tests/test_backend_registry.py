@@ -1,5 +1,5 @@
 """Adding a backend is one module plus its rows: a throwaway kind registered through
-kinds.register (what a module listed in backends/kinds/__init__.py is at import) is in the
+matrix.register_kind (what a module listed in backends/kinds/__init__.py is at import) is in the
 matrix, the analytic byte model and the experiment's report, and gone after its test."""
 from __future__ import annotations
 
@@ -33,9 +33,9 @@ class IntSim(BackendKind):
 
 @pytest.fixture
 def int_sim():
-    kind = kinds.register(IntSim())
+    kind = matrix.register_kind(IntSim())
     yield kind
-    kinds.unregister(kind.name)
+    matrix.unregister_kind(kind.name)
     assert list(matrix.BACKENDS) == BUILT_IN and kind.name not in kinds.KINDS
 
 
@@ -48,7 +48,7 @@ def test_its_rows_join_the_matrix_after_the_built_in_ones(int_sim):
     with pytest.raises(matrix.SelectionError, match=r"int-sim takes 8 bits"):
         matrix.select_backends("int-sim4")
     with pytest.raises(ValueError, match="exists already"):
-        kinds.register(IntSim())
+        matrix.register_kind(IntSim())
 
 
 def test_its_byte_formula_is_the_analytic_model(int_sim):

@@ -61,6 +61,20 @@ def rebuild() -> None:
 
 rebuild()
 
+
+def register_kind(kind: BackendKind) -> BackendKind:
+    """Add ``kind`` after the others (kinds.KINDS); its rows join BACKENDS, in place."""
+    if kind.name in KINDS:
+        raise ValueError(f"a backend kind named {kind.name!r} exists already")
+    KINDS[kind.name] = kind
+    rebuild()
+    return kind
+
+
+def unregister_kind(name: str) -> None:
+    del KINDS[name]
+    rebuild()
+
 # The seed's seven families (docs/seed.md, "Models support"), plus Mistral with its
 # sliding window: transformers treats sliding-window models differently across versions.
 SEED_FAMILIES: tuple[str, ...] = (

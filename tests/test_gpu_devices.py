@@ -163,10 +163,11 @@ def test_the_report_header_of_an_xdist_controller_has_the_plan(monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     config = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=2, tx=["popen", "popen"]),
-                                   stash=pytest.Stash())
+                                   stash=pytest.Stash(), rootpath=ROOT)
     assert "kvq: CUDA_VISIBLE_DEVICES per xdist worker (from CUDA_VISIBLE_DEVICES=2,3): gw0=2 gw1=3" in (
         options.pytest_report_header(config))
-    one_process = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=None), stash=pytest.Stash())
+    one_process = types.SimpleNamespace(option=types.SimpleNamespace(numprocesses=None), stash=pytest.Stash(),
+                                        rootpath=ROOT)
     assert not any("per xdist worker" in line for line in options.pytest_report_header(one_process))
 
 

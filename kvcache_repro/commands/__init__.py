@@ -31,14 +31,22 @@ def library_doc(path: str) -> str:
 
 
 def call(verb: str, argv: list[str] | None = None) -> int:
-    """Parse ``argv`` with ``verb``'s parser and run it: its exit code."""
+    """Parse ``argv`` with ``verb``'s parser and run it: its exit code. A bad selection (an
+    unknown scenario or backend, a KVQ_SCENARIOS file that is no valid scenario) exits 2."""
     module = load(verb)
-    parser = module.build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     try:
+        parser = module.build_parser()
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         return module.run(args)
     except cli.UsageError as error:
         parser.error(str(error))
+    except ValueError as error:
+        from kvcache_repro.backends.matrix import SelectionError  # torch-free
+
+        if not isinstance(error, SelectionError):
+            raise
+        print(f"{PROG} {verb}: {error}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:

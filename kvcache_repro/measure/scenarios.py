@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kvcache_repro.backends import offline
 from kvcache_repro.backends.matrix import BACKENDS, QuantSettings, SelectionError
+from kvcache_repro.core import metrics
 
 # The seed's ten prompts, repeated 20 times for its batch of 200.
 SEED_PROMPTS = ("The best tomato sauce is", "Artificial intelligence is", "The future of technology is",
@@ -94,7 +95,7 @@ FIELDS = {"device": (str,), "model": (str,), "batch_sizes": (list, int), "new_to
 REQUIRED = ("device", "model", "batch_sizes", "new_tokens", "settings", "dtype")
 CHOICES = {"device": ("cuda", "cpu"), "model": ("checkpoint", "small-real", "tiny", "random"),
            "dtype": tuple(DTYPES.values()), "backends": tuple(BACKENDS), "tests": TESTS,
-           "settings": tuple(f.name for f in fields(QuantSettings))}
+           "settings": tuple(f.name for f in fields(QuantSettings)), "baseline_metrics": tuple(metrics.METRICS)}
 
 
 class ScenarioError(SelectionError):
@@ -132,6 +133,8 @@ def _check(path, name: str, entry) -> None:
                 fail(field, f"unknown architecture {value!r}", f"NAME or NAME@LAYERS, NAME: {', '.join(offline.ARCHS)}")
     if entry["model"] == "random" and "arch" not in entry:
         fail("arch", "missing (model 'random' builds an architecture)", ", ".join(offline.ARCHS))
+    if entry["model"] == "checkpoint" and "checkpoint" not in entry:
+        fail("checkpoint", "missing (model 'checkpoint' loads one)", "a hub id or a local directory")
 
 
 def load(path, taken=()) -> dict[str, dict]:
@@ -157,6 +160,8 @@ def for_tests(test: str) -> list[tuple[str, tuple[str, ...]]]:
 
 
 ENTRIES = load(DATA)
+if os.environ.get(USER_ENV):  # absolute, so that workers (started in the checkout) read the same files
+    os.environ[USER_ENV] = os.pathsep.join(str(Path(p).resolve()) for p in os.environ[USER_ENV].split(os.pathsep) if p)
 for _path in filter(None, os.environ.get(USER_ENV, "").split(os.pathsep)):
     ENTRIES.update(load(_path, ENTRIES))
 SCENARIOS: dict[str, Scenario] = {  # tests and slow select test parameters only (for_tests)

@@ -192,7 +192,7 @@ for _kind in KINDS:
 
 
 def pytest_configure(config):
-    if state.xdist_controller(config):
+    if state.xdist_controller(config) and state.suite_run(config):
         config.stash[state.SPEED_DIR] = tempfile.mkdtemp(prefix="kvq-speed-")
         os.environ[SPEED_FILE_ENV] = os.path.join(config.stash[state.SPEED_DIR], "speed.json")  # workers inherit it
 
@@ -208,8 +208,8 @@ def pytest_xdist_node_collection_finished(node, ids):
     from kvcache_repro.measure import speed
 
     config = node.config
-    if config.stash.get(state.SPEED_PREMEASURED, False):
-        return
+    if config.stash.get(state.SPEED_PREMEASURED, False) or SPEED_FILE_ENV not in os.environ:
+        return  # measured already, or not the suite's run (pytest_configure sets the file)
     config.stash[state.SPEED_PREMEASURED] = True
     run_slow = config.getoption("--kv-run-slow")
     used = {m.group(1) for i in ids if (m := re.search(r"\[([^\]]+)\]@speed$", i))}

@@ -3,6 +3,7 @@ slow, and backends the installed releases refuse."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,14 @@ def selection(config) -> tuple:
 
 
 def pytest_configure(config):
+    if not state.suite_run(config):
+        return
+    import kvcache_repro
+
+    if (imported := Path(kvcache_repro.__file__).resolve().parents[1]) != config.rootpath.resolve():
+        raise pytest.UsageError(f"kvcache_repro is imported from {imported}, not from this checkout "
+                                f"({config.rootpath}): its baselines would be missing. Install the checkout "
+                                "editable (pip install -e .) or uninstall kvcache-repro")
     from kvcache_repro.backends import quanto_ext, quanto_unpack
     from kvcache_repro.measure import threads
     from kvcache_repro.verdicts import expectations
@@ -80,6 +89,8 @@ def pytest_configure(config):
 
 
 def pytest_report_header(config):
+    if not state.suite_run(config):
+        return []
     from kvcache_repro.gpu import devices
     from kvcache_repro.plugin import DEVICE_NOTE
 
@@ -94,6 +105,8 @@ def pytest_report_header(config):
 def pytest_runtest_setup(item):
     """A test of a backend whose cache transformers refuses to build with the installed
     quantizer (caches.refused_backends) skips, naming the test that reports the refusal."""
+    if not state.suite_run(item.config):
+        return
     params = getattr(getattr(item, "callspec", None), "params", {})
     specs = [v if isinstance(v, matrix.BackendSpec) else matrix.BACKENDS.get(v) if isinstance(v, str) else None
              for v in params.values()]
@@ -112,6 +125,8 @@ def pytest_runtest_setup(item):
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own, which turns the xdist_group marks added here into
 def pytest_collection_modifyitems(config, items):  # nodeid suffixes: after it, every test was its own group
+    if not state.suite_run(config):
+        return
     import torch
 
     from kvcache_repro.gpu import device_run
@@ -139,10 +154,12 @@ def pytest_runtest_makereport(item, call):
 
 
 @pytest.fixture(autouse=True)
-def _no_dispatch_mode_outlives_a_test():
+def _no_dispatch_mode_outlives_a_test(request):
     """A test that leaves a TorchDispatchMode on (a PeakTracker whose region raised) errors here
     and the mode is popped, so that it does not wrap (and slow, 6x) every later test."""
     yield
+    if not state.suite_run(request.config):
+        return
     from kvcache_repro.measure import peak
 
     if left := peak.pop_leftover_modes():

@@ -17,5 +17,11 @@ def results(config, kind: str) -> dict:
     return config.stash.setdefault(RESULTS, {}).setdefault(kind, {})
 
 
+def suite_run(config) -> bool:
+    """Whether this pytest runs the suite's own checkout. Installed (the pytest11 entry point),
+    the plugin is loaded in every pytest of that environment: elsewhere it only adds options."""
+    return (config.rootpath / "kvcache_repro" / "plugin").is_dir()
+
+
 def xdist_controller(config) -> bool:
     return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")

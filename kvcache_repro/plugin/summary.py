@@ -9,11 +9,7 @@ import pytest
 
 from kvcache_repro.plugin import state
 from kvcache_repro.plugin.kinds import KINDS
-
-# Tests whose failure --kv-update-baselines is for: it does not block an update; any other does.
-BAND_TESTS = {"test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
-              "test_speed_within_baseline_bands"}
-
+from kvcache_repro.verdicts import comparison
 
 @pytest.fixture
 def claim_verdict(request):
@@ -100,7 +96,7 @@ def _write_claims(terminalreporter, config, claims, claim_results):
 def update_baselines(terminalreporter, config):
     """In one process (options.pytest_configure refuses xdist): a band miss is what an update
     is for; any other failure means the run is not trustworthy enough to become a baseline."""
-    failed = bool(config.stash.get(state.FAILED, set()) - BAND_TESTS)
+    failed = bool(config.stash.get(state.FAILED, set()) - comparison.BAND_TESTS)
     reset = config.getoption("--kv-reset-tolerances")
     for kind in KINDS:
         for key, result in state.results(config, kind.name).items():

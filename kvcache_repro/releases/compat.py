@@ -30,9 +30,6 @@ from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
 ROOT = Path(__file__).resolve().parents[2]
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 KINDS = ("behaviour", "harness", "band", "unclassified")
-# Tests that compare a measurement with a stored band (plugin/summary.py BAND_TESTS).
-BAND_TESTS = ("test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
-              "test_speed_within_baseline_bands")
 # Run per release by default (~1-2 min each on 2 cores); --full adds the rest of the tier
 # (accuracy on the real model, speed, memory, the device-run dry run: minutes each).
 DEFAULT_GROUPS = ("test_version_expectations", "test_model_families", "test_cache_semantics",
@@ -64,6 +61,8 @@ def classify(outcome: str, name: str, message: str) -> str | None:
         return None
     if BEHAVIOUR_TAG in message:
         return "behaviour"
+    from kvcache_repro.verdicts.comparison import BAND_TESTS  # not at import: --help stays stdlib-only
+
     return "band" if name.split("[")[0] in BAND_TESTS else "unclassified"
 
 

@@ -55,8 +55,8 @@ class AccuracyTable:
         release matrix)."""
         from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
 
-        stack = ", ".join(f"{k} {v}" for k, v in self.versions.items()
-                          if k in ("torch", "transformers", "optimum-quanto", "hqq"))
+        order = ("torch", "transformers", "optimum-quanto", "hqq")  # the order docs/faults.md quotes
+        stack = ", ".join(f"{k} {self.versions[k]}" for k in order if k in self.versions)
         return (f"{BEHAVIOUR_TAG} {name} gives non-finite logits on {stack or 'this stack'} ({self.device}, "
                 f"{self.setup.name} table): first at {self.results[name].nonfinite}. Its KL, top-1 and "
                 f"perplexity are not compared with their bands; the other backends are.")

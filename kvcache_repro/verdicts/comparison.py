@@ -12,6 +12,11 @@ from kvcache_repro.verdicts.baseline_file import (EDGE_SLACK, RECORD_HINT, UPDAT
 from kvcache_repro.verdicts.release_ranges import RANGE_HINT
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
 
+# The tests that compare a measurement with its stored band: their failure is what
+# --kv-update-baselines is for (it does not block an update), and a compat row calls it "band".
+BAND_TESTS = frozenset({"test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
+                        "test_speed_within_baseline_bands"})
+
 
 @dataclass(frozen=True)
 class Verdict:

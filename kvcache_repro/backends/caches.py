@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from kvcache_repro.backends.kinds import KINDS
-from kvcache_repro.backends.matrix import BACKENDS, BackendSpec, QuantSettings  # noqa: F401
+from kvcache_repro.backends.matrix import BACKENDS, SEED_SETTINGS, BackendSpec, QuantSettings  # noqa: F401
 
 
 class GroupSizeError(ValueError):

@@ -49,6 +49,9 @@ class QuantSettings:
     residual_length: int = 128
 
 
+SEED_SETTINGS = QuantSettings(q_group_size=128, residual_length=64)  # the seed's (docs/seed.md)
+
+
 BACKENDS: dict[str, BackendSpec] = {}
 
 

@@ -1,6 +1,7 @@
 """the memory experiment on what this machine has, or on your model (./kvq experiment)"""
 from __future__ import annotations
 
+from kvcache_repro.backends.matrix import SEED_SETTINGS  # torch-free
 from kvcache_repro.commands import library_doc
 from kvcache_repro.core import cli
 
@@ -13,8 +14,8 @@ MODEL_OPTIONS = {
     "new_tokens": (None, "default: CUDA 1000 as the seed; CPU 64"),
     "dtype": (None, "default: CUDA fp16; CPU fp32"),
     "weights": ("native", "native (default) or nf4 (bitsandbytes, CUDA, as the seed)"),
-    "q_group_size": (128, "default 128 (the seed's)"),
-    "residual_length": (64, "default 64 (the seed's)"),
+    "q_group_size": (SEED_SETTINGS.q_group_size, f"default {SEED_SETTINGS.q_group_size} (the seed's)"),
+    "residual_length": (SEED_SETTINGS.residual_length, f"default {SEED_SETTINGS.residual_length} (the seed's)"),
 }
 POSITIVE_INTS = ("new_tokens", "q_group_size", "residual_length")
 

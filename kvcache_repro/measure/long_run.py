@@ -16,7 +16,7 @@ from kvcache_repro.measure import accounting
 from kvcache_repro.measure.peak import PeakTracker
 
 PROMPT, NEW, ROWS = 8, 1000, 2  # the seed's 1,000 new tokens: 999 fed back
-SETTINGS = caches.QuantSettings(q_group_size=128, residual_length=64)  # the seed's
+SETTINGS = caches.SEED_SETTINGS
 DTYPE = torch.float16  # the seed's
 ARCH = "dry-tiny"
 NAME = "long-cache"

@@ -82,7 +82,7 @@ class AccuracySetup:
     decode: int = 128
     step: int = 16
     proxy: str = ""  # how this setup differs from the seed's, said beside its verdicts
-    settings: caches.QuantSettings = caches.QuantSettings(q_group_size=128, residual_length=64)
+    settings: caches.QuantSettings = caches.SEED_SETTINGS
 
     def key(self) -> str:
         # No step: the step does not change the logits (tests/test_accuracy.py shows it).

@@ -164,7 +164,7 @@ class SpeedSetup:
                 f"1 thread, CPU time")
 
 
-SEED_SETTINGS = caches.QuantSettings(q_group_size=128, residual_length=64)
+SEED_SETTINGS = caches.SEED_SETTINGS
 SPEED_SETUPS = {s.name: s for s in (
     # The tiny Llama, 256 new tokens = 4 flushes: the cache's work is a large share of each
     # step. Under load one run of 6 rounds had blocks 1.40-1.68 (quanto4), 1.66-2.05 (hqq4).

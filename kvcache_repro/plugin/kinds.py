@@ -92,6 +92,7 @@ def _user_model_scenario(config):
     """--kv-gpu-model's scenario as ./kvq experiment --model builds it; skips without the option."""
     import argparse
 
+    from kvcache_repro.backends.matrix import SEED_SETTINGS
     from kvcache_repro.runner import experiment
 
     model = config.getoption("--kv-gpu-model")
@@ -99,10 +100,10 @@ def _user_model_scenario(config):
         pytest.skip("your model's run: give --kv-gpu-model ID_OR_PATH (and --kv-gpu-dtype/-weights/-new-tokens/"
                     "-batch-sizes, --kv-backends)")
     args = argparse.Namespace(
-        model=model, device="cuda", backends=config.getoption("--kv-backends") or "none,quanto4,hqq4",
+        model=model, device="cuda", backends=config.getoption("--kv-backends"),  # None: model_scenario's default
         batch_sizes=config.getoption("--kv-gpu-batch-sizes"), new_tokens=config.getoption("--kv-gpu-new-tokens"),
         dtype=config.getoption("--kv-gpu-dtype"), weights=config.getoption("--kv-gpu-weights"),
-        q_group_size=128, residual_length=64)
+        q_group_size=SEED_SETTINGS.q_group_size, residual_length=SEED_SETTINGS.residual_length)
     try:
         return experiment.model_scenario(args)
     except experiment.ModelSetupError as error:

@@ -38,7 +38,7 @@ def setups() -> dict:
     from kvcache_repro.backends import caches
     from kvcache_repro.measure import speed
 
-    settings = caches.QuantSettings(q_group_size=128, residual_length=64)
+    settings = caches.SEED_SETTINGS
     return {**speed.SPEED_SETUPS, "cache": speed.SpeedSetup("cache", CACHE_MODEL, 8, 448, 32, settings, 12)}
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kvcache_repro.releases import compat, package_specs
+import pytest
+
+from kvcache_repro.releases import compat, package_specs, results
 
 PINNED = ["torch==2.13.0", "transformers==5.24.0", "optimum-quanto==0.2.7", "hqq==0.2.8.post1"]
 PINS = dict(line.split("==") for line in PINNED)
@@ -33,24 +35,10 @@ JUNIT = """<?xml version="1.0"?><testsuites><testsuite>
 def test_junit_outcomes_per_group(tmp_path):
     path = tmp_path / "j.xml"
     path.write_text(JUNIT)
-    groups = compat.outcomes_by_group(path)
+    groups = results.outcomes_by_group(compat.read_junit(path))
     assert dict(groups["test_a"]) == {"passed": 1, "failed": 1, "skipped": 1}
     assert dict(groups["test_b"]) == {"xfailed": 1, "xpassed": 1, "error": 1}
-    section = compat.markdown_section("4.57.6", {"transformers": "4.57.6"}, 12.0, groups, "2026-11-29")
-    assert section.startswith("## transformers 4.57.6 - 3 FAILED")
-    assert "| test_a | 1 | 1 | 0 | 1 | 0 | 0 |" in section
-
-
-def test_all_passed_only_when_nothing_failed(tmp_path):
-    path = tmp_path / "j.xml"
-    path.write_text('<testsuites><testsuite><testcase classname="tests.test_a" name="t"/></testsuite></testsuites>')
-    assert "all passed" in compat.markdown_section("5.24.0", {}, 1.0, compat.outcomes_by_group(path), "d")
-
-
-def test_a_version_pytest_refused_is_a_row_not_a_crash(tmp_path):
-    groups = compat.outcomes_by_group(tmp_path / "missing.xml")
-    assert groups == {}
-    assert "NO TESTS RAN" in compat.markdown_section("4.46.3", {}, 3.0, groups, "d")
+    assert compat.read_junit(tmp_path / "missing.xml") == []  # pytest refused the version: no rows
 
 
 # ---- failure kinds, read back from junit -------------------------------------------------
@@ -99,7 +87,7 @@ def test_matrix_has_releases_as_rows_in_version_order_and_groups_as_columns():
                            _case("test_b", "xfailed")]),
             _run("9.9", installed=False),
             _run("5.24.0", [_case("test_a")], groups=("test_a",))]
-    table = compat.matrix_table(runs, PINS).splitlines()
+    table = results.matrix_table(runs, PINS).splitlines()
     assert table[0] == "| spec | differs from the pins | verdict | decode time vs pin | a | b |"
     assert [row.split("|")[1].strip() for row in table[2:]] == ["5.5.4", "5.10.4", "5.24.0", "9.9"]
     assert table[2] == "| 5.5.4 | transformers 5.5.4 | 1 harness | not run | **1**: 1 harness / 2 | ok 0 (1 xfailed) |"
@@ -116,7 +104,7 @@ def test_results_file_has_the_matrix_and_one_section_per_release(tmp_path):
     for run in (_run("5.0.0", [_case("test_a", "failed", "behaviour", "t1", "[behaviour] FAMILY_SUPPORT[mistral]")]),
                 _run("4.0.0", installed=False)):
         (runs / f"{run['release']}.json").write_text(json.dumps(run))
-    text = compat.write_results(runs, tmp_path / "RESULTS.md")
+    text = results.write_results(runs, tmp_path / "RESULTS.md")
     assert text.index("## Matrix") < text.index("### transformers 4.0.0") < text.index("### transformers 5.0.0")
     assert "behaviour (1):" in text and "FAMILY_SUPPORT[mistral]" in text
     assert "Could not install" in text and (tmp_path / "RESULTS.md").read_text() == text
@@ -142,14 +130,14 @@ def test_a_release_that_cannot_install_is_remembered_and_a_built_one_is_reused(t
         return "transformers==9.9.9" not in cmd
 
     monkeypatch.setattr(compat_envs, "_run", fake_run)
-    env = compat_envs.release_env("9.9.9")
+    env = compat_envs.spec_env(package_specs.parse("9.9.9"))
     assert env.python is None and "No matching distribution" in env.error
     n = len(calls)
-    assert compat_envs.release_env("9.9.9").python is None and len(calls) == n  # no second pip attempt
-    ok = compat_envs.release_env("5.24.0")
+    assert compat_envs.spec_env(package_specs.parse("9.9.9")).python is None and len(calls) == n  # no second pip
+    ok = compat_envs.spec_env(package_specs.parse("5.24.0"))
     assert ok.python is not None and (ok.path / ".kvq-complete").exists()
     n = len(calls)
-    assert compat_envs.release_env("5.24.0").python == ok.python and len(calls) == n  # cached
+    assert compat_envs.spec_env(package_specs.parse("5.24.0")).python == ok.python and len(calls) == n  # cached
     assert "site.addsitedir" in (compat_envs._site_packages(ok.path) / "_kvq_base.pth").read_text()
 
 
@@ -158,6 +146,65 @@ def test_a_full_tier_run_is_its_own_row_and_file():
                 groups=("the whole tier",))
     groups = _run("5.17.0", [_case("test_a")], groups=("test_a",))
     assert (compat.run_file(full), compat.run_file(groups)) == ("5.17.0-full.json", "5.17.0.json")
-    rows = compat.matrix_table([full, groups], PINS).splitlines()[2:]
+    rows = results.matrix_table([full, groups], PINS).splitlines()[2:]
     assert rows[0].startswith("| 5.17.0 | transformers 5.17.0 | passes |")
     assert rows[1].startswith("| 5.17.0 (full tier) | transformers 5.17.0 | 1 band |")
+
+
+# ---- exit codes a CI acts on ---------------------------------------------------------------
+
+def _speed(verdict="not distinguishable", error=None):
+    return {"error": error} if error else {"verdicts": {"quanto4": {"ratio": 1.3, "blocks": [1.3], "verdict": verdict}}}
+
+
+@pytest.mark.parametrize("runs,code", [
+    ([_run("5.25.0", [_case("test_a"), _case("test_b", "xfailed")])], 0),  # an xfail is recorded for its release
+    ([_run("5.25.0", [_case("test_a", "failed", "band")])], 1),
+    ([_run("5.25.0", [_case("test_a", "failed", "behaviour")])], 1),
+    ([_run("5.25.0", [_case("test_a", "failed", "unclassified")])], 1),
+    ([_run("5.25.0", [])], 1),  # pytest ran nothing
+    ([{**_run("5.25.0", [_case("test_a")]), "speed": _speed("slower")}], 1),
+    ([{**_run("5.25.0", [_case("test_a")]), "speed": _speed("faster")}], 0),
+    ([_run("9.9", installed=False)], 3),
+    ([_run("5.5.4", [_case("test_a", "skipped", "harness")])], 3),
+    ([{**_run("5.25.0", [_case("test_a")]), "speed": _speed(error="worker died")}], 3),
+    ([_run("9.9", installed=False), _run("5.25.0", [_case("test_a", "failed", "band")])], 1),  # 1 is never hidden
+])
+def test_the_exit_code_says_whether_a_release_broke_something(runs, code):
+    assert compat.exit_code(runs) == code
+    assert code in compat.EXIT_CODES
+
+
+PINS4 = {"transformers": "5.24.0", "torch": "2.13.0", "optimum-quanto": "0.2.7", "hqq": "0.2.8.post1"}
+
+
+def _rows(found):
+    return {row.spec.label: row.stands_for for row in package_specs.latest(PINS4, {**PINS4, **found})}
+
+
+def test_latest_checks_each_new_release_alone_and_all_together():
+    assert _rows({"transformers": "5.25.0", "torch": "2.15.0"}) == {
+        "5.25.0": ("transformers",), "torch-2.15.0": ("torch",), "5.24.0": ("optimum-quanto", "hqq"),
+        "transformers-5.25.0+torch-2.15.0": ("all together",)}
+
+
+def test_latest_with_one_new_release_checks_it_once_and_the_pins_once():
+    assert _rows({"torch": "2.15.0"}) == {"5.24.0": ("transformers", "optimum-quanto", "hqq"),
+                                          "torch-2.15.0": ("torch", "all together")}
+    assert _rows({"torch": "2.13.0+cpu"}) == {"5.24.0": ("transformers", "torch", "optimum-quanto", "hqq",
+                                                         "all together")}
+
+
+def test_newest_reads_pip_index_and_names_the_way_out_when_it_cannot(monkeypatch):
+    import subprocess
+
+    answers = {"ok": (0, "hqq (0.2.8.post1)\nAvailable versions: 0.2.8.post1, 0.2.8\n", ""),
+               "down": (1, "", "ERROR: Could not find a version that satisfies the requirement hqq")}
+    state = {}
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: (state.setdefault("cmd", cmd), subprocess.CompletedProcess(
+        cmd, *answers[state["answer"]]))[1])
+    state["answer"] = "ok"
+    assert package_specs.newest("hqq", pre=True) == "0.2.8.post1" and "--pre" in state["cmd"]
+    state["answer"] = "down"
+    with pytest.raises(package_specs.IndexUnreachable, match="newest hqq .*Could not find.*by hand"):
+        package_specs.newest("hqq")

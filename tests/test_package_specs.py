@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kvcache_repro import commands
-from kvcache_repro.releases import compat, compat_envs, package_specs as ps
+from kvcache_repro.releases import compat, compat_envs, package_specs as ps, results
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -115,13 +115,13 @@ def test_rows_are_grouped_by_the_package_swapped_and_say_what_differs():
                       [{"group": "test_a", "name": "t[fp8]", "outcome": "failed", "kind": "behaviour",
                         "message": "[behaviour] fp8 gives non-finite logits"}]),
             _spec_run("5.24.0", stack)]
-    rows = [r.split(" | ")[:3] for r in compat.matrix_table(runs, pins).splitlines()[2:]]
+    rows = [r.split(" | ")[:3] for r in results.matrix_table(runs, pins).splitlines()[2:]]
     assert rows == [["| 5.24.0", "the pins", "passes"],
                     ["| torch-2.11.0", "torch 2.11.0+cu130", "1 behaviour"],
                     ["| torch-2.14.1", "torch 2.14.1+cu130", "passes"],
                     ["| hqq-0.2.7", "hqq 0.2.7", "passes"],
                     ["| transformers-5.17.0+torch-2.11.0", "transformers 5.17.0, torch 2.11.0+cu130", "passes"]]
-    assert compat.release_section(runs[1]).startswith("### spec torch==2.14.1")
+    assert results.release_section(runs[1]).startswith("### spec torch==2.14.1")
 
 
 def test_each_swapped_package_adds_the_groups_its_numbers_move():

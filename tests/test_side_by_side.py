@@ -3,7 +3,7 @@ verdict logic on made-up step times, and how `./kvq compat` stores and shows it.
 on this machine is measured, not tested here (docs/releases.md)."""
 from __future__ import annotations
 
-from kvcache_repro.releases import compat
+from kvcache_repro.releases import compat, results
 from kvcache_repro.releases import side_by_side as sbs
 
 
@@ -42,9 +42,9 @@ def test_compat_stores_the_comparison_and_the_matrix_shows_what_moved():
     stored = compat.speed_side_by_side("/env/bin/python", log=lambda line: None, run=fake_run)
     assert stored["verdicts"]["hqq4"] == {"ratio": 1.5, "blocks": [1.5] * 4, "verdict": sbs.SLOWER}
     run = {**compat.summarize("torch==2.14.1", [], versions={"torch": "2.14.1"}), "speed": stored}
-    assert compat.speed_cell(run) == "**hqq4 1.50 slower**"
-    assert "- hqq4: 1.500 (blocks 1.500..1.500): slower" in compat.release_section(run)
-    assert compat.speed_cell({**run, "speed": None}) == "not run"
+    assert results.speed_cell(run) == "**hqq4 1.50 slower**"
+    assert "- hqq4: 1.500 (blocks 1.500..1.500): slower" in results.release_section(run)
+    assert results.speed_cell({**run, "speed": None}) == "not run"
 
 
 def test_a_worker_that_fails_is_a_stored_result_not_a_crash():
@@ -52,4 +52,4 @@ def test_a_worker_that_fails_is_a_stored_result_not_a_crash():
         raise RuntimeError("candidate (/env/bin/python): the worker did not start (exit 1)")
 
     stored = compat.speed_side_by_side("/env/bin/python", log=lambda line: None, run=failing)
-    assert compat.speed_cell({"speed": stored}).startswith("FAILED: candidate")
+    assert results.speed_cell({"speed": stored}).startswith("FAILED: candidate")

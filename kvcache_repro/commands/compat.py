@@ -14,12 +14,17 @@ def build_parser():
         "./kvq compat 5.17.0 5.20.2                        # transformers releases",
         "./kvq compat torch==2.14.1 hqq==0.2.7.post1       # other packages, the rest pinned",
         "./kvq compat transformers==5.17.0,torch==2.11.0   # a combination",
-        "./kvq compat 'transformers @ file:///src/transformers'   # an unreleased build"],
-        "0 the runs were written (failures are rows of compat/RESULTS.md, not exit codes); 2 a spec "
-        "cannot be read (the message lists the forms)")
+        "./kvq compat 'transformers @ file:///src/transformers'   # an unreleased build",
+        "./kvq compat --latest [--pre]                     # the newest release of each package, asked of the index"],
+        "; ".join(f"{code} {text}" for code, text in compat.EXIT_CODES.items())
+        + " (of the specs run now; --report-only and --probe exit 0)")
     parser.add_argument("specs", nargs="*", metavar="SPEC",
                         help="a transformers version, or PACKAGE==VERSION / 'PACKAGE @ file:///path' / a wheel, "
                              "comma-joined for combinations (default: the pinned transformers)")
+    parser.add_argument("--latest", action="store_true",
+                        help="the newest release of each of " + ", ".join(compat.PACKAGES) + " (pip index versions), "
+                             "each alone against the pins and all of them together, besides any SPEC")
+    parser.add_argument("--pre", action="store_true", help="with --latest: pre-releases count as newest")
     parser.add_argument("--full", action="store_true",
                         help=f"the whole tier ({compat.MARKERS}), not only the version-sensitive groups")
     parser.add_argument("--groups", default=None,
@@ -39,18 +44,22 @@ def run(args) -> int:
     import json
     import sys
 
-    from kvcache_repro.releases import compat, package_specs
+    from kvcache_repro.releases import compat, package_specs, results
 
     root = compat.ROOT / "compat"
     runs_dir, probes_dir = root / "runs", root / "probes"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    pins = package_specs.pinned(compat.ROOT)
     try:
-        specs = [package_specs.parse(t)
-                 for t in args.specs or [package_specs.pinned(compat.ROOT)["transformers"]]]
-    except package_specs.SpecError as error:
+        specs = [package_specs.parse(t) for t in args.specs]
+        if args.latest:
+            specs += latest_specs(args.pre)
+    except (package_specs.SpecError, package_specs.IndexUnreachable) as error:
         print(f"kvq compat: {error}", file=sys.stderr)
         return 2
+    specs = list({spec.label: spec for spec in specs or [package_specs.parse(pins["transformers"])]}.values())
     chosen = tuple(args.groups.split(",")) if args.groups else None
+    runs: list[dict] = []
     if args.probe:
         probes_dir.mkdir(parents=True, exist_ok=True)
         for spec in specs:
@@ -62,11 +71,31 @@ def run(args) -> int:
             groups = None if args.full else compat.groups_for(spec, chosen)
             run = compat.run_spec(spec, groups, speed=not args.no_speed)
             (runs_dir / compat.run_file(run)).write_text(json.dumps(run, indent=1) + "\n")
+            runs.append(run)
     notes = root / "notes.md"  # hand-written: what changed where (bisected)
-    text = compat.write_results(runs_dir, root / "RESULTS.md", probes_dir=probes_dir,
+    text = results.write_results(runs_dir, root / "RESULTS.md", probes_dir=probes_dir,
                                 notes=notes.read_text().strip() if notes.exists() else "")
     print(text.split("## Per release")[0].split("## Matrix")[-1])
-    return 0
+    code = compat.exit_code(runs)
+    for run in runs:
+        if problems := compat.row_problems(run):
+            print(f"kvq compat: {run['release']}: {', '.join(problems)} (compat/RESULTS.md)", file=sys.stderr)
+    print(f"kvq compat: exit {code}: {compat.EXIT_CODES[code]}", file=sys.stderr)
+    return code
+
+
+def latest_specs(pre: bool) -> list:
+    """The specs of --latest, each said with the packages it checks."""
+    from kvcache_repro.releases import compat, package_specs
+
+    pins = package_specs.pinned(compat.ROOT)
+    found = {package: package_specs.newest(package, pre) for package in compat.PACKAGES}
+    for package in compat.PACKAGES:
+        print(f"kvq compat --latest: {package} {found[package]} on the index (pin {pins[package]})")
+    rows = package_specs.latest(pins, found)
+    for row in rows:
+        print(f"kvq compat --latest: row {row.spec.label} checks {', '.join(row.stands_for)}")
+    return [row.spec for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -102,13 +102,6 @@ def base_env(root: Path = ROOT) -> Env:
                                      ["--no-deps", "-r", str(root / "requirements-model.txt")]])
 
 
-def release_env(version: str, root: Path = ROOT) -> Env:
-    """The thin environment for ``transformers==version`` over the base (built once)."""
-    from kvcache_repro.releases import package_specs
-
-    return spec_env(package_specs.parse(version), root)
-
-
 def env_path(spec, root: Path = ROOT) -> Path:
     """``transformers-V-HASH`` for a transformers release (the name used before specs),
     ``spec-LABEL-HASH`` for anything else."""

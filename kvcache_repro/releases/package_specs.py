@@ -176,3 +176,49 @@ def requirements_for(version: str, pinned: list[str]) -> list[str]:
             line = "optimum-quanto==0.2.4"
         out.append(line)
     return out
+
+
+class IndexUnreachable(RuntimeError):
+    """The package index could not say which release is newest (no network, pip failed)."""
+
+
+def newest(package: str, pre: bool = False) -> str:
+    """The newest release of ``package`` on the index pip is configured for (``pip index
+    versions``; with ``pre``, pre-releases count)."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "pip", "index", "versions", package, "--disable-pip-version-check"]
+    proc = subprocess.run(cmd + (["--pre"] if pre else []), capture_output=True, text=True, timeout=120)
+    first = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
+    found = re.match(rf"^{re.escape(package)}\s+\((\S+)\)", first, re.I)
+    if proc.returncode or not found:
+        why = (proc.stderr.strip().splitlines() or [first or "no output"])[-1]
+        raise IndexUnreachable(f"cannot ask the package index for the newest {package} ({' '.join(cmd[2:])}): {why}. "
+                          "Give the specs by hand (./kvq compat torch==X ...) or run where the index is reachable")
+    return found.group(1)
+
+
+@dataclass(frozen=True)
+class LatestRow:
+    spec: Spec
+    stands_for: tuple[str, ...]  # the packages whose newest release it checks ("all together" too)
+
+
+def latest(pins: dict[str, str], found: dict[str, str]) -> list[LatestRow]:
+    """The rows of ``--latest``: each package's newest release alone against the pins, and
+    all of them together. A newest release that is the pin is checked by the row of the pins
+    (the pinned transformers); "all together" is that row, or the one package's own row, when
+    fewer than two packages moved."""
+    moved = [p for p in PACKAGES if found[p].split("+")[0] != pins[p].split("+")[0]]
+    pins_row = parse(pins["transformers"])
+    rows: dict[str, tuple[Spec, list[str]]] = {}
+
+    def add(spec: Spec, what: str) -> None:
+        rows.setdefault(spec.label, (spec, []))[1].append(what)
+
+    for package in PACKAGES:
+        add(parse(f"{package}=={found[package]}") if package in moved else pins_row, package)
+    one = parse(f"{moved[0]}=={found[moved[0]]}") if len(moved) == 1 else pins_row
+    add(parse(",".join(f"{p}=={found[p]}" for p in moved)) if len(moved) > 1 else one, "all together")
+    return [LatestRow(spec, tuple(what)) for spec, what in rows.values()]

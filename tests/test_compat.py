@@ -208,3 +208,41 @@ def test_newest_reads_pip_index_and_names_the_way_out_when_it_cannot(monkeypatch
     state["answer"] = "down"
     with pytest.raises(package_specs.IndexUnreachable, match="newest hqq .*Could not find.*by hand"):
         package_specs.newest("hqq")
+
+
+# ---- --accept: only a band miss of one release is accepted ---------------------------------
+
+def test_accept_refuses_anything_but_band_misses_of_one_release(monkeypatch):
+    from kvcache_repro.releases import compat_envs
+
+    said = []
+    monkeypatch.setattr(compat_envs, "spec_env", lambda *a: pytest.fail("no environment for a refused accept"))
+    behaviour = _run("5.26.0", [_case("test_a", "failed", "band"), _case("test_b", "failed", "behaviour", "t2")])
+    assert compat.accept_spec(package_specs.parse("5.26.0"), behaviour, log=said.append) == 1
+    assert "test_b::t2 (behaviour)" in said[-1] and "verdicts/expectations.py" in said[-1]
+    slower = {**_run("5.26.0", [_case("test_a", "failed", "band")]), "speed": _speed("slower")}
+    assert compat.accept_spec(package_specs.parse("5.26.0"), slower, log=said.append) == 1
+    assert compat.accept_spec(package_specs.parse("5.26.0"), _run("5.26.0", [_case("test_a")]), log=said.append) == 1
+    assert "no band miss" in said[-1]
+    assert compat.accept_spec(package_specs.parse("transformers==5.26.0,torch==2.15.0"), behaviour,
+                              log=said.append) == 2
+    assert compat.accept_spec(package_specs.parse("5.26.0"), None, log=said.append) == 2
+    assert "run ./kvq compat 5.26.0 first" in said[-1]
+
+
+def test_accept_measures_the_band_misses_again_in_the_release_environment(monkeypatch, tmp_path):
+    import subprocess
+
+    from kvcache_repro.releases import compat_envs
+
+    env = compat_envs.Env("5.26.0", tmp_path, tmp_path / "python", tmp_path / "log")
+    monkeypatch.setattr(compat_envs, "spec_env", lambda *a: env)
+    calls = []
+    out = "kv-accept-release: baselines/cpu-tiny.json: hqq4/b200/peak_allocated: 2.0501 -> 2.0501 [transformers 5.26.0: accepted]\n"
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kw: (calls.append(cmd), subprocess.CompletedProcess(cmd, 1, out, ""))[1])
+    run = _run("5.26.0", [_case("test_memory_experiment", "failed", "band", "test_ratios_within_baseline_bands[cpu-tiny]")])
+    said = []
+    assert compat.accept_spec(package_specs.parse("5.26.0"), run, log=said.append) == 0
+    assert calls[0][0] == str(tmp_path / "python") and "--kv-accept-release" in calls[0]
+    assert calls[0][-1] == "tests/test_memory_experiment.py::test_ratios_within_baseline_bands[cpu-tiny]"
+    assert "its row now passes" in said[-1]

@@ -3,7 +3,6 @@ with its path and the fix, instead of every quanto run waiting on it forever; a 
 is loaded without taking the lock. All on copies in tmp_path."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess

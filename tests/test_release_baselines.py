@@ -251,3 +251,46 @@ def test_torch_ranges_from_measurements_are_keyed_by_torch():
     found = ranges_for(entry, {"2.11.0": 2.1, "2.12.1": 2.1, "2.13.0": 2.0501}, TORCH_SEEN, "torch")
     assert [(rv.package, rv.releases, rv.observed_on) for rv in found] == [("torch", ">=2.11.0,<2.13.0",
                                                                            ("2.11.0", "2.12.1"))]
+
+
+# ---- ./kvq compat --accept: one release's changed value, stored as its release line ----------
+
+ACCEPTED = {"versions": {"transformers": "5.26.0"}, "source": "./kvq compat --accept"}
+
+
+def _ranges(path):
+    return [(rv.package, rv.releases, rv.ratio, rv.observed_on)
+            for rv in baseline_file.load(path).entries[KEY].by_release]
+
+
+def test_accept_stores_the_release_line_and_joins_the_next_release_of_the_same_value(path):
+    update(path, early())
+    lines = baseline_update.accept(path, {KEY: 2.06}, "transformers", "5.26.0", ACCEPTED)
+    assert "[transformers 5.26.0: accepted]" in lines[0]
+    assert _ranges(path)[-1] == ("transformers", ">=5.26.0,<5.26.1", 2.06, ("5.26.0",))
+    baseline_update.accept(path, {KEY: 2.0604}, "transformers", "5.26.1", ACCEPTED)  # same value within its band
+    assert _ranges(path)[-1] == ("transformers", ">=5.26.0,<5.26.2", 2.06, ("5.26.0", "5.26.1"))
+    baseline_update.accept(path, {KEY: 2.2}, "transformers", "5.27.0", ACCEPTED)  # another value: its own line
+    assert [r[1] for r in _ranges(path)] == [">=5.0.0,<5.19.0", ">=5.26.0,<5.26.2", ">=5.27.0,<5.27.1"]
+    entry = baseline_file.load(path).entries[KEY]
+    assert entry.ratio == 2.0501 and entry.value_for("5.26.1", {}).ratio == 2.06  # the pin's value stays
+
+
+def test_accept_refuses_the_pin_a_release_inside_a_stored_range_and_a_missing_entry(path):
+    update(path, early())
+    before = path.read_text()
+    with pytest.raises(BaselineError, match="holds transformers 5.24.0"):
+        baseline_update.accept(path, {KEY: 2.1}, "transformers", "5.24.0", ACCEPTED)
+    with pytest.raises(BaselineError, match="lies in the stored range >=5.0.0,<5.19.0"):
+        baseline_update.accept(path, {KEY: 2.1}, "transformers", "5.17.0", ACCEPTED)
+    with pytest.raises(BaselineError, match="is missing"):
+        baseline_update.accept(path, {"quanto4/b1/peak_allocated": 1.1}, "transformers", "5.26.0", ACCEPTED)
+    assert path.read_text() == before  # nothing written by a refusal
+
+
+@pytest.mark.parametrize("release,line", [("5.25.0", ">=5.25.0,<5.25.1"), ("0.2.8.post1", ">=0.2.8.post1,<0.2.9"),
+                                          ("5.26.0rc1", ">=5.26.0rc1,<5.26.1"), ("2.15", ">=2.15,<2.15.1")])
+def test_a_release_line_holds_the_release_and_its_post_releases_only(release, line):
+    assert baseline_update.release_line(release) == line
+    low, high = release_ranges.parse_range(line)
+    assert release_ranges.in_range(line, release) and not release_ranges.in_range(line, str(high))

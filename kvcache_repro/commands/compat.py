@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from kvcache_repro.commands import library_doc
 from kvcache_repro.core import cli
+from kvcache_repro.core.provenance import PACKAGES
 
 LIBRARY = "releases/compat.py"
 
@@ -22,8 +23,12 @@ def build_parser():
                         help="a transformers version, or PACKAGE==VERSION / 'PACKAGE @ file:///path' / a wheel, "
                              "comma-joined for combinations (default: the pinned transformers)")
     parser.add_argument("--latest", action="store_true",
-                        help="the newest release of each of " + ", ".join(compat.PACKAGES) + " (pip index versions), "
+                        help="the newest release of each of " + ", ".join(PACKAGES) + " (pip index versions), "
                              "each alone against the pins and all of them together, besides any SPEC")
+    parser.add_argument("--accept", metavar="SPEC", default=None,
+                        help="store the band misses of SPEC's stored run as that release's values (a per-release "
+                             "range of the baseline files), re-measured in its environment; refuses a run with any "
+                             "other failure and a spec of more than one package")
     parser.add_argument("--pre", action="store_true", help="with --latest: pre-releases count as newest")
     parser.add_argument("--full", action="store_true",
                         help=f"the whole tier ({compat.MARKERS}), not only the version-sensitive groups")
@@ -58,6 +63,14 @@ def run(args) -> int:
         print(f"kvq compat: {error}", file=sys.stderr)
         return 2
     specs = list({spec.label: spec for spec in specs or [package_specs.parse(pins["transformers"])]}.values())
+    if args.accept:
+        try:
+            spec = package_specs.parse(args.accept)
+        except package_specs.SpecError as error:
+            print(f"kvq compat: {error}", file=sys.stderr)
+            return 2
+        stored = runs_dir / f"{spec.label}.json"
+        return compat.accept_spec(spec, json.loads(stored.read_text()) if stored.exists() else None)
     chosen = tuple(args.groups.split(",")) if args.groups else None
     runs: list[dict] = []
     if args.probe:
@@ -89,8 +102,8 @@ def latest_specs(pre: bool) -> list:
     from kvcache_repro.releases import compat, package_specs
 
     pins = package_specs.pinned(compat.ROOT)
-    found = {package: package_specs.newest(package, pre) for package in compat.PACKAGES}
-    for package in compat.PACKAGES:
+    found = {package: package_specs.newest(package, pre) for package in PACKAGES}
+    for package in PACKAGES:
         print(f"kvq compat --latest: {package} {found[package]} on the index (pin {pins[package]})")
     rows = package_specs.latest(pins, found)
     for row in rows:

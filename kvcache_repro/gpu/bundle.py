@@ -49,7 +49,8 @@ class Item:
 # Each one verified against what the KV-cache path imports at runtime (hqq/core/quantize.py
 # imports termcolor; optimum-quanto 0.2.7 needs torch, ninja, numpy, safetensors,
 # huggingface_hub - all on the box; transformers 5.24 checks regex>=2025.10.22 at import
-# (dependency_versions_check.py) and the box's regex version is not known).
+# (dependency_versions_check.py) and the box's regex version is not known; transformers 5.25
+# imports kernels).
 BUNDLE: tuple[Item, ...] = (
     Item("optimum-quanto", "optimum.quanto", "the quanto backend; absent on the box"),
     Item("hqq", "hqq.core.quantize", "the HQQ backend; absent on the box; PyPI has only an sdist",
@@ -57,6 +58,7 @@ BUNDLE: tuple[Item, ...] = (
     Item("termcolor", "termcolor", "hqq/core/quantize.py imports it; absent on the box", pin="3.3.0"),
     Item("transformers", "transformers", "the pinned version the baselines record (the box has 5.17.0)"),
     Item("regex", "regex", "transformers 5.24 requires regex>=2025.10.22 at import", pin="2026.11.19"),
+    Item("kernels", "kernels", "transformers 5.25 imports it at runtime; absent on the box", pin="0.19.1"),
 )
 # Not bundled, and why (printed by `make`):
 LEFT_OUT = {
@@ -151,7 +153,7 @@ def make(directory: Path, with_transformers: bool = True, python: str = sys.exec
     """Here, with PyPI: one wheel of each pinned version in ``directory``, the rest removed."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    items = [i for i in BUNDLE if with_transformers or i.name not in ("transformers", "regex")]
+    items = [i for i in BUNDLE if with_transformers or i.name not in ("transformers", "regex", "kernels")]
     wanted = {normalize(i.name): pin_of(i) for i in items}
     for old in directory.glob("*.whl"):
         dist, version = wheel_name_version(old)

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from kvcache_repro.measure import accounting, peak, reserved
-from kvcache_repro.backends import caches, generation, offline
+from kvcache_repro.backends import generation, offline
 from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.backends.models import ModelUnavailable, kv_geometry, small_real_model, tiny_model
 from kvcache_repro.measure.scenarios import Scenario

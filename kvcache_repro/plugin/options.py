@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from kvcache_repro.backends import matrix
+from kvcache_repro.core import provenance
 from kvcache_repro.plugin import state
 
 
@@ -36,6 +37,10 @@ def pytest_addoption(parser):
                          "stored bands are kept")
     group.addoption("--kv-reset-tolerances", action="store_true",
                     help="with --kv-update-baselines: write default bands even where an entry has one")
+    group.addoption("--kv-accept-release", default=None, choices=provenance.PACKAGES, metavar="PACKAGE",
+                    help="store each band miss of this run as the value of the installed release line of PACKAGE "
+                         "(a per-release range; ./kvq compat --accept runs it in a release's environment); "
+                         "refused for a run with any other failure")
     group.addoption("--kv-run-slow", action="store_true",
                     help="run tests marked slow (the full CPU memory scenario ~9 min, the full accuracy table ~3 min)")
 
@@ -83,9 +88,10 @@ def pytest_configure(config):
     except (quanto_ext.StaleLockError, expectations.UnsupportedVersion) as error:
         raise pytest.UsageError(str(error)) from None
     selection(config)
-    if config.getoption("--kv-update-baselines") and state.xdist_controller(config):
-        raise pytest.UsageError("--kv-update-baselines needs every measurement and test outcome in one "
-                                "process: run it without xdist (add -n 0)")
+    for option in ("--kv-update-baselines", "--kv-accept-release"):
+        if config.getoption(option) and state.xdist_controller(config):
+            raise pytest.UsageError(f"{option} needs every measurement and test outcome in one "
+                                    "process: run it without xdist (add -n 0)")
 
 
 def pytest_report_header(config):

@@ -1,5 +1,5 @@
 """The end-of-run summary over kinds.KINDS: tables, drift, the claims table and file, and
---kv-update-baselines. Under xdist each worker hands its report to the controller."""
+--kv-update-baselines and --kv-accept-release. Under xdist each worker hands its report to the controller."""
 from __future__ import annotations
 
 import json
@@ -76,6 +76,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         _write_claims(terminalreporter, config, claims, claim_results)
     if config.getoption("--kv-update-baselines"):
         update_baselines(terminalreporter, config)
+    if config.getoption("--kv-accept-release"):
+        accept_release(terminalreporter, config)
 
 
 def _write_claims(terminalreporter, config, claims, claim_results):
@@ -108,3 +110,34 @@ def update_baselines(terminalreporter, config):
                 continue
             for line in lines:
                 terminalreporter.write_line(f"baseline {what}: {line}")
+
+
+def accept_release(terminalreporter, config):
+    """Each band miss stored as the installed release's value (baseline_update.accept); any
+    other failure, or a verdict that is not a band miss (missing, unmeasured, non-finite),
+    refuses the whole run: only a changed value is accepted."""
+    from kvcache_repro.core import provenance
+    from kvcache_repro.verdicts import baseline_update
+
+    package = config.getoption("--kv-accept-release")
+    release = provenance.installed(package).split("+")[0]
+    write = terminalreporter.write_line
+    others = config.stash.get(state.FAILED, set()) - comparison.BAND_TESTS
+    found = [(kind, path, v) for kind in KINDS for key, result in state.results(config, kind.name).items()
+             for path, verdicts in [kind.compared(key, result)] for v in verdicts if not v.passed]
+    refused = [f"{v.key} ({v.status})" for _, _, v in found if v.status not in ("regression", "improvement")]
+    if others or refused or not found:
+        why = (f"other tests failed: {', '.join(sorted(others))}" if others else
+               f"not a changed value: {', '.join(refused)}" if refused else "no band miss to accept")
+        write(f"kv-accept-release: nothing written for {package} {release}: {why}")
+        return
+    produced = provenance.produced_by(provenance.device_label("cpu"), "./kvq compat --accept")
+    for path in dict.fromkeys(p for _, p, _ in found):
+        moved = {v.key: v.measured for _, p, v in found if p == path}
+        try:
+            lines = baseline_update.accept(path, moved, package, release, produced)
+        except ValueError as error:  # BaselineError: refused, the file is untouched
+            write(f"kv-accept-release: {path} NOT updated: {error}")
+            continue
+        for line in lines:
+            write(f"kv-accept-release: {path}: {line}")

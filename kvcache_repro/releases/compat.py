@@ -20,7 +20,6 @@ import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from kvcache_repro.core.provenance import PACKAGES
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
 
 # packaging is imported where versions are compared: ./kvq compat --help lists the groups
@@ -226,3 +225,43 @@ def probe_spec(spec, root: Path = ROOT) -> dict:
         return {"spec": spec.label, "probe": "failed: " + (proc.stderr.strip().splitlines() or ["?"])[-1]}
     return {"spec": spec.label, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
+
+
+def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
+    """``./kvq compat --accept SPEC``: the band misses of the spec's stored run measured again
+    in its environment and stored as that release's values (pytest --kv-accept-release).
+    Refuses (1) a run with any other problem and a spec that is not one package's release
+    (2): only a changed value of one release is accepted."""
+    from kvcache_repro.releases import compat_envs
+
+    if len(spec.items) != 1 or not spec.items[0].version:
+        log(f"kvq compat --accept {spec.text}: a value belongs to one release of one package: give a spec "
+            "that swaps one package for a release (5.26.0, torch==2.15.0, ...)")
+        return 2
+    if run is None:
+        log(f"kvq compat --accept {spec.text}: no stored run in compat/runs/: run ./kvq compat {spec.text} first")
+        return 2
+    others = [p for p in row_problems(run) if p != "band"]
+    others += [f"{c['group']}::{c['name']} ({c['kind']})" for c in run["cases"] if c["kind"] not in (None, "band")]
+    bands = [f"tests/{c['group']}.py::{c['name']}" for c in run["cases"] if c["kind"] == "band"]
+    if others or not bands:
+        log(f"kvq compat --accept {spec.text}: refused, only band misses can be accepted; "
+            + (f"this run has: {'; '.join(others)}. A changed behaviour is a new range of "
+               "verdicts/expectations.py (bisect with ./kvq compat --probe; docs/releases.md)" if others
+               else "this run has no band miss"))
+        return 1
+    env = compat_envs.spec_env(spec, root)
+    if env.python is None:
+        log(f"kvq compat --accept {spec.text}: cannot build its environment:\n{env.error}")
+        return 3
+    cmd = [str(env.python), "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+           "--kv-accept-release", spec.items[0].package, *bands]
+    log(f"kvq compat --accept {spec.text}: {' '.join(cmd)}")
+    proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
+    said = [line for line in proc.stdout.splitlines() if line.startswith("kv-accept-release:")]
+    for line in said or proc.stdout.strip().splitlines()[-15:] + proc.stderr.strip().splitlines()[-5:]:
+        log(line)
+    written = any("[" + spec.items[0].package in line and "accepted]" in line for line in said)
+    if written:
+        log(f"kvq compat --accept {spec.text}: rerun ./kvq compat {spec.text}: its row now passes")
+    return 0 if written and not any("NOT updated" in line or "nothing written" in line for line in said) else 1

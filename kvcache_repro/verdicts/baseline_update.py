@@ -14,7 +14,7 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
            description: str = "", reset_tolerance: bool = False, key: dict | None = None) -> list[str]:
     """Write ``entries`` into ``path``. A stored entry keeps its tolerance (a band is a decision,
     not re-cut by a re-run) unless ``reset_tolerance``, and its ``by_release`` values but those
-    a given entry holds for the same package and releases."""
+    a given entry holds for overlapping releases of the same package."""
     path = Path(path)
     rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
     if run_failed:  # numbers from a failed run would silently become the new normal
@@ -47,8 +47,7 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
             # A measurement replaces a prediction whole, band included (that is the prediction's).
             replaces_prediction = is_predicted(old) and not is_predicted(e)
             tolerance = e.tolerance if reset_tolerance or replaces_prediction else old.tolerance
-            given = {(rv.package, rv.releases) for rv in e.by_release}
-            kept = [rv for rv in old.by_release if (rv.package, rv.releases) not in given]
+            kept = [rv for rv in old.by_release if not any(_overlap(rv, new) for new in e.by_release)]
             ratio, spread = e.ratio, e.spread
             if old.spread is not None and spread is None:  # re-cut from the spread (a reset too)
                 ratio, tolerance, spread = merge_spread(old, e, keep_width=not reset_tolerance)
@@ -71,6 +70,14 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     return lines
 
 
+def _overlap(a, b) -> bool:
+    """A stored per-release value that a given one replaces: same package, overlapping releases."""
+    from kvcache_repro.verdicts.release_ranges import parse_range
+
+    (a_low, a_high), (b_low, b_high) = parse_range(a.releases), parse_range(b.releases)
+    return a.package == b.package and a_low < b_high and b_low < a_high
+
+
 def merge_spread(old: Entry, new: Entry, keep_width: bool = True) -> tuple[float, float, Spread]:
     """One machine's value added to the stored spread (other package versions start it anew),
     the band cut again, never narrower than stored unless not ``keep_width``."""
@@ -80,3 +87,49 @@ def merge_spread(old: Entry, new: Entry, keep_width: bool = True) -> tuple[float
     centre, tol = band(observed, old.spread.margin, old.spread.floor)
     spread = Spread(observed, old.spread.margin, old.spread.floor, old.spread.banded, old.spread.note)
     return centre, max(tol, old.tolerance) if keep_width else tol, spread
+
+
+def release_line(release: str) -> str:
+    """The range of one release line, ``">=5.26.0,<5.26.1"`` (its post-releases, and its final
+    after a release candidate, included): what one observation supports."""
+    from packaging.version import Version
+
+    numbers = [*Version(release).release, 0, 0][:max(3, len(Version(release).release))]
+    numbers[-1] += 1
+    return f">={release},<{'.'.join(map(str, numbers))}"
+
+
+def accept(path, moved: dict[str, float], package: str, release: str, produced_by: dict) -> list[str]:
+    """``./kvq compat --accept``: each moved entry's value on ``release`` of ``package`` stored as
+    a per-release value (``by_release``) of that release line, joined to a stored range of the
+    same value that ends where it starts; the entry's own ratio stays the pin's. Refuses the
+    pinned release itself and a release inside a stored range of another value."""
+    from kvcache_repro.verdicts.release_ranges import ReleaseValue, in_range, parse_range
+
+    path = Path(path)
+    current = load(path)  # a corrupt file raises and is never overwritten
+    entries = []
+    for key, value in sorted(moved.items()):
+        e = current.entries.get(key)
+        if e is None:
+            raise BaselineError(path, f"entry {key!r} is missing", "record it first (a missing entry is not a change)")
+        value, own = round(value, 4), [rv for rv in e.by_release if rv.package == package]
+        holding = [rv for rv in own if in_range(rv.releases, release)]
+        if holding:
+            raise BaselineError(path, f"entry {key!r}: {package} {release} lies in the stored range "
+                                      f"{holding[0].releases} ({fmt_num(holding[0].ratio)}), measured {fmt_num(value)}",
+                                f"re-measure that range's releases and cut it again with `{UPDATE_COMMAND}`")
+        new = release_line(release)
+        joined = [rv for rv in own if parse_range(rv.releases)[1] == parse_range(new)[0]
+                  and abs(rv.ratio - value) <= rv.tolerance + EDGE_SLACK]
+        if joined:
+            low = joined[0].releases.split(",")[0]
+            rv = ReleaseValue(f"{low},<{new.split(',<')[1]}", joined[0].ratio, joined[0].tolerance,
+                              (*joined[0].observed_on, release), produced_by, package)
+        else:
+            rv = ReleaseValue(new, value, e.tolerance, (release,), produced_by, package)
+        kept = [r for r in e.by_release if r not in joined]
+        entries.append(Entry(e.backend, e.batch, e.metric, e.ratio, e.tolerance, e.produced_by,
+                             (*kept, rv), e.spread))
+    return [line + f" [{package} {release}: accepted]"
+            for line in update(path, entries, run_failed=False, scenario=current.scenario, key=current.key)]

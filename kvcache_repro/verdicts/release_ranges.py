@@ -15,7 +15,8 @@ _RANGE = re.compile(r"^>=([^,<>=\s]+),<([^,<>=\s]+)$")
 # How to re-record a per-release value (kvcache_repro/verdicts/release_baselines.py).
 RANGE_COMMAND = "python -m kvcache_repro release-baselines SCENARIO RELEASE=RESULTS_DIR ... --write"
 RANGE_HINT = (f"re-measure the releases of that range (`python -m kvcache_repro experiment --in-process` with each "
-              f"release's interpreter) and record them with `{RANGE_COMMAND}` (verdicts/release_baselines.py)")
+              f"release's interpreter) and record them with `{RANGE_COMMAND}` (verdicts/release_baselines.py); "
+              "one release's changed value: `./kvq compat --accept SPEC`")
 RANGE_FIX = ("write it as \">=LOW,<HIGH\" with LOW < HIGH (transformers versions, the first release "
              "showing the value and the first one not showing it), with the releases it was measured on "
              "in 'observed_on', or delete the range to compare against the entry's own ratio")

@@ -246,7 +246,8 @@ def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
     bands = [f"tests/{c['group']}.py::{c['name']}" for c in run["cases"] if c["kind"] == "band"]
     if others or not bands:
         log(f"kvq compat --accept {spec.text}: refused, only band misses can be accepted; "
-            + (f"this run has: {'; '.join(others)}. A changed behaviour is a new range of "
+            + (f"this run has: {'; '.join(others[:8])}{f' and {len(others) - 8} more' if len(others) > 8 else ''}. "
+               "A changed behaviour is a new range of "
                "verdicts/expectations.py (bisect with ./kvq compat --probe; docs/releases.md)" if others
                else "this run has no band miss"))
         return 1

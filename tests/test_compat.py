@@ -219,11 +219,11 @@ def test_accept_refuses_anything_but_band_misses_of_one_release(monkeypatch):
     monkeypatch.setattr(compat_envs, "spec_env", lambda *a: pytest.fail("no environment for a refused accept"))
     behaviour = _run("5.26.0", [_case("test_a", "failed", "band"), _case("test_b", "failed", "behaviour", "t2")])
     assert compat.accept_spec(package_specs.parse("5.26.0"), behaviour, log=said.append) == 1
-    assert "test_b::t2 (behaviour)" in said[-1] and "verdicts/expectations.py" in said[-1]
+    assert "test_b::t2 (behaviour, observed no table value)" in said[-1]
     slower = {**_run("5.26.0", [_case("test_a", "failed", "band")]), "speed": _speed("slower")}
     assert compat.accept_spec(package_specs.parse("5.26.0"), slower, log=said.append) == 1
     assert compat.accept_spec(package_specs.parse("5.26.0"), _run("5.26.0", [_case("test_a")]), log=said.append) == 1
-    assert "no band miss" in said[-1]
+    assert "no band or behaviour miss" in said[-1]
     assert compat.accept_spec(package_specs.parse("transformers==5.26.0,torch==2.15.0"), behaviour,
                               log=said.append) == 2
     assert compat.accept_spec(package_specs.parse("5.26.0"), None, log=said.append) == 2
@@ -246,3 +246,21 @@ def test_accept_measures_the_band_misses_again_in_the_release_environment(monkey
     assert calls[0][0] == str(tmp_path / "python") and "--kv-accept-release" in calls[0]
     assert calls[0][-1] == "tests/test_memory_experiment.py::test_ratios_within_baseline_bands[cpu-tiny]"
     assert "its row now passes" in said[-1]
+
+
+def test_accept_stores_a_behaviour_miss_that_names_its_table_value_without_an_environment(monkeypatch, tmp_path):
+    from kvcache_repro.releases import compat_envs
+    from kvcache_repro.verdicts import expectations as ex
+
+    monkeypatch.setattr(compat_envs, "spec_env", lambda *a: pytest.fail("a behaviour needs no environment"))
+    monkeypatch.setattr(ex, "ACCEPTED_FILE", tmp_path / "expectations.json")
+    miss = ex.differs(ex.MULTI_TOKEN_FLUSH, None, "16-token forwards flush later", version="5.26.0", value="later")
+    twice = [_case("test_cache_semantics", "failed", "behaviour", f"t{i}", message=miss) for i in (1, 2)]
+    said = []
+    assert compat.accept_spec(package_specs.parse("5.26.0"), _run("5.26.0", twice), log=said.append) == 0
+    assert "MULTI_TOKEN_FLUSH: 'later' from transformers 5.26.0 on" in said[0] and "now passes" in said[-1]
+    assert ex.amended(ex.load_accepted())["MULTI_TOKEN_FLUSH"].lookup(version="5.26.0").value == "later"
+    other = ex.differs(ex.MULTI_TOKEN_FLUSH, None, "flush earlier", version="5.26.0", value="earlier")
+    both = [*twice, _case("test_cache_semantics", "failed", "behaviour", "t3", message=other)]
+    assert compat.accept_spec(package_specs.parse("5.26.0"), _run("5.26.0", both), log=said.append) == 1
+    assert "observed both 'earlier' and 'later'" in said[-1] or "observed both 'later' and 'earlier'" in said[-1]

@@ -98,3 +98,52 @@ def test_the_table_agrees_with_every_recorded_probe(probe_file):
         elif key in PINNED_BUGS:
             wrong = PINNED_BUGS[key].lookup(version=version).wrong
             assert observed.startswith("no" if wrong else "yes"), (version, observed)
+
+
+# ---- a release's changed value, accepted (./kvq compat --accept) -------------------------------
+
+def _accepted(value="quantizes", release="5.26.0", key="x"):
+    return ex.Accepted("DEMO", key, "transformers", release, value, {"source": "test"})
+
+
+def test_an_accepted_value_splits_its_range_at_that_release_and_leaves_the_rest():
+    table = ex.amend(TABLE, _accepted("rejected"))
+    assert [str(r) for r, _ in table.ranges] == [">=4.57.0,<4.58.0", ">=5.0.0,<5.8.0", ">=5.8.0,<5.26.0",
+                                                 ">=5.26.0,<6.0.0"]
+    assert table.lookup("x", "5.25.0").value == "quantizes" and table.lookup("x", "5.25.0").wrong
+    assert table.lookup("x", "5.26.0") == ex.Expectation("rejected", "5.26.0")  # observed there, not wrong
+    assert ex.amend(TABLE, _accepted("rejected", "5.8.0")).ranges[2][0] == B  # at a range's start: no split
+    with pytest.raises(ValueError, match="DEMO has no key 'y'"):
+        ex.amend(TABLE, _accepted(key="y"))
+    with pytest.raises(ValueError, match="no range of DEMO holds transformers 7.0.0"):
+        ex.amend(TABLE, _accepted(release="7.0.0"))
+
+
+def test_accepted_values_are_stored_only_when_all_apply_and_a_corrupt_file_is_named(tmp_path, monkeypatch):
+    path = tmp_path / "expectations.json"
+    monkeypatch.setattr(ex, "_REVIEWED", (*ex._REVIEWED, TABLE))
+    assert ex.accept([_accepted("rejected")], path) == ["DEMO[x]: 'rejected' from transformers 5.26.0 on"]
+    assert ex.amended(ex.load_accepted(path))["DEMO"].lookup("x", "5.30.0").value == "rejected"
+    before = path.read_text()
+    with pytest.raises(ValueError, match="no range of DEMO holds"):
+        ex.accept([_accepted(release="7.0.0")], path)
+    with pytest.raises(ValueError, match="unknown behaviour 'NOPE'"):
+        ex.accept([ex.Accepted("NOPE", None, "transformers", "5.26.0", "x", {})], path)
+    assert path.read_text() == before  # a refusal writes nothing
+    path.write_text('{"accepted": [{"behaviour": "DEMO"}]}')
+    with pytest.raises(ValueError, match=r"expectations.json is not a list of accepted expectations .*git checkout"):
+        ex.load_accepted(path)
+
+
+def test_what_a_stored_failure_asks_to_accept_is_read_back_from_its_message():
+    miss = ex.differs(TABLE, "x", "ran, 0 of 2 layers quantized", version="5.26.0", value="rejected")
+    assert "expects 'quantizes' (observed on 5.8.0, 5.24.0), found 'rejected';" in miss
+    got = ex.accepted_from_message("AssertionError: " + miss[:600], {}, {})
+    assert (got.behaviour, got.key, got.package, got.release, got.value) == ("DEMO", "x", "transformers", "5.26.0",
+                                                                             "rejected")
+    assert ex.accepted_from_message(ex.differs(TABLE, "x", "crashed", version="5.26.0"), {}, {}) is None
+    fixed = "[XPASS(strict)] " + ex.pinned_reason(ex.CACHE_CONFIG_UNTOUCHED, None, ex.CACHE_CONFIG_UNTOUCHED.lookup(
+        version="5.10.4"))
+    got = ex.accepted_from_message(fixed, {"transformers": "5.10.4"}, {})
+    assert (got.behaviour, got.release, got.value) == ("CACHE_CONFIG_UNTOUCHED", "5.10.4", "yes")
+    assert not ex.amend(ex.CACHE_CONFIG_UNTOUCHED, got).lookup(version="5.10.4").wrong  # the fix is the new normal

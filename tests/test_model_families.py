@@ -55,15 +55,16 @@ def test_family_quantizes_or_is_rejected_as_documented(family, quantized_backend
         pytest.skip(spec.broken)
     expected = expectations.family_support(family)
     if expected.wrong:
-        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=expected.issue))
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=expectations.pinned_reason(
+            expectations.FAMILY_SUPPORT, family, expected)))
     version = expectations.transformers.__version__
     if spec.name not in caches.available_backends():
         pytest.skip(f"{spec.name} does not exist in transformers {version}")
     ids = torch.randint(3, 200, (2, PROMPT), generator=torch.Generator().manual_seed(0))
     model, reference = _reference(family, ids)
 
-    def differs(observed: str) -> str:
-        return expectations.differs(expectations.FAMILY_SUPPORT, family, f"{spec.name}: {observed}")
+    def differs(observed: str, value: str | None = None) -> str:  # value: the table's word for it
+        return expectations.differs(expectations.FAMILY_SUPPORT, family, f"{spec.name}: {observed}", value=value)
 
     try:
         run = generation.generate(model, ids, spec, SETTINGS, NEW)
@@ -72,14 +73,15 @@ def test_family_quantizes_or_is_rejected_as_documented(family, quantized_backend
             raise AssertionError(differs(
                 f"failed with an error that is not the documented rejection, while the unquantized run "
                 f"works: {type(error).__name__}: {error}")) from error
-        assert expected.value == "rejected", differs(f"rejected: {error}")
+        assert expected.value == "rejected", differs(f"rejected: {error}", "rejected")
         return
     layers, quantized = kv_geometry(model).layers, caches.quantized_layer_count(run.cache)
+    ran = "quantizes" if quantized == layers else "partial" if quantized else None
     if expected.value == "partial":  # runs; only its attention layers hold quantized storage
-        assert 0 < quantized < layers, differs(f"ran, {quantized} of {layers} layers quantized")
+        assert 0 < quantized < layers, differs(f"ran, {quantized} of {layers} layers quantized", ran)
         return
-    assert expected.value == "quantizes", differs(f"ran, {quantized} of {layers} layers quantized")
-    assert quantized == layers, differs(f"ran, only {quantized} of {layers} layers hold quantized storage")
+    assert expected.value == "quantizes", differs(f"ran, {quantized} of {layers} layers quantized", ran)
+    assert quantized == layers, differs(f"ran, only {quantized} of {layers} layers hold quantized storage", ran)
     where = f"transformers {version}: {family} with {spec.name}"
     length = run.cache.get_seq_length()
     assert length == PROMPT + NEW - 1, f"{where}: get_seq_length {length}"

@@ -228,11 +228,16 @@ def probe_spec(spec, root: Path = ROOT) -> dict:
 
 
 def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
-    """``./kvq compat --accept SPEC``: the band misses of the spec's stored run measured again
-    in its environment and stored as that release's values (pytest --kv-accept-release).
-    Refuses (1) a run with any other problem and a spec that is not one package's release
-    (2): only a changed value of one release is accepted."""
+    """``./kvq compat --accept SPEC``: what the spec's stored run found changed, accepted for
+    its release: each behaviour miss that names a table value (and each pinned bug that no
+    longer shows) as a new range of verdicts/expectations.py's table from that release on
+    (expectations.accept), each band miss measured again in the spec's environment and stored
+    as that release line's value (pytest --kv-accept-release). Refuses (1) a run with any
+    other problem, a behaviour observation that is no table value and entries observed two
+    ways; (2) a spec that is not one package's release."""
+    from kvcache_repro.core import provenance
     from kvcache_repro.releases import compat_envs
+    from kvcache_repro.verdicts import expectations
 
     if len(spec.items) != 1 or not spec.items[0].version:
         log(f"kvq compat --accept {spec.text}: a value belongs to one release of one package: give a spec "
@@ -241,16 +246,26 @@ def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
     if run is None:
         log(f"kvq compat --accept {spec.text}: no stored run in compat/runs/: run ./kvq compat {spec.text} first")
         return 2
-    others = [p for p in row_problems(run) if p != "band"]
-    others += [f"{c['group']}::{c['name']} ({c['kind']})" for c in run["cases"] if c["kind"] not in (None, "band")]
+    produced = provenance.produced_by(provenance.device_label("cpu"), "./kvq compat --accept", versions=run["versions"])
+    found = [(c, expectations.accepted_from_message(c["message"], run["versions"], produced))
+             for c in run["cases"] if c["kind"] == "behaviour"]
+    records = {(a.behaviour, a.key, a.package, a.release): a for _, a in found if a}
+    others = [p for p in row_problems(run) if p not in ("band", "behaviour")]
+    others += [f"{c['group']}::{c['name']} ({c['kind']})" for c in run["cases"] if c["kind"] not in (None, "band", "behaviour")]
+    others += [f"{c['group']}::{c['name']} (behaviour, observed no table value)" for c, a in found if a is None]
+    others += [f"{a.behaviour}[{a.key}] observed both {a.value!r} and {records[k].value!r}"
+               for _, a in found if a and (k := (a.behaviour, a.key, a.package, a.release)) and records[k].value != a.value]
     bands = [f"tests/{c['group']}.py::{c['name']}" for c in run["cases"] if c["kind"] == "band"]
-    if others or not bands:
-        log(f"kvq compat --accept {spec.text}: refused, only band misses can be accepted; "
-            + (f"this run has: {'; '.join(others[:8])}{f' and {len(others) - 8} more' if len(others) > 8 else ''}. "
-               "A changed behaviour is a new range of "
-               "verdicts/expectations.py (bisect with ./kvq compat --probe; docs/releases.md)" if others
-               else "this run has no band miss"))
+    if others or not (bands or records):
+        log(f"kvq compat --accept {spec.text}: refused, only changed values are accepted; "
+            + (f"this run has: {'; '.join(others[:8])}{f' and {len(others) - 8} more' if len(others) > 8 else ''}"
+               if others else "this run has no band or behaviour miss"))
         return 1
+    for line in expectations.accept(list(records.values())) if records else []:
+        log(f"kvq compat --accept {spec.text}: {expectations.ACCEPTED_FILE.name}: {line}")
+    if not bands:
+        log(f"kvq compat --accept {spec.text}: rerun ./kvq compat {spec.text}: its row now passes")
+        return 0
     env = compat_envs.spec_env(spec, root)
     if env.python is None:
         log(f"kvq compat --accept {spec.text}: cannot build its environment:\n{env.error}")

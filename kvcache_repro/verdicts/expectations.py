@@ -5,11 +5,16 @@ transformers, or of torch / optimum-quanto / hqq where the behaviour is theirs:
 Ranges were found by measurement (``./kvq compat``, compat/RESULTS.md): an entry says
 which releases showed its value, and a range ends at the first release that behaved
 differently (bisected). The last 5.x range is open up to 6.0. Where the release is wrong,
-the entry carries the upstream issue and its tests are xfail(strict=True).
+the entry carries the upstream issue and its tests are xfail(strict=True). A release's
+changed value accepted with ``./kvq compat --accept`` is stored in ACCEPTED_FILE and splits
+its range there (``Accepted``, applied when this module loads).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import re
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import transformers
@@ -17,6 +22,7 @@ from packaging.version import Version
 
 from kvcache_repro.backends.matrix import BackendSpec
 from kvcache_repro.core import provenance
+from kvcache_repro.core.atomic import write_atomic
 from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG, HARNESS_TAG
 
 
@@ -97,8 +103,11 @@ class Behaviour:
         return self.entry(version)[0]
 
 
-def differs(behaviour: Behaviour, key: str | None, observed: str, version: str | None = None) -> str:
-    """The message for "transformers behaves differently from the table for this range"."""
+def differs(behaviour: Behaviour, key: str | None, observed: str, version: str | None = None,
+            value: str | None = None) -> str:
+    """The message for "transformers behaves differently from the table for this range";
+    ``value``: the table value the observation amounts to, where it is one (what
+    ``./kvq compat --accept`` stores; read back by ``accepted_from_message``)."""
     version = running("transformers", version)
     rng, _ = behaviour.entry(version)
     expected = behaviour.lookup(key, version)
@@ -108,10 +117,16 @@ def differs(behaviour: Behaviour, key: str | None, observed: str, version: str |
     # read as the range package's (a compat run swaps any of them)
     others = [f"{name} {v}" for name, v in provenance.package_versions().items() if name != rng.package]
     stack = f" (with {', '.join(others)})" if others else ""
+    found = f", found {value!r}" if value is not None else ""  # first: a stored run keeps 600 characters
     return (f"{BEHAVIOUR_TAG} {rng.package} {running(rng.package, version)} behaves differently from the "
-            f"table for {rng}: {entry} expects {expected.value!r}{seen}; observed here: {observed}{stack}. "
-            "Record it in kvcache_repro/verdicts/expectations.py if intended, else report upstream with this "
-            "test as reproduction.")
+            f"table for {rng}: {entry} expects {expected.value!r}{seen}{found}; observed here: {observed}{stack}. "
+            "Record it in kvcache_repro/verdicts/expectations.py if intended (one release: ./kvq compat --accept), "
+            "else report upstream with this test as reproduction.")
+
+
+def pinned_reason(behaviour: Behaviour, key: str | None, expectation: Expectation) -> str:
+    """The xfail reason of a pinned bug: names the entry, so a fix (an XPASS) can be accepted."""
+    return f"{behaviour.name}{f'[{key}]' if key else ''} pinned as wrong: {expectation.issue}"
 
 
 def harness_gap(what: str, version: str | None = None) -> str:
@@ -262,3 +277,98 @@ def batch_invariance(spec: BackendSpec, version: str | None = None) -> str:
             and HQQ_OPTIMIZE_DEFAULT.lookup(version=version).value == "no"):
         return "exact"
     return BATCH_INVARIANCE.lookup(spec.name, version).value
+
+
+# ---- values accepted for one release (./kvq compat --accept) ----------------------------
+ACCEPTED_FILE = Path(__file__).resolve().parents[2] / "baselines" / "expectations.json"
+ACCEPT_FIX = f"restore the file from git (git checkout {ACCEPTED_FILE.name}) or delete the bad record"
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """From ``release`` of ``package`` on, ``behaviour[key]`` is ``value`` (``wrong`` False:
+    a pinned bug no longer shows): its range is split at that release."""
+
+    behaviour: str
+    key: str | None
+    package: str
+    release: str
+    value: str
+    produced_by: dict
+
+
+def amend(behaviour: Behaviour, a: Accepted) -> Behaviour:
+    """The table with the range holding ``a.release`` split there, the upper part holding ``a.value``."""
+    out, hit = [], False
+    for rng, table in behaviour.ranges:
+        if rng.package != a.package or not rng.contains(a.release):
+            out.append((rng, table))
+            continue
+        if a.key is not None and a.key not in table:
+            raise ValueError(f"{ACCEPTED_FILE}: {a.behaviour} has no key {a.key!r} for {rng}; {ACCEPT_FIX}")
+        hit, new = True, Expectation(a.value, a.release)
+        if Version(rng.low) != Version(a.release):
+            out.append((VersionRange(rng.low, a.release, rng.package), table))
+        out.append((VersionRange(a.release, rng.high, rng.package), new if a.key is None else {**table, a.key: new}))
+    if not hit:
+        raise ValueError(f"{ACCEPTED_FILE}: no range of {a.behaviour} holds {a.package} {a.release}; {ACCEPT_FIX}")
+    return replace(behaviour, ranges=tuple(out))
+
+
+def load_accepted(path: Path | None = None) -> list[Accepted]:
+    path = path or ACCEPTED_FILE
+    if not path.exists():
+        return []
+    try:
+        return [Accepted(**record) for record in json.loads(path.read_text())["accepted"]]
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{path} is not a list of accepted expectations ({error}); {ACCEPT_FIX}") from None
+
+
+def amended(records: list[Accepted], tables: tuple[Behaviour, ...] | None = None) -> dict[str, Behaviour]:
+    """The reviewed tables with ``records`` applied, by name (a record that does not apply raises)."""
+    by_name = {b.name: b for b in (tables or _REVIEWED)}
+    for a in sorted(records, key=lambda a: (a.behaviour, a.key or "", a.package, Version(a.release))):
+        if a.behaviour not in by_name:
+            raise ValueError(f"{ACCEPTED_FILE}: unknown behaviour {a.behaviour!r} (known: {', '.join(by_name)}); "
+                             f"{ACCEPT_FIX}")
+        by_name[a.behaviour] = amend(by_name[a.behaviour], a)
+    return by_name
+
+
+def accept(records: list[Accepted], path: Path | None = None) -> list[str]:
+    """Store ``records`` (replacing a stored one of the same behaviour, key, package and
+    release) once all of them amend the reviewed tables; what was written."""
+    path = path or ACCEPTED_FILE
+    stored = {(a.behaviour, a.key, a.package, a.release): a for a in load_accepted(path)}
+    stored.update({(a.behaviour, a.key, a.package, a.release): a for a in records})
+    ordered = sorted(stored.values(), key=lambda a: (a.behaviour, a.key or "", a.package, Version(a.release)))
+    amended(ordered)  # nothing that does not apply is written
+    write_atomic(path, json.dumps({"description": "expectations accepted for one release at a time "
+                                   "(./kvq compat --accept); each splits its range at that release",
+                                   "accepted": [asdict(a) for a in ordered]}, indent=1) + "\n")
+    return [f"{a.behaviour}{f'[{a.key}]' if a.key else ''}: {a.value!r} from {a.package} {a.release} on" for a in records]
+
+
+_MISS = re.compile(r"\[behaviour\] (\S+) (\S+) behaves differently from the table for [^:]*: (\w+)(?:\[([^\]]+)\])? "
+                   r"expects '[^']*'(?: \(observed on [^)]*\))?, found '([^']*)';")
+_FIXED = re.compile(r"\[XPASS\(strict\)\] (\w+)(?:\[([^\]]+)\])? pinned as wrong")
+
+
+def accepted_from_message(message: str, versions: dict[str, str], produced_by: dict) -> Accepted | None:
+    """What a behaviour failure of a stored run asks to accept, or None when it is not a table
+    value (an observation outside the table's vocabulary is for a person to read)."""
+    if m := _MISS.search(message):
+        return Accepted(m.group(3), m.group(4), m.group(1), m.group(2), m.group(5), produced_by)
+    if (m := _FIXED.search(message)) and (behaviour := {b.name: b for b in BEHAVIOURS}.get(m.group(1))):
+        package = behaviour.ranges[-1][0].package
+        release = versions.get(package, "").split("+")[0]
+        if release:
+            expected = behaviour.lookup(m.group(2), release if package == "transformers" else None)
+            return Accepted(behaviour.name, m.group(2), package, release, expected.value, produced_by)
+    return None
+
+
+_REVIEWED = BEHAVIOURS  # the tables as written above; the module's names hold them amended
+globals().update(amended(load_accepted()))
+BEHAVIOURS = tuple(globals()[b.name] for b in _REVIEWED)

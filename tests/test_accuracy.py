@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from kvcache_repro.runner import accuracy_runs
-from kvcache_repro.verdicts import claims, comparison
+from kvcache_repro.verdicts import claims, comparison, expectations
 from kvcache_repro.measure import quality
 
 TABLES = [
@@ -82,11 +82,17 @@ def test_accuracy_within_baseline_bands(table):
 
 
 @pytest.mark.parametrize("name", quality.ALL_QUANTIZED)
-def test_logits_are_finite(table, name):
+def test_logits_are_finite(table, name, request):
     """NaN or inf logits are a [behaviour] finding naming the backend, the releases and where
-    they first appear, not a crash of the band test (fault ``hqq3_nan_after_flush``)."""
+    they first appear, not a crash of the band test (fault ``hqq3_nan_after_flush``). fp8 on
+    the CPU with a torch whose float8 cast gives NaN (expectations.FP8_CAST_OVERFLOW) fails as
+    recorded for that torch: xfail(strict), so a torch or transformers that fixes it is seen."""
     if name not in table.results:
         pytest.skip(f"{name} is not in the {table.setup.name} table")
+    if name == "fp8" and table.device == "cpu" and expectations.FP8_CAST_OVERFLOW.lookup().value == "nan":
+        request.applymarker(pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+            "recorded for this torch (FP8_CAST_OVERFLOW 'nan'): the fp8 layer freezes its scale at the prompt, "
+            "a louder decoded value casts to NaN")))
     assert name not in table.nonfinite, table.nonfinite_message(name)
 
 

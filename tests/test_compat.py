@@ -168,11 +168,11 @@ def _speed(verdict="not distinguishable", error=None):
     ([_run("9.9", installed=False)], 3),
     ([_run("5.5.4", [_case("test_a", "skipped", "harness")])], 3),
     ([{**_run("5.25.0", [_case("test_a")]), "speed": _speed(error="worker died")}], 3),
+    ([{**_run("5.25.0", [_case("test_a")]), "pytest_rc": 3}], 3),  # an INTERNALERROR after the junit
     ([_run("9.9", installed=False), _run("5.25.0", [_case("test_a", "failed", "band")])], 1),  # 1 is never hidden
 ])
 def test_the_exit_code_says_whether_a_release_broke_something(runs, code):
     assert compat.exit_code(runs) == code
-    assert code in compat.EXIT_CODES
 
 
 PINS4 = {"transformers": "5.24.0", "torch": "2.13.0", "optimum-quanto": "0.2.7", "hqq": "0.2.8.post1"}
@@ -264,3 +264,33 @@ def test_accept_stores_a_behaviour_miss_that_names_its_table_value_without_an_en
     both = [*twice, _case("test_cache_semantics", "failed", "behaviour", "t3", message=other)]
     assert compat.accept_spec(package_specs.parse("5.26.0"), _run("5.26.0", both), log=said.append) == 1
     assert "observed both 'earlier' and 'later'" in said[-1] or "observed both 'later' and 'earlier'" in said[-1]
+
+
+def test_accept_refuses_a_behaviour_of_another_package_and_the_pin(monkeypatch, tmp_path):
+    from kvcache_repro.verdicts import expectations as ex
+
+    monkeypatch.setattr(ex, "ACCEPTED_FILE", tmp_path / "expectations.json")
+    miss = ex.differs(ex.MULTI_TOKEN_FLUSH, None, "later", version="5.25.0", value="later")
+    run = _run("torch-2.15.0", [_case("test_cache_semantics", "failed", "behaviour", message=miss)])
+    said = []
+    assert compat.accept_spec(package_specs.parse("torch==2.15.0"), run, log=said.append) == 1
+    assert "a behaviour of transformers 5.25.0, not of torch 2.15.0" in said[-1]
+    pin = package_specs.pinned(compat.ROOT)["transformers"]
+    assert compat.accept_spec(package_specs.parse(pin), _run(pin, [_case("test_a", "failed", "band")]),
+                              log=said.append) == 1
+    assert f"transformers {pin} is the pin" in said[-1]
+    assert not (tmp_path / "expectations.json").exists()
+
+
+def test_the_command_refuses_options_that_do_not_go_together_and_an_unreachable_index(monkeypatch, capsys):
+    from kvcache_repro import commands
+
+    assert commands.call("compat", ["--pre"]) == 2 and "--pre needs --latest" in capsys.readouterr().err
+    assert commands.call("compat", ["--accept", "5.26.0", "--latest"]) == 2
+
+    def down(package, pre=False):
+        raise package_specs.IndexUnreachable(f"cannot ask the package index for the newest {package}")
+
+    monkeypatch.setattr(package_specs, "newest", down)
+    assert commands.call("compat", ["--latest"]) == 2
+    assert "cannot ask the package index for the newest transformers" in capsys.readouterr().err

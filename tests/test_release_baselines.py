@@ -281,8 +281,12 @@ def test_accept_refuses_the_pin_a_release_inside_a_stored_range_and_a_missing_en
     before = path.read_text()
     with pytest.raises(BaselineError, match="holds transformers 5.24.0"):
         baseline_update.accept(path, {KEY: 2.1}, "transformers", "5.24.0", ACCEPTED)
-    with pytest.raises(BaselineError, match="lies in the stored range >=5.0.0,<5.19.0"):
+    with pytest.raises(BaselineError, match="overlaps the stored range >=5.0.0,<5.19.0"):
         baseline_update.accept(path, {KEY: 2.1}, "transformers", "5.17.0", ACCEPTED)
+    update(path, early(releases=">=5.26.0,<5.28.0", observed=("5.26.0", "5.27.0")))
+    before = path.read_text()
+    with pytest.raises(BaselineError, match="overlaps the stored range >=5.26.0,<5.28.0"):  # starts inside the line
+        baseline_update.accept(path, {KEY: 2.1}, "transformers", "5.26.0rc1", ACCEPTED)
     with pytest.raises(BaselineError, match="is missing"):
         baseline_update.accept(path, {"quanto4/b1/peak_allocated": 1.1}, "transformers", "5.26.0", ACCEPTED)
     assert path.read_text() == before  # nothing written by a refusal
@@ -294,3 +298,12 @@ def test_a_release_line_holds_the_release_and_its_post_releases_only(release, li
     assert baseline_update.release_line(release) == line
     low, high = release_ranges.parse_range(line)
     assert release_ranges.in_range(line, release) and not release_ranges.in_range(line, str(high))
+
+
+def test_a_release_candidate_s_line_gives_way_to_its_final(path):
+    update(path, early())
+    baseline_update.accept(path, {KEY: 2.07}, "transformers", "5.26.0rc1", ACCEPTED)
+    assert _ranges(path)[-1] == ("transformers", ">=5.26.0rc1,<5.26.1", 2.07, ("5.26.0rc1",))
+    baseline_update.accept(path, {KEY: 2.08}, "transformers", "5.26.0", ACCEPTED)
+    assert _ranges(path)[-1] == ("transformers", ">=5.26.0,<5.26.1", 2.08, ("5.26.0",))
+    assert len(_ranges(path)) == 2  # the candidate's range is replaced, the early one kept

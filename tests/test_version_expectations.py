@@ -32,7 +32,7 @@ def test_generate_leaves_the_callers_cache_config_untouched(request):
     _pin(request, expectations.CACHE_CONFIG_UNTOUCHED)
     change = probe.cache_config_change()
     assert not change, expectations.differs(expectations.CACHE_CONFIG_UNTOUCHED, None,
-                                            f"generate() changed the caller's cache_config: {change}", value="no")
+                                            f"generate() changed the caller's cache_config: {change}")
 
 
 def test_beam_reorder_reaches_the_quantized_store(request):
@@ -42,7 +42,7 @@ def test_beam_reorder_reaches_the_quantized_store(request):
     _pin(request, expectations.BEAM_SEARCH_MATCHES)
     err = probe.beam_reorder_errors()
     assert bool((err < 0.05).all()), expectations.differs(expectations.BEAM_SEARCH_MATCHES, None,
-                                                          f"max error per beam after reorder {err.tolist()}", value="no")
+                                                          f"max error per beam after reorder {err.tolist()}")
 
 
 # ---- a quantized run really went through a quantized cache, in every path ----------------
@@ -78,8 +78,7 @@ def test_quantized_run_really_quantizes(path, name, request):
             _, scores, cache = diagnosis.beam_search(model, ids, spec, SETTINGS, 24, num_beams=2)
         except IndexError as error:
             raise AssertionError(expectations.differs(
-                expectations.BEAM_SEARCH_MATCHES, None, f"beam search through {name} raised IndexError: {error}",
-                value="no"))
+                expectations.BEAM_SEARCH_MATCHES, None, f"beam search through {name} raised IndexError: {error}"))
         logits, reference, passed_in = torch.stack(scores), torch.stack(ref_scores), False
     diagnosis.assert_quantized(spec, cache, path, passed_in=passed_in, logits=logits, reference=reference)
 

@@ -26,9 +26,10 @@ def build_parser():
                         help="the newest release of each of " + ", ".join(PACKAGES) + " (pip index versions), "
                              "each alone against the pins and all of them together, besides any SPEC")
     parser.add_argument("--accept", metavar="SPEC", default=None,
-                        help="store the band misses of SPEC's stored run as that release's values (a per-release "
-                             "range of the baseline files), re-measured in its environment; refuses a run with any "
-                             "other failure and a spec of more than one package")
+                        help="accept what SPEC's stored run found changed, for that release: band misses "
+                             "(re-measured in its environment) as per-release ranges of the baseline files, behaviour "
+                             "misses that name a table value (and fixed pinned bugs) as ranges of the expectation "
+                             "table (baselines/expectations.json); refuses anything else and a spec of several packages")
     parser.add_argument("--pre", action="store_true", help="with --latest: pre-releases count as newest")
     parser.add_argument("--full", action="store_true",
                         help=f"the whole tier ({compat.MARKERS}), not only the version-sensitive groups")
@@ -63,6 +64,12 @@ def run(args) -> int:
         print(f"kvq compat: {error}", file=sys.stderr)
         return 2
     specs = list({spec.label: spec for spec in specs or [package_specs.parse(pins["transformers"])]}.values())
+    clash = ("--pre needs --latest" if args.pre and not args.latest else
+             "--accept takes one SPEC and no --latest, specs or --probe" if args.accept and (
+                 args.latest or args.specs or args.probe) else "")
+    if clash:
+        print(f"kvq compat: {clash}", file=sys.stderr)
+        return 2
     if args.accept:
         try:
             spec = package_specs.parse(args.accept)
@@ -104,7 +111,9 @@ def latest_specs(pre: bool) -> list:
     pins = package_specs.pinned(compat.ROOT)
     found = {package: package_specs.newest(package, pre) for package in PACKAGES}
     for package in PACKAGES:
-        print(f"kvq compat --latest: {package} {found[package]} on the index (pin {pins[package]})")
+        behind = "; the index is behind the pin" if package_specs.Version(found[package].split("+")[0]) < \
+            package_specs.Version(pins[package].split("+")[0]) else ""
+        print(f"kvq compat --latest: {package} {found[package]} on the index (pin {pins[package]}{behind})")
     rows = package_specs.latest(pins, found)
     for row in rows:
         print(f"kvq compat --latest: row {row.spec.label} checks {', '.join(row.stands_for)}")

@@ -87,6 +87,8 @@ def pytest_configure(config):
         expectations.current_range()
     except (quanto_ext.StaleLockError, expectations.UnsupportedVersion) as error:
         raise pytest.UsageError(str(error)) from None
+    if expectations.ACCEPTED_ERROR:  # a corrupt baselines/expectations.json: named, never half-applied
+        raise pytest.UsageError(expectations.ACCEPTED_ERROR)
     selection(config)
     for option in ("--kv-update-baselines", "--kv-accept-release"):
         if config.getoption(option) and state.xdist_controller(config):

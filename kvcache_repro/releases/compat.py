@@ -104,6 +104,8 @@ def row_problems(run: dict) -> tuple[str, ...]:
     found = [c["kind"] for c in run["cases"] if c["kind"]]
     if not run["cases"]:
         found.append("no tests")
+    elif run.get("pytest_rc") not in (None, 0) and not found:  # e.g. an INTERNALERROR after the junit
+        found.append("harness")
     speed = run.get("speed") or {}
     if "error" in speed:
         found.append("harness")
@@ -129,13 +131,13 @@ def summarize(version: str, cases: list[dict], *, installed: bool = True, instal
             "date": date, "pytest_rc": pytest_rc, "cases": cases}
 
 
-def _full(run: dict) -> bool:
+def full_tier(run: dict) -> bool:
     return WHOLE in run.get("groups_run", ())
 
 
 def run_file(run: dict) -> str:
     """compat/runs/V.json for the groups, V-full.json for the whole tier (both kept)."""
-    return run["release"] + ("-full" if _full(run) else "") + ".json"
+    return run["release"] + ("-full" if full_tier(run) else "") + ".json"
 
 
 def speed_side_by_side(candidate_python: str, log=print, run=None) -> dict:
@@ -232,11 +234,12 @@ def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
     its release: each behaviour miss that names a table value (and each pinned bug that no
     longer shows) as a new range of verdicts/expectations.py's table from that release on
     (expectations.accept), each band miss measured again in the spec's environment and stored
-    as that release line's value (pytest --kv-accept-release). Refuses (1) a run with any
-    other problem, a behaviour observation that is no table value and entries observed two
-    ways; (2) a spec that is not one package's release."""
+    as that release line's value (pytest --kv-accept-release); bands first, so a failed
+    re-measure writes nothing. Refuses (1) a run with any other problem, a behaviour
+    observation that is no table value, of another package or observed two ways, and the
+    pin; (2) a spec that is not one package's release."""
     from kvcache_repro.core import provenance
-    from kvcache_repro.releases import compat_envs
+    from kvcache_repro.releases import package_specs
     from kvcache_repro.verdicts import expectations
 
     if len(spec.items) != 1 or not spec.items[0].version:
@@ -246,6 +249,7 @@ def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
     if run is None:
         log(f"kvq compat --accept {spec.text}: no stored run in compat/runs/: run ./kvq compat {spec.text} first")
         return 2
+    package, release = spec.items[0].package, spec.items[0].version
     produced = provenance.produced_by(provenance.device_label("cpu"), "./kvq compat --accept", versions=run["versions"])
     found = [(c, expectations.accepted_from_message(c["message"], run["versions"], produced))
              for c in run["cases"] if c["kind"] == "behaviour"]
@@ -253,19 +257,40 @@ def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
     others = [p for p in row_problems(run) if p not in ("band", "behaviour")]
     others += [f"{c['group']}::{c['name']} ({c['kind']})" for c in run["cases"] if c["kind"] not in (None, "band", "behaviour")]
     others += [f"{c['group']}::{c['name']} (behaviour, observed no table value)" for c, a in found if a is None]
-    others += [f"{a.behaviour}[{a.key}] observed both {a.value!r} and {records[k].value!r}"
-               for _, a in found if a and (k := (a.behaviour, a.key, a.package, a.release)) and records[k].value != a.value]
+    for a in (a for _, a in found if a):
+        name, kept = a.behaviour + (f"[{a.key}]" if a.key else ""), records[(a.behaviour, a.key, a.package, a.release)]
+        if kept.value != a.value:
+            others.append(f"{name} observed both {a.value!r} and {kept.value!r}")
+        elif (a.package, a.release) != (package, release):  # a table of another package moved
+            others.append(f"{name}: a behaviour of {a.package} {a.release}, not of {package} {release}")
+    pins = package_specs.pinned(root)
+    if release == pins.get(package, "").split("+")[0]:
+        others.append(f"{package} {release} is the pin: its values are the baselines' own "
+                      "(./kvq experiment --update-baselines) and the reviewed table's")
     bands = [f"tests/{c['group']}.py::{c['name']}" for c in run["cases"] if c["kind"] == "band"]
+    others = list(dict.fromkeys(others))
     if others or not (bands or records):
         log(f"kvq compat --accept {spec.text}: refused, only changed values are accepted; "
             + (f"this run has: {'; '.join(others[:8])}{f' and {len(others) - 8} more' if len(others) > 8 else ''}"
                if others else "this run has no band or behaviour miss"))
         return 1
+    try:
+        expectations.check_accepted(list(records.values()))  # before anything is written
+    except ValueError as error:
+        log(f"kvq compat --accept {spec.text}: refused: {error}")
+        return 1
+    if bands and (code := _accept_bands(spec, bands, root, log)):
+        return code
     for line in expectations.accept(list(records.values())) if records else []:
-        log(f"kvq compat --accept {spec.text}: {expectations.ACCEPTED_FILE.name}: {line}")
-    if not bands:
-        log(f"kvq compat --accept {spec.text}: rerun ./kvq compat {spec.text}: its row now passes")
-        return 0
+        log(f"kvq compat --accept {spec.text}: baselines/{expectations.ACCEPTED_FILE.name}: {line}")
+    log(f"kvq compat --accept {spec.text}: rerun ./kvq compat {spec.text}: its row now passes")
+    return 0
+
+
+def _accept_bands(spec, bands: list[str], root: Path, log) -> int:
+    """The band tests again in the spec's environment, storing what they miss (0: all written)."""
+    from kvcache_repro.releases import compat_envs
+
     env = compat_envs.spec_env(spec, root)
     if env.python is None:
         log(f"kvq compat --accept {spec.text}: cannot build its environment:\n{env.error}")
@@ -278,6 +303,4 @@ def accept_spec(spec, run: dict | None, root: Path = ROOT, log=print) -> int:
     for line in said or proc.stdout.strip().splitlines()[-15:] + proc.stderr.strip().splitlines()[-5:]:
         log(line)
     written = any("[" + spec.items[0].package in line and "accepted]" in line for line in said)
-    if written:
-        log(f"kvq compat --accept {spec.text}: rerun ./kvq compat {spec.text}: its row now passes")
     return 0 if written and not any("NOT updated" in line or "nothing written" in line for line in said) else 1

@@ -189,7 +189,11 @@ def newest(package: str, pre: bool = False) -> str:
     import sys
 
     cmd = [sys.executable, "-m", "pip", "index", "versions", package, "--disable-pip-version-check"]
-    proc = subprocess.run(cmd + (["--pre"] if pre else []), capture_output=True, text=True, timeout=120)
+    try:
+        proc = subprocess.run(cmd + (["--pre"] if pre else []), capture_output=True, text=True, timeout=120)
+    except (subprocess.TimeoutExpired, OSError) as error:
+        raise IndexUnreachable(f"cannot ask the package index for the newest {package}: {error}. Give the specs "
+                               "by hand (./kvq compat torch==X ...) or run where the index is reachable") from None
     first = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
     found = re.match(rf"^{re.escape(package)}\s+\((\S+)\)", first, re.I)
     if proc.returncode or not found:
@@ -197,6 +201,12 @@ def newest(package: str, pre: bool = False) -> str:
         raise IndexUnreachable(f"cannot ask the package index for the newest {package} ({' '.join(cmd[2:])}): {why}. "
                           "Give the specs by hand (./kvq compat torch==X ...) or run where the index is reachable")
     return found.group(1)
+
+
+def newer(found: str, pin: str) -> bool:
+    """The index's release is newer than the pin (local build tags dropped: 2.13.0+cpu is 2.13.0);
+    an index behind the pin, or the pin spelt otherwise (5.25 for 5.25.0), is not."""
+    return Version(found.split("+")[0]) > Version(pin.split("+")[0])
 
 
 @dataclass(frozen=True)
@@ -210,7 +220,7 @@ def latest(pins: dict[str, str], found: dict[str, str]) -> list[LatestRow]:
     all of them together. A newest release that is the pin is checked by the row of the pins
     (the pinned transformers); "all together" is that row, or the one package's own row, when
     fewer than two packages moved."""
-    moved = [p for p in PACKAGES if found[p].split("+")[0] != pins[p].split("+")[0]]
+    moved = [p for p in PACKAGES if newer(found[p], pins[p])]
     pins_row = parse(pins["transformers"])
     rows: dict[str, tuple[Spec, list[str]]] = {}
 

@@ -8,7 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from kvcache_repro.core.provenance import PACKAGES
-from kvcache_repro.releases.compat import KINDS, ROOT, WHOLE, _full
+from kvcache_repro.releases.compat import KINDS, ROOT, WHOLE, full_tier
 
 OUTCOMES = ("passed", "failed", "error", "skipped", "xfailed", "xpassed")
 
@@ -54,7 +54,7 @@ def run_order(run: dict) -> tuple:
         key = Version((run.get("versions") or {}).get(packages[0]) or run["release"])
     except Exception:  # a local build's label
         key = Version("0")
-    return axis, key, run["release"], _full(run)
+    return axis, key, run["release"], full_tier(run)
 
 
 def stack_cell(run: dict, pins: dict[str, str]) -> str:
@@ -65,7 +65,7 @@ def stack_cell(run: dict, pins: dict[str, str]) -> str:
 
 
 def _label(run: dict) -> str:
-    return run["release"] + (" (full tier)" if _full(run) else "")
+    return run["release"] + (" (full tier)" if full_tier(run) else "")
 
 
 def matrix_table(runs: list[dict], pins: dict[str, str] | None = None) -> str:
@@ -101,7 +101,7 @@ def release_section(run: dict) -> str:
     spec, title = run.get("spec"), "transformers " + run["release"]
     if spec and spec["text"] != run["release"]:
         title = "spec " + spec["text"]
-    lines = [f"### {title}" + (" (full tier)" if _full(run) else ""), ""]
+    lines = [f"### {title}" + (" (full tier)" if full_tier(run) else ""), ""]
     if not run["installed"]:
         error = run["install_error"].strip()
         return "\n".join(lines + ["Could not install; pip said:", "", "```", error, "```", ""])

@@ -11,10 +11,12 @@ from kvcache_repro.verdicts.baseline_file import (EDGE_SLACK, UPDATE_COMMAND, Ba
 
 
 def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
-           description: str = "", reset_tolerance: bool = False, key: dict | None = None) -> list[str]:
+           description: str = "", reset_tolerance: bool = False, key: dict | None = None,
+           ranges_complete: bool = False) -> list[str]:
     """Write ``entries`` into ``path``. A stored entry keeps its tolerance (a band is a decision,
     not re-cut by a re-run) unless ``reset_tolerance``, and its ``by_release`` values but those
-    a given entry holds for overlapping releases of the same package."""
+    a given entry holds for the same package and releases (``ranges_complete``: a given
+    entry's ``by_release`` is the whole list)."""
     path = Path(path)
     rerun = f"fix the run and rerun `{UPDATE_COMMAND}`; the file was left untouched"
     if run_failed:  # numbers from a failed run would silently become the new normal
@@ -47,7 +49,8 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
             # A measurement replaces a prediction whole, band included (that is the prediction's).
             replaces_prediction = is_predicted(old) and not is_predicted(e)
             tolerance = e.tolerance if reset_tolerance or replaces_prediction else old.tolerance
-            kept = [rv for rv in old.by_release if not any(_overlap(rv, new) for new in e.by_release)]
+            given = {(rv.package, rv.releases) for rv in e.by_release}
+            kept = [] if ranges_complete else [rv for rv in old.by_release if (rv.package, rv.releases) not in given]
             ratio, spread = e.ratio, e.spread
             if old.spread is not None and spread is None:  # re-cut from the spread (a reset too)
                 ratio, tolerance, spread = merge_spread(old, e, keep_width=not reset_tolerance)
@@ -68,14 +71,6 @@ def update(path, entries: list[Entry], *, run_failed: bool, scenario: str,
     current.description = description or current.description
     write_atomic(path, dumps(current))
     return lines
-
-
-def _overlap(a, b) -> bool:
-    """A stored per-release value that a given one replaces: same package, overlapping releases."""
-    from kvcache_repro.verdicts.release_ranges import parse_range
-
-    (a_low, a_high), (b_low, b_high) = parse_range(a.releases), parse_range(b.releases)
-    return a.package == b.package and a_low < b_high and b_low < a_high
 
 
 def merge_spread(old: Entry, new: Entry, keep_width: bool = True) -> tuple[float, float, Spread]:
@@ -103,8 +98,11 @@ def accept(path, moved: dict[str, float], package: str, release: str, produced_b
     """``./kvq compat --accept``: each moved entry's value on ``release`` of ``package`` stored as
     a per-release value (``by_release``) of that release line, joined to a stored range of the
     same value that ends where it starts; the entry's own ratio stays the pin's. Refuses the
-    pinned release itself and a release inside a stored range of another value."""
-    from kvcache_repro.verdicts.release_ranges import ReleaseValue, in_range, parse_range
+    pinned release itself and a release line overlapping a stored range of another value (a
+    release candidate's line gives way to its final's)."""
+    from packaging.version import Version
+
+    from kvcache_repro.verdicts.release_ranges import RANGE_COMMAND, ReleaseValue, parse_range
 
     path = Path(path)
     current = load(path)  # a corrupt file raises and is never overwritten
@@ -114,12 +112,15 @@ def accept(path, moved: dict[str, float], package: str, release: str, produced_b
         if e is None:
             raise BaselineError(path, f"entry {key!r} is missing", "record it first (a missing entry is not a change)")
         value, own = round(value, 4), [rv for rv in e.by_release if rv.package == package]
-        holding = [rv for rv in own if in_range(rv.releases, release)]
-        if holding:
-            raise BaselineError(path, f"entry {key!r}: {package} {release} lies in the stored range "
-                                      f"{holding[0].releases} ({fmt_num(holding[0].ratio)}), measured {fmt_num(value)}",
-                                f"re-measure that range's releases and cut it again with `{UPDATE_COMMAND}`")
         new = release_line(release)
+        # a release candidate's line gives way to its final (observed on pre-releases of this line only)
+        candidates = [rv for rv in own if all(Version(o).is_prerelease and Version(o).release == Version(release).release
+                                              for o in rv.observed_on) and not Version(release).is_prerelease]
+        own = [rv for rv in own if rv not in candidates]
+        if clash := [rv for rv in own if _overlap(rv.releases, new)]:
+            raise BaselineError(path, f"entry {key!r}: {package} {release} ({new}) overlaps the stored range "
+                                      f"{clash[0].releases} ({fmt_num(clash[0].ratio)}), measured {fmt_num(value)}",
+                                f"re-measure that range's releases and cut it again with `{RANGE_COMMAND}`")
         joined = [rv for rv in own if parse_range(rv.releases)[1] == parse_range(new)[0]
                   and abs(rv.ratio - value) <= rv.tolerance + EDGE_SLACK]
         if joined:
@@ -128,8 +129,15 @@ def accept(path, moved: dict[str, float], package: str, release: str, produced_b
                               (*joined[0].observed_on, release), produced_by, package)
         else:
             rv = ReleaseValue(new, value, e.tolerance, (release,), produced_by, package)
-        kept = [r for r in e.by_release if r not in joined]
+        kept = [r for r in e.by_release if r not in joined and r not in candidates]
         entries.append(Entry(e.backend, e.batch, e.metric, e.ratio, e.tolerance, e.produced_by,
                              (*kept, rv), e.spread))
-    return [line + f" [{package} {release}: accepted]"
-            for line in update(path, entries, run_failed=False, scenario=current.scenario, key=current.key)]
+    return [line + f" [{package} {release}: accepted]" for line in update(
+        path, entries, run_failed=False, scenario=current.scenario, key=current.key, ranges_complete=True)]
+
+
+def _overlap(a: str, b: str) -> bool:
+    from kvcache_repro.verdicts.release_ranges import parse_range
+
+    (a_low, a_high), (b_low, b_high) = parse_range(a), parse_range(b)
+    return a_low < b_high and b_low < a_high

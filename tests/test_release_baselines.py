@@ -307,3 +307,28 @@ def test_a_release_candidate_s_line_gives_way_to_its_final(path):
     baseline_update.accept(path, {KEY: 2.08}, "transformers", "5.26.0", ACCEPTED)
     assert _ranges(path)[-1] == ("transformers", ">=5.26.0,<5.26.1", 2.08, ("5.26.0",))
     assert len(_ranges(path)) == 2  # the candidate's range is replaced, the early one kept
+
+
+def test_the_plugin_accepts_each_band_miss_of_its_kinds_and_refuses_a_run_with_another_failure(path, monkeypatch):
+    """pytest --kv-accept-release: every kind's band misses (kind.compared) stored for the
+    installed release line; a run where any other test failed writes nothing."""
+    import types
+
+    from kvcache_repro.plugin import state, summary
+
+    update(path, early())
+    miss = comparison.Verdict(KEY, 2.1, 2.0501, 0.001, "regression", str(path))
+    kind = types.SimpleNamespace(name="fake", compared=lambda key, result: (path, [miss]))
+    monkeypatch.setattr(summary, "KINDS", (kind,))
+    monkeypatch.setattr(provenance, "installed", lambda package: "5.26.0")
+    lines = []
+    config = types.SimpleNamespace(getoption=lambda name: "transformers", stash=pytest.Stash())
+    state.results(config, "fake")[("k",)] = object()
+    config.stash[state.FAILED] = {"test_ratios_within_baseline_bands", "test_something_else"}
+    summary.accept_release(types.SimpleNamespace(write_line=lines.append), config)
+    assert "nothing written" in lines[-1] and "test_something_else" in lines[-1]
+    assert _ranges(path)[-1][1] == ">=5.0.0,<5.19.0"  # untouched
+    config.stash[state.FAILED] = {"test_ratios_within_baseline_bands"}
+    summary.accept_release(types.SimpleNamespace(write_line=lines.append), config)
+    assert "[transformers 5.26.0: accepted]" in lines[-1]
+    assert _ranges(path)[-1] == ("transformers", ">=5.26.0,<5.26.1", 2.1, ("5.26.0",))

@@ -55,6 +55,12 @@ def run(args) -> int:
     root = compat.ROOT / "compat"
     runs_dir, probes_dir = root / "runs", root / "probes"
     runs_dir.mkdir(parents=True, exist_ok=True)
+    clash = ("--pre needs --latest" if args.pre and not args.latest else
+             "--accept takes one SPEC and no --latest, specs or --probe" if args.accept and (
+                 args.latest or args.specs or args.probe) else "")
+    if clash:
+        print(f"kvq compat: {clash}", file=sys.stderr)
+        return 2
     pins = package_specs.pinned(compat.ROOT)
     try:
         specs = [package_specs.parse(t) for t in args.specs]
@@ -64,12 +70,6 @@ def run(args) -> int:
         print(f"kvq compat: {error}", file=sys.stderr)
         return 2
     specs = list({spec.label: spec for spec in specs or [package_specs.parse(pins["transformers"])]}.values())
-    clash = ("--pre needs --latest" if args.pre and not args.latest else
-             "--accept takes one SPEC and no --latest, specs or --probe" if args.accept and (
-                 args.latest or args.specs or args.probe) else "")
-    if clash:
-        print(f"kvq compat: {clash}", file=sys.stderr)
-        return 2
     if args.accept:
         try:
             spec = package_specs.parse(args.accept)
@@ -111,8 +111,7 @@ def latest_specs(pre: bool) -> list:
     pins = package_specs.pinned(compat.ROOT)
     found = {package: package_specs.newest(package, pre) for package in PACKAGES}
     for package in PACKAGES:
-        behind = "; the index is behind the pin" if package_specs.Version(found[package].split("+")[0]) < \
-            package_specs.Version(pins[package].split("+")[0]) else ""
+        behind = "; the index is behind the pin" if package_specs.newer(pins[package], found[package]) else ""
         print(f"kvq compat --latest: {package} {found[package]} on the index (pin {pins[package]}{behind})")
     rows = package_specs.latest(pins, found)
     for row in rows:

@@ -36,6 +36,7 @@ PACKAGE_GROUPS = {"torch": ("test_accuracy", "test_quanto_lock", "test_peak", "t
                   "optimum-quanto": ("test_accuracy", "test_quanto_lock", "test_seed_claims"),
                   "hqq": ("test_accuracy", "test_seed_claims")}
 MARKERS = "not gpu and not slow and not benchmark"
+PYTEST = ("-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", "-p", "no:randomly")  # in a spec's env
 WHOLE = "the whole tier"
 
 
@@ -179,8 +180,7 @@ def run_spec(spec, groups: tuple[str, ...] | None, root: Path = ROOT, log=print,
         return {**run, "spec": spec.to_json()}
     junit = root / "compat" / f"junit-{label}.xml"
     junit.unlink(missing_ok=True)  # never read a previous run's results
-    cmd = [str(env.python), "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", "-p",
-           "no:randomly", f"--junitxml={junit}", *(f"tests/{g}.py" for g in groups or ())]
+    cmd = [str(env.python), *PYTEST, f"--junitxml={junit}", *(f"tests/{g}.py" for g in groups or ())]
     log(f"compat {label}: {' '.join(cmd)}")
     started = time.perf_counter()
     environ = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONDONTWRITEBYTECODE="1")
@@ -295,8 +295,7 @@ def _accept_bands(spec, bands: list[str], root: Path, log) -> int:
     if env.python is None:
         log(f"kvq compat --accept {spec.text}: cannot build its environment:\n{env.error}")
         return 3
-    cmd = [str(env.python), "-m", "pytest", "-m", MARKERS, "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
-           "--kv-accept-release", spec.items[0].package, *bands]
+    cmd = [str(env.python), *PYTEST, "--kv-accept-release", spec.items[0].package, *bands]
     log(f"kvq compat --accept {spec.text}: {' '.join(cmd)}")
     proc = subprocess.run(cmd, cwd=root, env=dict(os.environ, HF_HUB_OFFLINE="1"), capture_output=True, text=True)
     said = [line for line in proc.stdout.splitlines() if line.startswith("kv-accept-release:")]

@@ -189,17 +189,17 @@ def newest(package: str, pre: bool = False) -> str:
     import sys
 
     cmd = [sys.executable, "-m", "pip", "index", "versions", package, "--disable-pip-version-check"]
+    way_out = "Give the specs by hand (./kvq compat torch==X ...) or run where the index is reachable"
     try:
         proc = subprocess.run(cmd + (["--pre"] if pre else []), capture_output=True, text=True, timeout=120)
     except (subprocess.TimeoutExpired, OSError) as error:
-        raise IndexUnreachable(f"cannot ask the package index for the newest {package}: {error}. Give the specs "
-                               "by hand (./kvq compat torch==X ...) or run where the index is reachable") from None
+        raise IndexUnreachable(f"cannot ask the package index for the newest {package}: {error}. {way_out}") from None
     first = proc.stdout.strip().splitlines()[0] if proc.stdout.strip() else ""
     found = re.match(rf"^{re.escape(package)}\s+\((\S+)\)", first, re.I)
     if proc.returncode or not found:
         why = (proc.stderr.strip().splitlines() or [first or "no output"])[-1]
-        raise IndexUnreachable(f"cannot ask the package index for the newest {package} ({' '.join(cmd[2:])}): {why}. "
-                          "Give the specs by hand (./kvq compat torch==X ...) or run where the index is reachable")
+        raise IndexUnreachable(f"cannot ask the package index for the newest {package} ({' '.join(cmd[2:])}): "
+                               f"{why}. {way_out}")
     return found.group(1)
 
 
@@ -218,8 +218,8 @@ class LatestRow:
 def latest(pins: dict[str, str], found: dict[str, str]) -> list[LatestRow]:
     """The rows of ``--latest``: each package's newest release alone against the pins, and
     all of them together. A newest release that is the pin is checked by the row of the pins
-    (the pinned transformers); "all together" is that row, or the one package's own row, when
-    fewer than two packages moved."""
+    (the pinned transformers); "all together" is that row, or the one package's own row (the
+    same label), when fewer than two packages moved."""
     moved = [p for p in PACKAGES if newer(found[p], pins[p])]
     pins_row = parse(pins["transformers"])
     rows: dict[str, tuple[Spec, list[str]]] = {}
@@ -229,6 +229,5 @@ def latest(pins: dict[str, str], found: dict[str, str]) -> list[LatestRow]:
 
     for package in PACKAGES:
         add(parse(f"{package}=={found[package]}") if package in moved else pins_row, package)
-    one = parse(f"{moved[0]}=={found[moved[0]]}") if len(moved) == 1 else pins_row
-    add(parse(",".join(f"{p}=={found[p]}" for p in moved)) if len(moved) > 1 else one, "all together")
+    add(parse(",".join(f"{p}=={found[p]}" for p in moved)) if moved else pins_row, "all together")
     return [LatestRow(spec, tuple(what)) for spec, what in rows.values()]

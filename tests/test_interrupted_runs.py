@@ -142,7 +142,8 @@ def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_pat
     before = baseline_dir.read_bytes()
     first = FakeWorkers(interrupt_at=4)
     monkeypatch.setattr(experiment, "run_one", first)
-    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--update-baselines"])
+    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--update-baselines",
+                                        "--lanes", "1"])
     said = capsys.readouterr().out
     assert code == 128 + signal.SIGINT
     assert baseline_dir.read_bytes() == before  # never a baseline from a partial run
@@ -154,7 +155,7 @@ def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_pat
 
     second = FakeWorkers()
     monkeypatch.setattr(experiment, "run_one", second)
-    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--resume"])
+    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--resume", "--lanes", "1"])
     said = capsys.readouterr().out
     assert second.calls == [("none", 200), ("quanto4", 200), ("hqq4", 200)]  # only what was missing
     assert "resuming: 3 of 6 rows already measured" in said
@@ -162,6 +163,53 @@ def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_pat
     assert final["complete"] is True and len(final["measurements"]) == 6
     assert [(m["backend"], m["batch"]) for m in final["measurements"]] == experiment.planned_rows(TINY)
     assert code == 1  # fake numbers are outside cpu-tiny's bands: compared, not skipped
+
+
+class SlowFakeWorkers(FakeWorkers):
+    """Each row takes 0.3 s, beating as run_one does (a stopping run raises there); counts how
+    many run at once. The ``interrupt_at``-th call is interrupted at once."""
+
+    def __init__(self, interrupt_at=None):
+        super().__init__(interrupt_at)
+        self.active = self.most = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, scenario, backend, batch, checkpoint=None, beat=None, **kwargs):
+        with self.lock:
+            if len(self.calls) + 1 == self.interrupt_at:
+                self.calls.append((backend, batch))
+                raise KeyboardInterrupt
+            self.active += 1
+            self.most = max(self.most, self.active)
+        try:
+            for _ in range(6):
+                time.sleep(0.05)
+                beat()
+            return super().__call__(scenario, backend, batch, checkpoint, **kwargs)
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def test_lanes_run_rows_at_once_dearest_first_and_an_interrupt_keeps_what_finished(tmp_path, monkeypatch,
+                                                                                   baseline_dir, capsys):
+    out = tmp_path / "out"
+    workers = SlowFakeWorkers()
+    monkeypatch.setattr(experiment, "run_one", workers)
+    commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--lanes", "2"])
+    assert workers.most == 2 and sorted(workers.calls[:2]) == [("hqq4", 200), ("quanto4", 200)]
+    final = json.loads((out / "results.json").read_text())
+    assert [(m["backend"], m["batch"]) for m in final["measurements"]] == experiment.planned_rows(TINY)
+
+    workers = SlowFakeWorkers(interrupt_at=3)
+    monkeypatch.setattr(experiment, "run_one", workers)
+    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--lanes", "2"])
+    said = capsys.readouterr().out
+    kept = [(r["measurement"]["backend"], r["measurement"]["batch"])
+            for r in json.loads((out / "rows.json").read_text())["rows"]]
+    assert code == 128 + signal.SIGINT and "--resume" in said
+    assert sorted(kept) == sorted(workers.calls[:2])  # the row running beside the interrupt stopped
+    assert len(workers.calls) < 6  # queued rows never started
 
 
 def test_resume_retries_failed_rows_and_refuses_rows_of_another_setup(tmp_path):
@@ -190,23 +238,23 @@ def test_rows_are_written_atomically(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rows.json"]
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
-def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
-    """The real command with a worker that hangs: the signal ends both at once."""
+@pytest.mark.parametrize("sig, lanes", [(signal.SIGINT, 1), (signal.SIGTERM, 1), (signal.SIGTERM, 2)],
+                         ids=["SIGINT", "SIGTERM", "SIGTERM-2-lanes"])
+def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig, lanes):
+    """The real command with workers that hang: the signal ends it and every worker at once."""
     out = tmp_path / "out"
     env = {**os.environ, faults.ENV: "hang", "PYTHONUNBUFFERED": "1"}
     # As from a terminal: a background job (CI, `cmd &`) starts with SIGINT ignored, and a
     # child inheriting that gets no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro", "experiment", "--scenario", "cpu-tiny",
-                             "--output-dir", str(out)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                             "--output-dir", str(out), "--lanes", str(lanes)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    log = out / "logs" / "none-b1.log"
     deadline = time.monotonic() + 90
-    while "not answering" not in (log.read_text() if log.exists() else ""):
-        assert time.monotonic() < deadline and proc.poll() is None, "the worker never started"
+    while len(hung := [p for p in (out / "logs").glob("*.log") if "not answering" in p.read_text()]) < lanes:
+        assert time.monotonic() < deadline and proc.poll() is None, "the workers never started"
         time.sleep(0.2)
-    worker = int(log.read_text().split("worker ")[-1].split(":")[0])
+    workers = [int(p.read_text().split("worker ")[-1].split(":")[0]) for p in hung]
     proc.send_signal(sig)
     try:
         # stopping takes ~5 s (the worker's SIGTERM grace): 60 s tells a hang from a loaded machine
@@ -218,7 +266,7 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig):
     assert f"interrupted ({signal.Signals(sig).name}): 0 of 6 rows measured" in said
     assert "--resume" in said and "baselines untouched" in said
     time.sleep(0.5)
-    assert not Path(f"/proc/{worker}").exists(), "the worker outlived the interrupted experiment"
+    assert not [w for w in workers if Path(f"/proc/{w}").exists()], "a worker outlived the interrupted experiment"
 
 
 # ---- options

@@ -14,7 +14,7 @@ from kvcache_repro.measure import scenarios
 
 # sha256 of every built-in scenario and its dry run (to_json, keys sorted). A meant change
 # changes the measurements too: re-record the scenario's baselines and update this.
-DIGEST = "8292de1f140c954884a809af3420395ae1253bb7c50a57cb1d323a59ab297d35"
+DIGEST = "55e755c275d2aa180cba013e8e857a9cd714290f333ffb94b7144e6b661bcd4d"
 
 VALID = """[mine]
 device = "cpu"
@@ -62,6 +62,9 @@ INVALID = {
     "unknown-setting": ("q_group_size = 32", "q_group = 32",
                         "'settings': unknown 'q_group'; allowed: q_group_size"),
     "unknown-test": (D, D + '\ntests = ["experimnet"]', "'tests': unknown 'experimnet'; allowed: experiment"),
+    "tokens-at-other-batch": (N, N + "\nnew_tokens_at = {3 = 8}", "'new_tokens_at': '3' is not one of batch_sizes"),
+    "tokens-at-zero": (N, N + "\nnew_tokens_at = {1 = 0}", "'new_tokens_at': .* is not positive"),
+    "tokens-at-not-int": (N, N + '\nnew_tokens_at = {1 = "2"}', "'new_tokens_at': .* wrong type"),
 }
 
 
@@ -71,6 +74,16 @@ def test_an_invalid_entry_names_the_file_scenario_and_field(tmp_path, old, new, 
     with pytest.raises(scenarios.ScenarioError, match="field " + message) as raised:
         scenarios.load(path, scenarios.SCENARIOS)
     assert str(raised.value).startswith(f"{path}: scenario 'mine', field ")
+
+
+def test_new_tokens_at_overrides_the_length_at_its_batch_and_survives_json(tmp_path):
+    """The main job's one short prompt beside its long large batch: what a worker is handed back."""
+    entry = scenarios.load(_write(tmp_path, VALID.replace(N, N + "\nnew_tokens_at = {1 = 2}")))["mine"]
+    mine = scenarios.from_json({"backends": scenarios.SEED_BACKENDS, **entry, "name": "mine"})
+    assert (mine.tokens(1), mine.tokens(4)) == (2, 8)
+    assert scenarios.from_json(json.loads(json.dumps(scenarios.to_json(mine)))) == mine
+    cpu = scenarios.get("cpu")
+    assert cpu.tokens(1) < cpu.settings.residual_length < cpu.tokens(cpu.large_batch)  # few tokens vs flushes
 
 
 def test_a_file_never_redefines_a_built_in_scenario(tmp_path):

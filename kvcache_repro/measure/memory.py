@@ -210,13 +210,14 @@ def make_inputs(scenario: Scenario, tokenizer, batch: int):
 def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> Measurement:
     spec = BACKENDS[backend]
     ids, mask = make_inputs(scenario, tokenizer, batch)
-    generation.check_run(model, spec, scenario.settings, batch, ids.shape[1], scenario.new_tokens)
+    new_tokens = scenario.tokens(batch)
+    generation.check_run(model, spec, scenario.settings, batch, ids.shape[1], new_tokens)
     probe = probe_for(scenario.device)
     weights = list(model.parameters()) + list(model.buffers())
     before = probe.start(weights + [ids, mask])
     t0 = time.perf_counter()
     try:
-        run = generation.generate(model, ids, spec, scenario.settings, scenario.new_tokens, attention_mask=mask,
+        run = generation.generate(model, ids, spec, scenario.settings, new_tokens, attention_mask=mask,
                                   keep_scores=False)
     except BaseException:  # OOM, an interrupt: the caller records it; the probe must not outlive the run
         probe.abandon()
@@ -233,6 +234,6 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
     predicted = accounting.predict_cache_bytes(
         spec, scenario.settings,
         accounting.CacheGeometry(g.layers, batch, g.kv_heads, g.head_dim, getattr(torch, scenario.dtype)),
-        prompt_len=ids.shape[1], total_tokens=ids.shape[1] + scenario.new_tokens - 1)
-    return Measurement(scenario.name, backend, batch, scenario.device, ids.shape[1], scenario.new_tokens,
+        prompt_len=ids.shape[1], total_tokens=ids.shape[1] + new_tokens - 1)
+    return Measurement(scenario.name, backend, batch, scenario.device, ids.shape[1], new_tokens,
                        seconds, before, metrics, predicted.total, notes="; ".join(notes))

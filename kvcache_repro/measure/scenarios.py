@@ -49,13 +49,26 @@ class Scenario:
     # keeps them in a file keyed by what its numbers depend on (model_scenario).
     baseline_name: str | None = None
     baseline_key: dict | None = None  # what the file's numbers depend on (model, dtype, weights, device, settings)
+    # (batch, new tokens) pairs overriding new_tokens at those batch sizes: the seed's "one
+    # prompt, few output tokens" beside its long run at the large batch, in one table.
+    new_tokens_at: tuple[tuple[int, int], ...] = ()
     large_batch: int = field(init=False)
 
     def __post_init__(self):
         object.__setattr__(self, "large_batch", max(self.batch_sizes))
+        object.__setattr__(self, "new_tokens_at", tuple(sorted((int(b), int(n)) for b, n in
+                                                               dict(self.new_tokens_at).items())))
+        for batch, _ in self.new_tokens_at:
+            if batch not in self.batch_sizes:
+                raise SelectionError(f"scenario {self.name}: new_tokens_at names batch {batch}, "
+                                     f"not one of its batch_sizes {self.batch_sizes}")
         for name in self.backends:
             if name not in BACKENDS:
                 raise SelectionError(f"scenario {self.name}: unknown backend {name!r}")
+
+    def tokens(self, batch: int) -> int:
+        """New tokens generated at ``batch``: new_tokens unless new_tokens_at says otherwise."""
+        return dict(self.new_tokens_at).get(batch, self.new_tokens)
 
     def prompts(self, batch: int) -> list[str]:
         """The seed's prompts cycled to ``batch`` rows (200 = the seed's 10 x 20)."""
@@ -76,6 +89,10 @@ def from_json(data: dict) -> Scenario:
     for name in ("batch_sizes", "backends", "baseline_metrics"):
         if name in data:
             data[name] = tuple(data[name])
+    if isinstance(data.get("new_tokens_at"), dict):  # TOML's keys are strings; to_json's pairs are lists
+        data["new_tokens_at"] = tuple((int(b), n) for b, n in data["new_tokens_at"].items())
+    elif "new_tokens_at" in data:
+        data["new_tokens_at"] = tuple(tuple(pair) for pair in data["new_tokens_at"])
     return Scenario(**data)
 
 
@@ -91,7 +108,7 @@ DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 FIELDS = {"device": (str,), "model": (str,), "batch_sizes": (list, int), "new_tokens": (int,), "backends": (list, str),
           "settings": (dict, int), "dtype": (str,), "checkpoint": (str,), "weights_nf4": (bool,),
           "baseline_metrics": (list, str), "notes": (str,), "arch": (str,), "fallback_arch": (str,),
-          "tests": (list, str), "slow": (bool,)}
+          "new_tokens_at": (dict, int), "tests": (list, str), "slow": (bool,)}
 REQUIRED = ("device", "model", "batch_sizes", "new_tokens", "settings", "dtype")
 CHOICES = {"device": ("cuda", "cpu"), "model": ("checkpoint", "small-real", "tiny", "random"),
            "dtype": tuple(DTYPES.values()), "backends": tuple(BACKENDS), "tests": TESTS,
@@ -124,7 +141,11 @@ def _check(path, name: str, entry) -> None:
             fail(field, f"{value!r} is the wrong type", " of ".join(t.__name__ for t in FIELDS[field]))
         for bad in [v for v in (value if item else [value]) if v not in CHOICES.get(field, [v])]:
             fail(field, f"unknown {bad!r}", ", ".join(CHOICES[field]))
-        if field in ("batch_sizes", "new_tokens", "settings") and (value == [] or any(n < 1 for n in items)):
+        if field == "new_tokens_at" and (stray := [k for k in value if not k.isdigit()
+                                                     or int(k) not in entry.get("batch_sizes", [])]):
+            fail(field, f"{stray[0]!r} is not one of batch_sizes", "a table {BATCH = NEW_TOKENS} over batch_sizes")
+        if (field in ("batch_sizes", "new_tokens", "settings", "new_tokens_at")
+                and (value == [] or any(n < 1 for n in items))):
             fail(field, f"{value!r} is not positive", "positive integers" + (", at least one" if kind is list else ""))
         if field in ("arch", "fallback_arch"):
             try:
@@ -179,7 +200,7 @@ def dry_run(scenario: Scenario) -> Scenario:
     (one flush at residual 64), float32 (fp16 took 9.9 s for the 1.2 s of float32)."""
     return replace(scenario, name=scenario.name + DRY_SUFFIX, device="cpu", model="random", arch=DRY_ARCH,
                    fallback_arch=None, checkpoint=None, weights_nf4=False, batch_sizes=(4,), new_tokens=72,
-                   dtype="float32", baseline_metrics=PREDICTED_METRICS,
+                   new_tokens_at=(), dtype="float32", baseline_metrics=PREDICTED_METRICS,
                    notes=f"DRY RUN of {scenario.name} on CPU: {scenario.notes}")
 
 

@@ -5,10 +5,13 @@ ratios to the unquantized run, comparison with stored baselines, the report.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import json
+import os
 import signal
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,22 +52,55 @@ def planned_rows(scenario: scenarios.Scenario) -> list[tuple[str, int]]:
     return [(backend, batch) for batch in scenario.batch_sizes for backend in scenario.backends]
 
 
+def default_lanes(scenario: scenarios.Scenario, in_process: bool = False) -> int:
+    """Rows measured at once: one per core for a CPU scenario's workers (each pins torch to one
+    thread, and exact bytes do not depend on what runs beside it); one on CUDA (peaks and times
+    of a shared card would mix) and in process."""
+    if in_process or scenario.device != "cpu":
+        return 1
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _longest_first(scenario: scenarios.Scenario, rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """Rows by expected cost, dearest first, so that lanes end together: batch x tokens, then the
+    quantized backends (they decode slower) before none."""
+    rank = {b: i for i, b in enumerate(scenario.backends)}
+    return sorted(rows, key=lambda r: (-r[1] * scenario.tokens(r[1]), -rank[r[0]]))
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised in a lane's wait loop once the run is stopping: the worker is stopped as on Ctrl-C."""
+
+
 def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, log=print,
                  in_process: bool = False, *, done: list[Measurement] = (), store: RowStore | None = None,
                  progress: Progress | None = None, timeout: float | None = None, logs_dir: Path | None = None,
-                 run_one=None) -> tuple[list[Measurement], list[RowFailure]]:
-    """Every (backend, batch) not in ``done``, each in a fresh subprocess (the seed's protocol)
-    or, ``in_process`` (CPU only), in this one. A failed row becomes a RowFailure and the others
-    still run; each goes to ``store`` at once. An unavailable model ends the run (all would fail)."""
+                 run_one=None, lanes: int | None = None) -> tuple[list[Measurement], list[RowFailure]]:
+    """Every (backend, batch) not in ``done``, each in a fresh subprocess (the seed's protocol),
+    ``lanes`` at once (default 1; ./kvq experiment: default_lanes), dearest first; or, ``in_process`` (CPU only), one after
+    another in this one. A failed row becomes a RowFailure and the others still run; each goes to
+    ``store`` at once. An unavailable model ends the run (all would fail). An interrupt stops
+    every running worker and keeps what finished."""
     if in_process and scenario.device != "cpu":
         raise ValueError(f"{scenario.name}: in-process runs are for CPU scenarios; "
                          f"CUDA peaks need a fresh process")
     run_one = run_one or globals()["run_one"]
     have = {(m.backend, m.batch) for m in done}
     todo = [row for row in planned_rows(scenario) if row not in have]
+    lanes = 1 if in_process else max(1, min(lanes or 1, len(todo) or 1))
+    if lanes > 1:
+        todo = _longest_first(scenario, todo)
     loaded = memory.load_model(scenario) if in_process and todo else None
     measurements, failures = list(done), []
-    for backend, batch in todo:
+    lock, stopping = threading.Lock(), threading.Event()
+
+    def beat():
+        if stopping.is_set():
+            raise _Stop()
+        if progress:
+            progress.beat()
+
+    def row(backend: str, batch: int) -> None:
         if progress:
             progress.begin(backend, batch, None if in_process else
                            (timeout if timeout is not None else limits.worker_seconds(scenario)))
@@ -78,7 +114,7 @@ def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
             else:
                 m = run_one(scenario.name, backend, batch, checkpoint, timeout=timeout,
                             log_path=None if logs_dir is None else logs_dir / f"{backend}-b{batch}.log",
-                            beat=progress.beat if progress else None)
+                            beat=beat)
             said = f"generate {m.generate_seconds:.1f} s, cache {m.metrics['cache_bytes'] / MIB:.2f} MiB"
         except RowFailed as error:
             failure = error.failure
@@ -86,16 +122,37 @@ def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
                 raise
             said = f"FAILED ({failure.kind}): {failure.message}"
         wall = progress.end(backend, batch, said) if progress else None
-        if not progress:
-            log(f"  {backend:>8} b{batch:<4} {said}")
-        if failure:
-            failures.append(failure)
-            if failure.kind != "oom" and failure.output_tail:
-                log("\n".join("      | " + line for line in failure.output_tail.splitlines()))
-        else:
-            measurements.append(m)
-        if store:
-            store.add(failure or m, wall)
+        with lock:
+            if not progress:
+                log(f"  {backend:>8} b{batch:<4} {said}")
+            if failure:
+                failures.append(failure)
+                if failure.kind != "oom" and failure.output_tail:
+                    log("\n".join("      | " + line for line in failure.output_tail.splitlines()))
+            else:
+                measurements.append(m)
+            if store:
+                store.add(failure or m, wall)
+
+    if lanes == 1:
+        for backend, batch in todo:
+            row(backend, batch)
+    else:
+        with concurrent.futures.ThreadPoolExecutor(lanes, thread_name_prefix="kvq-lane") as pool:
+            futures = [pool.submit(row, *r) for r in todo]
+            try:
+                pending = set(futures)
+                while pending:  # a short timeout: the main thread stays open to signals
+                    finished, pending = concurrent.futures.wait(pending, 1.0, concurrent.futures.FIRST_EXCEPTION)
+                    for f in finished:
+                        if f.exception() is not None:
+                            raise f.exception()
+            except BaseException:
+                stopping.set()  # running workers stop (beat raises in their wait loops), queued rows never start
+                for f in futures:
+                    f.cancel()
+                concurrent.futures.wait(futures)
+                raise
     order = {row: i for i, row in enumerate(planned_rows(scenario))}
     measurements.sort(key=lambda m: order.get((m.backend, m.batch), len(order)))
     return measurements, failures
@@ -145,7 +202,9 @@ def provenance(scenario: scenarios.Scenario, measurements: list[Measurement],
              if scenario.checkpoint else {})
     return produced_by(
         device_label(scenario.device), source,
-        {"new_tokens": scenario.new_tokens, "q_group_size": scenario.settings.q_group_size,
+        {"new_tokens": scenario.new_tokens, **({"new_tokens_at": {str(b): n for b, n in scenario.new_tokens_at}}
+                                               if scenario.new_tokens_at else {}),
+         "q_group_size": scenario.settings.q_group_size,
          "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
          "prompt_len": {str(m.batch): m.prompt_len for m in measurements},
          "allocator": "glibc default" if scenario.device == "cpu" else "PyTorch caching allocator"},
@@ -260,7 +319,8 @@ def command(args) -> int:
         return _said(error, 3)
     print(f"scenario {scenario.name}: {scenario.notes}")
     print(f"  backends {', '.join(scenario.backends)}; batches {scenario.batch_sizes}; "
-          f"{scenario.new_tokens} new tokens; G {scenario.settings.q_group_size}, "
+          f"{scenario.new_tokens} new tokens"
+          f"{''.join(f' ({n} at batch {b})' for b, n in scenario.new_tokens_at)}; G {scenario.settings.q_group_size}, "
           f"residual {scenario.settings.residual_length}")
     out_dir = Path(args.output_dir) if args.output_dir else ROOT / "results" / scenario.name
     store = RowStore(out_dir, fingerprint(scenario, args.checkpoint))
@@ -274,14 +334,19 @@ def command(args) -> int:
               f"in {store.path}")
     elif store.path.exists():
         print(f"  {store.path} from an earlier run is replaced as rows finish (--resume keeps its rows)")
+    lanes = args.lanes or default_lanes(scenario, args.in_process)
     if not args.in_process:
         print(f"  each row in a fresh process, time limit "
-              f"{args.worker_timeout or limits.worker_seconds(scenario):.0f} s (limits.py)")
-    progress = Progress(planned_rows(scenario), store.walls(), log=lambda line: print(line, flush=True))
+              f"{args.worker_timeout or limits.worker_seconds(scenario):.0f} s (limits.py)"
+              + (f"; {lanes} rows at once, one core each (exact bytes do not depend on it; gen s is each "
+                 f"row's own wall time beside the others, information only)" if lanes > 1 else ""))
+    progress = Progress(planned_rows(scenario), store.walls(), log=lambda line: print(line, flush=True),
+                        lanes=lanes)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
         run = run_experiment(scenario, args.checkpoint, in_process=args.in_process, done=done, store=store,
-                             progress=progress, timeout=args.worker_timeout, logs_dir=out_dir / "logs")
+                             progress=progress, timeout=args.worker_timeout, logs_dir=out_dir / "logs",
+                             lanes=lanes)
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the partial outputs
         return _interrupted(args, scenario, store, out_dir, interrupt)

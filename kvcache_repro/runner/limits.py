@@ -26,4 +26,5 @@ def worker_seconds(scenario) -> float:
     if not scale > 0:
         raise ValueError(f"{SCALE_ENV}={raw!r}: give a positive factor (default 1)")
     startup = DOWNLOAD_STARTUP_S if scenario.model == "checkpoint" else STARTUP_S
-    return (startup + scenario.new_tokens * PER_TOKEN_S[scenario.device]) * scale
+    tokens = max(scenario.tokens(b) for b in scenario.batch_sizes)
+    return (startup + tokens * PER_TOKEN_S[scenario.device]) * scale

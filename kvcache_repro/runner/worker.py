@@ -216,7 +216,7 @@ def main(argv=None) -> int:
         return STALE_LOCK_EXIT
     say("loading the model")
     model, tokenizer = memory.load_model(scenario, args.checkpoint)
-    say(f"generating {scenario.new_tokens} new tokens")
+    say(f"generating {scenario.tokens(args.batch)} new tokens")
     try:
         result = memory.measure(scenario, args.backend, args.batch, model, tokenizer)
     except torch.OutOfMemoryError as error:

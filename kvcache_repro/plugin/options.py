@@ -41,6 +41,9 @@ def pytest_addoption(parser):
                     help="store each band miss of this run as the value of the installed release line of PACKAGE "
                          "(a per-release range; ./kvq compat --accept runs it in a release's environment); "
                          "refused for a run with any other failure")
+    group.addoption("--kv-record-timings", action="store_true",
+                    help="store this run's seconds per test file as the recorded ones (baselines/timings.json, "
+                         "information only; every run prints its own beside them)")
     group.addoption("--kv-run-slow", action="store_true",
                     help="run tests marked slow (the full CPU memory scenario ~9 min, the full accuracy table ~3 min)")
 

@@ -11,6 +11,8 @@ WORKER_REPORTS = pytest.StashKey[list]()  # xdist controller: each worker's repo
 QUANTO_NOTE = pytest.StashKey[str]()
 SPEED_DIR = pytest.StashKey[str]()  # xdist controller: where the speed measured ahead is handed over
 SPEED_PREMEASURED = pytest.StashKey[bool]()
+TIMINGS = pytest.StashKey[dict]()  # test file -> seconds of setup + call + teardown (controller)
+STARTED = pytest.StashKey[float]()  # the session's start, time.monotonic()
 
 
 def results(config, kind: str) -> dict:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import time
+from pathlib import Path
 from dataclasses import asdict
 
 import pytest
@@ -46,6 +49,27 @@ def session_report(config) -> dict:
     return {"sections": sections, "claims": [asdict(r) for r in config.stash.get(state.CLAIMS, [])]}
 
 
+def pytest_sessionstart(session):
+    session.config.stash[state.STARTED] = time.monotonic()
+
+
+class _Timer:
+    """Seconds per test file, in the process that prints (xdist: the controller sees every report)."""
+
+    def __init__(self, config):
+        self.config = config
+
+    def pytest_runtest_logreport(self, report):
+        group = report.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+        timings = self.config.stash.setdefault(state.TIMINGS, {})
+        timings[group] = timings.get(group, 0.0) + report.duration
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):
+        config.pluginmanager.register(_Timer(config), "kvq-timer")
+
+
 def pytest_sessionfinish(session):
     config = session.config
     if hasattr(config, "workerinput"):  # an xdist worker: the controller prints and writes
@@ -78,6 +102,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         update_baselines(terminalreporter, config)
     if config.getoption("--kv-accept-release"):
         accept_release(terminalreporter, config)
+    _timings(terminalreporter, config)
+
+
+def _timings(terminalreporter, config):
+    """The run's seconds per test file beside the recorded ones; kept in results/timings/."""
+    from kvcache_repro.core import provenance, timings
+
+    seconds = dict(config.stash.get(state.TIMINGS, {}))
+    if not seconds or not state.suite_run(config):
+        return
+    seconds[timings.TOTAL] = time.monotonic() - config.stash.get(state.STARTED, time.monotonic())
+    mark, keyword, paths = config.getoption("-m") or "", config.getoption("-k") or "", config.args
+    whole = not keyword and all(Path(p).resolve() == config.rootpath / "tests" for p in paths)
+    what = "tier" if mark == "not gpu" and whole else " ".join(
+        ["pytest", *(["-m", repr(mark)] if mark else []), *(["-k", repr(keyword)] if keyword else []),
+         *([] if whole else [f"{len(paths)} path{'s' * (len(paths) != 1)}"])])
+    if os.environ.get("ATEN_CPU_CAPABILITY"):
+        what += f" ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}"
+    workers = getattr(config.option, "numprocesses", None) or 0
+    produced = provenance.produced_by("CPU", "pytest --kv-record-timings", {
+        "workers": workers, "selected": config.getoption("-k") or "all", "tests": _count(terminalreporter)})
+    terminalreporter.section("Time per test file")
+    for line in timings.keep(what, seconds, produced, config.getoption("--kv-record-timings")):
+        terminalreporter.write_line(line)
+
+
+def _count(terminalreporter) -> int:
+    return sum(len(terminalreporter.stats.get(k, [])) for k in ("passed", "failed", "skipped", "xfailed", "xpassed"))
 
 
 def _write_claims(terminalreporter, config, claims, claim_results):

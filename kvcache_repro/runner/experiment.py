@@ -5,24 +5,25 @@ ratios to the unquantized run, comparison with stored baselines, the report.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import json
-import os
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from kvcache_repro.backends import generation, quanto_ext
+from kvcache_repro.core import timings
 from kvcache_repro.core.metrics import LARGE_BATCH_ONLY, REFERENCE_METRICS, default_tolerance
 from kvcache_repro.core.provenance import device_label, package_versions, produced_by
 from kvcache_repro.measure import memory, prediction, scenarios
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner import limits, report
+from kvcache_repro.runner.lanes import Lanes, default_lanes, longest_first
 from kvcache_repro.runner.progress import Progress
 from kvcache_repro.runner.rowstore import RowStore
 from kvcache_repro.runner.scenario_choice import (ModelSetupError, check_applicable, choose_scenario,
@@ -52,33 +53,13 @@ def planned_rows(scenario: scenarios.Scenario) -> list[tuple[str, int]]:
     return [(backend, batch) for batch in scenario.batch_sizes for backend in scenario.backends]
 
 
-def default_lanes(scenario: scenarios.Scenario, in_process: bool = False) -> int:
-    """Rows measured at once: one per core for a CPU scenario's workers (each pins torch to one
-    thread, and exact bytes do not depend on what runs beside it); one on CUDA (peaks and times
-    of a shared card would mix) and in process."""
-    if in_process or scenario.device != "cpu":
-        return 1
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-
-
-def _longest_first(scenario: scenarios.Scenario, rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
-    """Rows by expected cost, dearest first, so that lanes end together: batch x tokens, then the
-    quantized backends (they decode slower) before none."""
-    rank = {b: i for i, b in enumerate(scenario.backends)}
-    return sorted(rows, key=lambda r: (-r[1] * scenario.tokens(r[1]), -rank[r[0]]))
-
-
-class _Stop(KeyboardInterrupt):
-    """Raised in a lane's wait loop once the run is stopping: the worker is stopped as on Ctrl-C."""
-
-
 def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, log=print,
                  in_process: bool = False, *, done: list[Measurement] = (), store: RowStore | None = None,
                  progress: Progress | None = None, timeout: float | None = None, logs_dir: Path | None = None,
                  run_one=None, lanes: int | None = None) -> tuple[list[Measurement], list[RowFailure]]:
     """Every (backend, batch) not in ``done``, each in a fresh subprocess (the seed's protocol),
-    ``lanes`` at once (default 1; ./kvq experiment: default_lanes), dearest first; or, ``in_process`` (CPU only), one after
-    another in this one. A failed row becomes a RowFailure and the others still run; each goes to
+    ``lanes`` at once (lanes.py; default 1), dearest first; or, ``in_process`` (CPU only), one
+    after another in this one. A failed row becomes a RowFailure and the others still run; each goes to
     ``store`` at once. An unavailable model ends the run (all would fail). An interrupt stops
     every running worker and keeps what finished."""
     if in_process and scenario.device != "cpu":
@@ -87,18 +68,11 @@ def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
     run_one = run_one or globals()["run_one"]
     have = {(m.backend, m.batch) for m in done}
     todo = [row for row in planned_rows(scenario) if row not in have]
-    lanes = 1 if in_process else max(1, min(lanes or 1, len(todo) or 1))
-    if lanes > 1:
-        todo = _longest_first(scenario, todo)
+    pool = Lanes(1 if in_process else min(lanes or 1, len(todo) or 1), progress)
+    todo = longest_first(scenario, todo) if pool.lanes > 1 else todo
     loaded = memory.load_model(scenario) if in_process and todo else None
     measurements, failures = list(done), []
-    lock, stopping = threading.Lock(), threading.Event()
-
-    def beat():
-        if stopping.is_set():
-            raise _Stop()
-        if progress:
-            progress.beat()
+    lock = threading.Lock()
 
     def row(backend: str, batch: int) -> None:
         if progress:
@@ -114,7 +88,7 @@ def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
             else:
                 m = run_one(scenario.name, backend, batch, checkpoint, timeout=timeout,
                             log_path=None if logs_dir is None else logs_dir / f"{backend}-b{batch}.log",
-                            beat=beat)
+                            beat=pool.beat)
             said = f"generate {m.generate_seconds:.1f} s, cache {m.metrics['cache_bytes'] / MIB:.2f} MiB"
         except RowFailed as error:
             failure = error.failure
@@ -134,25 +108,7 @@ def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
             if store:
                 store.add(failure or m, wall)
 
-    if lanes == 1:
-        for backend, batch in todo:
-            row(backend, batch)
-    else:
-        with concurrent.futures.ThreadPoolExecutor(lanes, thread_name_prefix="kvq-lane") as pool:
-            futures = [pool.submit(row, *r) for r in todo]
-            try:
-                pending = set(futures)
-                while pending:  # a short timeout: the main thread stays open to signals
-                    finished, pending = concurrent.futures.wait(pending, 1.0, concurrent.futures.FIRST_EXCEPTION)
-                    for f in finished:
-                        if f.exception() is not None:
-                            raise f.exception()
-            except BaseException:
-                stopping.set()  # running workers stop (beat raises in their wait loops), queued rows never start
-                for f in futures:
-                    f.cancel()
-                concurrent.futures.wait(futures)
-                raise
+    pool.run(row, todo)
     order = {row: i for i, row in enumerate(planned_rows(scenario))}
     measurements.sort(key=lambda m: order.get((m.backend, m.batch), len(order)))
     return measurements, failures
@@ -303,8 +259,18 @@ def _said(error, code: int) -> int:
     return code
 
 
+def _timings(args, scenario, store: RowStore, wall: float, lanes: int) -> None:
+    """Each row's wall seconds (worker start to result) and the run's, beside the recorded ones."""
+    seconds = {f"{backend} b{batch}": w for (backend, batch), w in store.walls().items()}
+    produced = produced_by(device_label(scenario.device), "./kvq experiment --record-timings",
+                           {"lanes": lanes, "resumed": bool(args.resume)})
+    print("\n" + "\n".join(timings.keep(f"experiment {scenario.name}", {**seconds, timings.TOTAL: wall}, produced,
+                                         args.record_timings)))
+
+
 def command(args) -> int:
     """``./kvq experiment`` with its parsed arguments: the exit code."""
+    started = time.monotonic()
     try:
         scenario = (model_scenario(args) if args.model else
                     scenarios.get(args.scenario) if args.scenario else choose_scenario(args.checkpoint))
@@ -362,6 +328,7 @@ def command(args) -> int:
     for path in report.write_outputs(out_dir, scenario, run.measurements, run.ratios, run.verdicts,
                                      run.failures):
         print(f"wrote {path}")
+    _timings(args, scenario, store, time.monotonic() - started, lanes)
     if not (args.update_baselines or args.record_missing_baselines):
         return 0 if all(v.passed for v in run.verdicts) and not run.failures else 1
     try:

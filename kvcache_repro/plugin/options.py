@@ -45,7 +45,7 @@ def pytest_addoption(parser):
                     help="store this run's seconds per test file as the recorded ones (baselines/timings.json, "
                          "information only; every run prints its own beside them)")
     group.addoption("--kv-run-slow", action="store_true",
-                    help="run tests marked slow (the full CPU memory scenario ~9 min, the full accuracy table ~3 min)")
+                    help="run tests marked slow (the full CPU memory scenario ~5 min in one process, the full accuracy table ~3 min)")
 
 
 def selection(config) -> tuple:

@@ -155,7 +155,8 @@ def test_interrupt_keeps_finished_rows_and_resume_measures_only_the_rest(tmp_pat
 
     second = FakeWorkers()
     monkeypatch.setattr(experiment, "run_one", second)
-    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--resume", "--lanes", "1"])
+    code = commands.call("experiment", ["--scenario", "cpu-tiny", "--output-dir", str(out), "--resume",
+                                        "--lanes", "1"])
     said = capsys.readouterr().out
     assert second.calls == [("none", 200), ("quanto4", 200), ("hqq4", 200)]  # only what was missing
     assert "resuming: 3 of 6 rows already measured" in said
@@ -247,8 +248,8 @@ def test_a_signal_stops_the_worker_and_says_how_to_resume(tmp_path, sig, lanes):
     # As from a terminal: a background job (CI, `cmd &`) starts with SIGINT ignored, and a
     # child inheriting that gets no KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "kvcache_repro", "experiment", "--scenario", "cpu-tiny",
-                             "--output-dir", str(out), "--lanes", str(lanes)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
+                             "--output-dir", str(out), "--lanes", str(lanes)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while len(hung := [p for p in (out / "logs").glob("*.log") if "not answering" in p.read_text()]) < lanes:

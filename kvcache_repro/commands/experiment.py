@@ -65,8 +65,8 @@ def build_parser():
     parser.add_argument("--worker-timeout", type=float, default=None,
                         help="seconds one (backend, batch) worker may run (default: from the scenario, limits.py)")
     parser.add_argument("--record-timings", action="store_true",
-                        help="store each row's and the run's seconds as the recorded ones (baselines/timings.json; "
-                             "every run prints its own beside them, information only)")
+                        help="store each row's and the run's seconds as the recorded ones "
+                             "(baselines/timings/recorded.json; every run prints its own beside them)")
     parser.add_argument("--lanes", type=int, default=None,
                         help="rows measured at once, each in its own worker (default: one per core for a CPU "
                              "scenario, 1 on CUDA); exact bytes do not depend on it, the gen s column does")

@@ -1,8 +1,9 @@
 """The suite's own timings, kept so that the next slowdown shows in a diff: the CPU tier per
 test file (setup + call + teardown, summed over workers) and the main job per row. Every run
-writes its own to results/timings/ and prints each group beside baselines/timings.json, which
-``pytest --kv-record-timings`` and ``./kvq experiment --record-timings`` rewrite (the file is
-committed: a slower group is a changed line). Information only: nothing fails on a slow machine.
+writes its own to results/timings/ and prints each group beside the recorded ones
+(baselines/timings/recorded.json), which ``pytest --kv-record-timings`` and ``./kvq experiment
+--record-timings`` rewrite (the file is committed: a slower group is a changed line).
+Information only: nothing fails on a slow machine.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from pathlib import Path
 from kvcache_repro.core.atomic import write_atomic as write_text
 
 ROOT = Path(__file__).resolve().parents[2]
-RECORDED = ROOT / "baselines" / "timings.json"
+RECORDED = ROOT / "baselines" / "timings" / "recorded.json"
 RUNS = ROOT / "results" / "timings"
 TOTAL = "total (wall)"
 
@@ -28,7 +29,7 @@ def load(path: Path = RECORDED) -> dict:
         return {}
     except (OSError, ValueError) as error:
         raise ValueError(f"{path}: not a readable timings file ({error}); restore it with git "
-                         f"(`git checkout {path.name}`) or record it again with --kv-record-timings") from None
+                         f"(`git checkout -- {path}`) or record it again with --kv-record-timings") from None
 
 
 def write_run(what: str, seconds: dict[str, float], produced_by: dict, runs: Path = RUNS) -> Path:

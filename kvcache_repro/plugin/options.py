@@ -42,10 +42,11 @@ def pytest_addoption(parser):
                          "(a per-release range; ./kvq compat --accept runs it in a release's environment); "
                          "refused for a run with any other failure")
     group.addoption("--kv-record-timings", action="store_true",
-                    help="store this run's seconds per test file as the recorded ones (baselines/timings.json, "
-                         "information only; every run prints its own beside them)")
+                    help="store this run's seconds per test file as the recorded ones "
+                         "(baselines/timings/recorded.json; every run prints its own beside them)")
     group.addoption("--kv-run-slow", action="store_true",
-                    help="run tests marked slow (the full CPU memory scenario ~5 min in one process, the full accuracy table ~3 min)")
+                    help="run tests marked slow (the full CPU memory scenario ~5 min in one process, "
+                         "the full accuracy table ~3 min)")
 
 
 def selection(config) -> tuple:

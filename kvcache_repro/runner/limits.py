@@ -5,7 +5,7 @@ limit = (startup + new_tokens x per-token budget of the device) x KVQ_WORKER_TIM
 - startup 120 s: ~5x the imports and model load on the 2-core dev machine under load; a
   hub checkpoint (``seed``) may download 16 GB first: 1800 s.
 - per token: CPU 2.0 s, over twice the slowest row measured (`cpu`'s hqq4 at 64 rows:
-  0.88 s/token); CUDA 0.5 s. ``--worker-timeout S`` sets the limit outright.
+  0.88 s/token; at 48 rows x 200 beside another row: 0.68 s/token); CUDA 0.5 s. ``--worker-timeout S`` sets the limit outright.
 """
 from __future__ import annotations
 

@@ -65,6 +65,8 @@ INVALID = {
     "tokens-at-other-batch": (N, N + "\nnew_tokens_at = {3 = 8}", "'new_tokens_at': '3' is not one of batch_sizes"),
     "tokens-at-zero": (N, N + "\nnew_tokens_at = {1 = 0}", "'new_tokens_at': .* is not positive"),
     "tokens-at-not-int": (N, N + '\nnew_tokens_at = {1 = "2"}', "'new_tokens_at': .* wrong type"),
+    "tokens-at-on-cuda": ('device = "cpu"', 'device = "cuda"\nnew_tokens_at = {1 = 2}',
+                          "'new_tokens_at': a CUDA scenario's GPU predictions and claims take one length"),
 }
 
 

@@ -27,6 +27,15 @@ def test_a_run_is_printed_beside_the_recorded_one_and_recorded_only_when_asked(t
     assert json.loads(recorded.read_text())["tier"]["seconds"]["test_accuracy"] == 30.0  # untouched by a run
 
 
+def test_keeping_timings_never_stops_a_run(tmp_path, monkeypatch):
+    """A recorded file of another shape (a list): the run says so and goes on."""
+    monkeypatch.setattr(timings, "RECORDED", tmp_path / "timings.json")
+    monkeypatch.setattr(timings, "RUNS", tmp_path / "runs")
+    timings.RECORDED.write_text("[1, 2]")
+    said = timings.keep("tier", {"a": 1.0}, {}, record_them=True)
+    assert said[0].startswith("timings of tier not kept: ") and timings.RECORDED.read_text() == "[1, 2]"
+
+
 def test_a_corrupt_recorded_file_names_itself_and_the_fix(tmp_path):
     recorded = tmp_path / "timings.json"
     recorded.write_text("{not json")

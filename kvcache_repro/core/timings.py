@@ -22,7 +22,8 @@ def _slug(what: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in what).strip("-")
 
 
-def load(path: Path = RECORDED) -> dict:
+def load(path: Path | None = None) -> dict:
+    path = path or RECORDED
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -32,16 +33,17 @@ def load(path: Path = RECORDED) -> dict:
                          f"(`git checkout -- {path}`) or record it again with --kv-record-timings") from None
 
 
-def write_run(what: str, seconds: dict[str, float], produced_by: dict, runs: Path = RUNS) -> Path:
+def write_run(what: str, seconds: dict[str, float], produced_by: dict, runs: Path | None = None) -> Path:
     """This run's timings of ``what`` ("tier", "experiment cpu"), beside the others of results/."""
-    path = runs / f"{_slug(what)}.json"
+    path = (runs or RUNS) / f"{_slug(what)}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps({"what": what, "seconds": _rounded(seconds), "produced_by": produced_by},
                                 indent=2, sort_keys=True) + "\n")
     return path
 
 
-def record(what: str, seconds: dict[str, float], produced_by: dict, path: Path = RECORDED) -> None:
+def record(what: str, seconds: dict[str, float], produced_by: dict, path: Path | None = None) -> None:
+    path = path or RECORDED
     data = load(path)
     data[what] = {"seconds": _rounded(seconds), "produced_by": produced_by}
     write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
@@ -51,8 +53,9 @@ def _rounded(seconds: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in seconds.items()}
 
 
-def lines(what: str, seconds: dict[str, float], path: Path = RECORDED, top: int = 12) -> list[str]:
+def lines(what: str, seconds: dict[str, float], path: Path | None = None, top: int = 12) -> list[str]:
     """The dearest ``top`` groups (and the total) beside the recorded run of ``what``."""
+    path = path or RECORDED
     entry = load(path).get(what)
     stored = entry["seconds"] if entry else {}
     where = (f"beside those recorded {entry['produced_by'].get('date', '?')} in {path.name}" if entry
@@ -77,6 +80,6 @@ def keep(what: str, seconds: dict[str, float], produced_by: dict, record_them: b
         if record_them:
             record(what, seconds, produced_by)
             out.append(f"recorded in {RECORDED} as {what!r}")
-    except (OSError, ValueError) as error:
-        out = [f"timings of {what} not kept: {error}"]
+    except Exception as error:  # a file of another shape too: information never stops a run
+        out = [f"timings of {what} not kept: {type(error).__name__}: {error}"]
     return out

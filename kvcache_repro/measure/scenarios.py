@@ -152,6 +152,8 @@ def _check(path, name: str, entry) -> None:
                 offline.arch_config_kwargs(value)
             except (KeyError, ValueError):
                 fail(field, f"unknown architecture {value!r}", f"NAME or NAME@LAYERS, NAME: {', '.join(offline.ARCHS)}")
+    if entry.get("new_tokens_at") and entry["device"] == "cuda":
+        fail("new_tokens_at", "a CUDA scenario's GPU predictions and claims take one length", "CPU scenarios only")
     if entry["model"] == "random" and "arch" not in entry:
         fail("arch", "missing (model 'random' builds an architecture)", ", ".join(offline.ARCHS))
     if entry["model"] == "checkpoint" and "checkpoint" not in entry:

@@ -65,9 +65,27 @@ def selection(config) -> tuple:
     return config.stash[state.SELECTION]
 
 
+def _benchmark_defaults(config) -> None:
+    """pytest-benchmark, where installed (a CUDA box's own Python may lack it: then not in
+    pytest.ini, which it would refuse): process time (wall time here is the other core's noise)
+    and every timed run kept in .benchmarks/ (compare: -m benchmark -p no:xdist
+    --benchmark-compare), unless the command line says otherwise. Its own pytest_configure
+    (trylast) reads them after this one."""
+    if not config.pluginmanager.has_plugin("benchmark"):
+        return
+    from pytest_benchmark.utils import get_tag, parse_timer
+
+    given = " ".join([*map(str, config.invocation_params.args), os.environ.get("PYTEST_ADDOPTS", "")])
+    if "--benchmark-timer" not in given:
+        config.option.benchmark_timer = parse_timer("time.process_time")
+    if "--benchmark-autosave" not in given and "--benchmark-save" not in given:
+        config.option.benchmark_autosave = get_tag()
+
+
 def pytest_configure(config):
     if not state.suite_run(config):
         return
+    _benchmark_defaults(config)
     import kvcache_repro
 
     if (imported := Path(kvcache_repro.__file__).resolve().parents[1]) != config.rootpath.resolve():

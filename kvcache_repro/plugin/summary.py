@@ -102,10 +102,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
         update_baselines(terminalreporter, config)
     if config.getoption("--kv-accept-release"):
         accept_release(terminalreporter, config)
-    _timings(terminalreporter, config)
+    _timings(terminalreporter, config, exitstatus)
 
 
-def _timings(terminalreporter, config):
+def _timings(terminalreporter, config, exitstatus):
     """The run's seconds per test file beside the recorded ones; kept in results/timings/."""
     from kvcache_repro.core import provenance, timings
 
@@ -124,8 +124,12 @@ def _timings(terminalreporter, config):
     produced = provenance.produced_by("CPU", "pytest --kv-record-timings", {
         "workers": workers, "selected": config.getoption("-k") or "all", "tests": _count(terminalreporter)})
     terminalreporter.section("Time per test file")
-    for line in timings.keep(what, seconds, produced, config.getoption("--kv-record-timings")):
+    record = config.getoption("--kv-record-timings")
+    for line in timings.keep(what, seconds, produced, record and exitstatus == 0):
         terminalreporter.write_line(line)
+    if record and exitstatus != 0:
+        terminalreporter.write_line("timings NOT recorded: the run did not pass (pytest exit "
+                                    f"{int(exitstatus)}); a failed or cut run's times are not the suite's")
 
 
 def _count(terminalreporter) -> int:

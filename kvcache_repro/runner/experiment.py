@@ -259,13 +259,16 @@ def _said(error, code: int) -> int:
     return code
 
 
-def _timings(args, scenario, store: RowStore, wall: float, lanes: int) -> None:
-    """Each row's wall seconds (worker start to result) and the run's, beside the recorded ones."""
+def _timings(args, scenario, store: RowStore, wall: float, lanes: int, complete: bool) -> None:
+    """Each row's wall seconds (worker start to result) and the run's, beside the recorded ones;
+    recorded (--record-timings) only from a whole run of every row that measured."""
     seconds = {f"{backend} b{batch}": w for (backend, batch), w in store.walls().items()}
     produced = produced_by(device_label(scenario.device), "./kvq experiment --record-timings",
                            {"lanes": lanes, "resumed": bool(args.resume)})
     print("\n" + "\n".join(timings.keep(f"experiment {scenario.name}", {**seconds, timings.TOTAL: wall}, produced,
-                                         args.record_timings)))
+                                         args.record_timings and complete and not args.resume)))
+    if args.record_timings and not (complete and not args.resume):
+        print("timings NOT recorded: only a whole run (no --resume) with every row measured is recorded")
 
 
 def command(args) -> int:
@@ -328,7 +331,7 @@ def command(args) -> int:
     for path in report.write_outputs(out_dir, scenario, run.measurements, run.ratios, run.verdicts,
                                      run.failures):
         print(f"wrote {path}")
-    _timings(args, scenario, store, time.monotonic() - started, lanes)
+    _timings(args, scenario, store, time.monotonic() - started, lanes, complete=not run.failures)
     if not (args.update_baselines or args.record_missing_baselines):
         return 0 if all(v.passed for v in run.verdicts) and not run.failures else 1
     try:

@@ -6,14 +6,26 @@ wait loops call ``beat``, which raises) and starts no queued one."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
+import signal
 import threading
 
 
+ROW_BYTES = 3 * 2**30  # the most a CPU row's worker held (cpu's hqq4 at 48 rows: 2.4 GiB RSS) and more
+
+
 def default_lanes(scenario, in_process: bool = False) -> int:
+    """One per core, as many as the memory available holds (ROW_BYTES each), at least one."""
     if in_process or scenario.device != "cpu":
         return 1
-    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        fits = int(info["MemAvailable"].split()[0]) * 1024 // ROW_BYTES
+    except (OSError, KeyError, ValueError):
+        fits = cores
+    return max(1, min(cores, fits))
 
 
 def longest_first(scenario, rows: list[tuple[str, int]]) -> list[tuple[str, int]]:
@@ -43,9 +55,10 @@ class Lanes:
             for r in rows:
                 row(*r)
             return
+        futures = []
         with concurrent.futures.ThreadPoolExecutor(self.lanes, thread_name_prefix="kvq-lane") as pool:
-            futures = [pool.submit(row, *r) for r in rows]
             try:
+                futures += [pool.submit(row, *r) for r in rows]
                 pending = set(futures)
                 while pending:  # a short timeout: the main thread stays open to signals
                     finished, pending = concurrent.futures.wait(pending, 1.0, concurrent.futures.FIRST_EXCEPTION)
@@ -56,5 +69,18 @@ class Lanes:
                 self.stopping.set()
                 for f in futures:
                     f.cancel()
-                concurrent.futures.wait(futures)
+                with _signals_held():  # a second Ctrl-C must not leave lanes writing behind the caller
+                    concurrent.futures.wait(futures)
                 raise
+
+
+@contextlib.contextmanager
+def _signals_held():
+    """SIGINT and SIGTERM ignored while the lanes wind down (seconds: each worker's grace)."""
+    main = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    held = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
+    try:
+        yield
+    finally:
+        for s, handler in held.items():
+            signal.signal(s, handler)

@@ -109,5 +109,9 @@ def check_applicable(args, scenario: scenarios.Scenario) -> None:
     if args.in_process and scenario.device != "cpu":
         raise cli.UsageError(f"--in-process is for CPU scenarios; {scenario.name} runs on {scenario.device}, "
                              f"where peaks need a fresh process per row")
+    if (args.lanes or 1) > 1 and scenario.device != "cpu":
+        raise cli.UsageError(f"--lanes {args.lanes}: {scenario.name} runs on {scenario.device}, where rows "
+                             f"side by side would share the card (their peaks, free memory and times mixed); "
+                             f"drop --lanes")
     if args.in_process and args.worker_timeout is not None:
         raise cli.UsageError("--worker-timeout applies to worker processes, not to --in-process")

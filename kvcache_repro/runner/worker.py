@@ -101,12 +101,22 @@ def oom(scenario: str, backend: str, batch: int, device: str, error: BaseExcepti
 
 # ---- the parent's side
 
-def _die_with_parent() -> None:
-    """In the worker, before exec: a SIGKILLed experiment must not leave it running."""
-    with contextlib.suppress(OSError, AttributeError):
+def _libc_prctl():
+    try:
         import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl()  # looked up here: the child of a fork among threads (lanes.py) imports nothing
+
+
+def _die_with_parent() -> None:
+    """In the worker, before exec: a SIGKILLed experiment must not leave it running."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _stop(proc: subprocess.Popen) -> None:

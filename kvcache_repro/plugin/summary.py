@@ -122,7 +122,7 @@ def _timings(terminalreporter, config, exitstatus):
         what += f" ATEN_CPU_CAPABILITY={os.environ['ATEN_CPU_CAPABILITY']}"
     workers = getattr(config.option, "numprocesses", None) or 0
     produced = provenance.produced_by("CPU", "pytest --kv-record-timings", {
-        "workers": workers, "selected": config.getoption("-k") or "all", "tests": _count(terminalreporter)})
+        "workers": workers, "selected": keyword or "all", "tests": _count(terminalreporter)})
     terminalreporter.section("Time per test file")
     record = config.getoption("--kv-record-timings")
     for line in timings.keep(what, seconds, produced, record and exitstatus == 0):

@@ -59,9 +59,9 @@ def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
                  run_one=None, lanes: int | None = None) -> tuple[list[Measurement], list[RowFailure]]:
     """Every (backend, batch) not in ``done``, each in a fresh subprocess (the seed's protocol),
     ``lanes`` at once (lanes.py; default 1), dearest first; or, ``in_process`` (CPU only), one
-    after another in this one. A failed row becomes a RowFailure and the others still run; each goes to
-    ``store`` at once. An unavailable model ends the run (all would fail). An interrupt stops
-    every running worker and keeps what finished."""
+    after another in this one. A failed row becomes a RowFailure and the others still run; each
+    goes to ``store`` at once. An unavailable model ends the run (all would fail). An interrupt
+    stops every running worker and keeps what finished."""
     if in_process and scenario.device != "cpu":
         raise ValueError(f"{scenario.name}: in-process runs are for CPU scenarios; "
                          f"CUDA peaks need a fresh process")
@@ -265,9 +265,10 @@ def _timings(args, scenario, store: RowStore, wall: float, lanes: int, complete:
     seconds = {f"{backend} b{batch}": w for (backend, batch), w in store.walls().items()}
     produced = produced_by(device_label(scenario.device), "./kvq experiment --record-timings",
                            {"lanes": lanes, "resumed": bool(args.resume)})
+    whole = complete and not args.resume
     print("\n" + "\n".join(timings.keep(f"experiment {scenario.name}", {**seconds, timings.TOTAL: wall}, produced,
-                                         args.record_timings and complete and not args.resume)))
-    if args.record_timings and not (complete and not args.resume):
+                                         args.record_timings and whole)))
+    if args.record_timings and not whole:
         print("timings NOT recorded: only a whole run (no --resume) with every row measured is recorded")
 
 

@@ -288,9 +288,9 @@ def test_each_run_is_written_as_soon_as_it_finishes_and_the_deadline_stops_the_r
     assert len(path.read_text().splitlines()) == 2
 
 
-def test_the_large_batch_runs_again_with_expandable_segments_while_time_is_left(tmp_path):
-    """After the plan: each complete scenario's large batch again with the allocator's
-    expandable segments (the env reaches the worker), written at once; a row whose default
+def test_the_large_batch_runs_again_under_the_default_allocator_while_time_is_left(tmp_path):
+    """After the plan (expandable segments): each complete scenario's large batch again under the
+    default caching allocator (the env reaches the worker), written at once; a row whose first
     run would not fit in what is left is named, not started."""
     clock = FakeClock(170)
     scenario = scenarios.get("gpu-tiny")  # large batch 8
@@ -304,13 +304,13 @@ def test_the_large_batch_runs_again_with_expandable_segments_while_time_is_left(
         clock.t += 40
         return _measurement(name, backend, batch)
 
-    found = device_run.run_expandable([scenario], {scenario.name: record}, tmp_path, clock, {"X": "1"},
+    found = device_run.run_default_allocator([scenario], {scenario.name: record}, tmp_path, clock, {"X": "1"},
                                       run_one=run_one, log=lambda s: None)
     # 170 s, 60 kept for pytest: two rows of 40 s fit, the third (30 s left) would end past the reserve
-    assert envs == [("none", 8, "expandable_segments:True"), ("quanto4", 8, "expandable_segments:True")]
+    assert envs == [("none", 8, "expandable_segments:False"), ("quanto4", 8, "expandable_segments:False")]
     assert [r[0] for r in found[scenario.name]] == ["none", "quanto4", "hqq4"]
     assert found[scenario.name][2][1].startswith("not run")
-    assert len((tmp_path / scenario.name / device_run.EXPANDABLE_FILE).read_text().splitlines()) == 2
+    assert len((tmp_path / scenario.name / device_run.DEFAULT_ALLOCATOR_FILE).read_text().splitlines()) == 2
 
 
 def test_seed_arch_is_estimated_from_its_short_run_and_skipped_when_it_does_not_fit():
@@ -370,7 +370,7 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     repository_file = (ROOT / "baselines" / f"{name}.json").read_bytes()
     proc = subprocess.run([sys.executable, "-m", "kvcache_repro", "device-run", str(out), "--dry-run",
                            "--scenarios", "seed-arch-short", "--archive", str(archive),
-                           "--no-expandable"],  # its reruns: test_the_large_batch_runs_again_with_...
+                           "--no-default-allocator"],  # its reruns: test_the_large_batch_runs_again_under_...
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = (out / name / device_run.MEASUREMENTS_FILE).read_text().splitlines()
@@ -381,7 +381,7 @@ def test_device_run_dry_run_end_to_end(tmp_path):
     assert all(m["metrics"]["cache_bytes"] == m["predicted_cache_bytes"] for m in results["measurements"])
     assert (out / name / "memory.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the run compared with the predicted entries (the same kind as a GPU run's) and they held
-    assert {v["status"] for v in results["verdicts"]} == {"ok"} and len(results["verdicts"]) == 4
+    assert {v["status"] for v in results["verdicts"]} == {"ok"} and len(results["verdicts"]) == 6
     stored = json.loads((out / "baselines" / f"{name}.json").read_text())
     assert {e["produced_by"]["source"] for e in stored["entries"].values()} == {"./kvq device-run"}
     assert len(stored["entries"]) == 4  # quanto4, hqq4 at batch 4: peak allocated, cache bytes, measured now

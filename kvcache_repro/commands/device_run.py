@@ -25,8 +25,8 @@ def build_parser():
     parser.add_argument("--scenarios", default=",".join(DEVICE_PLAN),
                         help=f"comma-separated, in order (default {','.join(DEVICE_PLAN)})")
     parser.add_argument("--no-pytest", action="store_true", help="skip the pytest -m gpu step")
-    parser.add_argument("--no-expandable", action="store_true", help="skip the large batch's second run "
-                        "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    parser.add_argument("--no-default-allocator", action="store_true", help="skip the large batch's second run "
+                        "under the default caching allocator (the plan runs under expandable segments)")
     parser.add_argument("--pytest-args", default="", help="extra arguments for the pytest step")
     parser.add_argument("--quanto-cuda-kernel", action="store_true", help="JIT-build and use quanto_cuda's "
                         "unpack (minutes) instead of quanto's Python unpack")

@@ -18,15 +18,18 @@ class Metric:
     reference: bool = False  # the unquantized run's own value, not a ratio to it
     higher_is_better: bool = False
     large_batch_only: bool = False  # compared at a scenario's large batch only
+    # depends on the CUDA caching allocator's configuration: compared only with a baseline
+    # taken under the same one (measure/reserved.py)
+    allocator_dependent: bool = False
 
 
 _MORE, _LESS = "uses more memory", "uses less memory"
 _WORSE, _BETTER = "is less accurate", "is more accurate"
 
 METRICS: dict[str, Metric] = {m.name: m for m in (
-    Metric("peak_reserved", "ratio", _MORE, _LESS, 0.05),
+    Metric("peak_reserved", "ratio", _MORE, _LESS, 0.05, allocator_dependent=True),
     Metric("peak_allocated", "ratio", _MORE, _LESS, 0.05, exact_on_cpu=True),
-    Metric("reserved_after", "ratio", _MORE, _LESS, 0.05),
+    Metric("reserved_after", "ratio", _MORE, _LESS, 0.05, allocator_dependent=True),
     Metric("peak_rss_growth", "ratio", _MORE, _LESS, 0.15, large_batch_only=True),
     Metric("cache_bytes", "ratio", _MORE, _LESS, 0.001, exact_on_cpu=True),
     # The unquantized reference itself (a regression of the plain cache or the model moves no
@@ -44,6 +47,7 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
 EXACT_ON_CPU = frozenset(name for name, m in METRICS.items() if m.exact_on_cpu)
 REFERENCE_METRICS = frozenset(name for name, m in METRICS.items() if m.reference)
 LARGE_BATCH_ONLY = frozenset(name for name, m in METRICS.items() if m.large_batch_only)
+ALLOCATOR_DEPENDENT = frozenset(name for name, m in METRICS.items() if m.allocator_dependent)
 HIGHER_IS_BETTER = frozenset(name for name, m in METRICS.items() if m.higher_is_better)
 
 

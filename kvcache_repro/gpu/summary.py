@@ -18,8 +18,8 @@ def notes_of(measurements) -> list[str]:
 
 
 def markdown(records: dict, runs: dict[str, experiment.ExperimentRun], environment: dict,
-             pytest_result: str, wall: float, expandable: dict | None = None) -> str:
-    """``records``: device_run.ScenarioRecord by name; ``expandable``: run_expandable's rows."""
+             pytest_result: str, wall: float, default_allocator: dict | None = None) -> str:
+    """``records``: device_run.ScenarioRecord by name; ``default_allocator``: run_default_allocator's rows."""
     from kvcache_repro.runner import report
 
     v = environment["versions"]
@@ -35,7 +35,7 @@ def markdown(records: dict, runs: dict[str, experiment.ExperimentRun], environme
         lines += ["", f"## {name}", "", run.scenario.notes, "", "```",
                   report.table(run.scenario, run.measurements, run.ratios, run.verdicts), "```"]
         lines += [f"- {n}" for n in notes_of(run.measurements)]
-        lines += seed_comparison(run) + expandable_lines(run, (expandable or {}).get(name, []))
+        lines += seed_comparison(run) + allocator_lines(run, (default_allocator or {}).get(name, []))
     lines += ["", "## pytest -m gpu", "", pytest_result]
     claims_md = Path(environment.get("outdir", "")) / "claims.md"
     if environment.get("outdir") and claims_md.exists():  # written by the pytest step (the plugin's summary)
@@ -43,18 +43,18 @@ def markdown(records: dict, runs: dict[str, experiment.ExperimentRun], environme
     return "\n".join(lines) + "\n"
 
 
-def expandable_lines(run: experiment.ExperimentRun, rows: list) -> list[str]:
-    """The large batch's default-allocator rows beside their expandable-segments reruns."""
-    conf, batch = "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", run.scenario.large_batch
+def allocator_lines(run: experiment.ExperimentRun, rows: list) -> list[str]:
+    """The large batch's rows (expandable segments, compared) beside their default-allocator reruns."""
+    batch = run.scenario.large_batch
     if not rows:
         return []
     if run.scenario.device != "cuda":  # a dry run: the rows ran to test the path; CPU has no such allocator
-        return ["", f"Allocator: {len(rows)} large-batch reruns with {conf} ran (the code path); "
+        return ["", f"Allocator: {len(rows)} large-batch reruns under the default allocator ran (the code path); "
                     "on the CPU the setting changes nothing"]
-    lines = ["", f"Allocator, b{batch}: default vs {conf} (peak allocated should agree; reserved shows "
-                 "the block rounding and cached blocks the default keeps):", "",
-             "| backend | peak allocated GiB | default: peak reserved | reserved after | retries | "
-             "expandable: peak reserved | reserved after | retries |", "|---" + "|---:" * 7 + "|"]
+    lines = ["", f"Allocator, b{batch}: expandable segments (compared) vs the default caching allocator (the "
+                 "seed's reading: 2 MiB-rounded blocks kept cached; peak allocated should agree):", "",
+             "| backend | peak allocated GiB | expandable: peak reserved | reserved after | retries | "
+             "default: peak reserved | reserved after | retries |", "|---" + "|---:" * 7 + "|"]
 
     def cells(m):
         got = m.metrics.get
@@ -63,11 +63,11 @@ def expandable_lines(run: experiment.ExperimentRun, rows: list) -> list[str]:
 
     for backend, m in rows:
         try:
-            default = run.get(backend, batch)
+            compared = run.get(backend, batch)
         except experiment.RowNotMeasured:
             continue
         other = cells(m) if not isinstance(m, str) else f"{m} | | "
-        lines.append(f"| {backend} | {default.metrics.get('peak_allocated', 0) / GIB:.2f} | {cells(default)}"
+        lines.append(f"| {backend} | {compared.metrics.get('peak_allocated', 0) / GIB:.2f} | {cells(compared)}"
                      f" | {other} |")
     return lines
 

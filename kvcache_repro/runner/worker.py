@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvcache_repro.measure import scenarios  # torch-free
+from kvcache_repro.measure import reserved, scenarios  # torch-free
 from kvcache_repro.runner import limits
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,7 +156,8 @@ def run_one(scenario: str, backend: str, batch: int, checkpoint: str | None = No
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "w") as out:
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, text=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                         **reserved.worker_env(scenarios.get(scenario).device), **(env or {})},
                                     start_new_session=True, preexec_fn=_die_with_parent)
             deadline = time.monotonic() + limit
             try:
@@ -235,11 +236,6 @@ def main(argv=None) -> int:
         sys.stdout.write(FAILED_PREFIX + json.dumps(failure.to_dict()) + "\n")
         return OOM_EXIT
     notes += getattr(model, "kvq_notes", [])  # random weights (offline.py)
-    allocator = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").lower()
-    if scenario.device == "cuda" and "expandable_segments:true" in allocator:
-        from kvcache_repro.measure.reserved import EXPANDABLE_NOTE
-
-        notes.append(EXPANDABLE_NOTE)  # reserved memory of another allocator mode
     notes = NOTES_SEPARATOR.join(n for n in [result.notes, *notes] if n)
     result = dataclasses.replace(result, notes=notes)
     say(f"done: generate {result.generate_seconds:.1f} s")

@@ -86,6 +86,12 @@ class Entry:
         versions = self.produced_by.get("versions")
         return versions.get(package) if isinstance(versions, dict) else None
 
+    @property
+    def allocator(self) -> str | None:
+        """The CUDA allocator configuration the entry was taken (or predicted) under."""
+        settings = self.produced_by.get("settings")
+        return settings.get("allocator") if isinstance(settings, dict) else None
+
     def value_for(self, transformers_version: str | None, versions: dict[str, str] | None = None
                   ) -> ReleaseValue | None:
         """The first per-release value whose range holds its package's running release, or None."""

@@ -104,8 +104,11 @@ def _stored(entry: Entry | None, transformers_version) -> tuple:
 
 
 def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
-            measured_ratio: float, transformers_version: str | None = _INSTALLED) -> Verdict:
-    """``measured_ratio`` against the stored value for ``transformers_version`` (default: installed)."""
+            measured_ratio: float, transformers_version: str | None = _INSTALLED,
+            allocator: str | None = None) -> Verdict:
+    """``measured_ratio`` against the stored value for ``transformers_version`` (default: installed).
+    A reserved reading (metrics.ALLOCATOR_DEPENDENT) taken under ``allocator`` is reported, not
+    compared, against an entry taken under another allocator configuration."""
     if not is_number(measured_ratio):
         raise ValueError(f"measured ratio must be a number, got {measured_ratio!r}")
     key, source = entry_key(backend, batch, metric), str(baseline.path)
@@ -117,6 +120,10 @@ def compare(baseline: BaselineFile, backend: str, batch: int, metric: str,
                        release_range=release_range)
     if entry is None:
         return Verdict(key, measured_ratio, None, None, "missing", source)
+    if metric in metrics.ALLOCATOR_DEPENDENT and entry.allocator != allocator:
+        return Verdict(key, measured_ratio, ratio, tolerance, "reported", source, basis=basis,
+                       note=f"this run's allocator is {allocator or 'not recorded'}, the entry's "
+                            f"{entry.allocator or 'not recorded'}: not compared (measure/reserved.py)")
     if entry.spread is not None and not entry.spread.banded and not release_range:
         return Verdict(key, measured_ratio, ratio, tolerance, "reported", source, basis=basis, note=entry.spread.note)
     lo, hi = ratio - tolerance - EDGE_SLACK, ratio + tolerance + EDGE_SLACK

@@ -146,3 +146,50 @@ def test_a_card_s_measurement_gets_a_file_of_its_own_and_the_prediction_stays(tm
     assert not baseline_file.is_predicted(baseline_file.load(card).entries["quanto4/b8/peak_allocated"])
     monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA A100-SXM4-80GB")
     assert paths.compared_path("gpu-tiny") == root / "gpu-tiny.json"
+
+
+def test_a_first_run_on_a_card_records_what_no_file_holds_and_a_second_compares(tmp_path, monkeypatch):
+    """seed.json holds only the published reserved-after ratios (taken under the default
+    allocator): a first expandable-segments run on a card records its other ratios in
+    baselines/seed--CARD.json and passes, saying so; the next run compares with them. A run
+    with a failing verdict records nothing, and a CPU scenario's missing entry still fails."""
+    import shutil
+
+    from kvcache_repro.measure import reserved
+    from kvcache_repro.measure.memory import Measurement
+
+    root = tmp_path / "baselines"
+    shutil.copytree(baseline_file.BASELINE_DIR, root)
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", root)
+    monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(experiment, "provenance", lambda s, m: {"device": "NVIDIA H100 80GB HBM3", "versions": {},
+                                                                "settings": {"allocator": experiment.allocator(s, m)}})
+    seed = (root / "seed.json").read_bytes()
+    scenario = scenarios.get("seed")
+
+    def run(quanto_reserved_after=0.34):
+        ms = [Measurement("seed", b, n, "cuda", 8, 1000, 1.0, 100,
+                          {"peak_allocated": p * n, "peak_reserved": p * n + 7, "cache_bytes": c * n,
+                           "reserved_after": (quanto_reserved_after * 1000 if b == "quanto4" else p) * n},
+                          c * n, allocator=reserved.EXPANDABLE)
+              for b, p, c in (("none", 1000, 400), ("quanto4", 600, 120), ("hqq4", 700, 120)) for n in (1, 200)]
+        found = experiment.ratios(ms, scenario.baseline_metrics)
+        return experiment.record_first_run(scenario, ms, found, experiment._verdicts(scenario, ms, found, []))
+
+    first = run()
+    card = root / "seed--NVIDIA-H100-80GB-HBM3.json"
+    assert all(v.passed for v in first), comparison.problems(first)
+    recorded = [v for v in first if v.status == "recorded"]
+    assert len(recorded) == 14 and all(str(card) in v.message and "first run" in v.message for v in recorded)
+    assert {v.status for v in first if v.key.endswith("b200/reserved_after")} == {"reported"}  # another allocator
+    assert (root / "seed.json").read_bytes() == seed and len(baseline_file.load(card).entries) == 14
+    second = run()
+    assert {v.status for v in second if not v.key.endswith("b200/reserved_after")} == {"ok"}
+    card.unlink()
+    entry = baseline_file.load(root / "seed.json").entries["quanto4/b200/reserved_after"]
+    assert entry.allocator == "default"
+    monkeypatch.setattr(reserved, "EXPANDABLE", "default")  # the run under the seed's own allocator ...
+    failed = run(quanto_reserved_after=0.9)  # ... reserving far more than the seed's 0.338
+    assert not card.exists() and any(v.status == "regression" for v in failed)
+    cpu = scenarios.get("cpu-tiny")
+    assert not cpu.records_first_run and scenarios.get("gpu-tiny").records_first_run

@@ -50,6 +50,12 @@ def allocator_config(environ=None) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(options.items())) or DEFAULT
 
 
+def run_allocator(device: str, configs) -> str:
+    """What a run's rows recorded (``configs``: each Measurement's allocator); CPU: glibc's heap."""
+    found = sorted({c for c in configs if c})
+    return " | ".join(found) if found else "glibc default" if device == "cpu" else "not recorded"
+
+
 def worker_env(device: str, environ=None) -> dict[str, str]:
     """What a measuring worker adds to its environment: on CUDA expandable segments, unless
     the environment already configures the allocator (``PYTORCH_CUDA_ALLOC_CONF=

@@ -66,6 +66,13 @@ class Scenario:
             if name not in BACKENDS:
                 raise SelectionError(f"scenario {self.name}: unknown backend {name!r}")
 
+    @property
+    def records_first_run(self) -> bool:
+        """A CUDA scenario (entries of this card's own) and a user's model record what no file holds
+        on their first run, as pytest-regressions does; the CPU scenarios' files are complete, so a
+        missing entry there is a fault (runner/experiment.py record_first_run)."""
+        return self.device == "cuda" or self.baseline_key is not None
+
     def tokens(self, batch: int) -> int:
         """New tokens generated at ``batch``: new_tokens unless new_tokens_at says otherwise."""
         return dict(self.new_tokens_at).get(batch, self.new_tokens)

@@ -56,7 +56,11 @@ class MemoryKind:
             if isinstance(stored, str):
                 pytest.skip(stored)
             return stored
-        scenario = _user_model_scenario(request.config) if name == USER_MODEL else scenarios.get(name)
+        only_yours(request.config, name)
+        from kvcache_repro.plugin.options import narrowed
+
+        scenario = _user_model_scenario(request.config) if name == USER_MODEL else narrowed(
+            request.config, scenarios.get(name))
         try:
             return _shared_once(request, scenario.device, f"experiment {name}", lambda: experiment.run_experiment(
                 scenario, None, log=lambda line: None, in_process=scenario.device == "cpu"))
@@ -86,6 +90,15 @@ class MemoryKind:
         from kvcache_repro.runner import experiment
 
         return experiment.update_baselines(run.scenario, run.measurements, run.ratios, failed, reset)
+
+
+def only_yours(config, name: str, device: str | None = None) -> None:
+    """--kv-gpu-model X runs X only: every other CUDA measurement skips, saying so."""
+    from kvcache_repro.measure import scenarios
+
+    model = config.getoption("--kv-gpu-model")
+    if model and name != USER_MODEL and (device or scenarios.get(name).device) == "cuda":
+        pytest.skip(f"--kv-gpu-model {model} runs your model only (drop the option for the built-in GPU scenarios)")
 
 
 def _user_model_scenario(config):
@@ -120,6 +133,7 @@ class AccuracyKind:
         from kvcache_repro.backends.models import ModelUnavailable
         from kvcache_repro.runner import accuracy_runs
 
+        only_yours(request.config, f"accuracy {setup}", device)
         try:
             return _shared_once(request, device, f"accuracy {device} {setup}",
                                 lambda: accuracy_runs.run_accuracy(device, setup))

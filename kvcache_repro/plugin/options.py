@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -63,6 +64,74 @@ def selection(config) -> tuple:
         except matrix.SelectionError as error:
             raise pytest.UsageError(str(error)) from None
     return config.stash[state.SELECTION]
+
+
+# ---- the GPU memory rows: model x backend x batch ----------------------------------------
+# Every built-in memory scenario runs a Llama architecture (offline.ARCHS are LlamaConfigs, the
+# tiny model is a llama, the seed is Llama-3): --kv-models without llama drops them.
+SCENARIO_FAMILY = "llama"
+
+
+class GpuRow(NamedTuple):
+    scenario: str
+    backend: str
+    batch: int
+    largest: bool  # the scenario's largest batch (as narrowed)
+
+
+def narrowed(config, scenario):
+    """A CUDA scenario (or its dry run) as --kv-backends and --kv-batch-sizes narrow it, where
+    given: none is always kept (every ratio divides by it); a dry run keeps its one batch."""
+    from dataclasses import replace
+
+    from kvcache_repro.measure import scenarios
+
+    gpu = scenario.device == "cuda" or scenario.name.endswith(scenarios.DRY_SUFFIX)
+    if not gpu or scenario.baseline_key is not None:  # a --kv-gpu-model scenario is built from the options
+        return scenario
+    backends, batches = config.getoption("--kv-backends"), config.getoption("--kv-batch-sizes")
+    keep = {b.name for b in selection(config)[1]} | {"none"} if backends else set(scenario.backends)
+    sizes = set(selection(config)[2]) if batches and scenario.device == "cuda" else set(scenario.batch_sizes)
+    out = replace(scenario, backends=tuple(b for b in scenario.backends if b in keep),
+                  batch_sizes=tuple(b for b in scenario.batch_sizes if b in sizes))
+    if not out.batch_sizes:
+        pytest.skip(f"{scenario.name}: none of its batch sizes {scenario.batch_sizes} in --kv-batch-sizes {batches}")
+    return out
+
+
+def gpu_rows(config) -> list:
+    """pytest params of every (scenario, backend, batch) of the CUDA memory scenarios (marked
+    gpu; slow ones, seed and seed-arch, only with --kv-run-slow) and of their dry runs (the CPU
+    tier), ids such as ``seed-arch-short-quanto4-b200``, as --kv-models/--kv-backends/
+    --kv-batch-sizes narrow them; --kv-gpu-model X: X's rows only (``model-...``)."""
+    from kvcache_repro.measure import scenarios
+    from kvcache_repro.plugin.kinds import USER_MODEL
+
+    families, _, _ = selection(config)
+    names = []
+    if config.getoption("--kv-gpu-model"):
+        backends = config.getoption("--kv-backends") or ",".join(scenarios.SEED_BACKENDS)
+        batches = config.getoption("--kv-gpu-batch-sizes")
+        sizes = [int(n) for n in batches.split(",") if n.strip()]
+        rows = [(GpuRow(USER_MODEL, b, n, n == max(sizes)), ("gpu",)) for n in sizes
+                for b in ["none", *[b.strip() for b in backends.split(",") if b.strip() and b.strip() != "none"]]]
+    elif SCENARIO_FAMILY in families:
+        from kvcache_repro.gpu import device_run
+
+        dry = device_run.stored_dry_run()  # ./kvq device-run --dry-run: each scenario's rows are its dry run's
+        names = [(n, marks) for n, marks in scenarios.for_tests("experiment") if "gpu" in marks]
+        names += [(n + scenarios.DRY_SUFFIX, ()) for n, _ in scenarios.for_tests("experiment-dry")]
+        rows = []
+        for name, marks in names:
+            try:
+                s = narrowed(config, scenarios.get(name + scenarios.DRY_SUFFIX * (dry and "gpu" in marks)))
+            except pytest.skip.Exception:
+                continue
+            rows += [(GpuRow(name, b, n, n == s.large_batch), marks) for n in s.batch_sizes for b in s.backends]
+    else:
+        rows = []
+    return [pytest.param(row, id=f"{row.scenario}-{row.backend}-b{row.batch}",
+                         marks=[getattr(pytest.mark, m) for m in marks]) for row, marks in rows]
 
 
 def _benchmark_defaults(config) -> None:

@@ -20,7 +20,7 @@ from kvcache_repro.backends import generation, quanto_ext
 from kvcache_repro.core import timings
 from kvcache_repro.core.metrics import LARGE_BATCH_ONLY, REFERENCE_METRICS, default_tolerance
 from kvcache_repro.core.provenance import device_label, package_versions, produced_by
-from kvcache_repro.measure import memory, prediction, scenarios
+from kvcache_repro.measure import memory, prediction, reserved, scenarios
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner import limits, report
 from kvcache_repro.runner.lanes import Lanes, default_lanes, longest_first
@@ -147,15 +147,14 @@ def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ra
 
 
 def allocator(scenario: scenarios.Scenario, measurements: list[Measurement]) -> str:
-    """The allocator configuration the run's rows recorded (CPU: glibc's heap)."""
-    found = sorted({m.allocator for m in measurements if m.allocator})
-    return " | ".join(found) if found else "glibc default" if scenario.device == "cpu" else "not recorded"
+    return reserved.run_allocator(scenario.device, [m.allocator for m in measurements])
 
 
 def compare_with_baselines(scenario: str, found: list[Ratio], allocator: str | None = None
                            ) -> list[comparison.Verdict]:
-    stored = baseline_file.load(paths.compared_path(scenario))
-    return [comparison.compare(stored, r.backend, r.batch, r.metric, r.value, allocator=allocator) for r in found]
+    files = [baseline_file.load(p) for p in paths.compared_files(scenario)]
+    return [comparison.compare(baseline_file.holder(files, baseline_file.entry_key(r.backend, r.batch, r.metric)),
+                               r.backend, r.batch, r.metric, r.value, allocator=allocator) for r in found]
 
 
 def provenance(scenario: scenarios.Scenario, measurements: list[Measurement],
@@ -220,16 +219,31 @@ def _verdicts(scenario, measurements, found, failures, missing=()) -> list[compa
     if not scenario.baseline_metrics:
         return verdicts
     why = {row: "interrupted" for row in missing} | {(f.backend, f.batch): f.message for f in failures}
-    stored = baseline_file.load(paths.compared_path(scenario.name))
+    files = [baseline_file.load(p) for p in paths.compared_files(scenario.name)]
     have = {(m.backend, m.batch) for m in measurements}
     for backend, batch in planned_rows(scenario):
         if backend == "none" or (backend, batch) in have and ("none", batch) in have:
             continue
         reason = (why.get((backend, batch))
                   or f"its reference none/b{batch}: {why.get(('none', batch), 'not measured')}")
-        verdicts += [comparison.unmeasured(stored, backend, batch, metric, reason) for metric in
+        verdicts += [comparison.unmeasured(baseline_file.holder(files, baseline_file.entry_key(backend, batch, metric)),
+                                           backend, batch, metric, reason) for metric in
                      scenario.baseline_metrics if _compared(metric, batch, max(scenario.batch_sizes))]
     return verdicts
+
+
+def record_first_run(scenario: scenarios.Scenario, measurements: list[Measurement], found: list[Ratio],
+                     verdicts: list[comparison.Verdict], failures=()) -> list[comparison.Verdict]:
+    """Write the ratios no file holds (Scenario.records_first_run, a run with no failed row or
+    verdict) to paths.recorded_path, each verdict "recorded" with the file named."""
+    missing = {v.key for v in verdicts if v.status == "missing"}
+    if (not missing or failures or not scenario.records_first_run
+            or any(not v.passed for v in verdicts if v.status != "missing")):
+        return verdicts
+    new = [r for r in found if baseline_file.entry_key(r.backend, r.batch, r.metric) in missing]
+    update_baselines(scenario, measurements, new, run_failed=False)
+    where = str(paths.recorded_path(scenario.name))
+    return [dataclasses.replace(v, status="recorded", source=where) if v.key in missing else v for v in verdicts]
 
 
 def run_experiment(scenario: scenarios.Scenario, checkpoint: str | None = None, log=print,
@@ -237,7 +251,8 @@ def run_experiment(scenario: scenarios.Scenario, checkpoint: str | None = None, 
     """measure_rows (``rows``: its keywords), then ratios and verdicts."""
     measurements, failures = measure_rows(scenario, checkpoint, log, in_process, **rows)
     found = ratios(measurements, scenario.baseline_metrics)
-    verdicts = _verdicts(scenario, measurements, found, failures)
+    verdicts = record_first_run(scenario, measurements, found, _verdicts(scenario, measurements, found, failures),
+                                failures)
     return ExperimentRun(scenario, measurements, found, verdicts, failures)
 
 

@@ -138,6 +138,12 @@ def entry_key(backend: str, batch: int, metric: str) -> str:
     return f"{backend}/b{batch}/{metric}"
 
 
+def holder(files: list["BaselineFile"], key: str) -> "BaselineFile":
+    """The first of ``files`` holding ``key`` (paths.compared_files' order), else the first (where a
+    record of it goes)."""
+    return next((f for f in files if key in f.entries), files[0])
+
+
 def is_number(x) -> bool:  # `true` (an int subclass) in a baseline file is a typo, not a ratio
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 

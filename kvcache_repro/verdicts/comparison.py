@@ -15,6 +15,7 @@ from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
 # The tests that compare a measurement with its stored band: their failure is what
 # --kv-update-baselines is for (it does not block an update), and a compat row calls it "band".
 BAND_TESTS = frozenset({"test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
+                        "test_peak_reserved_ratio_within_the_card_baseline",
                         "test_speed_within_baseline_bands"})
 
 
@@ -24,7 +25,8 @@ class Verdict:
     measured: float
     stored: float | None
     tolerance: float | None
-    # "ok" | "reported" (not banded) | "regression" | "improvement" | "missing" | "unmeasured" | "nonfinite"
+    # "ok" | "reported" (not banded) | "recorded" (a first run wrote it) | "regression" | "improvement"
+    # | "missing" | "unmeasured" | "nonfinite"
     status: str
     source: str = ""  # the baseline file, so a failure says where to look
     reason: str = ""  # "unmeasured": why the run has no value for it (OOM, timeout, ...)
@@ -36,7 +38,7 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return self.status in ("ok", "reported")
+        return self.status in ("ok", "reported", "recorded")
 
     @property
     def message(self) -> str:
@@ -45,6 +47,9 @@ class Verdict:
                      else f"because the baseline file {self.source} does not exist")
             return (f"{self.key}: measured ratio {fmt_num(self.measured)}; no stored entry for "
                     f"this key {where} - record it with {RECORD_HINT}")
+        if self.status == "recorded":
+            return (f"{self.key}: measured ratio {fmt_num(self.measured)}; no stored entry: this first run recorded "
+                    f"it in {self.source} (later runs compare with it; commit the file to keep it)")
         if self.status == "reported":
             return (f"{self.key}: measured {fmt_num(self.measured)}; reported, not banded ({self.note}); "
                     f"stored spread in {self.source}")
@@ -73,6 +78,22 @@ class Verdict:
             return f"{head}: regression: {says} than the baseline (if intended, update with {UPDATE_HINT})"
         return (f"{head}: improvement: {says} than the baseline - "
                 f"update the baseline if intended with {UPDATE_HINT}")
+
+
+# The card's claim "HQQ and quanto below the unquantized run at batch 200": a quantized run's
+# peak is below none's by at least this share of the analytic cache saving (cache_none -
+# cache_quantized, exact), so a run that saves only allocator rounding does not pass.
+SAVING_SHOWN = 0.5
+
+
+def saving_problem(label: str, metric: str, none_value: int, quantized_value: int, saving: int) -> str | None:
+    """None when ``quantized_value`` is below ``none_value`` by SAVING_SHOWN of ``saving``, else why not."""
+    realized = none_value - quantized_value
+    if realized >= SAVING_SHOWN * saving:
+        return None
+    return (f"{label}: {metric} {quantized_value / 2**20:.0f} MiB against none's {none_value / 2**20:.0f} MiB saves "
+            f"{realized / 2**20:.0f} MiB; the analytic cache saving is {saving / 2**20:.0f} MiB, of which at least "
+            f"{SAVING_SHOWN:.0%} must show")
 
 
 def problems(verdicts: list[Verdict]) -> list[str]:

@@ -34,6 +34,13 @@ def _per_card(scenario: str) -> bool:
     return s is not None and s.device == "cuda" and s.baseline_key is None
 
 
+def compared_files(scenario: str) -> list[Path]:
+    """Where a run's entries are looked up, first holder wins: on CUDA this card's own file (what
+    it measured), then the scenario's (the prediction, or what it holds)."""
+    own = card_path(scenario, provenance.device_name("cuda")) if _per_card(scenario) else None
+    return [p for p in (own, baseline_path(scenario)) if p is not None]
+
+
 def compared_path(scenario: str) -> Path:
     """The file a run compares with: on CUDA this card's when there is one, else the scenario's."""
     path = card_path(scenario, provenance.device_name("cuda")) if _per_card(scenario) else None

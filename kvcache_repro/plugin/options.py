@@ -92,11 +92,10 @@ def narrowed(config, scenario):
     backends, batches = config.getoption("--kv-backends"), config.getoption("--kv-batch-sizes")
     keep = {b.name for b in selection(config)[1]} | {"none"} if backends else set(scenario.backends)
     sizes = set(selection(config)[2]) if batches and scenario.device == "cuda" else set(scenario.batch_sizes)
-    out = replace(scenario, backends=tuple(b for b in scenario.backends if b in keep),
-                  batch_sizes=tuple(b for b in scenario.batch_sizes if b in sizes))
-    if not out.batch_sizes:
+    kept = tuple(b for b in scenario.batch_sizes if b in sizes)
+    if not kept:
         pytest.skip(f"{scenario.name}: none of its batch sizes {scenario.batch_sizes} in --kv-batch-sizes {batches}")
-    return out
+    return replace(scenario, backends=tuple(b for b in scenario.backends if b in keep), batch_sizes=kept)
 
 
 def gpu_rows(config) -> list:
@@ -203,13 +202,17 @@ def pytest_report_header(config):
 @pytest.hookimpl(tryfirst=True)  # before xdist's, which reads the xdist_group marks added here
 def pytest_runtest_setup(item):
     """A test of a backend whose cache transformers refuses to build with the installed
-    quantizer (caches.refused_backends) skips, naming the test that reports the refusal."""
+    quantizer (caches.refused_backends) skips, naming the test that reports the refusal; one
+    that needs a backend --kv-backends leaves out skips, saying so."""
     if not state.suite_run(item.config):
         return
     params = getattr(getattr(item, "callspec", None), "params", {})
-    specs = [v if isinstance(v, matrix.BackendSpec) else matrix.BACKENDS.get(v) if isinstance(v, str) else None
-             for v in params.values()]
-    specs += [matrix.BACKENDS[name] for mark in item.iter_markers("needs_backends") for name in mark.args]
+    specs = [v if isinstance(v, matrix.BackendSpec) else matrix.BACKENDS.get(v) if isinstance(v, str)
+             else matrix.BACKENDS.get(v.backend) if isinstance(v, GpuRow) else None for v in params.values()]
+    needed = [name for mark in item.iter_markers("needs_backends") for name in mark.args]
+    if item.config.getoption("--kv-backends") and (left := set(needed) - {b.name for b in selection(item.config)[1]}):
+        pytest.skip(f"needs {', '.join(sorted(left))}, left out by --kv-backends")
+    specs += [matrix.BACKENDS[name] for name in needed]
     specs = [s for s in specs if s is not None and s.quantized]
     if not specs:
         return

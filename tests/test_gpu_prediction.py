@@ -193,3 +193,20 @@ def test_a_first_run_on_a_card_records_what_no_file_holds_and_a_second_compares(
     assert not card.exists() and any(v.status == "regression" for v in failed)
     cpu = scenarios.get("cpu-tiny")
     assert not cpu.records_first_run and scenarios.get("gpu-tiny").records_first_run
+
+
+def test_the_default_gpu_plan_is_predicted_to_fit_ten_minutes_on_an_h100():
+    """pytest -m gpu without --kv-run-slow measures what needs no download (seed-arch-short,
+    gpu-small, gpu-tiny); their predicted time (planned_seconds, a model stated in
+    gpu_prediction.py) stays under 10 minutes; seed (a download) and seed-arch are slow. A
+    heavy scenario added to the default plan, or a row model that grows, fails here."""
+    default = [n for n, marks in scenarios.for_tests("experiment") if "gpu" in marks and "slow" not in marks]
+    assert sorted(default) == ["gpu-small", "gpu-tiny", "seed-arch-short"]
+    assert {n for n, marks in scenarios.for_tests("experiment") if "slow" in marks and "gpu" in marks} == {
+        "seed", "seed-arch"}
+    seconds = {n: gpu_prediction.planned_seconds(scenarios.get(n)) for n in default}
+    assert sum(seconds.values()) <= 600, seconds
+    # a row: start + tokens x (layers x launches + bytes / bandwidth); gpu-tiny's 2 layers x 64 tokens
+    # are start-bound: 6 rows x ROW_START_S and a little
+    assert 6 * gpu_prediction.ROW_START_S < seconds["gpu-tiny"] < 6 * gpu_prediction.ROW_START_S + 2
+    assert gpu_prediction.planned_seconds(scenarios.get("seed")) is None  # no prediction to build it from

@@ -133,6 +133,30 @@ def gpu_rows(config) -> list:
                          marks=[getattr(pytest.mark, m) for m in marks]) for row, marks in rows]
 
 
+def gpu_plan_note(config) -> str | None:
+    """Under -m gpu: the CUDA scenarios this run measures and each one's predicted time on an
+    H100 (runner/gpu_prediction.py planned_seconds: a model, not a measurement)."""
+    expr = getattr(config.option, "markexpr", "") or ""
+    if "gpu" not in expr or "not gpu" in expr or config.getoption("--kv-gpu-model"):
+        return None
+    from kvcache_repro.measure import scenarios
+    from kvcache_repro.runner.gpu_prediction import planned_seconds
+
+    run_slow, parts, total = config.getoption("--kv-run-slow"), [], 0.0
+    for name, marks in scenarios.for_tests("experiment"):
+        if "gpu" not in marks:
+            continue
+        seconds = planned_seconds(scenarios.get(name))
+        said = f"~{seconds:.0f} s" if seconds is not None else "not predicted (a hub download first)"
+        if "slow" in marks and not run_slow:
+            parts.append(f"{name} {said} (--kv-run-slow)")
+            continue
+        total += seconds or 0.0
+        parts.append(f"{name} {said}")
+    return (f"kvq: GPU plan, predicted for an H100 (not measured; runner/gpu_prediction.py): "
+            f"{'; '.join(parts)}; this selection ~{total / 60:.1f} min")
+
+
 def _benchmark_defaults(config) -> None:
     """pytest-benchmark, where installed (a CUDA box's own Python may lack it: then not in
     pytest.ini, which it would refuse): process time (wall time here is the other core's noise)
@@ -192,7 +216,7 @@ def pytest_report_header(config):
     from kvcache_repro.gpu import devices
     from kvcache_repro.plugin import DEVICE_NOTE
 
-    notes = [config.stash.get(state.QUANTO_NOTE, None), DEVICE_NOTE]
+    notes = [config.stash.get(state.QUANTO_NOTE, None), DEVICE_NOTE, gpu_plan_note(config)]
     if state.xdist_controller(config):  # a worker's header is never printed: say what each one takes
         workers = len(getattr(config.option, "tx", None) or ())  # xdist sets it to -n's popen specs
         notes.append(devices.plan_note(workers, os.environ.get("CUDA_VISIBLE_DEVICES")))

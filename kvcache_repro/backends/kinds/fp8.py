@@ -7,6 +7,7 @@ from kvcache_repro.backends.kinds.base import BackendKind, CacheBytes, tensor_by
 
 class Fp8(BackendKind):
     name = "fp8"
+    cuda_layer_step_s = 0.8e-3  # a cast each way
     layer_class_name = "Fp8QuantizedLayer"
 
     def storage(self, layer) -> tuple:

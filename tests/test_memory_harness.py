@@ -195,3 +195,57 @@ def test_nvml_finds_the_device_by_uuid_not_by_index(monkeypatch):
                  nvmlDeviceGetMemoryInfo=lambda h: types.SimpleNamespace(used={"h3": 123}[h]))
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(uuid="abc"))
     assert memory._nvml_used(0) == (123, "")
+
+
+# ---- the CUDA allocator's configuration and its expandable segments, replayed -----------
+
+def test_the_allocator_configuration_is_read_and_expandable_segments_is_the_workers_default():
+    from kvcache_repro.measure import reserved
+
+    assert reserved.allocator_config({}) == reserved.DEFAULT
+    assert reserved.allocator_config({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}) == reserved.EXPANDABLE
+    assert reserved.allocator_config({"PYTORCH_ALLOC_CONF": "expandable_segments:true"}) == reserved.EXPANDABLE
+    assert reserved.allocator_config({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}) == reserved.DEFAULT
+    assert reserved.allocator_config(
+        {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments:True"}
+    ) == "expandable_segments:True,max_split_size_mb:128"
+    # a CUDA worker gets expandable segments unless the environment already chose
+    assert reserved.worker_env("cuda", {}) == {"PYTORCH_CUDA_ALLOC_CONF": reserved.EXPANDABLE}
+    assert reserved.worker_env("cuda", {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}) == {}
+    assert reserved.worker_env("cpu", {}) == {}
+
+
+def test_the_replay_follows_the_allocator_s_rules():
+    """Hand-worked sequences (MiB): a 31 MiB request does not fit a freed 30 MiB block and maps
+    two more 20 MiB pages; a smaller one splits the hole; freed neighbours merge; small requests
+    share 2 MiB pages; a large block is not split for a remainder of 1 MiB or less."""
+    from kvcache_repro.measure import reserved
+
+    M = 2**20
+    assert reserved.replay([(1, 30 * M), (2, 30 * M), (1, 0), (3, 31 * M)]) == (61 * M, 100 * M)
+    assert reserved.replay([(1, 30 * M), (2, 30 * M), (1, 0), (3, 29 * M)]) == (60 * M, 60 * M)
+    assert reserved.replay([(1, 10 * M), (2, 10 * M), (3, 10 * M), (1, 0), (2, 0), (4, 20 * M)]) == (
+        30 * M, 40 * M)  # 1 and 2 merged into one 20 MiB hole
+    assert reserved.replay([(k, 4096) for k in range(1000)]) == (4096 * 1000, 2 * M * 2)  # 512 a page
+    # 19.5 MiB in a 20 MiB page: the 0.5 MiB left stays with the block; a later 0.5 MiB request
+    # (small pool) maps a page of its own
+    assert reserved.replay([(1, 19.5 * M), (2, M // 2)]) == (20 * M, 22 * M)
+    assert reserved.replay([(1, 10 * M)], scale=3, before=5 * M) == (35 * M, 40 * M)
+
+
+def test_the_tracker_s_trace_replays_to_its_own_peak():
+    """The allocation sequence a PeakTracker records (created, freed, in order) gives back its
+    peak of live bytes in the replay (to the allocator's 512-byte rounding)."""
+    from kvcache_repro.measure import peak, reserved
+
+    trace = []
+    with peak.PeakTracker(trace) as t:
+        a = torch.ones(1_000_000)
+        b = torch.cat([a, a])
+        del a
+        c = b * 2  # noqa: F841
+        del b
+    assert {size for _, size in trace if size} == {4_000_000, 8_000_000}
+    assert sum(1 for _, size in trace if not size) == 2  # a and b freed inside
+    live_peak, _ = reserved.replay(trace)
+    assert live_peak == t.peak == 16_000_000  # b and c

@@ -35,10 +35,13 @@ class PeakTracker(TorchDispatchMode):
     """``with PeakTracker() as t: ...`` then ``t.peak`` (bytes above what was live
     before), ``t.live`` (bytes created inside and still alive)."""
 
-    def __init__(self):
+    def __init__(self, trace: list | None = None):
         super().__init__()
         self.live = 0
         self.peak = 0
+        # (storage key, bytes) when one is created, (key, 0) when it is freed, in order: the
+        # allocation sequence reserved.replay puts through CUDA's allocator rules
+        self.trace = trace
         self._sizes: dict[int, int] = {}  # storage data_ptr -> bytes counted
         self._refs: dict[int, weakref.ref] = {}
         self._preexisting: set[int] = set()
@@ -53,6 +56,8 @@ class PeakTracker(TorchDispatchMode):
         self._refs.pop(ptr, None)
         if size is not None:
             self.live -= size
+            if self.trace is not None:
+                self.trace.append((ptr, 0))
 
     def _see(self, t: torch.Tensor, inputs: set[int]) -> None:
         for p in _plain(t):
@@ -70,6 +75,10 @@ class PeakTracker(TorchDispatchMode):
             elif known != size:  # resized in place (out= ops)
                 self._sizes[ptr] = size
                 self.live += size - known
+            else:
+                continue
+            if self.trace is not None:
+                self.trace += [(ptr, 0)] * (known is not None) + [(ptr, size)]
             self.peak = max(self.peak, self.live)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):

@@ -133,3 +133,71 @@ def explain(metrics: dict) -> str:
     if metrics.get(OOMS, 0):
         text += f"; {metrics[OOMS]} out-of-memory errors inside the run"
     return text
+
+
+# ---- expandable segments, replayed -------------------------------------------------------
+# The caching allocator's rules with expandable_segments:True (c10/cuda/CUDACachingAllocator.cpp,
+# docs/gpu.md), enough to replay an allocation sequence: sizes round up to 512 B; up to 1 MiB
+# goes to the small pool, larger to the large one; each pool is one segment that maps pages
+# (2 MiB / 20 MiB) at its end; a request takes the smallest free block that fits (lowest
+# address first), split when what remains is >= 512 B (small pool) or > 1 MiB (large pool);
+# with no fit the segment grows, joining its free tail; a freed block merges with free
+# neighbours and stays mapped. Scratch memory inside one kernel and other streams are not in it.
+SMALL_SIZE = 1 * MIB
+
+
+class _Pool:
+    def __init__(self, page: int, min_split: int):
+        self.page, self.min_split = page, min_split
+        self.blocks: list[list] = []  # [address, size, free] in address order
+        self.mapped = 0
+
+    def alloc(self, size: int) -> int:
+        fits = [b for b in self.blocks if b[2] and b[1] >= size]
+        if not fits:
+            tail = self.blocks[-1] if self.blocks and self.blocks[-1][2] else None
+            grow = round_up(size - (tail[1] if tail else 0), self.page)
+            if tail:
+                tail[1] += grow
+            else:
+                self.blocks.append([self.mapped, grow, True])
+            self.mapped += grow
+            fits = [self.blocks[-1]]
+        block = min(fits, key=lambda b: (b[1], b[0]))
+        i = self.blocks.index(block)
+        if block[1] - size >= self.min_split:
+            self.blocks.insert(i + 1, [block[0] + size, block[1] - size, True])
+            block[1] = size
+        block[2] = False
+        return block[0]
+
+    def free(self, address: int) -> None:
+        i = next(k for k, b in enumerate(self.blocks) if b[0] == address)
+        self.blocks[i][2] = True
+        if i + 1 < len(self.blocks) and self.blocks[i + 1][2]:
+            self.blocks[i][1] += self.blocks.pop(i + 1)[1]
+        if i > 0 and self.blocks[i - 1][2]:
+            self.blocks[i - 1][1] += self.blocks.pop(i)[1]
+
+
+def replay(trace, scale: float = 1.0, before: int = 0) -> tuple[int, int]:
+    """(peak allocated, peak reserved) of ``trace`` (peak.PeakTracker's: (key, bytes) created,
+    (key, 0) freed) under expandable segments, every size times ``scale``; ``before`` bytes
+    (weights, inputs) laid out first and kept."""
+    small, large = _Pool(SMALL_PAGE, BLOCK), _Pool(LARGE_PAGE, SMALL_SIZE + 1)
+    live, peak, where = 0, 0, {}
+    if before:
+        large.alloc(round_up(before, BLOCK))
+        live = peak = round_up(before, BLOCK)
+    for key, size in trace:
+        if size:
+            size = round_up(size * scale, BLOCK)
+            pool = small if size <= SMALL_SIZE else large
+            where[key] = (pool, pool.alloc(size), size)
+            live += size
+            peak = max(peak, live)
+        elif key in where:
+            pool, address, size = where.pop(key)
+            pool.free(address)
+            live -= size
+    return peak, small.mapped + large.mapped

@@ -89,6 +89,32 @@ def test_the_band_covers_hqq_s_float16_path_and_cuda_only_allocations():
     assert centre_cpu == pytest.approx(16 / 19, abs=0.01)
 
 
+def test_the_reserved_band_spans_no_holes_to_the_replayed_ones():
+    """Peak reserved q / none: each run's peak allocated (every corner of its band) rounded up to
+    20 MiB pages, from no holes to the replay's share (+10%) of what generate allocated, plus the
+    small pool's 2 MiB; hand-computed at the extreme corners."""
+    from kvcache_repro.measure import reserved
+
+    target = scenarios.get("gpu-small")
+    G = 2**30
+    q = gpu_prediction.Predicted("quanto4", 200, 10 * G, 0, 2 * G, 1 * G)  # peak 13 GiB
+    none = gpu_prediction.Predicted("none", 200, 10 * G, 0, 8 * G, 1 * G)  # peak 19 GiB
+    holes = {"quanto4": {200: 0.4}, "none": {200: 0.2}}
+    assert gpu_prediction.holes_allowance(holes, "quanto4", 200) == pytest.approx(0.44)
+    assert gpu_prediction.holes_allowance(holes, "hqq4", 200) == reserved.HOLES_SHARE  # no replay for it
+    centre, half = gpu_prediction.reserved_band(target, q, none, holes)
+    page, small = reserved.LARGE_PAGE, reserved.SMALL_PAGE
+    # lowest: q's transient -10% with no holes over none's +10% with all its holes, the CUDA-only
+    # bytes (0 or 64 MiB) in both
+    def low(extra):
+        n_peak = 18 * G + 1.1 * G + extra
+        return (reserved.round_up(12 * G + 0.9 * G + extra, page)
+                / (reserved.round_up(n_peak + 0.22 * (n_peak - 10 * G), page) + small))
+    assert centre - half + gpu_prediction.FLOOR == pytest.approx(min(low(0), low(gpu_prediction.CUDA_EXTRA_BYTES)))
+    without = gpu_prediction.reserved_band(target, q, none, {"quanto4": {200: 0.0}, "none": {200: 0.0}})
+    assert without[1] < half  # holes only widen it
+
+
 def test_a_missed_prediction_says_so_and_a_measurement_replaces_it(tmp_path):
     entry = baseline_file.Entry("quanto4", 200, "peak_allocated", 0.40, 0.02,
                                 {"kind": "predicted", "source": gpu_prediction.COMMAND, "versions": {}})

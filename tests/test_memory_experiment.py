@@ -12,7 +12,7 @@ import pytest
 from kvcache_repro.core.metrics import ALLOCATOR_DEPENDENT
 from kvcache_repro.measure import reserved, scenarios
 from kvcache_repro.verdicts import baseline_file, comparison, paths
-from kvcache_repro.runner import experiment
+from kvcache_repro.runner import experiment, gpu_prediction
 
 # The default tier, then the dry runs of those tagged "experiment-dry" in the device run's
 # order (their entries predicted as the GPU scenarios' are: the band test checks the
@@ -113,15 +113,17 @@ def _row(row, experiment_runs):
 
 def test_peak_reserved_within_the_allocator_model(gpu_row, experiment_runs):
     """Under expandable segments a row's peak reserved lies between its own peak allocated
-    rounded up to a page and that plus the small pool's page and the holes allowance
-    (reserved.reserved_range): the model every predicted reserved ratio is built on, checked
-    on each GPU row (in a dry run the counter is simulated from it: the path only). Another
-    allocator configuration is reported with its retries, not modelled."""
+    rounded up to a page and that plus the small pool's page and the holes the replay of its
+    scenario's allocation sequence allows (reserved.reserved_range, gpu_prediction.measure_holes):
+    the model every predicted reserved ratio is built on, checked on each GPU row (in a dry run
+    the counter is simulated from it: the path only). Another allocator configuration is
+    reported with its retries, not modelled."""
     run, m = _row(gpu_row, experiment_runs)
     if m.allocator != reserved.EXPANDABLE:
         pytest.skip(f"allocator {m.allocator or 'not recorded'}: peak reserved is reported with its retries "
                     f"({reserved.explain(m.metrics)}), not modelled")
-    lo, hi = reserved.reserved_range(m.metrics["peak_allocated"], m.before_bytes, run.scenario.device)
+    share = gpu_prediction.holes_allowance(gpu_prediction.stored_holes(gpu_row.scenario), m.backend, m.batch)
+    lo, hi = reserved.reserved_range(m.metrics["peak_allocated"], m.before_bytes, run.scenario.device, share)
     got = m.metrics["peak_reserved"]
     assert lo <= got <= hi, (f"{gpu_row.backend}/b{gpu_row.batch}: peak reserved {got / 2**20:.1f} MiB outside "
                              f"{lo / 2**20:.1f}..{hi / 2**20:.1f} MiB, the allocator model of its peak allocated "

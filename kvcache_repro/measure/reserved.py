@@ -71,8 +71,9 @@ def worker_env(device: str, environ=None) -> dict[str, str]:
 # one segment per pool that maps physical pages as it grows (20 MiB pages for the large pool,
 # requests > 1 MiB; 2 MiB for the small pool) and unmaps nothing until empty_cache(). So peak
 # reserved = peak allocated + free holes inside the segment at that moment + less than a page
-# of each pool. The holes are the one term the CPU cannot give: HOLES_SHARE of the bytes
-# generate() allocated is an allowance, checked by each row's own reading (the first GPU run).
+# of each pool. The holes are measured by replaying a CPU run's allocation sequence through
+# those rules (replay, below; runner/gpu_prediction.py): a share of what generate allocated.
+# HOLES_SHARE bounds a row no replay was made for: the largest share the plan's replays gave.
 LARGE_PAGE, SMALL_PAGE = 20 * MIB, 2 * MIB
 HOLES_SHARE = 0.10
 # The dry run's fake counter (measure.memory): peak allocated in the allocator's 512-byte
@@ -84,13 +85,15 @@ def round_up(n: float, unit: int) -> int:
     return int(math.ceil(n / unit) * unit)
 
 
-def reserved_range(peak_allocated: float, before: float, device: str = "cuda") -> tuple[int, int]:
+def reserved_range(peak_allocated: float, before: float, device: str = "cuda",
+                   holes_share: float = HOLES_SHARE) -> tuple[int, int]:
     """(lowest, highest) peak reserved under expandable segments for a run whose live bytes
     peak at ``peak_allocated``, ``before`` of them allocated before generate (weights and
-    inputs, laid out once, no holes). ``device`` "cpu": the dry run's fake counter (blocks)."""
+    inputs, laid out once, no holes): no holes at the lowest, ``holes_share`` of the rest at
+    the highest. ``device`` "cpu": the dry run's fake counter (blocks, no holes)."""
     if device != "cuda":
         return round_up(peak_allocated, BLOCK), round_up(peak_allocated, BLOCK)
-    holes = HOLES_SHARE * max(peak_allocated - before, 0)
+    holes = holes_share * max(peak_allocated - before, 0)
     return round_up(peak_allocated, LARGE_PAGE), round_up(peak_allocated + holes, LARGE_PAGE) + SMALL_PAGE
 
 

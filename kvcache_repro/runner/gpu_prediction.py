@@ -42,6 +42,7 @@ KERNEL_SHARE = 0.10
 CUDA_EXTRA_BYTES = 64 * 2**20
 DRY_SHARE = 0.05
 FLOOR = 0.005  # the stored ratio's rounding and bytes no term names
+HOLES_LAYERS = 8  # the replayed run's layers at most (each layer's K/V churn the same way each step)
 MODULE = "kvcache_repro.runner.gpu_prediction"
 COMMAND = f"python -m {MODULE} write"
 LIMITS = [
@@ -55,8 +56,9 @@ LIMITS = [
     "model's padded prompts would add a mask and GQA's repeated K/V copies",
     f"peak reserved: under {reserved.EXPANDABLE} only (the default allocator's depends on the card's "
     f"capacity); the peak allocated rounded up to {reserved.LARGE_PAGE // 2**20} MiB pages, plus up to "
-    f"{reserved.SMALL_PAGE // 2**20} MiB of the small pool and holes of up to {reserved.HOLES_SHARE:.0%} of "
-    "what generate allocated (an allowance: measure/reserved.py)",
+    f"{reserved.SMALL_PAGE // 2**20} MiB of the small pool and holes from none to the share a replay of the "
+    f"narrow proxy's allocation sequence gave (+{KERNEL_SHARE:.0%}; measure/reserved.py replay): "
+    "hqq's own empty_cache() and the real model's wider activations may fill or unmap them",
 ]
 
 
@@ -130,20 +132,69 @@ def measure_proxies(target: scenarios.Scenario) -> dict[str, dict[str, dict[int,
     return out
 
 
-def _measure_in_child(target: scenarios.Scenario) -> dict:
-    proc = subprocess.run([sys.executable, "-m", MODULE, "measure", target.name],
+def holes_run(target: scenarios.Scenario) -> tuple[str, int]:
+    """(architecture, new tokens) of the run whose allocation sequence is replayed: the narrow
+    architecture at the target's layer count, capped at HOLES_LAYERS, its whole length."""
+    from kvcache_repro.backends.offline import arch_config_kwargs
+
+    layers = arch_config_kwargs(full_architecture(target))["num_hidden_layers"]
+    return f"{architecture(target)}{NARROW_SUFFIX}@{min(layers, HOLES_LAYERS)}", target.new_tokens
+
+
+def measure_holes(target: scenarios.Scenario) -> dict[str, dict[int, float]]:
+    """backend -> batch -> holes share: holes_run traced (peak.PeakTracker) at PROXY_ROWS rows,
+    replayed through expandable segments (reserved.replay) with every size x batch / PROXY_ROWS:
+    (peak reserved - peak allocated) / peak allocated, of what generate allocated."""
+    from kvcache_repro.backends import generation, quanto_unpack
+    from kvcache_repro.measure import memory, peak, threads
+
+    threads.pin()
+    if python_unpack_on_cpu(target):
+        quanto_unpack.install("quanto_cpp")
+    arch, n = holes_run(target)
+    proxy = proxy_scenario(target, arch, n)
+    model, tokenizer = memory.load_model(proxy)
+    out: dict[str, dict[int, float]] = {}
+    for backend in target.backends:
+        ids, mask = memory.make_inputs(proxy, tokenizer, PROXY_ROWS)
+        spec = memory.BACKENDS[backend]
+        generation.generate(model, ids[:1], spec, proxy.settings, 2, attention_mask=mask[:1], keep_scores=False)
+        trace: list = []
+        tracker = peak.PeakTracker(trace)
+        tracker.ignore([*model.parameters(), *model.buffers(), ids, mask])
+        with tracker:
+            generation.generate(model, ids, spec, proxy.settings, n, attention_mask=mask, keep_scores=False)
+        for batch in target.batch_sizes:
+            live, mapped = reserved.replay(trace, batch / PROXY_ROWS)
+            out.setdefault(backend, {})[batch] = round((mapped - live) / live, 4)
+        print(f"  {proxy.name} {backend}: {len(trace)} allocations and frees; holes {out[backend]}",
+              file=sys.stderr, flush=True)
+    return out
+
+
+def _in_child(command: str, target: scenarios.Scenario, cast=None) -> dict:
+    proc = subprocess.run([sys.executable, "-m", MODULE, command, target.name],
                           capture_output=True, text=True, cwd=ROOT)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
-        raise RuntimeError(f"proxy runs of {target.name} failed (exit {proc.returncode}): "
+        raise RuntimeError(f"{command} runs of {target.name} failed (exit {proc.returncode}): "
                            f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}")
-    return keyed(int, json.loads(proc.stdout.strip().splitlines()[-1]))
+    return (cast or keyed)(int, json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _measure_in_child(target: scenarios.Scenario) -> dict:
+    return _in_child("measure", target)
 
 
 def keyed(cast, proxies: dict) -> dict:
     """backend -> role -> tokens -> bytes, the token counts as ``cast`` (JSON keys are strings)."""
     return {b: {role: {cast(n): v for n, v in per.items()} for role, per in roles.items()}
             for b, roles in proxies.items()}
+
+
+def holes_keyed(cast, holes: dict) -> dict:
+    """backend -> batch -> holes share, the batches as ``cast``."""
+    return {b: {cast(n): v for n, v in per.items()} for b, per in holes.items()}
 
 
 # ---- the prediction ---------------------------------------------------------------------
@@ -235,16 +286,29 @@ def ratio_band(target: scenarios.Scenario, quantized: Predicted, none: Predicted
     return _band([q / n for q, n in peak_corners(target, quantized, none)])
 
 
-def reserved_band(target: scenarios.Scenario, quantized: Predicted, none: Predicted) -> tuple[float, float]:
+def holes_allowance(holes: dict | None, backend: str, batch: int) -> float:
+    """The holes share a reserved range allows: the replay's (measure_holes) + KERNEL_SHARE for
+    what the CPU trace cannot see, else reserved.HOLES_SHARE (no replay for this row)."""
+    share = (holes or {}).get(backend, {}).get(batch)
+    return reserved.HOLES_SHARE if share is None else share * (1 + KERNEL_SHARE)
+
+
+def reserved_range(target: scenarios.Scenario, p: Predicted, holes: dict | None, peak: float | None = None):
+    return reserved.reserved_range(p.peak if peak is None else peak, p.weights + p.inputs, target.device,
+                                   holes_allowance(holes, p.backend, p.batch))
+
+
+def reserved_band(target: scenarios.Scenario, quantized: Predicted, none: Predicted,
+                  holes: dict | None = None) -> tuple[float, float]:
     """(centre, half-width) of peak reserved q / none under expandable segments: each corner's
-    peaks through reserved.reserved_range (pages and holes)."""
-    def spans(peak, p):
-        return reserved.reserved_range(peak, p.weights + p.inputs, target.device)
+    peaks through reserved.reserved_range (pages, and holes from none to their allowance)."""
     return _band([rq / rn for q, n in peak_corners(target, quantized, none)
-                  for rq in spans(q, quantized) for rn in spans(n, none)])
+                  for rq in reserved_range(target, quantized, holes, q)
+                  for rn in reserved_range(target, none, holes, n)])
 
 
-def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[baseline_file.Entry]:
+def entries(target: scenarios.Scenario, proxies, provenance: dict, holes: dict | None = None
+            ) -> list[baseline_file.Entry]:
     p = predict(target, proxies)
     out = []
     for batch in target.batch_sizes:
@@ -254,16 +318,17 @@ def entries(target: scenarios.Scenario, proxies, provenance: dict) -> list[basel
                 continue
             q = p[backend, batch]
             centre, tol = ratio_band(target, q, none)
-            r_centre, r_tol = reserved_band(target, q, none)
+            r_centre, r_tol = reserved_band(target, q, none, holes)
             terms = {"weights": q.weights, "inputs": q.inputs, "cache": q.cache,
                      "transient": round(q.transient), "peak": round(q.peak), "none_peak": round(none.peak),
                      "none_transient": round(none.transient)}
             cache = {"bytes": {"cache": q.cache, "none_cache": none.cache},
                      "basis": "the analytic byte model (exact)"}
             r_terms = {"peak_allocated": round(q.peak), "none_peak_allocated": round(none.peak),
-                       "range": list(reserved.reserved_range(q.peak, q.weights + q.inputs, target.device)),
-                       "none_range": list(reserved.reserved_range(none.peak, none.weights + none.inputs,
-                                                                  target.device))}
+                       "holes_share": holes_allowance(holes, backend, batch),
+                       "none_holes_share": holes_allowance(holes, "none", batch),
+                       "range": list(reserved_range(target, q, holes)),
+                       "none_range": list(reserved_range(target, none, holes))}
             out += [baseline_file.Entry(backend, batch, "peak_reserved", round(r_centre, 4),
                                         float(f"{bands.round_up(r_tol):.3g}"),
                                         {**provenance, "prediction": {"bytes": r_terms,
@@ -311,7 +376,7 @@ def planned_seconds(target: scenarios.Scenario) -> float | None:
     return total
 
 
-def provenance(target: scenarios.Scenario, proxies) -> dict:
+def provenance(target: scenarios.Scenario, proxies, holes: dict | None = None) -> dict:
     cuda = target.device == "cuda"
     return produced_by(
         "predicted for a CUDA device from CPU proxies" if cuda
@@ -322,35 +387,61 @@ def provenance(target: scenarios.Scenario, proxies) -> dict:
         kind=baseline_file.PREDICTED_KIND,
         proxies={"runs": [f"{a} x {PROXY_ROWS} rows x {n} new tokens" for _, a, n in proxy_runs(target)],
                  "quanto_unpack": "python" if python_unpack_on_cpu(target) else "quanto_cpp",
-                 "bytes_above_weights": keyed(str, proxies)},
+                 "bytes_above_weights": keyed(str, proxies),
+                 **({"holes_run": "{} x {} rows x {} new tokens, replayed at x batch/{}".format(
+                         *holes_run(target)[:1], PROXY_ROWS, holes_run(target)[1], PROXY_ROWS),
+                     "holes": holes_keyed(str, holes)} if holes else {})},
         limits=LIMITS if cuda else
         [f"the scaling from the proxy (1 layer, 2 rows) to the run: +/- {DRY_SHARE:.0%} of each transient",
          "peak reserved: the dry run's simulated counter, peak allocated in 512-byte blocks (measure/reserved.py)"])
 
 
-def stored_proxies(target: scenarios.Scenario) -> dict:
-    """The proxy bytes the target's predicted entries hold (their produced_by), as keyed() gives them."""
+def stored_proxies(target: scenarios.Scenario) -> tuple[dict, dict | None]:
+    """(proxy bytes, holes or None) the target's predicted entries hold (their produced_by)."""
     path = paths.baseline_path(target.name)
     for entry in baseline_file.load(path).entries.values():
         if baseline_file.is_predicted(entry) and "proxies" in entry.produced_by:
-            return keyed(int, entry.produced_by["proxies"]["bytes_above_weights"])
+            found = entry.produced_by["proxies"]
+            return (keyed(int, found["bytes_above_weights"]),
+                    holes_keyed(int, found["holes"]) if "holes" in found else None)
     raise RuntimeError(f"{path} holds no predicted entry with proxy bytes: run `{COMMAND}` (measures them)")
 
 
+def stored_holes(scenario: str) -> dict | None:
+    """The holes shares a scenario's predicted entries hold (None: no replay was made for it)."""
+    try:
+        return stored_proxies(scenarios.get(scenario))[1]
+    except (RuntimeError, scenarios.SelectionError):
+        return None
+
+
 def write(targets: list[scenarios.Scenario], log=print, stored: bool = False) -> None:
+    """Every target's predicted entries; ``stored``: from the proxy bytes and holes the files
+    hold (holes a file lacks are measured)."""
     measured: dict[tuple, dict] = {}
+    replayed: dict[tuple, dict] = {}
     for target in targets:
         # seed-arch and seed-arch-short (and the dry runs) share their proxies
         key = (architecture(target), target.dtype, target.settings, proxy_tokens(target),
                target.backends, python_unpack_on_cpu(target))
-        if stored:
-            measured[key] = stored_proxies(target)
+        kept, kept_holes = stored_proxies(target) if stored else (None, None)
+        if kept is not None:
+            measured[key] = kept
         elif key not in measured:
             log(f"{target.name}: proxy runs " + ", ".join(f"{a} N{n}" for _, a, n in proxy_runs(target)))
             measured[key] = _measure_in_child(target)
+        holes = None
+        if target.device == "cuda":  # a dry run's counters are simulated without holes
+            hkey = (holes_run(target), target.dtype, target.settings, target.backends, target.batch_sizes)
+            if kept_holes is not None:
+                replayed[hkey] = kept_holes
+            elif hkey not in replayed:
+                log(f"{target.name}: allocation sequence of {' x '.join(map(str, holes_run(target)))} tokens, replayed")
+                replayed[hkey] = _in_child("holes", target, holes_keyed)
+            holes = replayed[hkey]
         proxies = measured[key]
         path = paths.baseline_path(target.name)
-        for line in baseline_update.update(path, entries(target, proxies, provenance(target, proxies)),
+        for line in baseline_update.update(path, entries(target, proxies, provenance(target, proxies, holes), holes),
                                            run_failed=False, scenario=target.name, description=target.notes,
                                            reset_tolerance=True):
             log(f"  {target.name}: {line}")
@@ -367,11 +458,12 @@ def main(argv=None) -> int:
                    help="comma-separated (default: the device run's plan and its dry runs)")
     w.add_argument("--stored-proxies", action="store_true",
                    help="take the proxy bytes the entries already hold (seconds) instead of measuring them (~12 min)")
-    m = sub.add_parser("measure", help="(internal) one target's proxy runs, as JSON on stdout")
-    m.add_argument("scenario")
+    for name, what in (("measure", "proxy runs"), ("holes", "allocation sequence replayed")):
+        sub.add_parser(name, help=f"(internal) one target's {what}, as JSON on stdout").add_argument("scenario")
     args = parser.parse_args(argv)
-    if args.command == "measure":
-        print(json.dumps(measure_proxies(scenarios.get(args.scenario))))  # the parent reads the last line
+    if args.command in ("measure", "holes"):
+        run = measure_proxies if args.command == "measure" else measure_holes
+        print(json.dumps(run(scenarios.get(args.scenario))))  # the parent reads the last line
         return 0
     try:
         names = [n.strip() for n in (args.scenarios or "").split(",") if n.strip()]

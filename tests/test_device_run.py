@@ -36,7 +36,7 @@ def test_seed_arch_is_the_seed_s_run_on_llama3_8b_shapes():
         assert (s.device, s.model, s.batch_sizes, s.new_tokens, s.backends, s.settings, s.dtype) == (
             "cuda", "random", seed.batch_sizes, seed.new_tokens, seed.backends, seed.settings, seed.dtype)
         assert s.prompts(200) == seed.prompts(200)
-        # compared: what the CPU predicts; reserved memory is reported and explained (reserved.py)
+        # compared: what the CPU predicts, peak reserved under expandable segments among it (reserved.py)
         assert s.baseline_metrics == scenarios.PREDICTED_METRICS
     assert arch.arch == "llama3-8b" and short.arch == "llama3-8b@8"
 

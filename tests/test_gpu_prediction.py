@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from kvcache_repro.backends import offline
+from kvcache_repro.gpu import plan
 from kvcache_repro.runner import experiment, gpu_prediction
 from kvcache_repro.measure import scenarios
 from kvcache_repro.core import provenance
@@ -90,9 +91,9 @@ def test_the_band_covers_hqq_s_float16_path_and_cuda_only_allocations():
 
 
 def test_the_reserved_band_spans_no_holes_to_the_replayed_ones():
-    """Peak reserved q / none: each run's peak allocated (every corner of its band) rounded up to
-    20 MiB pages, from no holes to the replay's share (+10%) of what generate allocated, plus the
-    small pool's 2 MiB; hand-computed at the extreme corners."""
+    """Peak reserved q / none: each run's peak allocated (every corner of its band) in whole
+    pages, from no holes to the replay's share (+10%) of what generate allocated and a page of
+    each pool beyond; hand-computed at the extreme corners."""
     from kvcache_repro.measure import reserved
 
     target = scenarios.get("gpu-small")
@@ -106,10 +107,10 @@ def test_the_reserved_band_spans_no_holes_to_the_replayed_ones():
     page, small = reserved.LARGE_PAGE, reserved.SMALL_PAGE
     # lowest: q's transient -10% with no holes over none's +10% with all its holes, the CUDA-only
     # bytes (0 or 64 MiB) in both
-    def low(extra):
+    def low(extra):  # q in whole 2 MiB pages, no holes; none with its holes and a page of each pool beyond
         n_peak = 18 * G + 1.1 * G + extra
-        return (reserved.round_up(12 * G + 0.9 * G + extra, page)
-                / (reserved.round_up(n_peak + 0.22 * (n_peak - 10 * G), page) + small))
+        return (reserved.round_up(12 * G + 0.9 * G + extra, small)
+                / reserved.round_up(n_peak + 0.22 * (n_peak - 10 * G) + page + small, small))
     assert centre - half + gpu_prediction.FLOOR == pytest.approx(min(low(0), low(gpu_prediction.CUDA_EXTRA_BYTES)))
     without = gpu_prediction.reserved_band(target, q, none, {"quanto4": {200: 0.0}, "none": {200: 0.0}})
     assert without[1] < half  # holes only widen it
@@ -189,7 +190,7 @@ def test_a_first_run_on_a_card_records_what_no_file_holds_and_a_second_compares(
     monkeypatch.setattr(baseline_file, "BASELINE_DIR", root)
     monkeypatch.setattr(provenance, "device_name", lambda device: "NVIDIA H100 80GB HBM3")
     monkeypatch.setattr(experiment, "provenance", lambda s, m: {"device": "NVIDIA H100 80GB HBM3", "versions": {},
-                                                                "settings": {"allocator": experiment.allocator(s, m)}})
+                                                                "settings": {"allocator": reserved.run_allocator(s.device, m)}})
     seed = (root / "seed.json").read_bytes()
     scenario = scenarios.get("seed")
 
@@ -230,9 +231,9 @@ def test_the_default_gpu_plan_is_predicted_to_fit_ten_minutes_on_an_h100():
     assert sorted(default) == ["gpu-small", "gpu-tiny", "seed-arch-short"]
     assert {n for n, marks in scenarios.for_tests("experiment") if "slow" in marks and "gpu" in marks} == {
         "seed", "seed-arch"}
-    seconds = {n: gpu_prediction.planned_seconds(scenarios.get(n)) for n in default}
+    seconds = {n: plan.planned_seconds(scenarios.get(n)) for n in default}
     assert sum(seconds.values()) <= 600, seconds
     # a row: start + tokens x (layers x launches + bytes / bandwidth); gpu-tiny's 2 layers x 64 tokens
     # are start-bound: 6 rows x ROW_START_S and a little
-    assert 6 * gpu_prediction.ROW_START_S < seconds["gpu-tiny"] < 6 * gpu_prediction.ROW_START_S + 2
-    assert gpu_prediction.planned_seconds(scenarios.get("seed")) is None  # no prediction to build it from
+    assert 6 * plan.ROW_START_S < seconds["gpu-tiny"] < 6 * plan.ROW_START_S + 2
+    assert plan.planned_seconds(scenarios.get("seed")) is None  # no prediction to build it from

@@ -25,7 +25,7 @@ from pathlib import Path
 from kvcache_repro.core import cli, metrics, provenance
 from kvcache_repro.verdicts import baseline_file, baseline_update, paths
 from kvcache_repro.runner import experiment, limits
-from kvcache_repro.measure import scenarios
+from kvcache_repro.measure import reserved, scenarios
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.backends import quanto_unpack
 from kvcache_repro.gpu import summary
@@ -169,13 +169,15 @@ def run_default_allocator(plan, records: dict[str, ScenarioRecord], out: Path, c
     return found
 
 
-def experiment_run(scenario: scenarios.Scenario, measurements: list[Measurement]) -> experiment.ExperimentRun:
-    """``measurements`` with their ratios and verdicts against the repository's baselines
-    (not OUTDIR's updated copy)."""
+def experiment_run(scenario: scenarios.Scenario, measurements: list[Measurement], out: Path
+                   ) -> experiment.ExperimentRun:
+    """``measurements`` with their ratios and verdicts against the repository's baselines; an
+    entry none holds is a first run's, recorded in OUTDIR's copy (``out``: update_baselines)."""
     found = experiment.ratios(measurements, scenario.baseline_metrics)
-    return experiment.ExperimentRun(scenario, measurements, found,
-                                    experiment.compare_with_baselines(scenario.name, found,
-                                                                      experiment.allocator(scenario, measurements)))
+    verdicts = experiment.compare_with_baselines(scenario.name, found,
+                                                 reserved.run_allocator(scenario.device, measurements))
+    return experiment.ExperimentRun(scenario, measurements, found, experiment.record_first_run(
+        scenario, measurements, found, verdicts, copy=out / "baselines"))
 
 
 def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path,
@@ -183,7 +185,7 @@ def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path
     """results.json / .md / .png of what was measured."""
     from kvcache_repro.runner import report
 
-    run = experiment_run(scenario, record.measurements)
+    run = experiment_run(scenario, record.measurements, out)
     try:
         report.write_outputs(out / scenario.name, scenario, run.measurements, run.ratios, run.verdicts)
     except ImportError as error:  # matplotlib absent: results.json and results.md are written first
@@ -242,7 +244,7 @@ def load_stored_run(name: str, directory: Path | None = None):
                     for row in rows]
     if len(measurements) < len(runs_of(scenario)):
         return f"{name}: {len(measurements)} of {len(runs_of(scenario))} runs measured by this device run"
-    return experiment_run(scenario, measurements)
+    return experiment_run(scenario, measurements, directory)
 
 
 # ---- the script -------------------------------------------------------------------------

@@ -35,7 +35,8 @@ def markdown(records: dict, runs: dict[str, experiment.ExperimentRun], environme
         lines += ["", f"## {name}", "", run.scenario.notes, "", "```",
                   report.table(run.scenario, run.measurements, run.ratios, run.verdicts), "```"]
         lines += [f"- {n}" for n in notes_of(run.measurements)]
-        lines += seed_comparison(run) + allocator_lines(run, (default_allocator or {}).get(name, []))
+        rows = (default_allocator or {}).get(name, [])
+        lines += seed_comparison(run, rows) + allocator_lines(run, rows)
     lines += ["", "## pytest -m gpu", "", pytest_result]
     claims_md = Path(environment.get("outdir", "")) / "claims.md"
     if environment.get("outdir") and claims_md.exists():  # written by the pytest step (the plugin's summary)
@@ -72,26 +73,29 @@ def allocator_lines(run: experiment.ExperimentRun, rows: list) -> list[str]:
     return lines
 
 
-def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
-    """The seed's reserved-after numbers beside ours, as ratios to none at the large batch:
-    as read (weights included) and as growth over what was reserved before generate
-    (weights excluded: comparable across NF4 and fp16 weights and layer counts)."""
+def seed_comparison(run: experiment.ExperimentRun, default_rows: list) -> list[str]:
+    """The seed's reserved-after numbers beside ours under the same allocator (the default one:
+    ``default_rows``, run_default_allocator's), as ratios to none at the large batch: as read
+    (weights included) and as growth over what was reserved before generate (weights excluded:
+    comparable across NF4 and fp16 weights and layer counts)."""
     batch, seed_none, before = run.scenario.large_batch, SEED_RESERVED_GB["none"], SEED_RESERVED_BEFORE_GB
-    try:
-        none = run.get("none", batch) if run.scenario.device == "cuda" else None
-    except experiment.RowNotMeasured:
-        none = None
-    if none is None:
+    if run.scenario.device != "cuda":
         return []
-    lines = ["", f"Beside the seed (b{batch}; the seed: NF4 Llama-3-8B, reserved after generate, GB = GiB):",
+    by_backend = {b: m for b, m in default_rows if not isinstance(m, str)}
+    none = by_backend.get("none")
+    if none is None:
+        return ["", f"Beside the seed: b{batch} did not run under the default allocator (the seed's reading; "
+                    "--no-default-allocator, or no time left), and reserved memory under expandable segments is "
+                    "not the seed's quantity: nothing is set beside its reserved-after figures."]
+    lines = ["", f"Beside the seed (b{batch} under the default allocator, as the seed ran; the seed: NF4 "
+                 "Llama-3-8B, reserved after generate, GB = GiB):",
              "",
              "| backend | seed reserved after | seed ratio | seed growth ratio | ours reserved after GiB | "
              "ours ratio | ours growth ratio | cache ratio |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     saw = []
     for backend in run.scenario.backends:
-        try:
-            m = run.get(backend, batch)
-        except experiment.RowNotMeasured:
+        m = by_backend.get(backend)
+        if m is None:
             continue
         seed = SEED_RESERVED_GB.get(backend)
         ours, ours_none = m.metrics["reserved_after"], none.metrics["reserved_after"]
@@ -119,6 +123,7 @@ def seed_comparison(run: experiment.ExperimentRun) -> list[str]:
                 "below capacity, a different regime from a saw-tooth reading"),
         "- growth ratios take the weights out (NF4 5.3 GiB there, fp16 here) but not the cached blocks: "
         "comparable in direction, not in value.",
-        "- what this run compares is peak allocated (live bytes, transients included) against the CPU's "
-        "prediction (baselines/, runner/gpu_prediction.py)."]
+        "- what this run compares is peak reserved under expandable segments and peak allocated (live bytes, "
+        "transients included) against the CPU's prediction or this card's own entries (baselines/, "
+        "runner/gpu_prediction.py)."]
     return lines

@@ -50,9 +50,9 @@ def allocator_config(environ=None) -> str:
     return ",".join(f"{k}:{v}" for k, v in sorted(options.items())) or DEFAULT
 
 
-def run_allocator(device: str, configs) -> str:
-    """What a run's rows recorded (``configs``: each Measurement's allocator); CPU: glibc's heap."""
-    found = sorted({c for c in configs if c})
+def run_allocator(device: str, measurements) -> str:
+    """The allocator configuration a run's rows (Measurements) recorded; CPU: glibc's heap."""
+    found = sorted({m.allocator for m in measurements if m.allocator})
     return " | ".join(found) if found else "glibc default" if device == "cpu" else "not recorded"
 
 
@@ -89,12 +89,13 @@ def reserved_range(peak_allocated: float, before: float, device: str = "cuda",
                    holes_share: float = HOLES_SHARE) -> tuple[int, int]:
     """(lowest, highest) peak reserved under expandable segments for a run whose live bytes
     peak at ``peak_allocated``, ``before`` of them allocated before generate (weights and
-    inputs, laid out once, no holes): no holes at the lowest, ``holes_share`` of the rest at
-    the highest. ``device`` "cpu": the dry run's fake counter (blocks, no holes)."""
+    inputs, laid out once, no holes). Lowest: no holes, every byte in whole pages (2 MiB, the
+    smaller); highest: ``holes_share`` of the rest as holes and less than a page of each pool
+    mapped beyond. ``device`` "cpu": the dry run's fake counter (blocks, no holes)."""
     if device != "cuda":
         return round_up(peak_allocated, BLOCK), round_up(peak_allocated, BLOCK)
     holes = holes_share * max(peak_allocated - before, 0)
-    return round_up(peak_allocated, LARGE_PAGE), round_up(peak_allocated + holes, LARGE_PAGE) + SMALL_PAGE
+    return round_up(peak_allocated, SMALL_PAGE), round_up(peak_allocated + holes + LARGE_PAGE + SMALL_PAGE, SMALL_PAGE)
 
 
 def simulated_counters(peak_allocated: int) -> dict[str, int]:

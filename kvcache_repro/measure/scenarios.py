@@ -243,6 +243,7 @@ def model_scenario(model: str, identity: dict, device: str, device_name: str, ba
     name = f"{MODEL_PREFIX}{slug}-{digest}"
     return Scenario(name, device, "checkpoint", tuple(batch_sizes), new_tokens, tuple(backends), settings, dtype,
                     checkpoint=model, weights_nf4=weights == "nf4",
+                    baseline_metrics=PREDICTED_METRICS if device == "cuda" else ("peak_allocated", "cache_bytes"),
                     notes=f"{model} ({weights} weights, {dtype}) on {device_name}: the seed's prompts, "
                           f"{new_tokens} new tokens, G {q_group_size}, residual {residual_length}",
                     baseline_name=f"models/{name}", baseline_key=key)

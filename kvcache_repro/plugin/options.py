@@ -47,7 +47,8 @@ def pytest_addoption(parser):
                          "(baselines/timings/recorded.json; every run prints its own beside them)")
     group.addoption("--kv-run-slow", action="store_true",
                     help="run tests marked slow (the full CPU memory scenario ~5 min in one process, "
-                         "the full accuracy table ~3 min)")
+                         "the full accuracy table ~3 min; with -m gpu: seed-arch, 15 GiB of weights x 200 x 1000 "
+                         "tokens, ~5 min predicted on an H100, and seed, which downloads its ~16 GB checkpoint)")
 
 
 def selection(config) -> tuple:
@@ -108,12 +109,15 @@ def gpu_rows(config) -> list:
 
     families, _, _ = selection(config)
     names = []
-    if config.getoption("--kv-gpu-model"):
-        backends = config.getoption("--kv-backends") or ",".join(scenarios.SEED_BACKENDS)
-        batches = config.getoption("--kv-gpu-batch-sizes")
-        sizes = [int(n) for n in batches.split(",") if n.strip()]
-        rows = [(GpuRow(USER_MODEL, b, n, n == max(sizes)), ("gpu",)) for n in sizes
-                for b in ["none", *[b.strip() for b in backends.split(",") if b.strip() and b.strip() != "none"]]]
+    if config.getoption("--kv-gpu-model"):  # the rows model_scenario builds (it refuses a selection without none)
+        from kvcache_repro.runner.scenario_choice import model_backends
+
+        try:
+            backends = model_backends(config.getoption("--kv-backends"))
+            sizes = matrix.select_batch_sizes(config.getoption("--kv-gpu-batch-sizes"), (1, 200))
+        except matrix.SelectionError as error:
+            raise pytest.UsageError(str(error)) from None
+        rows = [(GpuRow(USER_MODEL, b, n, n == max(sizes)), ("gpu",)) for n in sizes for b in backends]
     elif SCENARIO_FAMILY in families:
         from kvcache_repro.gpu import device_run
 
@@ -140,7 +144,7 @@ def gpu_plan_note(config) -> str | None:
     if "gpu" not in expr or "not gpu" in expr or config.getoption("--kv-gpu-model"):
         return None
     from kvcache_repro.measure import scenarios
-    from kvcache_repro.runner.gpu_prediction import planned_seconds
+    from kvcache_repro.gpu.plan import planned_seconds
 
     run_slow, parts, total = config.getoption("--kv-run-slow"), [], 0.0
     for name, marks in scenarios.for_tests("experiment"):

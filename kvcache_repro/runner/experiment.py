@@ -146,14 +146,11 @@ def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ra
     return out
 
 
-def allocator(scenario: scenarios.Scenario, measurements: list[Measurement]) -> str:
-    return reserved.run_allocator(scenario.device, [m.allocator for m in measurements])
-
-
 def compare_with_baselines(scenario: str, found: list[Ratio], allocator: str | None = None
                            ) -> list[comparison.Verdict]:
     files = [baseline_file.load(p) for p in paths.compared_files(scenario)]
-    return [comparison.compare(baseline_file.holder(files, baseline_file.entry_key(r.backend, r.batch, r.metric)),
+    return [comparison.compare(baseline_file.holder(files, baseline_file.entry_key(r.backend, r.batch, r.metric),
+                                                    allocator),
                                r.backend, r.batch, r.metric, r.value, allocator=allocator) for r in found]
 
 
@@ -169,7 +166,7 @@ def provenance(scenario: scenarios.Scenario, measurements: list[Measurement],
          "q_group_size": scenario.settings.q_group_size,
          "residual_length": scenario.settings.residual_length, "dtype": scenario.dtype,
          "prompt_len": {str(m.batch): m.prompt_len for m in measurements},
-         "allocator": allocator(scenario, measurements)},
+         "allocator": reserved.run_allocator(scenario.device, measurements)},
         **model, **extra)
 
 
@@ -215,7 +212,7 @@ class ExperimentRun:
 def _verdicts(scenario, measurements, found, failures, missing=()) -> list[comparison.Verdict]:
     """The verdicts of ``found``, and an "unmeasured" one for every ratio the run did not
     produce: its row failed or never ran, or its batch's unquantized reference did."""
-    verdicts = compare_with_baselines(scenario.name, found, allocator(scenario, measurements))
+    verdicts = compare_with_baselines(scenario.name, found, reserved.run_allocator(scenario.device, measurements))
     if not scenario.baseline_metrics:
         return verdicts
     why = {row: "interrupted" for row in missing} | {(f.backend, f.batch): f.message for f in failures}
@@ -233,17 +230,23 @@ def _verdicts(scenario, measurements, found, failures, missing=()) -> list[compa
 
 
 def record_first_run(scenario: scenarios.Scenario, measurements: list[Measurement], found: list[Ratio],
-                     verdicts: list[comparison.Verdict], failures=()) -> list[comparison.Verdict]:
-    """Write the ratios no file holds (Scenario.records_first_run, a run with no failed row or
-    verdict) to paths.recorded_path, each verdict "recorded" with the file named."""
+                     verdicts: list[comparison.Verdict], failures=(), copy: Path | None = None
+                     ) -> list[comparison.Verdict]:
+    """Write the ratios no file holds (Scenario.records_first_run; a run with no failed row or
+    verdict) to paths.recorded_path, each verdict "recorded" naming the file; ``copy``: a copy
+    of baselines/ that holds them already (./kvq device-run's), nothing written."""
     missing = {v.key for v in verdicts if v.status == "missing"}
     if (not missing or failures or not scenario.records_first_run
             or any(not v.passed for v in verdicts if v.status != "missing")):
         return verdicts
-    new = [r for r in found if baseline_file.entry_key(r.backend, r.batch, r.metric) in missing]
-    update_baselines(scenario, measurements, new, run_failed=False)
-    where = str(paths.recorded_path(scenario.name))
-    return [dataclasses.replace(v, status="recorded", source=where) if v.key in missing else v for v in verdicts]
+    where = paths.recorded_path(scenario.name)
+    if copy is not None:
+        where = copy / where.relative_to(baseline_file.BASELINE_DIR)
+    else:
+        update_baselines(scenario, measurements, [r for r in found if baseline_file.entry_key(
+            r.backend, r.batch, r.metric) in missing], run_failed=False)
+    return [dataclasses.replace(v, status="recorded", source=str(where)) if v.key in missing else v
+            for v in verdicts]
 
 
 def run_experiment(scenario: scenarios.Scenario, checkpoint: str | None = None, log=print,

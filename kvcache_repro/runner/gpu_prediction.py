@@ -42,7 +42,6 @@ KERNEL_SHARE = 0.10
 CUDA_EXTRA_BYTES = 64 * 2**20
 DRY_SHARE = 0.05
 FLOOR = 0.005  # the stored ratio's rounding and bytes no term names
-HOLES_LAYERS = 8  # the replayed run's layers at most (each layer's K/V churn the same way each step)
 MODULE = "kvcache_repro.runner.gpu_prediction"
 COMMAND = f"python -m {MODULE} write"
 LIMITS = [
@@ -134,11 +133,12 @@ def measure_proxies(target: scenarios.Scenario) -> dict[str, dict[str, dict[int,
 
 def holes_run(target: scenarios.Scenario) -> tuple[str, int]:
     """(architecture, new tokens) of the run whose allocation sequence is replayed: the narrow
-    architecture at the target's layer count, capped at HOLES_LAYERS, its whole length."""
+    architecture at the target's own layer count (the share of holes falls as layers rise:
+    gpu-small's unquantized run 0.37 at 8 layers, 0.15 at its 30) and its whole length."""
     from kvcache_repro.backends.offline import arch_config_kwargs
 
     layers = arch_config_kwargs(full_architecture(target))["num_hidden_layers"]
-    return f"{architecture(target)}{NARROW_SUFFIX}@{min(layers, HOLES_LAYERS)}", target.new_tokens
+    return f"{architecture(target)}{NARROW_SUFFIX}@{layers}", target.new_tokens
 
 
 def measure_holes(target: scenarios.Scenario) -> dict[str, dict[int, float]]:
@@ -339,41 +339,6 @@ def entries(target: scenarios.Scenario, proxies, provenance: dict, holes: dict |
                     baseline_file.Entry(backend, batch, "cache_bytes", round(q.cache / none.cache, 4), 0.001,
                                         {**provenance, "prediction": cache})]
     return out
-
-
-# ---- the plan's time on an H100 ----------------------------------------------------------
-# Predicted, not measured (no GPU has run this suite; the device run's wall_seconds per row
-# replace it): a row = process start (imports, CUDA init, model build) + per decode step the
-# kernel launches of each layer (HF eager decode is launch-bound at these sizes: each backend
-# kind's cuda_layer_step_s, backends/kinds/) + the bytes read at HBM3's
-# 3.35 TB/s (weights; the cache at its mean length, 3x for a quantized one: packed codes
-# read, the full-precision copy written and read). Worth a factor of ~2 either way.
-ROW_START_S = 12.0
-HBM_BYTES_PER_S = 3.35e12
-QUANTIZED_TRAFFIC = 3
-
-
-def planned_seconds(target: scenarios.Scenario) -> float | None:
-    """Predicted wall seconds of ``target``'s rows on an H100, from its stored prediction's
-    terms (None where it has none: seed)."""
-    from kvcache_repro.backends.offline import arch_config_kwargs
-
-    entries = baseline_file.load(paths.baseline_path(target.name)).entries
-    alloc = next((e for e in entries.values() if e.metric == "peak_allocated" and baseline_file.is_predicted(e)), None)
-    if alloc is None or target.model == "checkpoint":
-        return None
-    layers = arch_config_kwargs(full_architecture(target))["num_hidden_layers"]
-    weights = alloc.produced_by["prediction"]["bytes"]["weights"]
-    total = 0.0
-    for batch in target.batch_sizes:
-        cache = next(e for e in entries.values() if e.metric == "cache_bytes" and e.batch == batch)
-        mean_cache = cache.produced_by["prediction"]["bytes"]["none_cache"] / 2
-        for backend in target.backends:
-            kind = BACKENDS[backend].kind
-            traffic = weights + mean_cache * (QUANTIZED_TRAFFIC if kind.quantized else 1)
-            step = layers * kind.cuda_layer_step_s + traffic / HBM_BYTES_PER_S
-            total += ROW_START_S + target.tokens(batch) * step
-    return total
 
 
 def provenance(target: scenarios.Scenario, proxies, holes: dict | None = None) -> dict:

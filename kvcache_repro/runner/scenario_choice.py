@@ -58,6 +58,12 @@ def seed_checkpoint_problem(checkpoint: str) -> str:
             f"./kvq experiment --model {checkpoint}")
 
 
+def model_backends(raw: str | None) -> list[str]:
+    """--backends of a model run (default none, quanto4, hqq4), those the installed releases build."""
+    return [b.name for b in matrix.select_backends(raw or ",".join(scenarios.SEED_BACKENDS),
+                                                   caches.available_backends())]
+
+
 def model_scenario(args, cuda_available: bool | None = None) -> scenarios.Scenario:
     """The scenario of ``--model`` and its options, registered for the workers; the model's
     config is read first (a child process), so a model that cannot load stops here."""
@@ -69,8 +75,7 @@ def model_scenario(args, cuda_available: bool | None = None) -> scenarios.Scenar
                               "run with --device cpu, or on a machine with a GPU")
     cuda = device == "cuda"
     try:
-        backends = [b.name for b in matrix.select_backends(args.backends or "none,quanto4,hqq4",
-                                                           caches.available_backends())]
+        backends = model_backends(args.backends)
         batches = matrix.select_batch_sizes(args.batch_sizes, (1, 200) if cuda else (1, 8))
     except matrix.SelectionError as error:
         raise ModelSetupError(str(error)) from None

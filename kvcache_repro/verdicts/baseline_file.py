@@ -138,10 +138,14 @@ def entry_key(backend: str, batch: int, metric: str) -> str:
     return f"{backend}/b{batch}/{metric}"
 
 
-def holder(files: list["BaselineFile"], key: str) -> "BaselineFile":
-    """The first of ``files`` holding ``key`` (paths.compared_files' order), else the first (where a
-    record of it goes)."""
-    return next((f for f in files if key in f.entries), files[0])
+def holder(files: list["BaselineFile"], key: str, allocator: str | None = None) -> "BaselineFile":
+    """The first of ``files`` holding ``key`` (paths.compared_files' order) - for an allocator-
+    dependent metric the first whose entry was taken under ``allocator``, if one was - else the
+    first (where a record of it goes)."""
+    holding = [f for f in files if key in f.entries]
+    if allocator is not None and metrics.METRICS[key.rsplit("/", 1)[-1]].allocator_dependent:
+        holding = [f for f in holding if f.entries[key].allocator == allocator] or holding
+    return holding[0] if holding else files[0]
 
 
 def is_number(x) -> bool:  # `true` (an int subclass) in a baseline file is a typo, not a ratio

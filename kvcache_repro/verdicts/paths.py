@@ -42,9 +42,8 @@ def compared_files(scenario: str) -> list[Path]:
 
 
 def compared_path(scenario: str) -> Path:
-    """The file a run compares with: on CUDA this card's when there is one, else the scenario's."""
-    path = card_path(scenario, provenance.device_name("cuda")) if _per_card(scenario) else None
-    return path if path is not None and path.exists() else baseline_path(scenario)
+    """The first of compared_files that exists (the scenario's when none does)."""
+    return next((p for p in compared_files(scenario) if p.exists()), baseline_path(scenario))
 
 
 def recorded_path(scenario: str) -> Path:

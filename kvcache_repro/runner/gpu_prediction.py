@@ -43,6 +43,7 @@ CUDA_EXTRA_BYTES = 64 * 2**20
 DRY_SHARE = 0.05
 FLOOR = 0.005  # the stored ratio's rounding and bytes no term names
 MODULE = "kvcache_repro.runner.gpu_prediction"
+PROXIES_MODULE = "kvcache_repro.runner.gpu_proxies"  # the child that runs them
 COMMAND = f"python -m {MODULE} write"
 LIMITS = [
     "hqq on CUDA quantizes/optimizes in float16, on CPU in float32: hqq's transient taken as "
@@ -107,29 +108,7 @@ def python_unpack_on_cpu(target: scenarios.Scenario) -> bool:
     return target.device == "cuda"
 
 
-# ---- measuring the proxies (in a child process per target) -----------------------------
-
-def measure_proxies(target: scenarios.Scenario) -> dict[str, dict[str, dict[int, int]]]:
-    """backend -> role -> new tokens -> bytes alive at the peak beyond weights and inputs."""
-    from kvcache_repro.backends import quanto_unpack
-    from kvcache_repro.measure import memory, threads
-
-    threads.pin()
-    if python_unpack_on_cpu(target):
-        quanto_unpack.install("quanto_cpp")
-    out: dict[str, dict[str, dict[int, int]]] = {}
-    for role, arch, n in proxy_runs(target):
-        proxy = proxy_scenario(target, arch, n)
-        model, tokenizer = memory.load_model(proxy)
-        for backend in target.backends:
-            m = memory.measure(proxy, backend, PROXY_ROWS, model, tokenizer)
-            grown = m.metrics["peak_allocated"] - m.before_bytes
-            out.setdefault(backend, {}).setdefault(role, {})[n] = grown
-            print(f"  {proxy.name} {backend}: {grown / 2**20:.3f} MiB at the peak beyond weights and inputs",
-                  file=sys.stderr, flush=True)
-        del model
-    return out
-
+# ---- the proxies, measured in a child process per target (gpu_proxies.py) -----------------------------
 
 def holes_run(target: scenarios.Scenario) -> tuple[str, int]:
     """(architecture, new tokens) of the run whose allocation sequence is replayed: the narrow
@@ -141,39 +120,8 @@ def holes_run(target: scenarios.Scenario) -> tuple[str, int]:
     return f"{architecture(target)}{NARROW_SUFFIX}@{layers}", target.new_tokens
 
 
-def measure_holes(target: scenarios.Scenario) -> dict[str, dict[int, float]]:
-    """backend -> batch -> holes share: holes_run traced (peak.PeakTracker) at PROXY_ROWS rows,
-    replayed through expandable segments (reserved.replay) with every size x batch / PROXY_ROWS:
-    (peak reserved - peak allocated) / peak allocated, of what generate allocated."""
-    from kvcache_repro.backends import generation, quanto_unpack
-    from kvcache_repro.measure import memory, peak, threads
-
-    threads.pin()
-    if python_unpack_on_cpu(target):
-        quanto_unpack.install("quanto_cpp")
-    arch, n = holes_run(target)
-    proxy = proxy_scenario(target, arch, n)
-    model, tokenizer = memory.load_model(proxy)
-    out: dict[str, dict[int, float]] = {}
-    for backend in target.backends:
-        ids, mask = memory.make_inputs(proxy, tokenizer, PROXY_ROWS)
-        spec = memory.BACKENDS[backend]
-        generation.generate(model, ids[:1], spec, proxy.settings, 2, attention_mask=mask[:1], keep_scores=False)
-        trace: list = []
-        tracker = peak.PeakTracker(trace)
-        tracker.ignore([*model.parameters(), *model.buffers(), ids, mask])
-        with tracker:
-            generation.generate(model, ids, spec, proxy.settings, n, attention_mask=mask, keep_scores=False)
-        for batch in target.batch_sizes:
-            live, mapped = reserved.replay(trace, batch / PROXY_ROWS)
-            out.setdefault(backend, {})[batch] = round((mapped - live) / live, 4)
-        print(f"  {proxy.name} {backend}: {len(trace)} allocations and frees; holes {out[backend]}",
-              file=sys.stderr, flush=True)
-    return out
-
-
 def _in_child(command: str, target: scenarios.Scenario, cast=None) -> dict:
-    proc = subprocess.run([sys.executable, "-m", MODULE, command, target.name],
+    proc = subprocess.run([sys.executable, "-m", PROXIES_MODULE, command, target.name],
                           capture_output=True, text=True, cwd=ROOT)
     sys.stderr.write(proc.stderr)
     if proc.returncode != 0:
@@ -332,8 +280,9 @@ def entries(target: scenarios.Scenario, proxies, provenance: dict, holes: dict |
             out += [baseline_file.Entry(backend, batch, "peak_reserved", round(r_centre, 4),
                                         float(f"{bands.round_up(r_tol):.3g}"),
                                         {**provenance, "prediction": {"bytes": r_terms,
-                                                                      "basis": "measure/reserved.py reserved_range"}}),
-                    baseline_file.Entry(backend, batch, "peak_allocated", round(centre, 4),
+                                                                      "basis": "measure/reserved.py reserved_range"}})
+                    ] * ("peak_reserved" in target.baseline_metrics)
+            out += [baseline_file.Entry(backend, batch, "peak_allocated", round(centre, 4),
                                         float(f"{bands.round_up(tol):.3g}"),
                                         {**provenance, "prediction": {"bytes": terms}}),
                     baseline_file.Entry(backend, batch, "cache_bytes", round(q.cache / none.cache, 4), 0.001,
@@ -423,13 +372,7 @@ def main(argv=None) -> int:
                    help="comma-separated (default: the device run's plan and its dry runs)")
     w.add_argument("--stored-proxies", action="store_true",
                    help="take the proxy bytes the entries already hold (seconds) instead of measuring them (~12 min)")
-    for name, what in (("measure", "proxy runs"), ("holes", "allocation sequence replayed")):
-        sub.add_parser(name, help=f"(internal) one target's {what}, as JSON on stdout").add_argument("scenario")
     args = parser.parse_args(argv)
-    if args.command in ("measure", "holes"):
-        run = measure_proxies if args.command == "measure" else measure_holes
-        print(json.dumps(run(scenarios.get(args.scenario))))  # the parent reads the last line
-        return 0
     try:
         names = [n.strip() for n in (args.scenarios or "").split(",") if n.strip()]
         targets = [scenarios.get(n) for n in names] if args.scenarios else plan_targets()

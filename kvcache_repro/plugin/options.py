@@ -139,7 +139,7 @@ def gpu_rows(config) -> list:
 
 def gpu_plan_note(config) -> str | None:
     """Under -m gpu: the CUDA scenarios this run measures and each one's predicted time on an
-    H100 (runner/gpu_prediction.py planned_seconds: a model, not a measurement)."""
+    H100 (gpu/plan.py planned_seconds: a model, not a measurement)."""
     expr = getattr(config.option, "markexpr", "") or ""
     if "gpu" not in expr or "not gpu" in expr or config.getoption("--kv-gpu-model"):
         return None
@@ -157,7 +157,7 @@ def gpu_plan_note(config) -> str | None:
             continue
         total += seconds or 0.0
         parts.append(f"{name} {said}")
-    return (f"kvq: GPU plan, predicted for an H100 (not measured; runner/gpu_prediction.py): "
+    return (f"kvq: GPU plan, predicted for an H100 (not measured; gpu/plan.py): "
             f"{'; '.join(parts)}; this selection ~{total / 60:.1f} min")
 
 

@@ -64,7 +64,7 @@ class BackendKind:
     row_axis: int | None = None  # whose groups each lie within one batch row
     cuda_transient_low = 1.0  # a CPU transient's lowest factor on CUDA
     # seconds of kernel launches per layer per decode step on a GPU (HF eager decode is
-    # launch-bound): the plan's predicted time (runner/gpu_prediction.py planned_seconds)
+    # launch-bound): the plan's predicted time (gpu/plan.py planned_seconds)
     cuda_layer_step_s = 1.0e-3
 
     def rows(self) -> list[tuple[str, int | None, int | None]]:

@@ -224,8 +224,8 @@ def test_a_first_run_on_a_card_records_what_no_file_holds_and_a_second_compares(
 
 def test_the_default_gpu_plan_is_predicted_to_fit_ten_minutes_on_an_h100():
     """pytest -m gpu without --kv-run-slow measures what needs no download (seed-arch-short,
-    gpu-small, gpu-tiny); their predicted time (gpu/plan.py planned_seconds, a model stated in
-    gpu_prediction.py) stays under 10 minutes; seed (a download) and seed-arch are slow. A
+    gpu-small, gpu-tiny); their predicted time (gpu/plan.py planned_seconds, a model stated
+    there) stays under 10 minutes; seed (a download) and seed-arch are slow. A
     heavy scenario added to the default plan, or a row model that grows, fails here."""
     default = [n for n, marks in scenarios.for_tests("experiment") if "gpu" in marks and "slow" not in marks]
     assert sorted(default) == ["gpu-small", "gpu-tiny", "seed-arch-short"]

@@ -216,9 +216,10 @@ def test_the_allocator_configuration_is_read_and_expandable_segments_is_the_work
 
 
 def test_the_replay_follows_the_allocator_s_rules():
-    """Hand-worked sequences (MiB): a 31 MiB request does not fit a freed 30 MiB block and maps
-    two more 20 MiB pages; a smaller one splits the hole; freed neighbours merge; small requests
-    share 2 MiB pages; a large block is not split for a remainder of 1 MiB or less."""
+    """Hand-worked sequences (MiB) under torch's rules (docs/gpu.md): a 31 MiB request does not
+    fit a freed 30 MiB block and maps two more 20 MiB pages; a smaller one splits the hole; freed
+    neighbours merge; small requests share 2 MiB pages; a remainder of 512 B or more is split off
+    in either pool; the free tail is passed over when an inner block fits."""
     from kvcache_repro.measure import reserved
 
     M = 2**20
@@ -227,9 +228,13 @@ def test_the_replay_follows_the_allocator_s_rules():
     assert reserved.replay([(1, 10 * M), (2, 10 * M), (3, 10 * M), (1, 0), (2, 0), (4, 20 * M)]) == (
         30 * M, 40 * M)  # 1 and 2 merged into one 20 MiB hole
     assert reserved.replay([(k, 4096) for k in range(1000)]) == (4096 * 1000, 2 * M * 2)  # 512 a page
-    # 19.5 MiB in a 20 MiB page: the 0.5 MiB left stays with the block; a later 0.5 MiB request
-    # (small pool) maps a page of its own
+    # 19.5 MiB in a 20 MiB page: the 0.5 MiB left is split off as the free tail, which a 20.4 MiB
+    # request joins (one more page, not two); a 0.5 MiB request goes to the small pool's own page
+    assert reserved.replay([(1, 19.5 * M), (2, 20.4 * M)]) == (19.5 * M + reserved.round_up(20.4 * M, 512), 40 * M)
     assert reserved.replay([(1, 19.5 * M), (2, M // 2)]) == (20 * M, 22 * M)
+    # a 3 MiB request takes the freed 15 MiB inner block, not the 3 MiB free tail (whose size counts
+    # the unmapped space after it); the 14 MiB one then grows the tail by a page
+    assert reserved.replay([(1, 15 * M), (2, 2 * M), (1, 0), (3, 3 * M), (4, 14 * M)]) == (19 * M, 40 * M)
     assert reserved.replay([(1, 10 * M)], scale=3, before=5 * M) == (35 * M, 40 * M)
 
 

@@ -146,9 +146,11 @@ def explain(metrics: dict) -> str:
 # docs/gpu.md), enough to replay an allocation sequence: sizes round up to 512 B; up to 1 MiB
 # goes to the small pool, larger to the large one; each pool is one segment that maps pages
 # (2 MiB / 20 MiB) at its end; a request takes the smallest free block that fits (lowest
-# address first), split when what remains is >= 512 B (small pool) or > 1 MiB (large pool);
-# with no fit the segment grows, joining its free tail; a freed block merges with free
-# neighbours and stays mapped. Scratch memory inside one kernel and other streams are not in it.
+# address first), passing over the segment's free tail when an inner block fits too (the
+# tail's "expandable size" counts the unmapped space after it: get_free_block); what remains
+# is split off when >= 512 B (should_split, either pool, with expandable segments); with no
+# fit the segment maps pages at its end, joining its free tail; a freed block merges with
+# free neighbours and stays mapped. Scratch memory inside one kernel and other streams are not in it.
 SMALL_SIZE = 1 * MIB
 
 
@@ -169,7 +171,8 @@ class _Pool:
                 self.blocks.append([self.mapped, grow, True])
             self.mapped += grow
             fits = [self.blocks[-1]]
-        block = min(fits, key=lambda b: (b[1], b[0]))
+        fits.sort(key=lambda b: (b[1], b[0]))
+        block = fits[1] if len(fits) > 1 and fits[0] is self.blocks[-1] else fits[0]
         i = self.blocks.index(block)
         if block[1] - size >= self.min_split:
             self.blocks.insert(i + 1, [block[0] + size, block[1] - size, True])
@@ -190,7 +193,7 @@ def replay(trace, scale: float = 1.0, before: int = 0) -> tuple[int, int]:
     """(peak allocated, peak reserved) of ``trace`` (peak.PeakTracker's: (key, bytes) created,
     (key, 0) freed) under expandable segments, every size times ``scale``; ``before`` bytes
     (weights, inputs) laid out first and kept."""
-    small, large = _Pool(SMALL_PAGE, BLOCK), _Pool(LARGE_PAGE, SMALL_SIZE + 1)
+    small, large = _Pool(SMALL_PAGE, BLOCK), _Pool(LARGE_PAGE, BLOCK)
     live, peak, where = 0, 0, {}
     if before:
         large.alloc(round_up(before, BLOCK))

@@ -149,13 +149,19 @@ def test_peak_reserved_ratio_within_the_card_baseline(quantized_gpu_row, experim
 def test_quantized_reserves_less_at_the_largest_batch(large_batch_gpu_row, experiment_runs):
     """The card's claim at the largest batch: each quantized backend's peak reserved below the
     unquantized run's by at least half the analytic cache saving (comparison.saving_problem).
-    Not asserted where the saving is too small to show through the allocator's rounding, or
+    Under expandable segments only (another allocator, or a saw-tooth, is reported). Not
+    asserted where the saving is too small to show through the allocator's rounding, or
     where the predicted ratio's band does not lie below 1 (seed-arch-short's hqq4: 8 layers save
     a quarter of seed-arch's, hqq's one-layer requantization transient stays whole); a ratio a
     run recorded never exempts it."""
     row = large_batch_gpu_row
     run, quant = _row(row, experiment_runs)
     none = run.get("none", row.batch)
+    if {quant.allocator, none.allocator} != {reserved.EXPANDABLE} or any(map(reserved.is_saw_tooth, (
+            quant.metrics, none.metrics))):
+        pytest.skip(f"allocator {quant.allocator or 'not recorded'}"
+                    f"{', a saw-tooth reading' if reserved.is_saw_tooth(none.metrics) else ''}: peak reserved is "
+                    f"reported with its retries, not a claim's evidence")
     saving = none.predicted_cache_bytes - quant.predicted_cache_bytes
     if saving < MIN_SAVING_VISIBLE_IN_RESERVED:
         pytest.skip(f"the analytic saving {saving / 2**20:.1f} MiB is below {MIN_SAVING_VISIBLE_IN_RESERVED / 2**20:.0f}"

@@ -169,15 +169,16 @@ def run_default_allocator(plan, records: dict[str, ScenarioRecord], out: Path, c
     return found
 
 
-def experiment_run(scenario: scenarios.Scenario, measurements: list[Measurement], out: Path
-                   ) -> experiment.ExperimentRun:
+def experiment_run(scenario: scenarios.Scenario, measurements: list[Measurement], out: Path,
+                   errors=()) -> experiment.ExperimentRun:
     """``measurements`` with their ratios and verdicts against the repository's baselines; an
-    entry none holds is a first run's, recorded in OUTDIR's copy (``out``: update_baselines)."""
+    entry none holds is a first run's, recorded in OUTDIR's copy (``out``: update_baselines,
+    which refuses a run with ``errors``: then it stays missing)."""
     found = experiment.ratios(measurements, scenario.baseline_metrics)
     verdicts = experiment.compare_with_baselines(scenario.name, found,
                                                  reserved.run_allocator(scenario.device, measurements))
     return experiment.ExperimentRun(scenario, measurements, found, experiment.record_first_run(
-        scenario, measurements, found, verdicts, copy=out / "baselines"))
+        scenario, measurements, found, verdicts, failures=errors, copy=out / "baselines"))
 
 
 def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path,
@@ -185,7 +186,7 @@ def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path
     """results.json / .md / .png of what was measured."""
     from kvcache_repro.runner import report
 
-    run = experiment_run(scenario, record.measurements, out)
+    run = experiment_run(scenario, record.measurements, out, record.errors)
     try:
         report.write_outputs(out / scenario.name, scenario, run.measurements, run.ratios, run.verdicts)
     except ImportError as error:  # matplotlib absent: results.json and results.md are written first

@@ -158,7 +158,8 @@ def gpu_plan_note(config) -> str | None:
         total += seconds or 0.0
         parts.append(f"{name} {said}")
     return (f"kvq: GPU plan, predicted for an H100 (not measured; gpu/plan.py): "
-            f"{'; '.join(parts)}; this selection ~{total / 60:.1f} min")
+            f"{'; '.join(parts)}; this selection ~{total / 60:.1f} min, plus the accuracy tables where the "
+            f"small real model is installed (not predicted)")
 
 
 def _benchmark_defaults(config) -> None:

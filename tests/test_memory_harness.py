@@ -206,6 +206,8 @@ def test_the_allocator_configuration_is_read_and_expandable_segments_is_the_work
     assert reserved.allocator_config({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}) == reserved.EXPANDABLE
     assert reserved.allocator_config({"PYTORCH_ALLOC_CONF": "expandable_segments:true"}) == reserved.EXPANDABLE
     assert reserved.allocator_config({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:False"}) == reserved.DEFAULT
+    assert reserved.allocator_config({"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True",  # the newer name wins
+                                      "PYTORCH_ALLOC_CONF": "expandable_segments:False"}) == reserved.DEFAULT
     assert reserved.allocator_config(
         {"PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:128, expandable_segments:True"}
     ) == "expandable_segments:True,max_split_size_mb:128"

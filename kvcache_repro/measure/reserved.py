@@ -36,10 +36,11 @@ DEFAULT = "default"
 def allocator_config(environ=None) -> str:
     """The caching allocator's configuration as the environment sets it, normalized:
     "expandable_segments:True", "default", or the options sorted ("expandable_segments:False"
-    is the default)."""
+    is the default). Torch reads PYTORCH_ALLOC_CONF where set (2.9 on), else the older name."""
     environ = os.environ if environ is None else environ
     options = {}
-    for part in ",".join(environ.get(k, "") for k in CONF_ENVS).replace(" ", "").split(","):
+    raw = environ.get(CONF_ENVS[1]) or environ.get(CONF_ENVS[0], "")
+    for part in raw.replace(" ", "").split(","):
         if ":" in part:
             key, value = part.split(":", 1)
             options[key] = value
@@ -74,8 +75,8 @@ def worker_env(device: str, environ=None) -> dict[str, str]:
 # of each pool. The holes are measured by replaying a CPU run's allocation sequence through
 # those rules (replay, below; runner/gpu_prediction.py): a share of what generate allocated.
 # HOLES_SHARE bounds a row no replay was made for (your model): the largest share the plan's
-# replays gave, 0.92 (seed-arch-short's quanto4 at batch 1; at batch 200 0.12-0.44), rounded
-# up; gpu-tiny's KB-sized runs, all page, are left out of it (docs/gpu.md).
+# replays gave, 0.91 (seed-arch-short's unquantized run at batch 1; at batch 200 0.15-0.40),
+# rounded up; gpu-tiny's KB-sized runs, all page, are left out of it (docs/gpu.md).
 LARGE_PAGE, SMALL_PAGE = 20 * MIB, 2 * MIB
 HOLES_SHARE = 1.0
 # The dry run's fake counter (measure.memory): peak allocated in the allocator's 512-byte

@@ -104,7 +104,7 @@ def reserved_range(peak_allocated: float, before: float, device: str = "cuda",
 def simulated_counters(peak_allocated: int) -> dict[str, int]:
     """The dry run's CUDA counters on the CPU: what expandable segments reserve for a live peak
     with no holes, in 512-byte blocks."""
-    return {"peak_reserved": round_up(peak_allocated, BLOCK)}
+    return {"peak_reserved": reserved_range(peak_allocated, peak_allocated, "cpu")[0]}
 
 
 def allocator_counters(stats: dict, free_total: tuple[int, int] | None) -> dict[str, int]:
@@ -156,8 +156,8 @@ SMALL_SIZE = 1 * MIB
 
 
 class _Pool:
-    def __init__(self, page: int, min_split: int):
-        self.page, self.min_split = page, min_split
+    def __init__(self, page: int):
+        self.page = page
         self.blocks: list[list] = []  # [address, size, free] in address order
         self.mapped = 0
 
@@ -175,7 +175,7 @@ class _Pool:
         fits.sort(key=lambda b: (b[1], b[0]))
         block = fits[1] if len(fits) > 1 and fits[0] is self.blocks[-1] else fits[0]
         i = self.blocks.index(block)
-        if block[1] - size >= self.min_split:
+        if block[1] - size >= BLOCK:
             self.blocks.insert(i + 1, [block[0] + size, block[1] - size, True])
             block[1] = size
         block[2] = False
@@ -194,7 +194,7 @@ def replay(trace, scale: float = 1.0, before: int = 0) -> tuple[int, int]:
     """(peak allocated, peak reserved) of ``trace`` (peak.PeakTracker's: (key, bytes) created,
     (key, 0) freed) under expandable segments, every size times ``scale``; ``before`` bytes
     (weights, inputs) laid out first and kept."""
-    small, large = _Pool(SMALL_PAGE, BLOCK), _Pool(LARGE_PAGE, BLOCK)
+    small, large = _Pool(SMALL_PAGE), _Pool(LARGE_PAGE)
     live, peak, where = 0, 0, {}
     if before:
         large.alloc(round_up(before, BLOCK))

@@ -61,6 +61,8 @@ class MemoryKind:
 
         scenario = _user_model_scenario(request.config) if name == USER_MODEL else narrowed(
             request.config, scenarios.get(name))
+        if scenario is None:
+            pytest.skip(f"{name}: none of its batch sizes in --kv-batch-sizes {request.config.getoption('--kv-batch-sizes')}")
         try:
             return _shared_once(request, scenario.device, f"experiment {name}", lambda: experiment.run_experiment(
                 scenario, None, log=lambda line: None, in_process=scenario.device == "cpu"))

@@ -82,7 +82,8 @@ class GpuRow(NamedTuple):
 
 def narrowed(config, scenario):
     """A CUDA scenario (or its dry run) as --kv-backends and --kv-batch-sizes narrow it, where
-    given: none is always kept (every ratio divides by it); a dry run keeps its one batch."""
+    given: none is always kept (every ratio divides by it); a dry run keeps its one batch.
+    None when no batch size is left."""
     from dataclasses import replace
 
     from kvcache_repro.measure import scenarios
@@ -94,9 +95,8 @@ def narrowed(config, scenario):
     keep = {b.name for b in selection(config)[1]} | {"none"} if backends else set(scenario.backends)
     sizes = set(selection(config)[2]) if batches and scenario.device == "cuda" else set(scenario.batch_sizes)
     kept = tuple(b for b in scenario.batch_sizes if b in sizes)
-    if not kept:
-        pytest.skip(f"{scenario.name}: none of its batch sizes {scenario.batch_sizes} in --kv-batch-sizes {batches}")
-    return replace(scenario, backends=tuple(b for b in scenario.backends if b in keep), batch_sizes=kept)
+    return replace(scenario, backends=tuple(b for b in scenario.backends if b in keep),
+                   batch_sizes=kept) if kept else None
 
 
 def gpu_rows(config) -> list:
@@ -108,7 +108,7 @@ def gpu_rows(config) -> list:
     from kvcache_repro.plugin.kinds import USER_MODEL
 
     families, _, _ = selection(config)
-    names = []
+    rows = []
     if config.getoption("--kv-gpu-model"):  # the rows model_scenario builds (it refuses a selection without none)
         from kvcache_repro.runner.scenario_choice import model_backends
 
@@ -124,15 +124,10 @@ def gpu_rows(config) -> list:
         dry = device_run.stored_dry_run()  # ./kvq device-run --dry-run: each scenario's rows are its dry run's
         names = [(n, marks) for n, marks in scenarios.for_tests("experiment") if "gpu" in marks]
         names += [(n + scenarios.DRY_SUFFIX, ()) for n, _ in scenarios.for_tests("experiment-dry")]
-        rows = []
         for name, marks in names:
-            try:
-                s = narrowed(config, scenarios.get(name + scenarios.DRY_SUFFIX * (dry and "gpu" in marks)))
-            except pytest.skip.Exception:
-                continue
-            rows += [(GpuRow(name, b, n, n == s.large_batch), marks) for n in s.batch_sizes for b in s.backends]
-    else:
-        rows = []
+            s = narrowed(config, scenarios.get(name + scenarios.DRY_SUFFIX * (dry and "gpu" in marks)))
+            rows += [(GpuRow(name, b, n, n == s.large_batch), marks) for n in s.batch_sizes
+                     for b in s.backends] if s else []
     return [pytest.param(row, id=f"{row.scenario}-{row.backend}-b{row.batch}",
                          marks=[getattr(pytest.mark, m) for m in marks]) for row, marks in rows]
 

@@ -148,16 +148,17 @@ def _low_precision_scales() -> None:
     _wrap("_quantize", low_hqq, "hqq")
 
 
-def _dequantize_again(every: int) -> None:
-    """Every ``every``-th dequantize (the first, then each ``every`` more) runs once more
-    first, its result dropped: cost only."""
+def _dequantize_again(every: int, extra: int = 1) -> None:
+    """Every ``every``-th dequantize (the first, then each ``every`` more) runs ``extra`` more
+    times first, their results dropped: cost only."""
     def make(original):
         calls = [0]
 
         def _dequantize(self, q):
             calls[0] += 1
             if (calls[0] - 1) % every == 0:
-                original(self, q)
+                for _ in range(extra):
+                    original(self, q)
             return original(self, q)
         return _dequantize
     _wrap("_dequantize", make)
@@ -165,6 +166,8 @@ def _dequantize_again(every: int) -> None:
 
 fault("double_dequantize", "every dequantize is done twice (same values, twice the cost)")(
     lambda: _dequantize_again(1))
+fault("dequantize_thrice", "every dequantize is done three times (same values, three times the cost): a gross "
+      "slowdown")(lambda: _dequantize_again(1, extra=2))
 
 
 @fault("quanto_slow_as_hqq", "quanto also runs hqq's optimizer at each quantize (hqq's cost, quanto's codes)")

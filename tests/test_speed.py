@@ -38,6 +38,28 @@ def test_speed_within_baseline_bands(speed_ratios, setup_name):
         pytest.skip("no banded speed ratio on this setup (reported only): " + "; ".join(v.message for v in verdicts))
 
 
+@pytest.mark.parametrize("setup_name, quantized", [("tiny", "quanto4"), ("tiny", "hqq4")],
+                         ids=["tiny-quanto4", "tiny-hqq4"])
+def test_steps_between_flushes_within_the_loose_bound(speed_ratios, setup_name, quantized):
+    """A gross slowdown fails on any machine: a decode step that does not re-quantize costs at
+    most verdicts/speed.LOOSE x the slowest ratio stored for this CPU capability (every machine
+    and path measured; fault ``dequantize_thrice`` breaks it, docs/faults.md). Not a band: the
+    ratio moves 25% between paths of one machine; subtle slowdowns are ``./kvq side-by-side``'s."""
+    from kvcache_repro.core.provenance import machine
+
+    setup = speed.SPEED_SETUPS[setup_name]
+    capability = machine()["torch_capability"]
+    bound = speed_verdicts.ceilings(setup, capability).get(quantized)
+    assert bound is not None, (
+        f"no stored spread of {quantized}'s between-flushes time ratio in {speed_verdicts.baseline_path(setup)}: "
+        "measure it with `./kvq spread baselines/spread/NAME --parts speed`, then "
+        "`python -m kvcache_repro bands apply baselines/spread/*/*.json --write`")
+    measured = speed_ratios(setup_name)[quantized].between_flushes
+    assert measured <= bound[0], (
+        f"{quantized}: a decode step between flushes takes {measured:.3f} x none's, above the loose bound "
+        f"{bound[0]:.3f} ({bound[1]}): a gross slowdown of the quantized cache's every step")
+
+
 def test_under_xdist_the_speed_the_tests_use_is_measured_ahead_and_handed_over(tmp_path, monkeypatch):
     """The controller measures, before scheduling, once, exactly the speed setups the
     collected tests use; a worker's fixture reads the same ratios back."""

@@ -39,6 +39,10 @@ class SpeedRatio:
     blocks: tuple[float, ...]  # the same ratio from each disjoint block of rounds
     tokens_per_second: float  # generated tokens per CPU second of forward, all rounds
     rounds: int
+    # The same ratio over the decode steps where the backend does not re-quantize: what every
+    # step pays (dequantize, concatenation), without hqq's optimizer at a flush, whose cost
+    # moves most between CPU paths. The quantity of the loose speed bound (docs/bands.md).
+    between_flushes: float = 0.0
 
     @property
     def low(self) -> float:
@@ -125,19 +129,35 @@ def interleaved_ratios(model, ids: torch.Tensor, backends: list[str], settings: 
             for _ in range(rounds):
                 for name in names:
                     per_round[name].append(step_times(model, ids, name, settings, new_tokens))
-            out = _ratios(per_round, names, blocks, ids.shape[0] * new_tokens)
+            out = _ratios(per_round, names, blocks, ids.shape[0] * new_tokens,
+                          _quiet_steps(model, names, settings, ids.shape[1], new_tokens))
             if decided(out) or len(per_round["none"]) + rounds > (max_rounds or rounds):
                 return out
 
 
-def _ratios(per_round, names, blocks: int, tokens: int) -> dict[str, SpeedRatio]:
+def _quiet_steps(model, names, settings: caches.QuantSettings, prompt: int, new_tokens: int) -> dict[str, list[int]]:
+    """Per backend, the indices of generate()'s forward calls (0: the prefill) that decode
+    one token without re-quantizing: sequence length prompt + i is not a flush length."""
+    out = {}
+    for name in names[1:]:
+        spec = BACKENDS[name]
+        flushes = set(caches.flush_lengths(spec, model.config, settings, prompt, prompt + new_tokens, 1)
+                      if spec.group_wise else ())
+        out[name] = [i for i in range(1, new_tokens) if prompt + i not in flushes]
+    return out
+
+
+def _ratios(per_round, names, blocks: int, tokens: int, quiet: dict[str, list[int]]) -> dict[str, SpeedRatio]:
     done = len(per_round["none"])
     chunks = [slice(i * (done // blocks), (i + 1) * (done // blocks)) for i in range(blocks)]
     none, out = per_round["none"], {}
     for name in names[1:]:
         total = undisturbed_ns(per_round[name])
         per_block = tuple(undisturbed_ns(per_round[name][c]) / undisturbed_ns(none[c]) for c in chunks)
-        out[name] = SpeedRatio(name, total / undisturbed_ns(none), per_block, tokens / (total / 1e9), done)
+        steps = quiet[name]
+        between = (undisturbed_ns([[r[i] for i in steps] for r in per_round[name]])
+                   / undisturbed_ns([[r[i] for i in steps] for r in none]))
+        out[name] = SpeedRatio(name, total / undisturbed_ns(none), per_block, tokens / (total / 1e9), done, between)
     return out
 
 

@@ -229,7 +229,8 @@ def pytest_xdist_node_collection_finished(node, ids):
         return  # measured already, or not the suite's run (pytest_configure sets the file)
     config.stash[state.SPEED_PREMEASURED] = True
     run_slow = config.getoption("--kv-run-slow")
-    used = {m.group(1) for i in ids if (m := re.search(r"\[([^\]]+)\]@speed$", i))}
+    # a speed test's id starts with its setup's name: [tiny], [tiny-quanto4]
+    used = {m.group(1) for i in ids if (m := re.search(r"\[([^\]-]+)[^\]]*\]@speed$", i))}
     wanted = [name for name, setup in speed.SPEED_SETUPS.items() if name in used and (run_slow or not setup.slow)]
     measured = {}
     for name in wanted:

@@ -24,6 +24,9 @@ from kvcache_repro.verdicts import baseline_file
 MARGIN = 2.0
 
 
+TIME_RATIOS = ("decode_time_ratio", "between_flushes_time_ratio")
+
+
 def floor(metric: str, value: float, positions: int) -> float:
     """The smallest band per metric, whatever the spread (measured 2026-12-01, docs/bands.md)."""
     if metric == "top1_agreement":
@@ -34,7 +37,7 @@ def floor(metric: str, value: float, positions: int) -> float:
         return 0.002 * abs(value)  # 2.5x the widest >= 3-bit spread (hqq3, 0.08%)
     if metric in metrics.EXACT_ON_CPU:
         return 0.001  # the stored ratio's rounding (the same bytes on every path)
-    if metric == "decode_time_ratio":  # speed.band's rule for one machine's run-to-run noise
+    if metric in TIME_RATIOS:  # speed.band's rule for one machine's run-to-run noise
         from kvcache_repro.measure.speed import OVERHEAD_SHARE, REPEATABILITY
 
         return max(OVERHEAD_SHARE * abs(value - 1), REPEATABILITY)
@@ -47,7 +50,7 @@ UNBANDED_SHARE = 0.5
 
 def moved(metric: str, value: float) -> float:
     """What a regression moves: KL and top-1 the value, ratios what the cache adds (ratio - 1)."""
-    return abs(value - 1) if metric in ("perplexity_ratio", "decode_time_ratio") else abs(value)
+    return abs(value - 1) if metric in ("perplexity_ratio", *TIME_RATIOS) else abs(value)
 
 
 def catches(metric: str, value: float, tol: float, positions: int) -> str:
@@ -58,7 +61,7 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
         over = abs(value - 1)
         share = f" ({tol / over:.1%} of the {over:.3g} the cache adds)" if over > 1e-3 else ""
         return f"perplexity off by more than {tol / value:.2%}{share}"
-    if metric == "decode_time_ratio":
+    if metric in TIME_RATIOS:
         share = tol / max(abs(value - 1), 1e-9)
         return f"decode time off by more than {tol:.3g} x none's ({share:.0%} of the overhead)"
     if metric == "kl":
@@ -92,6 +95,12 @@ def machine_label(produced_by: dict) -> str:
     env = ",".join(f"{k}={v}" for k, v in sorted(m.get("env", {}).items()))
     label = f"{m.get('cpu', '?')} {m.get('torch_capability', '?')} {m.get('threads', '?')}t"
     return label + (f" [{env}]" if env else "")
+
+
+def capability_of(label: str) -> str:
+    """The torch CPU capability in a ``machine_label`` ("AMD EPYC (avx2) AVX2 1t [...]" -> "AVX2"), or ""."""
+    m = re.search(r" (\S+) \d+t(?: |$)", label)
+    return m.group(1) if m else ""
 
 
 def _positions(entry: baseline_file.Entry) -> int:

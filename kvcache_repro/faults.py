@@ -127,25 +127,56 @@ def _noise_of(level: float, *layers: str) -> None:
 fault("noise", "dequantized values get 3% Gaussian noise (of each tensor's std)")(lambda: _noise_of(0.03))
 
 
-@fault("low_precision_scales", "scales are computed in float16/bfloat16, not the model dtype")
-def _low_precision_scales() -> None:
-    import torch
-
-    def low_quanto(original):
+def _scales(change, when=lambda tensor: True) -> None:
+    """Each quantize of quanto's and hqq's layers stores ``change(scale)`` for its scales, where ``when(tensor)``."""
+    def quanto(original):
         def _quantize(self, tensor, axis):
             q = original(self, tensor, axis)
-            q._scale.copy_(q._scale.to(torch.bfloat16).to(q._scale.dtype))
+            if when(tensor):
+                q._scale.copy_(change(q._scale))
             return q
         return _quantize
 
-    def low_hqq(original):
+    def hqq(original):
         def _quantize(self, tensor, axis):
             codes, meta = original(self, tensor, axis)
-            meta["scale"] = meta["scale"].to(torch.bfloat16).to(meta["scale"].dtype)
+            if when(tensor):
+                meta["scale"] = change(meta["scale"])
             return codes, meta
         return _quantize
-    _wrap("_quantize", low_quanto, "quanto")
-    _wrap("_quantize", low_hqq, "hqq")
+    _wrap("_quantize", quanto, "quanto")
+    _wrap("_quantize", hqq, "hqq")
+
+
+@fault("low_precision_scales", "scales are computed in float16/bfloat16, not the model dtype")
+def _low_precision_scales() -> None:
+    import torch
+    _scales(lambda scale: scale.to(torch.bfloat16).to(scale.dtype))
+
+
+def _coarse_mantissa(x, bits: int = 3):
+    """``x`` rounded to ``bits`` bits of mantissa (relative error up to 2^-(bits+1))."""
+    import torch
+    m, e = torch.frexp(x.float())
+    return torch.ldexp(torch.round(m * 2**bits) / 2**bits, e).to(x.dtype)
+
+
+@fault("half_precision_scales", "when the cache is float16/bfloat16, the scales are kept with 3 bits of mantissa "
+       "(float32 untouched, bytes unchanged): accuracy lost only in half precision")
+def _half_precision_scales() -> None:
+    import torch
+    _scales(_coarse_mantissa, when=lambda tensor: tensor.dtype in (torch.float16, torch.bfloat16))
+
+
+@fault("degrade_past_512", "once a layer's store holds 512 tokens, its dequantized values are snapped in place to "
+       "16 levels over the whole tensor (bytes unchanged): accuracy lost only past a few hundred quantized tokens")
+def _degrade_past_512() -> None:
+    def snapped(self, x):
+        if x.shape[-2] >= 512:
+            lo, step = x.min(), (x.max() - x.min()) / 15
+            x.sub_(lo).div_(step).round_().mul_(step).add_(lo)
+        return x
+    _after_dequantize(snapped)
 
 
 def _dequantize_again(every: int, extra: int = 1) -> None:
@@ -275,6 +306,9 @@ def _stop_flushing_after_512() -> None:
 fault("dequantize_via_float32", "every dequantize builds its copy in float32 and casts it back (values "
       "unchanged within an ulp of half precision; the transient doubles at fp16/bf16)")(
     lambda: _after_dequantize(lambda self, x: x.float().to(x.dtype)))
+fault("hqq_dequantize_via_float32", "hqq's dequantize builds its copy in float32 and casts it back (values unchanged "
+      "within an ulp): a decode step's transient grows at fp16/bf16, hqq's requantization still sets the run's peak")(
+    lambda: _after_dequantize(lambda self, x: x.float().to(x.dtype), "hqq"))
 fault("dequantize_half_again", "every other dequantize is done twice (same values, 1.5x its cost)")(
     lambda: _dequantize_again(2))
 

@@ -84,6 +84,7 @@ def test_undecided_comparisons_get_more_rounds_up_to_the_cap(monkeypatch):
     def measured(hqq_step):
         times = {"none": 100, "quanto4": 150, "hqq4": hqq_step}
         monkeypatch.setattr(speed, "step_times", lambda model, ids, name, settings, new: [times[name]] * 4)
+        monkeypatch.setattr(speed, "_quiet_steps", lambda model, names, *_: {n: [1, 2, 3] for n in names[1:]})
         return speed.interleaved_ratios(None, ids, ["quanto4", "hqq4"], None, 4, rounds=4, blocks=2,
                                         max_rounds=12)
 

@@ -154,6 +154,11 @@ def quantized_layer_count(cache) -> int:
     return sum(1 for layer in cache_layers(cache) if layer_storage(layer).quantized_keys is not None)
 
 
+def quantized_stores(cache) -> tuple[int, ...]:
+    """The identity of each layer's quantized keys: it changes exactly when the layer re-quantizes."""
+    return tuple(id(layer_storage(layer).quantized_keys) for layer in cache_layers(cache)) if cache is not None else ()
+
+
 def residual_tokens(cache, layer_idx: int = 0) -> int:
     """Tokens kept in full precision by one layer."""
     storage = layer_storage(cache_layers(cache)[layer_idx])

@@ -29,6 +29,9 @@ _WORSE, _BETTER = "is less accurate", "is more accurate"
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("peak_reserved", "ratio", _MORE, _LESS, 0.05, allocator_dependent=True),
     Metric("peak_allocated", "ratio", _MORE, _LESS, 0.05, exact_on_cpu=True),
+    # the largest live bytes in a decode step that does not re-quantize (measure/memory.py
+    # StepPeaks): a decode step's own transient, which the flush's peak hides in peak_allocated
+    Metric("decode_step_peak", "ratio", _MORE, _LESS, 0.05, exact_on_cpu=True),
     Metric("reserved_after", "ratio", _MORE, _LESS, 0.05, allocator_dependent=True),
     Metric("peak_rss_growth", "ratio", _MORE, _LESS, 0.15, large_batch_only=True),
     Metric("cache_bytes", "ratio", _MORE, _LESS, 0.001, exact_on_cpu=True),
@@ -38,6 +41,9 @@ METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("kl", "nats/token", _WORSE, _BETTER),
     Metric("top1_agreement", "share", _BETTER, _WORSE, higher_is_better=True),
     Metric("perplexity_ratio", "ratio", _WORSE, _BETTER),
+    # the tiny accuracy setups (measure/quality.py logit_error): positions before / past 512 quantized tokens
+    Metric("logit_error", "relative RMS", _WORSE, _BETTER),
+    Metric("logit_error_past_512", "relative RMS", _WORSE, _BETTER),
     Metric("reference_perplexity", "perplexity (the unquantized model's)",
            "predicts the text worse (the model itself, every cache alike)",
            "predicts the text better (the model itself changed)", reference=True),

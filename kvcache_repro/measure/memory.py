@@ -85,16 +85,60 @@ class CpuProbe:
         self._tracker.__enter__()
         return self._resident
 
+    def watch(self, model) -> None:
+        """Also the peak of each forward call (``decode_step_peak`` in stop's metrics)."""
+        self._steps = StepPeaks(model, self._tracker)
+
     def abandon(self) -> None:
         """Ends the region without a result (generate raised): a tracker left on would see
         every later op of the process."""
         self._tracker.__exit__(None, None, None)
+        self._unwatch()
+
+    def _unwatch(self) -> int | None:
+        steps, self._steps = getattr(self, "_steps", None), None
+        if steps is None:
+            return None
+        steps.remove()
+        return steps.decode_step_peak()
 
     def stop(self) -> dict[str, int]:
         self._tracker.__exit__(None, None, None)
         rss_peak = _proc_status_bytes("VmHWM")
-        return {"peak_allocated": self._resident + self._tracker.peak,
-                "peak_rss": rss_peak, "peak_rss_growth": rss_peak - self._rss_before}
+        out = {"peak_allocated": self._resident + self._tracker.peak,
+               "peak_rss": rss_peak, "peak_rss_growth": rss_peak - self._rss_before}
+        if (step := self._unwatch()) is not None:
+            out["decode_step_peak"] = self._resident + step
+        return out
+
+
+class StepPeaks:
+    """Per forward call of generate(): the tracker's peak inside it and whether the cache
+    re-quantized in it (caches.quantized_stores). ``decode_step_peak``: the largest of the decode
+    steps that did not - what a long decode lives with between flushes, which a flush's peak hides."""
+
+    def __init__(self, model, tracker: peak.PeakTracker):
+        from kvcache_repro.backends import caches
+
+        self.steps: list[tuple[int, bool]] = []
+        key, before = caches.cache_kwarg(model), []
+
+        def pre(module, args, kwargs):
+            before[:] = [caches.quantized_stores(kwargs.get(key))]
+            tracker.open_window()
+
+        def post(module, args, kwargs, output):
+            self.steps.append((tracker.window, caches.quantized_stores(kwargs.get(key)) != before[0]))
+        self._hooks = (model.register_forward_pre_hook(pre, with_kwargs=True),
+                       model.register_forward_hook(post, with_kwargs=True))
+
+    def remove(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+
+    def decode_step_peak(self) -> int | None:
+        quiet = [window for window, requantized in self.steps[1:] if not requantized]  # [0]: the prefill
+        return max(quiet) if quiet else None
 
 
 class CudaProbe:
@@ -113,6 +157,9 @@ class CudaProbe:
 
     def abandon(self) -> None:
         """Nothing to undo: the CUDA counters are read, not installed."""
+
+    def watch(self, model) -> None:
+        """Nothing: a step's own peak would need the device's peak counter reset mid-run."""
 
     def stop(self) -> dict[str, int]:
         torch.cuda.synchronize(self.index)
@@ -222,6 +269,7 @@ def measure(scenario: Scenario, backend: str, batch: int, model, tokenizer) -> M
     probe = probe_for(scenario.device)
     weights = list(model.parameters()) + list(model.buffers())
     before = probe.start(weights + [ids, mask])
+    probe.watch(model)
     t0 = time.perf_counter()
     try:
         run = generation.generate(model, ids, spec, scenario.settings, new_tokens, attention_mask=mask,

@@ -39,6 +39,7 @@ class PeakTracker(TorchDispatchMode):
         super().__init__()
         self.live = 0
         self.peak = 0
+        self.window = 0  # the live total's maximum since open_window()
         # (storage key, bytes) when one is created, (key, 0) when it is freed, in order: the
         # allocation sequence reserved.replay puts through CUDA's allocator rules
         self.trace = trace
@@ -80,6 +81,11 @@ class PeakTracker(TorchDispatchMode):
             if self.trace is not None:
                 self.trace += [(ptr, 0)] * (known is not None) + [(ptr, size)]
             self.peak = max(self.peak, self.live)
+            self.window = max(self.window, self.live)
+
+    def open_window(self) -> None:
+        """Starts a new ``window``: the peak of a part of the region (one forward call)."""
+        self.window = self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

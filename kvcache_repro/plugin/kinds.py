@@ -143,7 +143,7 @@ class AccuracyKind:
             pytest.skip(f"accuracy needs the small real model: {error}")
 
     def report(self, key, table) -> list[str]:
-        return [f"{table.device}, SmolLM2-135M-Instruct, {table.setup.name}: {table.setup.key()}", table.rows(), ""]
+        return [f"{table.device}, {table.setup.name}: {table.describe()} ({table.setup.key()})", table.rows(), ""]
 
     def compared(self, key, table):
         return table.baseline_path, table.verdicts()

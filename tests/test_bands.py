@@ -189,3 +189,29 @@ def test_reset_tolerances_recuts_from_the_spread_and_keeps_it(tmp_path):
     back = baseline_file.load(path).entries[e.key]
     assert "B" in back.spread.observed
     assert back.ratio - back.tolerance <= 9.399 and 9.468 <= back.ratio + back.tolerance
+
+
+def test_the_loose_speed_bound_is_cut_from_the_runs_of_the_same_cpu_capability(tmp_path, monkeypatch):
+    """verdicts/speed.ceilings: LOOSE x the slowest stored run of the machine's capability; a
+    capability with no run gets the slowest of all (the loosest); the label's capability is read
+    back as machine_label writes it."""
+    from kvcache_repro.measure.speed import SPEED_SETUPS
+    from kvcache_repro.verdicts import speed as speed_verdicts
+
+    a = bands.machine_label({"machine": MACHINE_A})
+    b = bands.machine_label({"machine": {**MACHINE_B, "env": {"ONEDNN_MAX_CPU_ISA": "SSE41"}}})
+    default = bands.machine_label({"machine": {**MACHINE_A, "torch_capability": "DEFAULT",
+                                               "env": {"ATEN_CPU_CAPABILITY": "default"}}})
+    assert [bands.capability_of(x) for x in (a, b, default, a + " (one core kept busy)")] == [
+        "AVX2", "AVX512", "DEFAULT", "AVX2"]
+    observed = {a: 1.40, a + " (loaded)": 1.45, b: 1.30, default: 1.70}
+    e = Entry("quanto4", 16, speed_verdicts.BOUNDED, 1.5, 0.3, prov(), (),
+              Spread(observed, 2.0, 0.2, False, "not banded"))
+    path = tmp_path / "speed.json"
+    path.write_text(baseline_file.dumps(baseline_file.BaselineFile(path, "speed-cpu-tiny", "d", {e.key: e})))
+    monkeypatch.setattr(speed_verdicts, "baseline_path", lambda setup: path)
+    tiny = SPEED_SETUPS["tiny"]
+    assert speed_verdicts.ceilings(tiny, "AVX2")["quanto4"][0] == pytest.approx(speed_verdicts.LOOSE * 1.45)
+    assert speed_verdicts.ceilings(tiny, "AVX512")["quanto4"][0] == pytest.approx(speed_verdicts.LOOSE * 1.30)
+    bound, basis = speed_verdicts.ceilings(tiny, "NEON")["quanto4"]
+    assert bound == pytest.approx(speed_verdicts.LOOSE * 1.70) and "none on NEON" in basis

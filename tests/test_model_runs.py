@@ -1,6 +1,7 @@
 """A user's own model (``./kvq experiment --model``): its scenario, its own baseline file
 keyed by what determines its numbers, and the errors that stop it before any worker; end
-to end, a tiny Llama saved as a user's directory records its own file and passes it."""
+to end, a tiny Llama saved as a user's directory gets its memory, accuracy and speed report,
+records its own file and passes it."""
 from __future__ import annotations
 
 import functools
@@ -149,9 +150,18 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     assert {k: after[k] for k in before} == before  # every built-in file byte-identical
     stored = baseline_file.load(root / new[0])
     assert stored.key["model"]["name"] == "tiny-user-llama" and stored.key["device"] == "cpu"
-    assert {e.metric for e in stored.entries.values()} == {"peak_allocated", "cache_bytes"}
-    assert len(stored.entries) == 8  # 2 quantized backends x 2 batches x 2 metrics
-    # the same rows compared again (--resume: nothing re-measured) read that file and pass
+    assert {e.metric for e in stored.entries.values()} == {
+        "peak_allocated", "cache_bytes", "kl", "top1_agreement", "perplexity_ratio", "decode_time_ratio"}
+    # 2 quantized backends x (2 batches x 2 memory metrics + 3 accuracy metrics + the decode time ratio)
+    assert len(stored.entries) == 16
+    # the same memory rows compared again (--resume: not re-measured), accuracy and speed measured
+    # again: all read that file and pass
     assert commands.call("experiment", [*argv, "--resume"]) == 0
     results = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert [v["status"] for v in results["verdicts"]] == ["ok"] * 8
+    assert [v["status"] for v in results["verdicts"]] == ["ok"] * 16, results["verdicts"]
+    report = json.loads((tmp_path / "a" / "model.json").read_text())
+    assert set(report["accuracy"]["results"]) == {"quanto4", "hqq4"} and set(report["speed"]["ratios"]) == {
+        "quanto4", "hqq4"} and not report["failures"]
+    assert {c["claim_id"] for c in report["claims"]} >= {"saves_little_for_one_short_prompt",
+                                                         "hqq_more_accurate_than_quanto", "hqq_slower_than_quanto"}
+    assert (tmp_path / "a" / "model.png").stat().st_size > 10_000 and "| claim |" in (tmp_path / "a" / "model.md").read_text()

@@ -5,17 +5,20 @@ from kvcache_repro.backends.matrix import SEED_SETTINGS  # torch-free
 from kvcache_repro.commands import library_doc
 from kvcache_repro.core import cli
 
-LIBRARY = "runner/experiment.py"
+LIBRARY = "runner/experiment_command.py"
 # --model's own options: name -> (default, help); given without --model they are an error
 MODEL_OPTIONS = {
     "device": (None, "default: cuda when present, else cpu"),
-    "backends": (None, "comma-separated (default none,quanto4,hqq4)"),
+    "backends": (None, "comma-separated (default none,quanto2,quanto4,hqq2,hqq4,hqq2-axis1,hqq4-axis1,fp8: those "
+                       "this release builds and this model's cache can hold)"),
     "batch_sizes": (None, "comma-separated (default: CUDA 1,200 as the seed; CPU 1,8)"),
     "new_tokens": (None, "default: CUDA 1000 as the seed; CPU 64"),
     "dtype": (None, "default: CUDA fp16; CPU fp32"),
     "weights": ("native", "native (default) or nf4 (bitsandbytes, CUDA, as the seed)"),
     "q_group_size": (SEED_SETTINGS.q_group_size, f"default {SEED_SETTINGS.q_group_size} (the seed's)"),
     "residual_length": (SEED_SETTINGS.residual_length, f"default {SEED_SETTINGS.residual_length} (the seed's)"),
+    "text": (None, "a UTF-8 text file for the accuracy (teacher-forced, 2 rows x 192 tokens from its start); "
+                   "default: the stdlib's help topics"),
 }
 POSITIVE_INTS = ("new_tokens", "q_group_size", "residual_length")
 
@@ -28,8 +31,8 @@ def build_parser():
         "./kvq experiment --resume                     # after an interruption: only the missing rows",
         "./kvq experiment --scenario cpu-tiny --output-dir /tmp/tiny",
         "./kvq experiment --scenario seed --checkpoint DIR   # a local copy of the seed's model (CUDA, NF4)",
-        "./kvq experiment --model DIR_OR_ID --backends none,quanto4,hqq4 --batch-sizes 1,8 --new-tokens 64",
-        "                                              # your model (CUDA if present, else CPU); its own baselines",
+        "./kvq experiment --model DIR_OR_ID            # your model: memory, accuracy, speed of every backend",
+        "./kvq experiment --model DIR_OR_ID --backends none,quanto4,hqq4 --batch-sizes 1,8 --text FILE",
         "./kvq experiment --update-baselines           # record this run as the baselines"],
         "0 every verdict passed and every row was measured; 1 a verdict failed or a row was not "
         "measured (out of memory, time limit, error: the table says which); 2 bad arguments, or "
@@ -42,8 +45,10 @@ def build_parser():
                         help="a local copy (or another hub id) of the seed's model for `--scenario seed`; a model of "
                              "another architecture is refused (use --model)")
     model = parser.add_argument_group(
-        "your own model (--model): the seed's protocol on any causal LM, baselines in baselines/models/ keyed by "
-        "model, dtype, weights, device and settings")
+        "your own model (--model): the seed's memory protocol on any causal LM, then each backend's accuracy "
+        "(teacher-forced vs the unquantized cache) and decode time (vs the unquantized cache); one report "
+        "(model.md, model.png, model.json); baselines in baselines/models/ keyed by model, dtype, weights, device "
+        "and settings, recorded by a first run")
     model.add_argument("--model", default=None, help="a hub id or a local directory (config, weights, tokenizer)")
     choices = {"device": ("cuda", "cpu"), "dtype": tuple(scenarios.DTYPES), "weights": scenarios.WEIGHTS}
     for name, (default, text) in MODEL_OPTIONS.items():
@@ -101,9 +106,9 @@ def check(args) -> None:
 
 def run(args) -> int:
     check(args)
-    from kvcache_repro.runner import experiment
+    from kvcache_repro.runner import experiment_command
 
-    return experiment.command(args)
+    return experiment_command.command(args)
 
 
 def main(argv: list[str] | None = None) -> int:

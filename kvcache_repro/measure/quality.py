@@ -137,7 +137,7 @@ class AccuracySetup:
                 else ("kl", "top1_agreement", "perplexity_ratio"))
 
     def describe(self) -> str:
-        what = "SmolLM2" if self.model == "real" else f"tiny random Llama ({self.dtype})"
+        what = {"real": "SmolLM2", "tiny": f"tiny random Llama ({self.dtype})"}.get(self.model, f"your model ({self.dtype})")
         return (f"{what} teacher-forced, {self.rows} rows x ({self.prefill} prefilled + {self.decode} decoded) "
                 f"tokens, {self.decode // self.settings.residual_length} flushes, "
                 f"G {self.settings.q_group_size} R {self.settings.residual_length}")

@@ -85,7 +85,11 @@ def one_thread():
 
 
 def step_times(model, ids, backend: str, settings: caches.QuantSettings, new_tokens: int) -> list[int]:
-    """The CPU nanoseconds of each forward call of ``model`` in one generate()."""
+    """The nanoseconds of each forward call of ``model`` in one generate(): CPU time of this
+    thread on a CPU; on a GPU, CUDA events around each call (the device's time, read once
+    generate() is done: no synchronization between steps)."""
+    if ids.device.type == "cuda":
+        return _cuda_step_times(model, ids, backend, settings, new_tokens)
     steps: list[int] = []
 
     def post(*_):
@@ -98,6 +102,25 @@ def step_times(model, ids, backend: str, settings: caches.QuantSettings, new_tok
         for hook in hooks:
             hook.remove()
     return steps
+
+
+def _cuda_step_times(model, ids, backend: str, settings: caches.QuantSettings, new_tokens: int) -> list[int]:
+    events: list[tuple] = []
+
+    def mark(i: int):
+        def hook(*_):
+            if i == 0:
+                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+            events[-1][i].record()
+        return hook
+    hooks = (model.register_forward_pre_hook(mark(0)), model.register_forward_hook(mark(1)))
+    try:
+        generation.generate(model, ids, BACKENDS[backend], settings, new_tokens, keep_scores=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.cuda.synchronize(ids.device)
+    return [int(start.elapsed_time(end) * 1e6) for start, end in events]
 
 
 def undisturbed_ns(rounds: list[list[int]]) -> int:

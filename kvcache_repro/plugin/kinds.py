@@ -108,7 +108,7 @@ def _user_model_scenario(config):
     import argparse
 
     from kvcache_repro.backends.matrix import SEED_SETTINGS
-    from kvcache_repro.runner import experiment
+    from kvcache_repro.runner import scenario_choice
 
     model = config.getoption("--kv-gpu-model")
     if not model:
@@ -120,8 +120,8 @@ def _user_model_scenario(config):
         dtype=config.getoption("--kv-gpu-dtype"), weights=config.getoption("--kv-gpu-weights"),
         q_group_size=SEED_SETTINGS.q_group_size, residual_length=SEED_SETTINGS.residual_length)
     try:
-        return experiment.model_scenario(args)
-    except experiment.ModelSetupError as error:
+        return scenario_choice.model_scenario(args)
+    except scenario_choice.ModelSetupError as error:
         pytest.fail(f"--kv-gpu-model {model}: {error}", pytrace=False)
 
 

@@ -6,30 +6,24 @@ ratios to the unquantized run, comparison with stored baselines, the report.
 from __future__ import annotations
 
 import dataclasses
-import json
-import signal
-import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from kvcache_repro.backends import generation, quanto_ext
-from kvcache_repro.core import timings
+from kvcache_repro.backends import generation
 from kvcache_repro.core.metrics import LARGE_BATCH_ONLY, REFERENCE_METRICS, default_tolerance
-from kvcache_repro.core.provenance import device_label, package_versions, produced_by
-from kvcache_repro.measure import memory, prediction, reserved, scenarios
+from kvcache_repro.core.provenance import device_label, produced_by
+from kvcache_repro.measure import memory, reserved, scenarios
 from kvcache_repro.measure.memory import Measurement
-from kvcache_repro.runner import limits, report
-from kvcache_repro.runner.lanes import Lanes, default_lanes, longest_first
+from kvcache_repro.runner import limits
+from kvcache_repro.runner.lanes import Lanes, longest_first
 from kvcache_repro.runner.progress import Progress
 from kvcache_repro.runner.rowstore import RowStore
-from kvcache_repro.runner.scenario_choice import (ModelSetupError, check_applicable, choose_scenario,
-                                                  model_scenario, seed_checkpoint_problem)
-from kvcache_repro.runner.worker import ROOT, RowFailed, RowFailure, RunFailed, oom, run_one
-from kvcache_repro.verdicts import baseline_file, baseline_update, comparison, paths
+# ROOT, RunFailed, run_one: this module's API to its callers (run_one: measure_rows's default)
+from kvcache_repro.runner.worker import ROOT, RowFailed, RowFailure, RunFailed, oom, run_one  # noqa: F401
+from kvcache_repro.verdicts import bands, baseline_file, baseline_update, comparison, paths
 
 MIB = 2**20
 
@@ -170,6 +164,16 @@ def provenance(scenario: scenarios.Scenario, measurements: list[Measurement],
         **model, **extra)
 
 
+def _entry(scenario, r: Ratio, produced: dict) -> baseline_file.Entry:
+    """A memory ratio to 4 decimals with its metric's band; your model's accuracy and speed to 6
+    digits with the metric's floor (bands.floor: one machine's run, no spread yet)."""
+    tolerance = default_tolerance(scenario.device, r.metric)
+    if tolerance is not None:
+        return baseline_file.Entry(r.backend, r.batch, r.metric, round(r.value, 4), tolerance, produced)
+    floor = bands.round_up(bands.floor(r.metric, r.value, r.none_bytes or 1))  # top-1: of its positions
+    return baseline_file.Entry(r.backend, r.batch, r.metric, float(f"{r.value:.6g}"), floor, produced)
+
+
 def update_baselines(scenario: scenarios.Scenario, measurements: list[Measurement], found: list[Ratio],
                      run_failed: bool, reset_tolerance: bool = False,
                      only_missing: bool = False) -> list[str]:
@@ -182,9 +186,7 @@ def update_baselines(scenario: scenarios.Scenario, measurements: list[Measuremen
         if not found:
             return []
     produced = provenance(scenario, measurements)
-    entries = [baseline_file.Entry(r.backend, r.batch, r.metric, round(r.value, 4),
-                                   default_tolerance(scenario.device, r.metric), produced)
-               for r in found]
+    entries = [_entry(scenario, r, produced) for r in found]
     path.parent.mkdir(parents=True, exist_ok=True)  # baselines/models/ for a user's first model
     return baseline_update.update(path, entries, run_failed=run_failed, scenario=scenario.name,
                                   description=scenario.notes, reset_tolerance=reset_tolerance,
@@ -257,142 +259,3 @@ def run_experiment(scenario: scenarios.Scenario, checkpoint: str | None = None, 
     verdicts = record_first_run(scenario, measurements, found, _verdicts(scenario, measurements, found, failures),
                                 failures)
     return ExperimentRun(scenario, measurements, found, verdicts, failures)
-
-
-# ---- ./kvq experiment
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM handled like Ctrl-C: finished rows stay, workers stop."""
-
-    def __init__(self, signum: int):
-        super().__init__(f"signal {signum}")
-        self.signum = signum
-
-
-def _raise_interrupted(signum, frame):
-    raise Interrupted(signum)
-
-
-def fingerprint(scenario: scenarios.Scenario, checkpoint: str | None) -> dict:
-    """What rows of one table share: the scenario's settings, the checkpoint, the versions."""
-    return {"scenario": json.loads(json.dumps(dataclasses.asdict(scenario))), "checkpoint": checkpoint,
-            "versions": package_versions()}
-
-
-def _said(error, code: int) -> int:
-    print(f"kvq: {error}", file=sys.stderr)
-    return code
-
-
-def _timings(args, scenario, store: RowStore, wall: float, lanes: int, complete: bool) -> None:
-    """Each row's wall seconds (worker start to result) and the run's, beside the recorded ones;
-    recorded (--record-timings) only from a whole run of every row that measured."""
-    seconds = {f"{backend} b{batch}": w for (backend, batch), w in store.walls().items()}
-    produced = produced_by(device_label(scenario.device), "./kvq experiment --record-timings",
-                           {"lanes": lanes, "resumed": bool(args.resume)})
-    whole = complete and not args.resume
-    print("\n" + "\n".join(timings.keep(f"experiment {scenario.name}", {**seconds, timings.TOTAL: wall}, produced,
-                                         args.record_timings and whole)))
-    if args.record_timings and not whole:
-        print("timings NOT recorded: only a whole run (no --resume) with every row measured is recorded")
-
-
-def command(args) -> int:
-    """``./kvq experiment`` with its parsed arguments: the exit code."""
-    started = time.monotonic()
-    try:
-        scenario = (model_scenario(args) if args.model else
-                    scenarios.get(args.scenario) if args.scenario else choose_scenario(args.checkpoint))
-    except ModelSetupError as error:
-        return _said(error, 2)
-    check_applicable(args, scenario)
-    if args.checkpoint and (problem := seed_checkpoint_problem(args.checkpoint)):
-        return _said(problem, 2)
-    try:
-        quanto_ext.check_locks()  # before any worker: one clear message, not a hang per row
-    except quanto_ext.StaleLockError as error:
-        return _said(error, 3)
-    print(f"scenario {scenario.name}: {scenario.notes}")
-    print(f"  backends {', '.join(scenario.backends)}; batches {scenario.batch_sizes}; "
-          f"{scenario.new_tokens} new tokens"
-          f"{''.join(f' ({n} at batch {b})' for b, n in scenario.new_tokens_at)}; G {scenario.settings.q_group_size}, "
-          f"residual {scenario.settings.residual_length}")
-    out_dir = Path(args.output_dir) if args.output_dir else ROOT / "results" / scenario.name
-    store = RowStore(out_dir, fingerprint(scenario, args.checkpoint))
-    done: list[Measurement] = []
-    if args.resume:
-        try:
-            done = store.resume()
-        except Exception as error:  # ResumeError: rows of another setup are never mixed in
-            return _said(error, 2)
-        print(f"  resuming: {len(done)} of {len(planned_rows(scenario))} rows already measured "
-              f"in {store.path}")
-    elif store.path.exists():
-        print(f"  {store.path} from an earlier run is replaced as rows finish (--resume keeps its rows)")
-    lanes = args.lanes or default_lanes(scenario, args.in_process)
-    if not args.in_process:
-        print(f"  each row in a fresh process, time limit "
-              f"{args.worker_timeout or limits.worker_seconds(scenario):.0f} s (limits.py)"
-              + (f"; {lanes} rows at once, one core each (exact bytes do not depend on it; gen s is each "
-                 f"row's own wall time beside the others, information only)" if lanes > 1 else ""))
-    progress = Progress(planned_rows(scenario), store.walls(), log=lambda line: print(line, flush=True),
-                        lanes=lanes)
-    previous = signal.signal(signal.SIGTERM, _raise_interrupted)
-    try:
-        run = run_experiment(scenario, args.checkpoint, in_process=args.in_process, done=done, store=store,
-                             progress=progress, timeout=args.worker_timeout, logs_dir=out_dir / "logs",
-                             lanes=lanes)
-    except KeyboardInterrupt as interrupt:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the partial outputs
-        return _interrupted(args, scenario, store, out_dir, interrupt)
-    except RunFailed as error:
-        print(f"FAILED: {error}", file=sys.stderr)
-        return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    print()
-    print(report.table(scenario, run.measurements, run.ratios, run.verdicts, run.failures))
-    if scenario.arch == "seed-geometry":
-        print("\n".join(["", *prediction.lines(scenario, run.measurements)]))
-    for path in report.write_outputs(out_dir, scenario, run.measurements, run.ratios, run.verdicts,
-                                     run.failures):
-        print(f"wrote {path}")
-    _timings(args, scenario, store, time.monotonic() - started, lanes, complete=not run.failures)
-    if not (args.update_baselines or args.record_missing_baselines):
-        return 0 if all(v.passed for v in run.verdicts) and not run.failures else 1
-    try:
-        lines = update_baselines(scenario, run.measurements, run.ratios, run_failed=bool(run.failures),
-                                 reset_tolerance=args.reset_tolerances,
-                                 only_missing=args.record_missing_baselines)
-    except baseline_file.BaselineError as error:
-        print(f"baselines NOT updated: {error}", file=sys.stderr)
-        return 1
-    for line in lines or ["nothing missing, nothing written"]:
-        print(f"baseline {scenario.name}: {line}")
-    return 0 if not run.failures else 1
-
-
-def _interrupted(args, scenario, store: RowStore, out_dir: Path, interrupt) -> int:
-    """Finished rows are in rows.json already: write the partial table, say how to finish.
-    Baselines are never written from a partial run."""
-    rows = store.rows.values()
-    measured = [Measurement.from_dict(r["measurement"]) for r in rows if r["status"] == "measured"]
-    failures = [RowFailure.from_dict(r["failure"]) for r in rows if r["status"] == "failed"]
-    missing = [row for row in planned_rows(scenario) if row not in store.rows]
-    signum = getattr(interrupt, "signum", signal.SIGINT)
-    print(f"\ninterrupted ({signal.Signals(signum).name}): {len(measured)} of {len(planned_rows(scenario))} "
-          f"rows measured, kept in {store.path}; "
-          f"not measured: {', '.join(f'{b}/b{n}' for b, n in missing) or 'none'}", flush=True)
-    try:
-        found = ratios(measured, scenario.baseline_metrics)
-        verdicts = _verdicts(scenario, measured, found, failures, missing)
-        for path in report.write_outputs(out_dir, scenario, measured, found, verdicts, failures, missing):
-            print(f"wrote {path} (partial)")
-    except Exception as error:  # the rows are safe; a table is a convenience
-        print(f"partial table not written: {type(error).__name__}: {error}")
-    command = " ".join(["./kvq experiment", *scenarios.command_args(scenario), "--output-dir", str(out_dir),
-                        "--resume",
-                        *(["--checkpoint", args.checkpoint] if args.checkpoint else []),
-                        *(["--in-process"] if args.in_process else [])])
-    print(f"baselines untouched. To finish: {command}", flush=True)
-    return 128 + int(signum)

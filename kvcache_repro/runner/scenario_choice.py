@@ -4,6 +4,8 @@ bitsandbytes is there for its NF4 weights), else ``gpu-small``; ``cpu`` without 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from kvcache_repro.backends import caches, checkpoints, matrix
@@ -58,13 +60,19 @@ def seed_checkpoint_problem(checkpoint: str) -> str:
             f"./kvq experiment --model {checkpoint}")
 
 
+# --model's default: the seed's two at 2 and 4 bits, hqq along both axes, fp8 where the release has it
+MODEL_BACKENDS = ("none", "quanto2", "quanto4", "hqq2", "hqq4", "hqq2-axis1", "hqq4-axis1", "fp8")
+
+
 def model_backends(raw: str | None) -> list[str]:
-    """--backends of a model run (default none, quanto4, hqq4), those the installed releases build."""
-    return [b.name for b in matrix.select_backends(raw or ",".join(scenarios.SEED_BACKENDS),
-                                                   caches.available_backends())]
+    """--backends of a model run (default MODEL_BACKENDS), those the installed releases build."""
+    available = caches.available_backends()
+    if raw is None:
+        return [name for name in MODEL_BACKENDS if name in available]
+    return [b.name for b in matrix.select_backends(raw, available)]
 
 
-def model_scenario(args, cuda_available: bool | None = None) -> scenarios.Scenario:
+def model_scenario(args, cuda_available: bool | None = None, log=print) -> scenarios.Scenario:
     """The scenario of ``--model`` and its options, registered for the workers; the model's
     config is read first (a child process), so a model that cannot load stops here."""
     if cuda_available is None:
@@ -95,12 +103,19 @@ def model_scenario(args, cuda_available: bool | None = None) -> scenarios.Scenar
     heads = config.get("num_attention_heads") or 1
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or (config.get("hidden_size") or 0) // heads
+    refused = {}
     for name in backends:
         try:  # prompts are padded to a multiple of 8 tokens: 8 for the seed's prompts
             caches.check_quantizable(matrix.BACKENDS[name], scenario.settings, batch=max(batches), kv_heads=kv_heads,
                                      head_dim=head_dim, prompt_len=8, new_tokens=new_tokens)
         except ValueError as error:
-            raise ModelSetupError(f"{name} cannot quantize this model's cache: {error}") from None
+            if args.backends is not None:  # asked for by name: the run cannot do what was asked
+                raise ModelSetupError(f"{name} cannot quantize this model's cache: {error}") from None
+            refused[name] = str(error)
+    if refused:  # the default list: the rest runs, and the report says which were left out and why
+        for name, why in refused.items():
+            log(f"{name} left out: it cannot quantize this model's cache ({why})")
+        scenario = dataclasses.replace(scenario, backends=tuple(b for b in scenario.backends if b not in refused))
     return scenarios.register(scenario)
 
 

@@ -19,7 +19,8 @@ from kvcache_repro.core import atomic
 from kvcache_repro.plugin import state
 
 # The scenario name tests use for --kv-gpu-model's run (tests/test_memory_experiment.py).
-USER_MODEL = "model"
+USER_MODEL = "model"  # pytest -m gpu --kv-gpu-model X
+USER_MODEL_CPU = "model-cpu"  # pytest --kv-model X: the same on the CPU, in the default tier
 
 # Under xdist the controller measures speed alone before the tests and hands it over in this
 # file: beside a second worker running tests, quanto4's ratio rose from ~1.48 to 1.63.
@@ -50,7 +51,7 @@ class MemoryKind:
         from kvcache_repro.runner import experiment
 
         if device_run.stored_runs_dir():  # ./kvq device-run's pytest step checks what it measured
-            if name == USER_MODEL:
+            if name in (USER_MODEL, USER_MODEL_CPU):
                 pytest.skip("your model is not part of ./kvq device-run's plan (pytest -m gpu --kv-gpu-model runs it)")
             stored = device_run.load_stored_run(name)
             if isinstance(stored, str):
@@ -59,13 +60,21 @@ class MemoryKind:
         only_yours(request.config, name)
         from kvcache_repro.plugin.options import narrowed
 
-        scenario = _user_model_scenario(request.config) if name == USER_MODEL else narrowed(
+        yours = name in (USER_MODEL, USER_MODEL_CPU)
+        scenario = _user_model_scenario(request.config, name) if yours else narrowed(
             request.config, scenarios.get(name))
         if scenario is None:
             pytest.skip(f"{name}: none of its batch sizes in --kv-batch-sizes {request.config.getoption('--kv-batch-sizes')}")
+
+        def run():
+            done = experiment.run_experiment(scenario, None, log=lambda line: None, in_process=scenario.device == "cpu")
+            if yours:  # accuracy and speed too, as ./kvq experiment --model measures them
+                from kvcache_repro.runner import your_model
+
+                your_model.complete(done, scenario, log=lambda line: None)
+            return done
         try:
-            return _shared_once(request, scenario.device, f"experiment {name}", lambda: experiment.run_experiment(
-                scenario, None, log=lambda line: None, in_process=scenario.device == "cpu"))
+            return _shared_once(request, scenario.device, f"experiment {name}", run)
         except ModelUnavailable as error:
             pytest.skip(f"{name}: model not available here: {error}")
         except experiment.RunFailed as error:
@@ -81,6 +90,10 @@ class MemoryKind:
                  report.table(run.scenario, run.measurements, run.ratios, run.verdicts)]
         if run.scenario.arch == "seed-geometry":
             lines += prediction.lines(run.scenario, run.measurements)
+        if run.answer is not None:
+            from kvcache_repro.runner import your_model
+
+            lines.append(your_model.table(run.scenario, run.measurements, run.answer))
         return lines + [""]
 
     def compared(self, key, run):
@@ -99,30 +112,39 @@ def only_yours(config, name: str, device: str | None = None) -> None:
     from kvcache_repro.measure import scenarios
 
     model = config.getoption("--kv-gpu-model")
-    if model and name != USER_MODEL and (device or scenarios.get(name).device) == "cuda":
+    if model and name not in (USER_MODEL, USER_MODEL_CPU) and (device or scenarios.get(name).device) == "cuda":
         pytest.skip(f"--kv-gpu-model {model} runs your model only (drop the option for the built-in GPU scenarios)")
 
 
-def _user_model_scenario(config):
-    """--kv-gpu-model's scenario as ./kvq experiment --model builds it; skips without the option."""
+def _user_model_scenario(config, name: str = USER_MODEL):
+    """--kv-gpu-model's scenario (``model``), or --kv-model's on the CPU (``model-cpu``), as
+    ./kvq experiment --model builds it; skips without the option."""
     import argparse
 
     from kvcache_repro.backends.matrix import SEED_SETTINGS
     from kvcache_repro.runner import scenario_choice
 
-    model = config.getoption("--kv-gpu-model")
+    gpu = name == USER_MODEL
+    option = "--kv-gpu-model" if gpu else "--kv-model"
+    model = config.getoption(option)
     if not model:
-        pytest.skip("your model's run: give --kv-gpu-model ID_OR_PATH (and --kv-gpu-dtype/-weights/-new-tokens/"
-                    "-batch-sizes, --kv-backends)")
-    args = argparse.Namespace(
-        model=model, device="cuda", backends=config.getoption("--kv-backends"),  # None: model_scenario's default
-        batch_sizes=config.getoption("--kv-gpu-batch-sizes"), new_tokens=config.getoption("--kv-gpu-new-tokens"),
-        dtype=config.getoption("--kv-gpu-dtype"), weights=config.getoption("--kv-gpu-weights"),
-        q_group_size=SEED_SETTINGS.q_group_size, residual_length=SEED_SETTINGS.residual_length)
+        pytest.skip(f"your model's run: give {option} ID_OR_PATH" + (
+            " (and --kv-gpu-dtype/-weights/-new-tokens/-batch-sizes, --kv-backends)" if gpu
+            else " (and --kv-backends, --kv-batch-sizes): ./kvq experiment --model's CPU defaults"))
+    if gpu:
+        settings = dict(device="cuda", batch_sizes=config.getoption("--kv-gpu-batch-sizes"),
+                        new_tokens=config.getoption("--kv-gpu-new-tokens"), dtype=config.getoption("--kv-gpu-dtype"),
+                        weights=config.getoption("--kv-gpu-weights"))
+    else:
+        settings = dict(device="cpu", batch_sizes=config.getoption("--kv-batch-sizes"), new_tokens=None, dtype=None,
+                        weights="native")
+    args = argparse.Namespace(model=model, backends=config.getoption("--kv-backends"),  # None: the default list
+                              q_group_size=SEED_SETTINGS.q_group_size,
+                              residual_length=SEED_SETTINGS.residual_length, **settings)
     try:
-        return scenario_choice.model_scenario(args)
+        return scenario_choice.model_scenario(args, log=lambda line: None)
     except scenario_choice.ModelSetupError as error:
-        pytest.fail(f"--kv-gpu-model {model}: {error}", pytrace=False)
+        pytest.fail(f"{option} {model}: {error}", pytrace=False)
 
 
 class AccuracyKind:

@@ -25,6 +25,10 @@ def pytest_addoption(parser):
     group.addoption("--kv-gpu-model", default=None,
                     help="your model (hub id or local directory) for the gpu-marked `model` scenario: the seed's "
                          "protocol on it, baselines of its own in baselines/models/ (./kvq experiment --model)")
+    group.addoption("--kv-model", default=None,
+                    help="your model (hub id or local directory) on the CPU: the `model-cpu` scenario, memory, "
+                         "accuracy and speed of each backend (./kvq experiment --model X --device cpu), baselines "
+                         "of its own recorded by a first run")
     group.addoption("--kv-gpu-weights", default="native", choices=("native", "nf4"),
                     help="with --kv-gpu-model: native (default) or nf4 weights (bitsandbytes)")
     group.addoption("--kv-gpu-dtype", default="fp16", choices=("fp16", "bf16", "fp32"),

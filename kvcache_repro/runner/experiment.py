@@ -202,6 +202,7 @@ class ExperimentRun:
     ratios: list[Ratio]
     verdicts: list[comparison.Verdict]
     failures: list[RowFailure] = field(default_factory=list)
+    answer: object = None  # your model's accuracy and speed (your_model.Answer), after the rows
 
     def get(self, backend: str, batch: int) -> Measurement:
         for m in self.measurements:

@@ -15,8 +15,7 @@ from kvcache_repro.core.provenance import device_label, package_versions, produc
 from kvcache_repro.measure import prediction, scenarios
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner import limits, report, your_model
-from kvcache_repro.runner.experiment import (Ratio, _verdicts, compare_with_baselines, planned_rows, ratios,
-                                             record_first_run, run_experiment, update_baselines)
+from kvcache_repro.runner.experiment import _verdicts, planned_rows, ratios, run_experiment, update_baselines
 from kvcache_repro.runner.lanes import default_lanes
 from kvcache_repro.runner.progress import Progress
 from kvcache_repro.runner.rowstore import RowStore
@@ -114,7 +113,7 @@ def command(args) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    answer = _your_model(args, scenario, run) if args.model else None
+    answer = your_model.complete(run, scenario, args.text) if args.model else None
     print()
     print(report.table(scenario, run.measurements, run.ratios, run.verdicts, run.failures))
     if scenario.arch == "seed-geometry":
@@ -137,19 +136,6 @@ def command(args) -> int:
     for line in lines or ["nothing missing, nothing written"]:
         print(f"baseline {scenario.name}: {line}")
     return 0 if not run.failures else 1
-
-
-def _your_model(args, scenario, run) -> your_model.Answer:
-    """Accuracy and speed of the same backends on your model (measured once the memory rows are
-    done, alone on the machine); their entries compared, or recorded on a first run."""
-    print(f"\n{scenario.name}: accuracy and speed of {len(scenario.backends) - 1} quantized backends, "
-          f"in this process")
-    answer = your_model.answer(scenario, None, args.text)
-    extra = answer.ratios(Ratio)
-    run.ratios += extra
-    run.verdicts += record_first_run(scenario, run.measurements, extra,
-                                     compare_with_baselines(scenario.name, extra), run.failures)
-    return answer
 
 
 def _interrupted(args, scenario, store: RowStore, out_dir: Path, interrupt) -> int:

@@ -117,7 +117,11 @@ def _speed(model, scenario, backends, say) -> tuple[dict, speed.SpeedSetup, dict
                              tuple(usable))
     if not usable:
         return {}, setup, failures
-    say(f"speed: {len(usable) + 1} backends interleaved, {SPEED_ROUNDS} rounds", time.monotonic(), 0, 1)
+    t0 = time.monotonic()  # one unquantized run, for the estimate: the quantized ones take a little longer
+    generation.generate(model, ids, BACKENDS["none"], scenario.settings, SPEED_NEW, keep_scores=False)
+    guess = (time.monotonic() - t0) * (len(usable) + 1) * SPEED_ROUNDS * 1.2
+    say(f"speed: {len(usable) + 1} backends interleaved, {SPEED_ROUNDS} rounds, ~{guess:.0f} s left",
+        time.monotonic(), 0, 1)
     ratios = speed.interleaved_ratios(model, ids, usable, scenario.settings, SPEED_NEW, SPEED_ROUNDS, 2)
     return ratios, setup, failures
 
@@ -137,6 +141,22 @@ def answer(scenario, checkpoint: str | None, text_file: str | None = None, log=p
     ratios, setup, speed_failures = _speed(model, scenario, quantized, say)
     seconds["speed"] = round(time.monotonic() - t0, 1)
     return Answer(table, ratios, setup, text, {**failures, **speed_failures}, seconds)
+
+
+def complete(run, scenario, text_file: str | None = None, log=print) -> Answer:
+    """After ``run``'s memory rows (experiment.ExperimentRun): accuracy and speed of the same
+    backends on the same model, their entries compared, or recorded on a first run, and added to
+    ``run``'s ratios and verdicts; the Answer kept as ``run.answer``."""
+    from kvcache_repro.runner import experiment
+
+    log(f"{scenario.name}: accuracy and speed of {len(scenario.backends) - 1} quantized backends, in this process")
+    ans = answer(scenario, None, text_file, log)
+    extra = ans.ratios(experiment.Ratio)
+    run.ratios += extra
+    run.verdicts += experiment.record_first_run(scenario, run.measurements, extra,
+                                                experiment.compare_with_baselines(scenario.name, extra), run.failures)
+    run.answer = ans
+    return ans
 
 
 def decided_claims(scenario, measurements, ans: Answer) -> tuple[list[claims.ClaimResult], list[str]]:

@@ -165,3 +165,35 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     assert {c["claim_id"] for c in report["claims"]} >= {"saves_little_for_one_short_prompt",
                                                          "hqq_more_accurate_than_quanto", "hqq_slower_than_quanto"}
     assert (tmp_path / "a" / "model.png").stat().st_size > 10_000 and "| claim |" in (tmp_path / "a" / "model.md").read_text()
+
+
+def test_a_backend_that_fails_is_a_row_that_says_why_and_the_rest_completes(monkeypatch):
+    """your_model.answer on the tiny Llama: hqq4's accuracy and quanto4's speed raise; each is a
+    failure naming the phase, the backend and the error, and every other number is measured."""
+    import dataclasses
+
+    from kvcache_repro.backends import generation
+    from kvcache_repro.measure import quality
+    from kvcache_repro.runner import your_model
+
+    scenario = dataclasses.replace(scenarios.get("cpu-tiny"), backends=("none", "quanto4", "hqq4"))
+    teacher_forced, generate = quality.teacher_forced_quality, generation.generate
+
+    def refuse_hqq4(model, ids, spec, *args, **kwargs):
+        if spec.name == "hqq4":
+            raise ValueError("hqq4 refused by this release (made up)")
+        return teacher_forced(model, ids, spec, *args, **kwargs)
+
+    def refuse_quanto4(model, ids, spec, *args, **kwargs):
+        if spec.name == "quanto4":
+            raise RuntimeError("quanto4 kernel missing (made up)")
+        return generate(model, ids, spec, *args, **kwargs)
+    monkeypatch.setattr(quality, "teacher_forced_quality", refuse_hqq4)
+    monkeypatch.setattr(your_model.generation, "generate", refuse_quanto4)
+    monkeypatch.setattr(your_model, "SPEED_NEW", 24)
+    ans = your_model.answer(scenario, None, log=lambda line: None)
+    assert ans.failures == {"accuracy hqq4": "ValueError: hqq4 refused by this release (made up)",
+                            "speed quanto4": "RuntimeError: quanto4 kernel missing (made up)"}
+    assert set(ans.accuracy.results) == {"quanto4"} and set(ans.speed) == {"hqq4"}
+    table = your_model.table(scenario, [], ans)
+    assert "accuracy hqq4: FAILED: ValueError" in table and "speed quanto4: FAILED: RuntimeError" in table

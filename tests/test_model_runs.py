@@ -130,7 +130,7 @@ def _digests(root):
             for p in sorted(root.rglob("*.json"))}
 
 
-def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, tmp_path, monkeypatch):
+def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, tmp_path, monkeypatch, capsys):
     """./kvq experiment --model DIR ... --update-baselines writes baselines/models/<name>.json
     and nothing else; a second run compares against it and passes."""
     root = tmp_path / "baselines"
@@ -146,6 +146,7 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     assert commands.call("experiment", [*argv, "--update-baselines"]) == 0
     after = _digests(root)
     new = sorted(set(after) - set(before))
+    assert f"first run: 16 baseline entries recorded in {root / new[0]}" in capsys.readouterr().out
     assert len(new) == 1 and new[0].startswith("models/model-tiny-user-llama-"), new
     assert {k: after[k] for k in before} == before  # every built-in file byte-identical
     stored = baseline_file.load(root / new[0])

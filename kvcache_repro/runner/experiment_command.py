@@ -123,6 +123,10 @@ def command(args) -> int:
         paths += your_model.report(out_dir, scenario, run.measurements, answer, log=print)
     for path in paths:
         print(f"wrote {path}")
+    for source in sorted({v.source for v in run.verdicts if v.status == "recorded"}):  # a first run, as
+        n = sum(v.status == "recorded" and v.source == source for v in run.verdicts)  # pytest-regressions does
+        print(f"first run: {n} baseline entries recorded in {source}; later runs compare with them "
+              f"(commit the file to keep them)")
     _timings(args, scenario, store, time.monotonic() - started, lanes, complete=not run.failures)
     if not (args.update_baselines or args.record_missing_baselines):
         return 0 if all(v.passed for v in run.verdicts) and not run.failures else 1

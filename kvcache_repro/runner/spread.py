@@ -65,7 +65,7 @@ def _speed() -> dict[str, float]:
     return out
 
 
-# The default parts take ~2.5 min a path; the tables "full" (~5 min) and "seed" (~7 min) by name.
+# The default parts take ~3 min a path (accuracy-tiny 16-36 s of it); the tables "full" (~5 min) and "seed" (~7 min) by name.
 PARTS = {"accuracy": _accuracy, "memory": _memory, "speed": _speed,
          "accuracy-tiny": lambda: {k: v for d in ("fp32", "fp16", "bf16") for k, v in _accuracy(f"tiny-{d}").items()},
          "accuracy-full": lambda: _accuracy("full"), "accuracy-seed": lambda: _accuracy("seed")}

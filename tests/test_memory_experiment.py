@@ -93,7 +93,11 @@ def test_decode_step_peak_within_baseline_bands(run):
     ``hqq_dequantize_via_float32``: cpu-tiny-fp16's peak ratios stay the same to the byte)."""
     if "decode_step_peak" not in run.scenario.baseline_metrics:
         pytest.skip(f"{run.scenario.name} does not store the decode-step peak (CPU tiny scenarios do)")
-    failing = comparison.problems([v for v in run.verdicts if v.key.endswith("/decode_step_peak")])
+    verdicts = [v for v in run.verdicts if v.key.endswith("/decode_step_peak")]
+    rows = {(m.backend, m.batch) for m in run.measurements if m.backend != "none"}
+    seen = {(v.key.split("/")[0], int(v.key.split("/")[1][1:])) for v in verdicts}
+    assert seen == rows, f"rows with no decode-step peak (no step without a flush seen?): {sorted(rows - seen)}"
+    failing = comparison.problems(verdicts)
     assert not failing, "\n".join(failing)
 
 

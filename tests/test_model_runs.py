@@ -157,9 +157,14 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     assert len(stored.entries) == 16
     # the same memory rows compared again (--resume: not re-measured), accuracy and speed measured
     # again: all read that file and pass
-    assert commands.call("experiment", [*argv, "--resume"]) == 0
+    rc = commands.call("experiment", [*argv, "--resume"])
     results = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert [v["status"] for v in results["verdicts"]] == ["ok"] * 16, results["verdicts"]
+    # exact bytes and deterministic accuracy: ok; the decode time (4 rounds, beside the tier's other
+    # worker) compared with its band, whichever way it goes: timing is not asserted in a test
+    assert [v["status"] for v in results["verdicts"] if not v["key"].endswith("/decode_time_ratio")] == ["ok"] * 14
+    assert [v["status"] in ("ok", "regression", "improvement") and v["stored"] is not None
+            for v in results["verdicts"] if v["key"].endswith("/decode_time_ratio")] == [True, True]
+    assert rc == (0 if all(v["status"] == "ok" for v in results["verdicts"]) else 1)
     report = json.loads((tmp_path / "a" / "model.json").read_text())
     assert set(report["accuracy"]["results"]) == {"quanto4", "hqq4"} and set(report["speed"]["ratios"]) == {
         "quanto4", "hqq4"} and not report["failures"]

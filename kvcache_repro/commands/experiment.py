@@ -99,6 +99,11 @@ def check(args) -> None:
     if given and not args.model:
         raise cli.UsageError(f"{', '.join(given)} apply with --model; the built-in scenarios have fixed settings, "
                              f"which their baseline files belong to")
+    if args.text is not None:
+        from pathlib import Path
+
+        if not Path(args.text).is_file():
+            raise cli.UsageError(f"--text {args.text}: no such file (give a UTF-8 text file, ~400 words or more)")
     for name in POSITIVE_INTS:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise cli.UsageError(f"--{name.replace('_', '-')}: give a positive integer")

@@ -88,15 +88,19 @@ def quantized_seen(spec: BackendSpec, model_config, settings: caches.QuantSettin
 
 
 def teacher_forced_quality(model, input_ids: torch.Tensor, spec: BackendSpec, settings: caches.QuantSettings,
-                           prefill: int, reference: torch.Tensor | None = None, step: int = 1) -> Quality:
-    """Quality of ``spec`` against the unquantized cache (``reference``: its logits, if known)."""
+                           prefill: int, reference: torch.Tensor | None = None, step: int = 1,
+                           grouped: bool = False) -> Quality:
+    """Quality of ``spec`` against the unquantized cache (``reference``: its logits, if known);
+    ``grouped``: the logit error before and past SPLIT quantized tokens too (the tiny setups)."""
     if reference is None:
         reference = generation.teacher_forced_logits(model, input_ids, BACKENDS["none"], settings, prefill, step)
     candidate = generation.teacher_forced_logits(model, input_ids, spec, settings, prefill, step)
     quality = compare_logits(reference, candidate, input_ids[:, prefill:])
-    seen = quantized_seen(spec, model.config, settings, prefill, input_ids.shape[1], step)
-    quality = replace(quality, logit_error=logit_error(reference, candidate, [p for p, k in enumerate(seen) if k < SPLIT]),
-                      logit_error_past=logit_error(reference, candidate, [p for p, k in enumerate(seen) if k >= SPLIT]))
+    if grouped:
+        seen = quantized_seen(spec, model.config, settings, prefill, input_ids.shape[1], step)
+        quality = replace(quality,
+                          logit_error=logit_error(reference, candidate, [p for p, k in enumerate(seen) if k < SPLIT]),
+                          logit_error_past=logit_error(reference, candidate, [p for p, k in enumerate(seen) if k >= SPLIT]))
     flushes = (caches.flush_lengths(spec, model.config, settings, prefill, input_ids.shape[1], step)
                if spec.group_wise else None)
     where = first_nonfinite(candidate, prefill, flushes)
@@ -202,5 +206,6 @@ def accuracy_table(model, tokenizer, setup: AccuracySetup, step: int) -> dict[st
     ids = ids.to(model.device)
     reference = generation.teacher_forced_logits(model, ids, BACKENDS["none"], setup.settings, setup.prefill, step)
     available = caches.available_backends()
-    return {name: teacher_forced_quality(model, ids, BACKENDS[name], setup.settings, setup.prefill, reference, step)
+    return {name: teacher_forced_quality(model, ids, BACKENDS[name], setup.settings, setup.prefill, reference, step,
+                                         grouped=setup.model == "tiny")
             for name in setup.backends if name in available}

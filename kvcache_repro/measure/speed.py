@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import subprocess
 import sys
 import time
@@ -179,7 +180,7 @@ def _ratios(per_round, names, blocks: int, tokens: int, quiet: dict[str, list[in
         per_block = tuple(undisturbed_ns(per_round[name][c]) / undisturbed_ns(none[c]) for c in chunks)
         steps = quiet[name]
         between = (undisturbed_ns([[r[i] for i in steps] for r in per_round[name]])
-                   / undisturbed_ns([[r[i] for i in steps] for r in none]))
+                   / undisturbed_ns([[r[i] for i in steps] for r in none])) if steps else math.nan
         out[name] = SpeedRatio(name, total / undisturbed_ns(none), per_block, tokens / (total / 1e9), done, between)
     return out
 

@@ -52,7 +52,8 @@ class Answer:
                         ratio_type(name, ROWS, "top1_agreement", q.top1_agreement,
                                    round(q.top1_agreement * positions), positions),
                         ratio_type(name, ROWS, "perplexity_ratio", q.perplexity / q.reference_perplexity, 0, 0)]
-        out += [ratio_type(name, 1, "decode_time_ratio", r.ratio, 0, 0) for name, r in self.speed.items()]
+        out += [ratio_type(name, 1, "decode_time_ratio", r.ratio, 0, 0) for name, r in self.speed.items()
+                if math.isfinite(r.ratio)]
         return out
 
     def to_json(self) -> dict:
@@ -98,6 +99,8 @@ def _accuracy(model, tokenizer, scenario, backends, text_file, say) -> tuple[Acc
         except Exception as error:  # a backend this release or model refuses: a row that says so
             failures[f"accuracy {name}"] = f"{type(error).__name__}: {error}"
     table = AccuracyTable(scenario.device, setup, results, step) if results else None
+    if table is not None:  # left out of the compared entries: a failure of its own, said
+        failures.update({f"accuracy {name}": f"non-finite logits: first at {where}" for name, where in table.nonfinite.items()})
     return table, text, failures
 
 
@@ -107,9 +110,9 @@ def _speed(model, scenario, backends, say) -> tuple[dict, speed.SpeedSetup, dict
     ids = torch.randint(3, min(vocab, 10000), (1, SPEED_PROMPT), generator=torch.Generator().manual_seed(0))
     ids = ids.to(model.device)
     usable = []
-    for name in backends:  # a backend that cannot run would end the interleaved rounds of all
+    for name in backends:  # a backend that cannot run would end the interleaved rounds of all: tried at full length
         try:
-            generation.generate(model, ids, BACKENDS[name], scenario.settings, 2, keep_scores=False)
+            generation.generate(model, ids, BACKENDS[name], scenario.settings, SPEED_NEW, keep_scores=False)
             usable.append(name)
         except Exception as error:
             failures[f"speed {name}"] = f"{type(error).__name__}: {error}"
@@ -150,7 +153,11 @@ def complete(run, scenario, text_file: str | None = None, log=print) -> Answer:
     from kvcache_repro.runner import experiment
 
     log(f"{scenario.name}: accuracy and speed of {len(scenario.backends) - 1} quantized backends, in this process")
-    ans = answer(scenario, None, text_file, log)
+    try:
+        ans = answer(scenario, None, text_file, log)
+    except Exception as error:  # the memory rows' report is still written; the run fails, saying why
+        ans = Answer(None, {}, speed.SpeedSetup("model", "your", 1, SPEED_PROMPT, SPEED_NEW, scenario.settings,
+                                                SPEED_ROUNDS), "-", {"accuracy and speed": f"{type(error).__name__}: {error}"})
     extra = ans.ratios(experiment.Ratio)
     run.ratios += extra
     run.verdicts += experiment.record_first_run(scenario, run.measurements, extra,
@@ -164,11 +171,16 @@ def decided_claims(scenario, measurements, ans: Answer) -> tuple[list[claims.Cla
     out, skipped = [], []
     have = {(m.backend, m.batch) for m in measurements}
     large = max(scenario.batch_sizes)
+    short = min(m.new_tokens for m in measurements) < 3 * scenario.settings.residual_length if measurements else False
     memory_claims = [("saves_little_for_one_short_prompt", claims.saves_little_for_one_short_prompt, 1),
                      ("saves_a_lot_at_200_prompts", claims.saves_a_lot_at_large_batch, large),
                      ("quanto_uses_less_memory_than_hqq", claims.quanto_less_than_hqq, large)]
     for claim_id, decide, batch in memory_claims:
-        if all((b, batch) in have for b in ("none", "quanto4", "hqq4")):
+        if short and claim_id != "saves_little_for_one_short_prompt":
+            skipped.append(f"{claim_id}: {scenario.new_tokens} new tokens at residual "
+                           f"{scenario.settings.residual_length} keep most of the cache in full precision; "
+                           f"give --new-tokens >= {3 * scenario.settings.residual_length}")
+        elif all((b, batch) in have for b in ("none", "quanto4", "hqq4")):
             out.append(decide(scenario.name, scenario, measurements))
         else:
             skipped.append(f"{claim_id}: needs none, quanto4 and hqq4 measured at batch {batch}")

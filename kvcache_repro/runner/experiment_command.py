@@ -14,8 +14,8 @@ from kvcache_repro.core import timings
 from kvcache_repro.core.provenance import device_label, package_versions, produced_by
 from kvcache_repro.measure import prediction, scenarios
 from kvcache_repro.measure.memory import Measurement
-from kvcache_repro.runner import limits, report, your_model
-from kvcache_repro.runner.experiment import _verdicts, planned_rows, ratios, run_experiment, update_baselines
+# experiment by module, never its names: a test that patches experiment.run_experiment patches it here
+from kvcache_repro.runner import experiment, limits, report, your_model
 from kvcache_repro.runner.lanes import default_lanes
 from kvcache_repro.runner.progress import Progress
 from kvcache_repro.runner.rowstore import RowStore
@@ -88,7 +88,7 @@ def command(args) -> int:
             done = store.resume()
         except Exception as error:  # ResumeError: rows of another setup are never mixed in
             return _said(error, 2)
-        print(f"  resuming: {len(done)} of {len(planned_rows(scenario))} rows already measured "
+        print(f"  resuming: {len(done)} of {len(experiment.planned_rows(scenario))} rows already measured "
               f"in {store.path}")
     elif store.path.exists():
         print(f"  {store.path} from an earlier run is replaced as rows finish (--resume keeps its rows)")
@@ -98,11 +98,11 @@ def command(args) -> int:
               f"{args.worker_timeout or limits.worker_seconds(scenario):.0f} s (limits.py)"
               + (f"; {lanes} rows at once, one core each (exact bytes do not depend on it; gen s is each "
                  f"row's own wall time beside the others, information only)" if lanes > 1 else ""))
-    progress = Progress(planned_rows(scenario), store.walls(), log=lambda line: print(line, flush=True),
+    progress = Progress(experiment.planned_rows(scenario), store.walls(), log=lambda line: print(line, flush=True),
                         lanes=lanes)
     previous = signal.signal(signal.SIGTERM, _raise_interrupted)
     try:
-        run = run_experiment(scenario, args.checkpoint, in_process=args.in_process, done=done, store=store,
+        run = experiment.run_experiment(scenario, args.checkpoint, in_process=args.in_process, done=done, store=store,
                              progress=progress, timeout=args.worker_timeout, logs_dir=out_dir / "logs",
                              lanes=lanes)
     except KeyboardInterrupt as interrupt:
@@ -132,7 +132,7 @@ def command(args) -> int:
     if not (args.update_baselines or args.record_missing_baselines):
         return 0 if all(v.passed for v in run.verdicts) and not run.failures and not failed_yours else 1
     try:
-        lines = update_baselines(scenario, run.measurements, run.ratios, run_failed=bool(run.failures or failed_yours),
+        lines = experiment.update_baselines(scenario, run.measurements, run.ratios, run_failed=bool(run.failures or failed_yours),
                                  reset_tolerance=args.reset_tolerances,
                                  only_missing=args.record_missing_baselines)
     except baseline_file.BaselineError as error:
@@ -149,14 +149,14 @@ def _interrupted(args, scenario, store: RowStore, out_dir: Path, interrupt) -> i
     rows = store.rows.values()
     measured = [Measurement.from_dict(r["measurement"]) for r in rows if r["status"] == "measured"]
     failures = [RowFailure.from_dict(r["failure"]) for r in rows if r["status"] == "failed"]
-    missing = [row for row in planned_rows(scenario) if row not in store.rows]
+    missing = [row for row in experiment.planned_rows(scenario) if row not in store.rows]
     signum = getattr(interrupt, "signum", signal.SIGINT)
-    print(f"\ninterrupted ({signal.Signals(signum).name}): {len(measured)} of {len(planned_rows(scenario))} "
+    print(f"\ninterrupted ({signal.Signals(signum).name}): {len(measured)} of {len(experiment.planned_rows(scenario))} "
           f"rows measured, kept in {store.path}; "
           f"not measured: {', '.join(f'{b}/b{n}' for b, n in missing) or 'none'}", flush=True)
     try:
-        found = ratios(measured, scenario.baseline_metrics)
-        verdicts = _verdicts(scenario, measured, found, failures, missing)
+        found = experiment.ratios(measured, scenario.baseline_metrics)
+        verdicts = experiment._verdicts(scenario, measured, found, failures, missing)
         for path in report.write_outputs(out_dir, scenario, measured, found, verdicts, failures, missing):
             print(f"wrote {path} (partial)")
     except Exception as error:  # the rows are safe; a table is a convenience

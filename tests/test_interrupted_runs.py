@@ -314,6 +314,18 @@ def test_record_missing_writes_only_entries_with_no_stored_value(baseline_dir):
     assert set(after) - set(before) == {removed} and lines == [f"{removed}: new -> 0.250"]
 
 
+def test_recording_the_missing_entries_still_fails_on_a_stored_entry_s_regression(tmp_path, monkeypatch,
+                                                                                 baseline_dir, capsys):
+    """--record-missing-baselines leaves stored entries as they are, so their verdicts stand (exit 1);
+    --update-baselines rewrites them (exit 0)."""
+    monkeypatch.setattr(experiment, "run_one", FakeWorkers())  # ratios unlike the stored ones
+    before = baseline_dir.read_bytes()
+    argv = ["--scenario", "cpu-tiny", "--output-dir", str(tmp_path / "out"), "--lanes", "1"]
+    assert commands.call("experiment", [*argv, "--record-missing-baselines"]) == 1
+    assert "nothing missing, nothing written" in capsys.readouterr().out and baseline_dir.read_bytes() == before
+    assert commands.call("experiment", [*argv, "--update-baselines"]) == 0 and baseline_dir.read_bytes() != before
+
+
 # ---- progress
 
 def test_progress_estimates_the_time_left_per_batch():

@@ -44,6 +44,16 @@ def test_a_model_scenario_is_named_by_what_determines_its_numbers():
     assert _scenario(batch_sizes=(1, 8)).name == base.name  # entries are keyed by batch: one file holds both
 
 
+def test_another_accuracy_text_is_another_baseline_file(tmp_path):
+    """--text: its bytes join the key (its KL is never compared with the default text's);
+    the same bytes under another path, the same file."""
+    (tmp_path / "a.txt").write_text("one text"), (tmp_path / "b.txt").write_text("another text")
+    (tmp_path / "c").mkdir(), (tmp_path / "c" / "a.txt").write_text("one text")
+    names = [_scenario(text=str(tmp_path / p)).name for p in ("a.txt", "b.txt", "c/a.txt")]
+    assert len({_scenario().name, *names}) == 3 and names[0] == names[2]
+    assert _scenario(text=str(tmp_path / "a.txt")).baseline_key["accuracy_text"]["file"] == "a.txt"
+
+
 def test_the_worker_rebuilds_a_registered_model_scenario(monkeypatch):
     """Workers get the scenario by name: register() passes it through the environment."""
     monkeypatch.delenv(scenarios.RUNTIME_ENV, raising=False)

@@ -223,11 +223,13 @@ WEIGHTS = ("native", "nf4")
 
 
 def model_scenario(model: str, identity: dict, device: str, device_name: str, backends, batch_sizes, new_tokens: int,
-                   dtype: str, weights: str = "native", q_group_size: int = 128, residual_length: int = 64) -> Scenario:
+                   dtype: str, weights: str = "native", q_group_size: int = 128, residual_length: int = 64,
+                   text: str | None = None) -> Scenario:
     """The seed's protocol on ``model`` (a hub id or a local directory) with these settings.
     ``identity`` names its architecture (checkpoints.identity); a digest of it, dtype,
-    weights, device name and settings names the scenario and its baseline file, which holds
-    them in full (baseline_file.BaselineFile.key)."""
+    weights, device name and settings (and of ``text``'s bytes, the accuracy's text, where
+    one is given) names the scenario and its baseline file, which holds them in full
+    (baseline_file.BaselineFile.key)."""
     if dtype not in DTYPES.values():
         raise SelectionError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)} ({', '.join(DTYPES.values())})")
     if weights not in WEIGHTS:
@@ -238,6 +240,8 @@ def model_scenario(model: str, identity: dict, device: str, device_name: str, ba
     key = {"model": identity, "dtype": dtype, "weights": weights, "device": device_name,
            "settings": {"new_tokens": new_tokens, "q_group_size": q_group_size, "residual_length": residual_length,
                         "prompts": "the seed's ten prompts cycled, left-padded to a multiple of 8 tokens"}}
+    if text is not None:  # another text, other accuracy numbers: never compared with the default text's
+        key["accuracy_text"] = {"file": Path(text).name, "sha256": hashlib.sha256(Path(text).read_bytes()).hexdigest()}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", str(identity.get("name", model))).strip("-.")[:60] or "model"
     name = f"{MODEL_PREFIX}{slug}-{digest}"

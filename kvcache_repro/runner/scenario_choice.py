@@ -97,7 +97,7 @@ def model_scenario(args, cuda_available: bool | None = None, log=print) -> scena
         scenario = scenarios.model_scenario(
             args.model, checkpoints.identity(args.model, config), device, device_name(device), backends, batches,
             new_tokens, scenarios.DTYPES[args.dtype or ("fp16" if cuda else "fp32")], args.weights,
-            args.q_group_size, args.residual_length)
+            args.q_group_size, args.residual_length, getattr(args, "text", None))
     except (ModelUnavailable, scenarios.SelectionError) as error:
         raise ModelSetupError(str(error)) from None
     heads = config.get("num_attention_heads") or 1

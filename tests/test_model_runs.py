@@ -181,6 +181,21 @@ def test_a_saved_model_runs_and_records_a_baseline_file_of_its_own(saved_model, 
     assert {c["claim_id"] for c in report["claims"]} >= {"saves_little_for_one_short_prompt",
                                                          "hqq_more_accurate_than_quanto", "hqq_slower_than_quanto"}
     assert (tmp_path / "a" / "model.png").stat().st_size > 10_000 and "| claim |" in (tmp_path / "a" / "model.md").read_text()
+    # Ctrl-C in the accuracy/speed phase (minutes on a real model): the memory table and how to finish
+    from kvcache_repro.runner import your_model
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(your_model, "complete", interrupted)
+    capsys.readouterr()
+    assert commands.call("experiment", [*argv, "--resume"]) == 130
+    said = capsys.readouterr().out
+    assert "6 of 6 rows measured" in said and "(partial)" in said and said.rstrip().endswith("--resume --in-process")
+    # a report with nothing to plot leaves no earlier plot behind, nor a link to one
+    ans = your_model.Answer(None, {}, your_model._setup(scenarios.get("cpu-tiny"), "cpu"), "-", {"speed": "made up"})
+    written = your_model.report(tmp_path / "a", scenarios.get("cpu-tiny"), [], ans, log=lambda line: None)
+    assert not (tmp_path / "a" / "model.png").exists() and "model.png" not in (tmp_path / "a" / "model.md").read_text()
+    assert [p.name for p in written] == ["model.md", "model.json"]
 
 
 def test_a_backend_that_fails_is_a_row_that_says_why_and_the_rest_completes(monkeypatch):
@@ -213,3 +228,44 @@ def test_a_backend_that_fails_is_a_row_that_says_why_and_the_rest_completes(monk
     assert set(ans.accuracy.results) == {"quanto4"} and set(ans.speed) == {"hqq4"}
     table = your_model.table(scenario, [], ans)
     assert "accuracy hqq4: FAILED: ValueError" in table and "speed quanto4: FAILED: RuntimeError" in table
+
+
+def test_a_first_run_records_your_model_s_entries_only_when_nothing_failed(tmp_path, monkeypatch):
+    """A backend whose accuracy or speed failed, or a failed memory verdict: no entry is recorded
+    from that run (they stay missing: the run fails); a clean run records them."""
+    from kvcache_repro.runner import your_model
+    from kvcache_repro.verdicts import comparison, paths
+
+    class Measured:  # what your_model.answer returns, as far as complete() reads it
+        def __init__(self, failures):
+            self.failures = failures
+
+        def ratios(self, ratio):
+            return [ratio("quanto4", 2, "kl", 0.01, 0, 0), ratio("quanto4", 1, "decode_time_ratio", 1.3, 0, 0)]
+
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", tmp_path)
+    scenario = _scenario()
+    bad = comparison.Verdict("quanto4/b2/peak_allocated", 0.9, 0.5, 0.05, "regression")
+    for failures, verdicts, status in (({"speed hqq4": "RuntimeError: made up"}, [], "missing"),
+                                       ({}, [bad], "missing"), ({}, [], "recorded")):
+        monkeypatch.setattr(your_model, "answer", lambda *args, **kwargs: Measured(failures))
+        run = experiment.ExperimentRun(scenario, [], [], list(verdicts))
+        your_model.complete(run, scenario, log=lambda line: None)
+        assert {v.status for v in run.verdicts[len(verdicts):]} == {status}, (failures, verdicts)
+        assert paths.recorded_path(scenario.name).exists() == (status == "recorded")
+
+
+def test_an_error_in_the_speed_phase_keeps_the_accuracy_measured(monkeypatch):
+    import dataclasses
+
+    from kvcache_repro.runner import your_model
+
+    scenario = dataclasses.replace(scenarios.get("cpu-tiny"), backends=("none", "quanto4"))
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory in the unquantized run (made up)")
+    monkeypatch.setattr(your_model, "_speed", broken)
+    ans = your_model.answer(scenario, None, log=lambda line: None)
+    assert set(ans.accuracy.results) == {"quanto4"} and ans.speed == {}
+    assert ans.failures == {"speed": "RuntimeError: out of memory in the unquantized run (made up)"}
+    assert ans.speed_setup.describe().endswith("1 thread, CPU time")

@@ -38,7 +38,7 @@ class SpeedRatio:
     backend: str
     ratio: float  # decode CPU time of the backend / of none, all rounds: > 1 is slower
     blocks: tuple[float, ...]  # the same ratio from each disjoint block of rounds
-    tokens_per_second: float  # generated tokens per CPU second of forward, all rounds
+    tokens_per_second: float  # generated tokens per second of forward (CPU time or CUDA events), all rounds
     rounds: int
     # The same ratio over the decode steps where the backend does not re-quantize: what every
     # step pays (dequantize, concatenation), without hqq's optimizer at a flush, whose cost
@@ -200,12 +200,13 @@ class SpeedSetup:
     blocks: int = 2
     max_rounds: int = 0  # extra rounds, in steps of ``rounds``, while a comparison is undecided
     slow: bool = False  # its tests are marked slow (run with --kv-run-slow)
+    device: str = "cpu"  # cuda: CUDA events time each forward (step_times)
 
     def describe(self) -> str:
         return (f"{self.model} model, batch {self.batch}, {self.prompt}-token prompt + {self.new_tokens} new, "
                 f"G {self.settings.q_group_size}, R {self.settings.residual_length}, {self.rounds} rounds"
                 f"{f' (up to {self.max_rounds} while undecided)' if self.max_rounds > self.rounds else ''}, "
-                f"1 thread, CPU time")
+                + ("CUDA events" if self.device == "cuda" else "1 thread, CPU time"))
 
 
 SEED_SETTINGS = caches.SEED_SETTINGS

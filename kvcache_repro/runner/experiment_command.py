@@ -105,6 +105,7 @@ def command(args) -> int:
         run = experiment.run_experiment(scenario, args.checkpoint, in_process=args.in_process, done=done, store=store,
                              progress=progress, timeout=args.worker_timeout, logs_dir=out_dir / "logs",
                              lanes=lanes)
+        answer = your_model.complete(run, scenario, args.text) if args.model else None  # minutes: interruptible
     except KeyboardInterrupt as interrupt:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second TERM must not cut the partial outputs
         return _interrupted(args, scenario, store, out_dir, interrupt)
@@ -113,7 +114,6 @@ def command(args) -> int:
         return 1
     finally:
         signal.signal(signal.SIGTERM, previous)
-    answer = your_model.complete(run, scenario, args.text) if args.model else None
     failed_yours = answer is not None and bool(answer.failures)  # a backend's accuracy or speed not measured
     print()
     print(report.table(scenario, run.measurements, run.ratios, run.verdicts, run.failures))

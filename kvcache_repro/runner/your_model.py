@@ -104,6 +104,11 @@ def _accuracy(model, tokenizer, scenario, backends, text_file, say) -> tuple[Acc
     return table, text, failures
 
 
+def _setup(scenario, device: str, backends=()) -> speed.SpeedSetup:
+    return speed.SpeedSetup("model", "your", 1, SPEED_PROMPT, SPEED_NEW, scenario.settings, SPEED_ROUNDS, backends,
+                            device=device)
+
+
 def _speed(model, scenario, backends, say) -> tuple[dict, speed.SpeedSetup, dict]:
     failures: dict[str, str] = {}
     vocab = model.config.get_text_config(decoder=True).vocab_size
@@ -116,8 +121,7 @@ def _speed(model, scenario, backends, say) -> tuple[dict, speed.SpeedSetup, dict
             usable.append(name)
         except Exception as error:
             failures[f"speed {name}"] = f"{type(error).__name__}: {error}"
-    setup = speed.SpeedSetup("model", "your", 1, SPEED_PROMPT, SPEED_NEW, scenario.settings, SPEED_ROUNDS,
-                             tuple(usable))
+    setup = _setup(scenario, model.device.type, tuple(usable))
     if not usable:
         return {}, setup, failures
     t0 = time.monotonic()  # one unquantized run, for the estimate: the quantized ones take a little longer
@@ -141,7 +145,11 @@ def answer(scenario, checkpoint: str | None, text_file: str | None = None, log=p
     table, text, failures = _accuracy(model, tokenizer, scenario, quantized, text_file, say)
     seconds["accuracy"] = round(time.monotonic() - t0, 1)
     t0 = time.monotonic()
-    ratios, setup, speed_failures = _speed(model, scenario, quantized, say)
+    try:
+        ratios, setup, speed_failures = _speed(model, scenario, quantized, say)
+    except Exception as error:  # the unquantized run or the rounds: the accuracy measured stays
+        ratios, setup = {}, _setup(scenario, model.device.type)
+        speed_failures = {"speed": f"{type(error).__name__}: {error}"}
     seconds["speed"] = round(time.monotonic() - t0, 1)
     return Answer(table, ratios, setup, text, {**failures, **speed_failures}, seconds)
 
@@ -156,12 +164,13 @@ def complete(run, scenario, text_file: str | None = None, log=print) -> Answer:
     try:
         ans = answer(scenario, None, text_file, log)
     except Exception as error:  # the memory rows' report is still written; the run fails, saying why
-        ans = Answer(None, {}, speed.SpeedSetup("model", "your", 1, SPEED_PROMPT, SPEED_NEW, scenario.settings,
-                                                SPEED_ROUNDS), "-", {"accuracy and speed": f"{type(error).__name__}: {error}"})
+        ans = Answer(None, {}, _setup(scenario, scenario.device), "-",
+                     {"accuracy and speed": f"{type(error).__name__}: {error}"})
     extra = ans.ratios(experiment.Ratio)
+    failed = [*run.failures, *ans.failures, *(v for v in run.verdicts if not v.passed)]  # none recorded from them
     run.ratios += extra
     run.verdicts += experiment.record_first_run(scenario, run.measurements, extra,
-                                                experiment.compare_with_baselines(scenario.name, extra), run.failures)
+                                                experiment.compare_with_baselines(scenario.name, extra), failed)
     run.answer = ans
     return ans
 
@@ -269,19 +278,20 @@ def report(directory: Path, scenario, measurements, ans: Answer, log=print) -> l
     log(f"\n{scenario.name}: per backend (accuracy on {ans.text}; speed: {ans.speed_setup.describe()})\n{text}"
         f"\n\nthe seed's claims on this model:\n{said}")
     paths = [directory / "model.md", directory / "model.json", directory / "model.png"]
+    plotted = bool(measurements and (ans.speed or ans.accuracy))
     write_atomic(paths[0], f"# {scenario.name}: memory, accuracy and speed per backend\n\n{scenario.notes}\n\n"
                            f"Accuracy: {ans.accuracy.describe() if ans.accuracy else 'not measured'}; "
                            f"speed: {ans.speed_setup.describe()}.\n\n```\n{text}\n```\n\n"
-                           f"![memory saved vs accuracy lost, and speed]({paths[2].name})\n\n"
+                           + (f"![memory saved vs accuracy lost, and speed]({paths[2].name})\n\n" if plotted else "")
                            + claims.markdown(decided, "Decided on this model's runs.")
                            + "".join(f"\nNot decided: {why}\n" for why in skipped))
     write_atomic(paths[1], json.dumps({"scenario": scenario.name, **ans.to_json(),
                                        "claims": [{**asdict(c), "claim": c.text} for c in decided]},
                                       indent=2, default=str) + "\n")
-    if measurements and (ans.speed or ans.accuracy):
+    if plotted:
         tmp = paths[2].with_name(f".{paths[2].name}.tmp.png")
         plot(tmp, scenario, measurements, ans)
         os.replace(tmp, paths[2])
-    else:
-        paths.pop()
+    else:  # an earlier run's plot is not this run's
+        paths.pop().unlink(missing_ok=True)
     return paths

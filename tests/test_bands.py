@@ -125,6 +125,14 @@ def test_rebanding_adds_the_runs_to_the_recording_machines_value():
     assert new.spread.banded and "positions" in new.spread.note
 
 
+@pytest.mark.parametrize("metric", ["kl", "logit_error", "peak_allocated"])
+def test_a_value_of_zero_on_every_run_is_banded_without_dividing_by_it(metric):
+    """A KL clamped to 0.0 on every path: a band of the metric's floor, its note says so."""
+    entry = Entry("hqq8", 1, metric, 0.0, 0.0, prov())
+    new = bands.rebanded(entry, {"m1 AVX2 1t": 0.0, "m2 AVX512 1t": 0.0})
+    assert new.ratio == 0.0 and "(the value is 0)" in new.spread.note
+
+
 def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
     """A band wider than half of what the cache adds (ratio - 1) would catch nothing."""
     entry = Entry("hqq2", 2, "perplexity_ratio", 9.4, 0.0188, prov())

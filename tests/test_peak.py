@@ -27,6 +27,21 @@ def test_a_known_allocation_is_seen_to_the_byte():
     assert t.live == 0  # frees are followed after the region too
 
 
+@pytest.mark.parametrize("make", [
+    lambda a: torch.add(a, a, out=torch.empty(0)),  # an out= op grows an empty result: a new block
+    lambda a: torch.add(a, a, out=torch.empty(10)),  # ... and frees the 40 bytes it had
+    lambda a: torch.empty(10).resize_(1000),
+    lambda a: torch.tensor([1.0] * 1000),  # made outside any op, seen only as lift_fresh's result
+], ids=["out-grows-empty", "out-grows", "resize", "torch.tensor"])
+def test_storage_grown_in_place_or_made_from_data_is_counted(make):
+    a = torch.ones(1000)
+    with PeakTracker() as t:
+        kept = make(a)
+    assert (t.peak, t.live, kept.untyped_storage().nbytes()) == (4000, 4000, 4000)
+    del kept
+    assert t.live == 0
+
+
 def test_tensors_alive_before_the_region_are_not_counted_when_an_op_returns_them():
     w, x = torch.randn(64, 32), torch.ones(8, 32)
     with PeakTracker() as t:

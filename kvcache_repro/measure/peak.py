@@ -88,14 +88,21 @@ class PeakTracker(TorchDispatchMode):
         self.window = self.live
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        given = [(st, st.data_ptr()) for leaf in _tensors((*args, *(kwargs or {}).values()))
+                 for st in (p.untyped_storage() for p in _plain(leaf))]
         out = func(*args, **(kwargs or {}))
-        # A view or an in-place op returns a storage it was given: not an allocation.
-        inputs = {p.untyped_storage().data_ptr() for leaf in _tensors(args) for p in _plain(leaf)}
-        if kwargs:
-            inputs.update(p.untyped_storage().data_ptr() for leaf in _tensors(kwargs.values()) for p in _plain(leaf))
+        for st, before in given:  # grown in place (an out= op, resize_): a new block, the old one freed
+            if st.data_ptr() != before and before in self._sizes:
+                self._freed(before, None)
+        # A view or an in-place op returns a storage it was given: not an allocation. lift_fresh
+        # returns the storage torch.tensor() just made outside any op: one.
+        inputs = set() if func is _LIFT_FRESH else {before for _, before in given}
         for leaf in _tensors((out,)):
             self._see(leaf, inputs)
         return out
+
+
+_LIFT_FRESH = torch.ops.aten.lift_fresh.default
 
 
 def _tensors(values):

@@ -59,6 +59,8 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
     """What the band catches, in the quantity a reader thinks in."""
     if metric == "top1_agreement":
         return f"top-1 agreement off by more than {tol * positions:.1f} of {positions} positions"
+    if not value and metric not in TIME_RATIOS:  # a KL clamped to 0 on every path: no share of it
+        return f"off by more than {tol:.3g} (the value is 0)"
     if metric == "perplexity_ratio":
         over = abs(value - 1)
         share = f" ({tol / over:.1%} of the {over:.3g} the cache adds)" if over > 1e-3 else ""
@@ -72,7 +74,7 @@ def catches(metric: str, value: float, tol: float, positions: int) -> str:
         return f"logit error off by more than {tol / value:.1%}"
     if metric == "reference_perplexity":
         return f"the unquantized model's perplexity off by more than {tol / value:.2%}"
-    return f"off by more than {tol / value:.2%} (exact on every path measured)" if value else f"off by {tol}"
+    return f"off by more than {tol / value:.2%} (exact on every path measured)"
 
 
 def round_up(x: float, digits: int = 3) -> float:

@@ -269,3 +269,17 @@ def test_an_error_in_the_speed_phase_keeps_the_accuracy_measured(monkeypatch):
     assert set(ans.accuracy.results) == {"quanto4"} and ans.speed == {}
     assert ans.failures == {"speed": "RuntimeError: out of memory in the unquantized run (made up)"}
     assert ans.speed_setup.describe().endswith("1 thread, CPU time")
+
+
+def test_the_speed_claims_on_your_model_are_decided_on_the_seed_s_two_backends():
+    """quanto2 faster than none (made up) does not flip 'quantization slows decoding': the seed
+    said it of quanto and HQQ, and the built-in setups decide it on quanto4 and hqq4."""
+    from kvcache_repro.measure.speed import SpeedRatio
+    from kvcache_repro.runner import your_model
+
+    speed = {name: SpeedRatio(name, r, (r, r), 10.0, 4) for name, r in
+             (("quanto4", 1.3), ("hqq4", 1.6), ("quanto2", 0.9))}
+    ans = your_model.Answer(None, speed, your_model._setup(scenarios.get("cpu-tiny"), "cpu"), "-")
+    decided, _ = your_model.decided_claims(scenarios.get("cpu-tiny"), [], ans)
+    verdicts = {c.claim_id: c.verdict for c in decided}
+    assert verdicts == {"hqq_slower_than_quanto": "holds", "quantization_slows_decoding": "holds"}, verdicts

@@ -198,9 +198,10 @@ def decided_claims(scenario, measurements, ans: Answer) -> tuple[list[claims.Cla
         hqq = f"hqq{nbits}" + ("-axis1" if axis else "")
         if hqq in finite and f"quanto{nbits}" in finite:
             out.append(claims.hqq_more_accurate_than_quanto(ans.accuracy, nbits, axis))
-    if "quanto4" in ans.speed and "hqq4" in ans.speed:
-        out += [claims.hqq_slower_than_quanto(ans.speed_setup, ans.speed),
-                claims.quantization_slows_decoding(ans.speed_setup, ans.speed)]
+    if "quanto4" in ans.speed and "hqq4" in ans.speed:  # the seed's two backends, as the built-in setups decide it
+        seed = {name: ans.speed[name] for name in ("quanto4", "hqq4")}
+        out += [claims.hqq_slower_than_quanto(ans.speed_setup, seed),
+                claims.quantization_slows_decoding(ans.speed_setup, seed)]
     else:
         skipped.append("the speed claims: need quanto4 and hqq4 timed")
     return out, skipped

@@ -171,3 +171,30 @@ def test_the_cache_quantizes_along_the_axis_it_was_asked(group_wise_backend):
     axis = q.axis if spec.backend == "quanto" else q[1]["axis"]
     assert axis % k.dim() == spec.axis % k.dim(), (
         f"{spec.name}: asked for axis {spec.axis}, the cache quantized along axis {axis}")
+
+
+@pytest.mark.parametrize("name", ["quanto4", "hqq4", "fp8"])
+def test_a_layer_s_store_changes_identity_exactly_when_it_requantizes(name):
+    """caches.quantized_stores, which tells the decode-step peak's quiet steps: a group-wise
+    layer's store changes exactly at the updates that empty its residual; fp8 appends each
+    token to its codes and never re-quantizes (every step is quiet)."""
+    from transformers import LlamaConfig
+
+    from kvcache_repro.backends import offline
+    from kvcache_repro.backends.kinds import KINDS
+
+    spec = BACKENDS[name]
+    if spec.broken:
+        pytest.skip(spec.broken)
+    cache = caches.build_cache(spec, LlamaConfig(**offline.arch_config_kwargs("dry-tiny")), SETTINGS)
+    g = torch.Generator().manual_seed(0)
+    k = torch.randn(2, 2, PROMPT, 32, generator=g)
+    cache.update(k, k.clone(), 0)
+    changed, flushed = [], []
+    for step in range(1, 40):
+        before = caches.quantized_stores(cache)
+        t = torch.randn(2, 2, 1, 32, generator=g)
+        cache.update(t, t.clone(), 0)
+        changed += [step] * (caches.quantized_stores(cache) != before)
+        flushed += [step] * (KINDS[spec.backend].group_wise and caches.residual_tokens(cache) == 0)
+    assert changed == flushed and (flushed or name == "fp8"), (changed, flushed)

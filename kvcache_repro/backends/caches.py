@@ -155,8 +155,10 @@ def quantized_layer_count(cache) -> int:
 
 
 def quantized_stores(cache) -> tuple[int, ...]:
-    """The identity of each layer's quantized keys: it changes exactly when the layer re-quantizes."""
-    return tuple(id(layer_storage(layer).quantized_keys) for layer in cache_layers(cache)) if cache is not None else ()
+    """The identity of each layer's quantized keys: it changes exactly when the layer re-quantizes
+    (a kind with no residual, fp8, appends each token to its codes and never does: 0)."""
+    stores = [layer_storage(layer) for layer in cache_layers(cache)] if cache is not None else []
+    return tuple(id(s.quantized_keys) if KINDS[s.backend].group_wise else 0 for s in stores)
 
 
 def residual_tokens(cache, layer_idx: int = 0) -> int:

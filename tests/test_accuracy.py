@@ -6,7 +6,11 @@ The cache's half-precision and long-context paths on the tiny random Llama ("tin
 """
 from __future__ import annotations
 
+import math
+
 import pytest
+import torch
+
 from kvcache_repro.runner import accuracy_runs
 from kvcache_repro.verdicts import claims, comparison, expectations
 from kvcache_repro.measure import quality
@@ -184,3 +188,13 @@ def test_positions_are_grouped_by_the_quantized_tokens_their_forward_saw(name):
         flushes = caches.flush_lengths(BACKENDS[name], tiny_model("llama").config, setup.settings, prefill, n, step)
         assert set(seen) - {0} <= set(flushes), "a store size no flush left"
         assert sum(k >= quality.SPLIT for k in seen) > (n - prefill) // 3  # past 512: a group of its own
+
+
+@pytest.mark.parametrize("position, said", [(16, "before the first flush"), (17, "after 1 flush of the residual")])
+def test_a_nan_is_placed_before_or_after_the_flush_its_forward_saw(position, said):
+    """16 prompt tokens, one per forward, a flush at length 32: it happens inside position 16's
+    forward, after its attention, so position 17 is the first to see the re-quantized store."""
+    logits = torch.zeros(2, 40, 8)
+    logits[1, position] = math.nan
+    assert quality.first_nonfinite(logits, 16, [32], step=1) == (
+        f"decoded position {position} (sequence length {16 + position}), {said}, in 1 of 2 rows")

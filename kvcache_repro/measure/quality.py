@@ -29,9 +29,10 @@ class Quality:
 SPLIT = 512
 
 
-def first_nonfinite(logits: torch.Tensor, prefill: int, flushes: list[int] | None = None) -> str:
+def first_nonfinite(logits: torch.Tensor, prefill: int, flushes: list[int] | None = None, step: int = 1) -> str:
     """Where (batch, n, vocab) teacher-forced logits first hold a NaN or inf ("" : nowhere);
-    position 0 is the prefill's last token; ``flushes``: caches.flush_lengths."""
+    position 0 is the prefill's last token; ``flushes``: caches.flush_lengths, counted as
+    quantized_seen does (a flush inside a position's own forward came after its attention)."""
     bad = ~torch.isfinite(logits).all(dim=-1)  # (batch, n)
     if not bool(bad.any()):
         return ""
@@ -40,7 +41,7 @@ def first_nonfinite(logits: torch.Tensor, prefill: int, flushes: list[int] | Non
     where = ("the prefill (logits of the last prompt token)" if position == 0
              else f"decoded position {position} (sequence length {prefill + position})")
     if flushes is not None and position > 0:
-        done = sum(1 for length in flushes if prefill < length <= prefill + position)
+        done = sum(1 for length in flushes if prefill < length <= prefill + (position - 1) // step * step)
         where += f", after {done} flush{'es' if done != 1 else ''} of the residual" if done else ", before the first flush"
     return f"{where}, in {rows} of {logits.shape[0]} rows"
 
@@ -103,7 +104,7 @@ def teacher_forced_quality(model, input_ids: torch.Tensor, spec: BackendSpec, se
                           logit_error_past=logit_error(reference, candidate, [p for p, k in enumerate(seen) if k >= SPLIT]))
     flushes = (caches.flush_lengths(spec, model.config, settings, prefill, input_ids.shape[1], step)
                if spec.group_wise else None)
-    where = first_nonfinite(candidate, prefill, flushes)
+    where = first_nonfinite(candidate, prefill, flushes, step)
     return replace(quality, nonfinite=where) if where else quality
 
 

@@ -133,6 +133,12 @@ def test_a_value_of_zero_on_every_run_is_banded_without_dividing_by_it(metric):
     assert new.ratio == 0.0 and "(the value is 0)" in new.spread.note
 
 
+@pytest.mark.parametrize("label, capability", [("AMD EPYC (avx2) AVX2 1t [X=1] (core)", "AVX2"),
+                                               ("Intel Xeon AVX512 ?t", "AVX512"), ("unrecorded machine, ?", "")])
+def test_the_capability_is_read_from_a_machine_label(label, capability):
+    assert bands.capability_of(label) == capability
+
+
 def test_a_spread_wider_than_what_a_regression_moves_is_not_banded():
     """A band wider than half of what the cache adds (ratio - 1) would catch nothing."""
     entry = Entry("hqq2", 2, "perplexity_ratio", 9.4, 0.0188, prov())

@@ -105,7 +105,7 @@ def machine_label(produced_by: dict) -> str:
 
 def capability_of(label: str) -> str:
     """The torch CPU capability in a ``machine_label`` ("AMD EPYC (avx2) AVX2 1t [...]" -> "AVX2"), or ""."""
-    m = re.search(r" (\S+) \d+t(?: |$)", label)
+    m = re.search(r" (\S+) (?:\d+|\?)t(?: |$)", label)  # "?t": threads not recorded
     return m.group(1) if m else ""
 
 

@@ -69,6 +69,7 @@ def test_missing_file_is_empty(tmp_path):
     ("[1, 2]", "top level must be an object"),
     ('{"entries": {}}', "'scenario'"),
     ('{"scenario": "cpu", "entries": []}', "'entries' must be a dict"),
+    ('{"scenario": "cpu", "entries": {"a": {}, "a": {}}}', "key 'a' appears twice"),  # json.loads keeps the last
 ])
 def test_corrupt_or_wrong_shape_names_file_and_fix(cpu, content, fragment):
     cpu.write_text(content)
@@ -87,6 +88,8 @@ def test_corrupt_or_wrong_shape_names_file_and_fix(cpu, content, fragment):
     ({"ratio": 0}, "'ratio'"),
     ({"ratio": float("nan")}, "'ratio'"),
     ({"ratio": "0.6"}, "'ratio'"),
+    ({"ratio": 10 ** 400}, "'ratio'"),  # an integer past float's range
+    ({"metric": []}, "unknown metric []"),
     ({"batch": 100}, "does not match its fields"),
     ({"_key": "quanto4/b200/cache_bytes"}, "does not match its fields"),
 ])

@@ -300,6 +300,31 @@ def test_a_release_line_holds_the_release_and_its_post_releases_only(release, li
     assert release_ranges.in_range(line, release) and not release_ranges.in_range(line, str(high))
 
 
+def test_an_accepted_kl_keeps_its_digits_and_passes_on_its_release(path):
+    """A KL of 2.6e-4 is stored as measured (4 decimals made it 0.0003, which its own release then failed)."""
+    kl = Entry("hqq8", 2, "kl", 0.000230046, 6.91e-06, PIN)
+    baseline_update.update(path, [kl], run_failed=False, scenario="accuracy-cpu-core")
+    baseline_update.accept(path, {kl.key: 0.000262}, "transformers", "5.26.0", ACCEPTED)
+    stored = baseline_file.load(path)
+    assert stored.entries[kl.key].value_for("5.26.0", {}).ratio == 0.000262
+    assert comparison.compare(stored, "hqq8", 2, "kl", 0.000262, "5.26.0").status == "ok"
+
+
+@pytest.mark.parametrize("version, inside", [("5.26.0", True), ("5.26.0.post1", True), ("5.26.1rc1", False),
+                                             ("5.26.1.dev0", False), ("5.26.1", False), ("5.25.9", False)])
+def test_a_range_ends_before_the_pre_releases_of_its_end(version, inside):
+    """PEP 440's <5.26.1: a release candidate or a git-main build of 5.26.1 is not 5.26.0's."""
+    assert release_ranges.in_range(">=5.26.0,<5.26.1", version) is inside
+
+
+def test_a_release_candidate_after_a_stored_line_is_its_own_line(path):
+    update(path, early())
+    baseline_update.accept(path, {KEY: 2.07}, "transformers", "5.26.0", ACCEPTED)
+    baseline_update.accept(path, {KEY: 2.09}, "transformers", "5.26.1rc1", ACCEPTED)  # refused as overlapping
+    assert _ranges(path)[-2:] == [("transformers", ">=5.26.0,<5.26.1", 2.07, ("5.26.0",)),
+                                  ("transformers", ">=5.26.1rc1,<5.26.2", 2.09, ("5.26.1rc1",))]
+
+
 def test_a_release_candidate_s_line_gives_way_to_its_final(path):
     update(path, early())
     baseline_update.accept(path, {KEY: 2.07}, "transformers", "5.26.0rc1", ACCEPTED)

@@ -12,7 +12,7 @@ from pathlib import Path
 from packaging.version import InvalidVersion
 
 from kvcache_repro.core import metrics, provenance
-from kvcache_repro.verdicts.release_ranges import RANGE_COMMAND, RANGE_FIX, ReleaseValue, in_range, parse_range
+from kvcache_repro.verdicts.release_ranges import RANGE_COMMAND, RANGE_FIX, ReleaseValue, below, in_range, parse_range
 
 BASELINE_DIR = Path(__file__).resolve().parents[2] / "baselines"
 
@@ -153,7 +153,10 @@ def is_number(x) -> bool:  # `true` (an int subclass) in a baseline file is a ty
 
 
 def _at_least(x, low: float, strict: bool = False) -> bool:
-    return is_number(x) and math.isfinite(x) and (x > low if strict else x >= low)
+    try:
+        return is_number(x) and math.isfinite(x) and (x > low if strict else x >= low)
+    except OverflowError:  # an integer past float's range: 1e400 written out
+        return False
 
 
 def _fields(path, at: str, raw, fields: tuple[str, ...], fix: str | None = None) -> list:
@@ -179,7 +182,7 @@ def entry_from_json(path, key, raw) -> Entry:
         raise BaselineError(path, f"{where}: field 'backend' must be a non-empty string")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
         raise BaselineError(path, f"{where}: field 'batch' must be a positive integer, got {batch!r}")
-    if metric not in metrics.METRICS:
+    if not isinstance(metric, str) or metric not in metrics.METRICS:
         raise BaselineError(path, f"{where}: unknown metric {metric!r} (valid: {', '.join(metrics.METRICS)})")
     _check_band(path, where, ratio, tol)
     if not isinstance(produced_by, dict):
@@ -257,7 +260,7 @@ def check_ranges(path, where, values, produced_by) -> tuple[ReleaseValue, ...]:
     """Per package: no two ranges overlap, none holds the release of the entry's own ratio."""
     values = sorted(values, key=lambda rv: (provenance.PACKAGES.index(rv.package), parse_range(rv.releases)))
     for a, b in zip(values, values[1:]):
-        if a.package == b.package and parse_range(b.releases)[0] < parse_range(a.releases)[1]:
+        if a.package == b.package and below(parse_range(b.releases)[0], parse_range(a.releases)[1]):
             raise BaselineError(path, f"{where}: {a.package} ranges {a.releases} and {b.releases} overlap", RANGE_FIX)
     versions = produced_by.get("versions") if isinstance(produced_by, dict) else None
     for rv in values:
@@ -286,12 +289,27 @@ def load(path) -> BaselineFile:
     return parse(path, text)
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
 def parse(path, text: str) -> BaselineFile:
     """The baseline file ``text`` (read from ``path``), validated as ``load`` does."""
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise BaselineError(path, f"not valid JSON ({exc})") from None
+    except _DuplicateKey as exc:  # json keeps the last: an update would write the other away
+        raise BaselineError(path, f"key {exc.args[0]!r} appears twice in one object (a merge gone wrong?)") from None
     if not isinstance(data, dict):
         raise BaselineError(path, f"top level must be an object, got {type(data).__name__}")
     for field, kind in (("scenario", str), ("entries", dict)):

@@ -111,7 +111,8 @@ def accept(path, moved: dict[str, float], package: str, release: str, produced_b
         e = current.entries.get(key)
         if e is None:
             raise BaselineError(path, f"entry {key!r} is missing", "record it first (a missing entry is not a change)")
-        value, own = round(value, 4), [rv for rv in e.by_release if rv.package == package]
+        value = float(f"{value:.6g}")  # as first recorded: 4 decimals would zero a KL of 4e-5
+        own = [rv for rv in e.by_release if rv.package == package]
         new = release_line(release)
         # a release candidate's line gives way to its final (observed on pre-releases of this line only)
         candidates = [rv for rv in own if all(Version(o).is_prerelease and Version(o).release == Version(release).release
@@ -137,7 +138,7 @@ def accept(path, moved: dict[str, float], package: str, release: str, produced_b
 
 
 def _overlap(a: str, b: str) -> bool:
-    from kvcache_repro.verdicts.release_ranges import parse_range
+    from kvcache_repro.verdicts.release_ranges import below, parse_range
 
     (a_low, a_high), (b_low, b_high) = parse_range(a), parse_range(b)
-    return a_low < b_high and b_low < a_high
+    return below(a_low, b_high) and below(b_low, a_high)

@@ -36,9 +36,15 @@ def parse_range(text) -> tuple[Version, Version]:
     return low, high
 
 
+def below(v: Version, high: Version) -> bool:
+    """PEP 440's ``<HIGH``: HIGH's own pre- and dev releases (5.26.1rc1) are not below it."""
+    return v < high and not (v.is_prerelease and not high.is_prerelease and Version(v.base_version) == high)
+
+
 def in_range(releases: str, version: str) -> bool:
     low, high = parse_range(releases)
-    return low <= Version(version) < high
+    v = Version(version)
+    return low <= v and below(v, high)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,22 @@ def test_a_hung_worker_is_killed_at_its_limit_and_is_a_failed_row_with_its_last_
     assert time.monotonic() - t0 < 30
 
 
+def test_a_child_that_ignores_the_term_does_not_outlive_a_stopped_worker(tmp_path, monkeypatch):
+    """The worker obeys SIGTERM at once, a process it started ignores it (a build step, a helper):
+    stopping the row kills the whole group, not only the worker."""
+    fake = tmp_path / "worker.sh"
+    fake.write_text("#!/bin/bash\nbash -c 'trap \"\" TERM; echo grandchild $$; exec sleep 120' &\nexec sleep 120\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(experiment.RowFailed) as caught:
+        experiment.run_one("cpu-tiny", "none", 1, timeout=2, log_path=tmp_path / "w.log")
+    assert caught.value.failure.kind == "timeout"
+    pid = int((tmp_path / "w.log").read_text().split("grandchild ")[1].split()[0])
+    time.sleep(0.2)  # SIGKILL is delivered at once; the zombie, if any, belongs to init
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}").exists() else "gone"
+    assert state in ("gone", "Z"), f"the child {pid} outlived the stopped worker (state {state})"
+
+
 # ---- out of memory
 
 @pytest.fixture
@@ -324,6 +340,26 @@ def test_recording_the_missing_entries_still_fails_on_a_stored_entry_s_regressio
     assert commands.call("experiment", [*argv, "--record-missing-baselines"]) == 1
     assert "nothing missing, nothing written" in capsys.readouterr().out and baseline_dir.read_bytes() == before
     assert commands.call("experiment", [*argv, "--update-baselines"]) == 0 and baseline_dir.read_bytes() != before
+
+
+def test_a_compared_metric_a_measured_row_did_not_report_is_an_unmeasured_verdict(baseline_dir):
+    """cpu-tiny compares decode_step_peak; a row that reports none (every decode step re-quantized)
+    is a failed verdict naming why, not a metric left out without a word."""
+    ms = [_fake(b, n) for b, n in experiment.planned_rows(TINY)]  # no decode_step_peak in their metrics
+    found = experiment.ratios(ms, TINY.baseline_metrics, max(TINY.batch_sizes))
+    missing = [v for v in experiment._verdicts(TINY, ms, found, []) if v.key.endswith("/decode_step_peak")]
+    assert len(missing) == 4 and {v.status for v in missing} == {"unmeasured"} and not any(v.passed for v in missing)
+    assert "no decode step without a re-quantization" in missing[0].message
+
+
+def test_a_large_batch_metric_is_not_compared_at_a_smaller_batch_when_the_large_one_failed():
+    """peak_rss_growth is compared at the scenario's largest batch only: with none/b200 failed it is
+    not ratioed at b1 instead (allocator noise there)."""
+    ms = [_fake(b, n) for b, n in experiment.planned_rows(TINY) if (b, n) != ("none", 200)]
+    for m in ms:
+        m.metrics["peak_rss_growth"] = 1000 * m.batch
+    found = experiment.ratios(ms, ("peak_rss_growth",), max(TINY.batch_sizes))
+    assert found == []
 
 
 # ---- progress

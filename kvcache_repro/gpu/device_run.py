@@ -174,7 +174,7 @@ def experiment_run(scenario: scenarios.Scenario, measurements: list[Measurement]
     """``measurements`` with their ratios and verdicts against the repository's baselines; an
     entry none holds is a first run's, recorded in OUTDIR's copy (``out``: update_baselines,
     which refuses a run with ``errors``: then it stays missing)."""
-    found = experiment.ratios(measurements, scenario.baseline_metrics)
+    found = experiment.ratios(measurements, scenario.baseline_metrics, max(scenario.batch_sizes))
     verdicts = experiment.compare_with_baselines(scenario.name, found,
                                                  reserved.run_allocator(scenario.device, measurements))
     return experiment.ExperimentRun(scenario, measurements, found, experiment.record_first_run(

@@ -124,9 +124,10 @@ def _compared(metric: str, batch: int, large: int) -> bool:
     return metric not in REFERENCE_METRICS and (metric not in LARGE_BATCH_ONLY or batch == large)
 
 
-def ratios(measurements: list[Measurement], metrics: tuple[str, ...]) -> list[Ratio]:
+def ratios(measurements: list[Measurement], metrics: tuple[str, ...], large: int | None = None) -> list[Ratio]:
+    """``large``: the scenario's largest batch (default: the largest with a none row)."""
     reference = {m.batch: m for m in measurements if m.backend == "none"}
-    large = max(reference, default=0)
+    large = max(reference, default=0) if large is None else large
     out = []
     for m in measurements:
         if m.backend == "none" and "reference_peak_mib" in metrics and "peak_allocated" in m.metrics:
@@ -221,14 +222,18 @@ def _verdicts(scenario, measurements, found, failures, missing=()) -> list[compa
     why = {row: "interrupted" for row in missing} | {(f.backend, f.batch): f.message for f in failures}
     files = [baseline_file.load(p) for p in paths.compared_files(scenario.name)]
     have = {(m.backend, m.batch) for m in measurements}
+    got = {(r.backend, r.batch, r.metric) for r in found}
     for backend, batch in planned_rows(scenario):
-        if backend == "none" or (backend, batch) in have and ("none", batch) in have:
+        if backend == "none":
             continue
-        reason = (why.get((backend, batch))
+        measured = (backend, batch) in have and ("none", batch) in have
+        reason = ("the row or its reference reported no value" if measured else why.get((backend, batch))
                   or f"its reference none/b{batch}: {why.get(('none', batch), 'not measured')}")
-        verdicts += [comparison.unmeasured(baseline_file.holder(files, baseline_file.entry_key(backend, batch, metric)),
-                                           backend, batch, metric, reason) for metric in
-                     scenario.baseline_metrics if _compared(metric, batch, max(scenario.batch_sizes))]
+        for metric in scenario.baseline_metrics:  # measured: a compared metric the row did not report
+            if _compared(metric, batch, max(scenario.batch_sizes)) and (backend, batch, metric) not in got:
+                holder = baseline_file.holder(files, baseline_file.entry_key(backend, batch, metric))
+                verdicts.append(comparison.unmeasured(holder, backend, batch, metric, reason + (
+                    " (no decode step without a re-quantization)" if measured and metric == "decode_step_peak" else "")))
     return verdicts
 
 
@@ -256,7 +261,7 @@ def run_experiment(scenario: scenarios.Scenario, checkpoint: str | None = None, 
                    in_process: bool = False, **rows) -> ExperimentRun:
     """measure_rows (``rows``: its keywords), then ratios and verdicts."""
     measurements, failures = measure_rows(scenario, checkpoint, log, in_process, **rows)
-    found = ratios(measurements, scenario.baseline_metrics)
+    found = ratios(measurements, scenario.baseline_metrics, max(scenario.batch_sizes))
     verdicts = record_first_run(scenario, measurements, found, _verdicts(scenario, measurements, found, failures),
                                 failures)
     return ExperimentRun(scenario, measurements, found, verdicts, failures)

@@ -157,7 +157,7 @@ def _interrupted(args, scenario, store: RowStore, out_dir: Path, interrupt) -> i
           f"rows measured, kept in {store.path}; "
           f"not measured: {', '.join(f'{b}/b{n}' for b, n in missing) or 'none'}", flush=True)
     try:
-        found = experiment.ratios(measured, scenario.baseline_metrics)
+        found = experiment.ratios(measured, scenario.baseline_metrics, max(scenario.batch_sizes))
         verdicts = experiment._verdicts(scenario, measured, found, failures, missing)
         for path in report.write_outputs(out_dir, scenario, measured, found, verdicts, failures, missing):
             print(f"wrote {path} (partial)")

@@ -120,16 +120,14 @@ def _die_with_parent() -> None:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    """End the worker and everything it started (its own session: ninja, g++)."""
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
-        try:
+    """End the worker and everything it started (its own session: ninja, g++): SIGTERM, a grace
+    for its ``finally`` blocks, then SIGKILL to whatever of the group is left (a child that
+    ignored the TERM outlives a worker that obeyed it)."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, sig)
-            proc.wait(wait)
-            return
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            continue
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(KILL_GRACE_S if sig == signal.SIGTERM else None)
 
 
 def _tail(path: Path) -> str:
@@ -169,7 +167,7 @@ def run_one(scenario: str, backend: str, batch: int, checkpoint: str | None = No
                         if beat:
                             beat()
                 else:
-                    _stop(proc)
+                    _stop(proc)  # before the tail: its last words after the TERM belong in it
                     raise RowFailed(RowFailure(
                         scenario, backend, batch, "timeout",
                         f"no result after {limit:.0f} s (the time limit; limits.py), worker killed",

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from kvcache_repro.verdicts import baseline_file, comparison
 from kvcache_repro.runner import experiment, limits
@@ -23,6 +24,7 @@ from kvcache_repro.core import metrics
 from kvcache_repro.measure.memory import Measurement
 from kvcache_repro.runner.progress import Progress
 from kvcache_repro.runner.rowstore import ResumeError, RowStore
+from kvcache_repro.runner import worker as worker_module
 from kvcache_repro.runner.worker import RowFailure
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -360,6 +362,42 @@ def test_a_large_batch_metric_is_not_compared_at_a_smaller_batch_when_the_large_
         m.metrics["peak_rss_growth"] = 1000 * m.batch
     found = experiment.ratios(ms, ("peak_rss_growth",), max(TINY.batch_sizes))
     assert found == []
+
+
+@pytest.mark.parametrize("error, is_oom", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 8589934592 bytes. Error code 12 (Cannot allocate memory)"), True),
+    (MemoryError(), True), (RuntimeError("shape mismatch"), False), (ValueError("can't allocate memory"), False)])
+def test_the_cpu_allocator_s_errors_are_out_of_memory(error, is_oom):
+    assert worker_module.out_of_memory(error) is is_oom
+    assert worker_module.out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+
+
+def test_a_cpu_oom_in_process_is_an_oom_row_and_the_rest_completes(monkeypatch):
+    """On the CPU the allocator raises a RuntimeError, not torch's OutOfMemoryError: still an OOM row."""
+    measure = experiment.measure_in_process
+
+    def short_of_memory(scenario, backend, batch, loaded):
+        if batch == 200 and backend == "hqq4":
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8 GiB (made up)")
+        return measure(scenario, backend, batch, loaded)
+    monkeypatch.setattr(experiment, "measure_in_process", short_of_memory)
+    monkeypatch.setattr(experiment, "planned_rows", lambda s: [("none", 200), ("hqq4", 200), ("quanto4", 1)])
+    measurements, failures = experiment.measure_rows(TINY, None, lambda line: None, in_process=True)
+    assert [(f.backend, f.batch, f.kind) for f in failures] == [("hqq4", 200, "oom")]
+    assert "can't allocate memory" in failures[0].message and len(measurements) == 2
+
+
+def test_a_worker_killed_from_outside_is_an_oom_row(tmp_path, monkeypatch):
+    """SIGKILL that this run did not send: the kernel's OOM killer, most likely; said so."""
+    fake = tmp_path / "worker.sh"
+    fake.write_text("#!/bin/bash\necho loading\nkill -9 $$\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(experiment.RowFailed) as caught:
+        experiment.run_one("cpu-tiny", "none", 1, timeout=30, log_path=tmp_path / "w.log")
+    failure = caught.value.failure
+    assert failure.kind == "oom" and "OOM killer" in failure.message and "loading" in failure.output_tail
 
 
 # ---- progress

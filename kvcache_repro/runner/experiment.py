@@ -10,8 +10,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from kvcache_repro.backends import generation
 from kvcache_repro.core.metrics import LARGE_BATCH_ONLY, REFERENCE_METRICS, default_tolerance
 from kvcache_repro.core.provenance import device_label, produced_by
@@ -22,7 +20,7 @@ from kvcache_repro.runner.lanes import Lanes, longest_first
 from kvcache_repro.runner.progress import Progress
 from kvcache_repro.runner.rowstore import RowStore
 # ROOT, RunFailed, run_one: this module's API to its callers (run_one: measure_rows's default)
-from kvcache_repro.runner.worker import ROOT, RowFailed, RowFailure, RunFailed, oom, run_one  # noqa: F401
+from kvcache_repro.runner.worker import ROOT, RowFailed, RowFailure, RunFailed, oom, out_of_memory, run_one  # noqa: F401
 from kvcache_repro.verdicts import bands, baseline_file, baseline_update, comparison, paths
 
 MIB = 2**20
@@ -77,7 +75,9 @@ def measure_rows(scenario: scenarios.Scenario, checkpoint: str | None = None, lo
             if in_process:
                 try:
                     m = measure_in_process(scenario, backend, batch, loaded)
-                except torch.OutOfMemoryError as error:
+                except Exception as error:
+                    if not out_of_memory(error):
+                        raise
                     raise RowFailed(oom(scenario.name, backend, batch, scenario.device, error)) from None
             else:
                 m = run_one(scenario.name, backend, batch, checkpoint, timeout=timeout,

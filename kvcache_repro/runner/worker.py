@@ -81,6 +81,14 @@ def free_memory(device: str) -> tuple[int | None, int | None]:
         return None, None
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError; on the CPU a MemoryError or the allocator's RuntimeError."""
+    import torch
+
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
+
+
 def oom(scenario: str, backend: str, batch: int, device: str, error: BaseException) -> RowFailure:
     """The row for an out-of-memory error, with what the device had free once the failed run's
     tensors were released (what a smaller batch could use)."""
@@ -182,6 +190,10 @@ def run_one(scenario: str, backend: str, batch: int, checkpoint: str | None = No
                 raise RowFailed(RowFailure.from_dict(json.loads(line[len(FAILED_PREFIX):])))
         tail = _tail(log_path)
         last = tail.splitlines()[-1] if tail else "no output"
+        if proc.returncode == -signal.SIGKILL:  # not by this run (its kills raise above): the kernel's OOM killer, likely
+            failure = oom(scenario, backend, batch, "cpu", RuntimeError(
+                f"the worker was killed by SIGKILL from outside, most likely by the kernel's OOM killer; last: {last}"))
+            raise RowFailed(dataclasses.replace(failure, output_tail=tail))
         raise RowFailed(RowFailure(scenario, backend, batch, "error", f"exit {proc.returncode}: {last}",
                                    tail))
 
@@ -212,8 +224,6 @@ def main(argv=None) -> int:
         os.environ["HF_HUB_OFFLINE"] = "1"
     say(f"{scenario.name} {args.backend} b{args.batch}: starting")
     faults.in_worker()  # KVQ_FAULT, as the test process has it
-    import torch
-
     from kvcache_repro.backends import quanto_ext
     from kvcache_repro.measure import memory, threads
 
@@ -228,7 +238,9 @@ def main(argv=None) -> int:
     say(f"generating {scenario.tokens(args.batch)} new tokens")
     try:
         result = memory.measure(scenario, args.backend, args.batch, model, tokenizer)
-    except torch.OutOfMemoryError as error:
+    except Exception as error:
+        if not out_of_memory(error):
+            raise
         failure = oom(scenario.name, args.backend, args.batch, scenario.device, error)
         say(failure.message)
         sys.stdout.write(FAILED_PREFIX + json.dumps(failure.to_dict()) + "\n")

@@ -244,6 +244,16 @@ def test_resume_retries_failed_rows_and_refuses_rows_of_another_setup(tmp_path):
         RowStore(tmp_path, {"scenario": "b"}).resume()
 
 
+def test_rows_measured_under_another_allocator_setting_are_not_resumed(monkeypatch):
+    """A CUDA peak depends on PYTORCH_CUDA_ALLOC_CONF: rows of one table share it (and the device's name)."""
+    from kvcache_repro.runner.experiment_command import fingerprint
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    before = fingerprint(TINY, None)
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert fingerprint(TINY, None) != before and before["device"] == "cpu"
+
+
 def test_rows_are_written_atomically(tmp_path, monkeypatch):
     store = RowStore(tmp_path, {"scenario": "a"})
     store.add(_fake("none", 1), 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import signal
 import sys
 import time
@@ -11,8 +12,8 @@ from pathlib import Path
 
 from kvcache_repro.backends import quanto_ext
 from kvcache_repro.core import timings
-from kvcache_repro.core.provenance import device_label, package_versions, produced_by
-from kvcache_repro.measure import prediction, scenarios
+from kvcache_repro.core.provenance import device_label, device_name, package_versions, produced_by
+from kvcache_repro.measure import prediction, reserved, scenarios
 from kvcache_repro.measure.memory import Measurement
 # experiment by module, never its names: a test that patches experiment.run_experiment patches it here
 from kvcache_repro.runner import experiment, limits, report, your_model
@@ -37,9 +38,11 @@ def _raise_interrupted(signum, frame):
 
 
 def fingerprint(scenario: scenarios.Scenario, checkpoint: str | None) -> dict:
-    """What rows of one table share: the scenario's settings, the checkpoint, the versions."""
+    """What rows of one table share: the scenario's settings, the checkpoint, the versions, the
+    device's name and the allocator's settings (a CUDA peak depends on both)."""
     return {"scenario": json.loads(json.dumps(dataclasses.asdict(scenario))), "checkpoint": checkpoint,
-            "versions": package_versions()}
+            "versions": package_versions(), "device": device_name(scenario.device),
+            "allocator": {name: os.environ.get(name, "") for name in reserved.CONF_ENVS}}
 
 
 def _said(error, code: int) -> int:

@@ -262,6 +262,24 @@ def _measurement(name, backend, batch, seconds=10.0):
                        {"cache_bytes": cache, "peak_rss": 10 * cache, "peak_rss_growth": 2 * cache}, cache)
 
 
+def test_a_first_run_records_only_what_an_update_would_write(tmp_path, monkeypatch):
+    """A partial run, or a cache off the analytic bytes: update_baselines refuses it, so its
+    entries stay missing in results.json instead of saying "recorded" for a file that holds none."""
+    from kvcache_repro.core import provenance
+    from kvcache_repro.verdicts import baseline_file
+
+    monkeypatch.setattr(provenance, "device_name", lambda device: "Fake GPU" if device == "cuda" else "cpu")
+    monkeypatch.setattr(baseline_file, "BASELINE_DIR", tmp_path / "baselines")  # no file holds the entries
+    scenario = scenarios.get("gpu-tiny")
+    exact = [_measurement(scenario.name, b, 8) for b in scenario.backends]
+    off = [dataclasses.replace(m, predicted_cache_bytes=m.predicted_cache_bytes + 1) for m in exact]
+    for status, ms, expected in (("partial", exact, "missing"), ("complete", off, "missing"),
+                                 ("complete", exact, "recorded")):
+        record = device_run.ScenarioRecord(scenario.name, status, measurements=ms)
+        run = device_run.write_tables(scenario, record, tmp_path / f"{status}-{len(ms)}-{ms is off}", lambda line: None)
+        assert run.verdicts and {v.status for v in run.verdicts} == {expected}, (status, ms is off)
+
+
 def test_each_run_is_written_as_soon_as_it_finishes_and_the_deadline_stops_the_rest(tmp_path):
     clock = FakeClock(100)
     # two batches, so that runs are left "not started" when the deadline hits

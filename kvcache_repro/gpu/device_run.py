@@ -186,7 +186,8 @@ def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path
     """results.json / .md / .png of what was measured."""
     from kvcache_repro.runner import report
 
-    run = experiment_run(scenario, record.measurements, out, record.errors)
+    refused = [*record.errors, *unrecordable(record, record.measurements)]  # a first run records what update would
+    run = experiment_run(scenario, record.measurements, out, refused)
     try:
         report.write_outputs(out / scenario.name, scenario, run.measurements, run.ratios, run.verdicts)
     except ImportError as error:  # matplotlib absent: results.json and results.md are written first
@@ -199,11 +200,18 @@ def write_tables(scenario: scenarios.Scenario, record: ScenarioRecord, out: Path
     return run
 
 
+def unrecordable(record: ScenarioRecord, measurements: list[Measurement]) -> list[str]:
+    """Why a run's ratios may not become baselines: it did not finish, or a cache held other
+    bytes than the analytic model."""
+    return ([f"the run is {record.status}"] if record.status != "complete" else []) + (
+        [] if all(m.metrics["cache_bytes"] == m.predicted_cache_bytes for m in measurements)
+        else ["a cache held other bytes than the analytic model"])
+
+
 def update_baselines(run: experiment.ExperimentRun, record: ScenarioRecord, out: Path) -> list[str]:
     """The measured ratios into OUTDIR/baselines/ (a copy of the repository's files).
     Refused unless every run finished and every cache held exactly the analytic bytes; a
     band miss does not block (that is what an update is for)."""
-    exact = all(m.metrics["cache_bytes"] == m.predicted_cache_bytes for m in run.measurements)
     notes = summary.notes_of(run.measurements)
     produced_by = experiment.provenance(run.scenario, run.measurements, "./kvq device-run",
                                         **({"notes": notes} if notes else {}))
@@ -212,7 +220,7 @@ def update_baselines(run: experiment.ExperimentRun, record: ScenarioRecord, out:
                for r in run.ratios]
     recorded = paths.recorded_path(run.scenario.name).relative_to(baseline_file.BASELINE_DIR)
     return baseline_update.update(out / "baselines" / recorded, entries,
-                                  run_failed=record.status != "complete" or not exact,
+                                  run_failed=bool(unrecordable(record, run.measurements)),
                                   scenario=run.scenario.name, description=run.scenario.notes)
 
 

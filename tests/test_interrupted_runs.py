@@ -67,16 +67,23 @@ def test_a_hung_worker_is_killed_at_its_limit_and_is_a_failed_row_with_its_last_
     assert time.monotonic() - t0 < 30
 
 
-def test_a_child_that_ignores_the_term_does_not_outlive_a_stopped_worker(tmp_path, monkeypatch):
-    """The worker obeys SIGTERM at once, a process it started ignores it (a build step, a helper):
-    stopping the row kills the whole group, not only the worker."""
+def _shell_worker(tmp_path, monkeypatch, script: str, timeout: float) -> RowFailure:
+    """run_one's RowFailure with the worker replaced by a bash ``script`` (its log: tmp_path/w.log)."""
     fake = tmp_path / "worker.sh"
-    fake.write_text("#!/bin/bash\nbash -c 'trap \"\" TERM; echo grandchild $$; exec sleep 120' &\nexec sleep 120\n")
+    fake.write_text(f"#!/bin/bash\n{script}\n")
     fake.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(fake))
     with pytest.raises(experiment.RowFailed) as caught:
-        experiment.run_one("cpu-tiny", "none", 1, timeout=2, log_path=tmp_path / "w.log")
-    assert caught.value.failure.kind == "timeout"
+        experiment.run_one("cpu-tiny", "none", 1, timeout=timeout, log_path=tmp_path / "w.log")
+    return caught.value.failure
+
+
+def test_a_child_that_ignores_the_term_does_not_outlive_a_stopped_worker(tmp_path, monkeypatch):
+    """The worker obeys SIGTERM at once, a process it started ignores it (a build step, a helper):
+    stopping the row kills the whole group, not only the worker."""
+    failure = _shell_worker(tmp_path, monkeypatch, "bash -c 'trap \"\" TERM; echo grandchild $$; exec sleep 120' &\n"
+                            "exec sleep 120", timeout=2)
+    assert failure.kind == "timeout"
     pid = int((tmp_path / "w.log").read_text().split("grandchild ")[1].split()[0])
     time.sleep(0.2)  # SIGKILL is delivered at once; the zombie, if any, belongs to init
     state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}").exists() else "gone"
@@ -400,13 +407,7 @@ def test_a_cpu_oom_in_process_is_an_oom_row_and_the_rest_completes(monkeypatch):
 
 def test_a_worker_killed_from_outside_is_an_oom_row(tmp_path, monkeypatch):
     """SIGKILL that this run did not send: the kernel's OOM killer, most likely; said so."""
-    fake = tmp_path / "worker.sh"
-    fake.write_text("#!/bin/bash\necho loading\nkill -9 $$\n")
-    fake.chmod(0o755)
-    monkeypatch.setattr(sys, "executable", str(fake))
-    with pytest.raises(experiment.RowFailed) as caught:
-        experiment.run_one("cpu-tiny", "none", 1, timeout=30, log_path=tmp_path / "w.log")
-    failure = caught.value.failure
+    failure = _shell_worker(tmp_path, monkeypatch, "echo loading\nkill -9 $$", timeout=30)
     assert failure.kind == "oom" and "OOM killer" in failure.message and "loading" in failure.output_tail
 
 
